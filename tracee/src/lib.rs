@@ -1,0 +1,2 @@
+//! A process under our control.
+#![deny(unsafe_code)]
