@@ -1,0 +1,188 @@
+//! `/proc/PID/fd` (open fds and what they point to) and `/proc/PID/fdinfo/FD`.
+
+use std::path::PathBuf;
+
+use super::{parse_with, proc_path, read_text, ParseError, ProcError};
+use crate::ids::{Pid, TargetFd};
+
+/// One open fd of the target and its `readlink` text (a path, or
+/// `pipe:[ino]`, `socket:[ino]`, `anon_inode:[eventfd]`...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdLink {
+    /// The fd number in the target.
+    pub fd: TargetFd,
+    /// What `/proc/PID/fd/N` points to.
+    pub target: PathBuf,
+}
+
+/// Lists the target's fds with their link targets, ascending. Fds closed
+/// between listing and readlink are skipped.
+pub fn list(pid: Pid) -> Result<Vec<FdLink>, ProcError> {
+    let dir_path = proc_path(pid, None, "fd");
+    let dir = std::fs::read_dir(&dir_path).map_err(|source| ProcError::Read {
+        path: dir_path.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in dir {
+        let entry = entry.map_err(|source| ProcError::Read {
+            path: dir_path.clone(),
+            source,
+        })?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        match std::fs::read_link(entry.path()) {
+            Ok(target) => out.push(FdLink {
+                fd: TargetFd(fd),
+                target,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ProcError::Read {
+                    path: entry.path(),
+                    source,
+                })
+            }
+        }
+    }
+    out.sort_by_key(|l| l.fd);
+    Ok(out)
+}
+
+/// The parsed `/proc/PID/fdinfo/FD`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FdInfo {
+    /// File position.
+    pub pos: u64,
+    /// `O_*` open flags (printed in octal by the kernel).
+    pub flags: u32,
+    /// Mount id (see mountinfo).
+    pub mnt_id: u64,
+    /// Inode number, where the kernel prints it.
+    pub ino: Option<u64>,
+    /// Every other line, as `(key, value)` in file order (the type-specific
+    /// lines: `eventfd-count`, `tfd` for each epoll target, `inotify wd`...).
+    pub extra: Vec<(String, String)>,
+}
+
+impl FdInfo {
+    /// The first extra value for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Epoll targets: `(target fd, events, data)` of each `tfd:` line.
+    pub fn epoll_targets(&self) -> Vec<(TargetFd, u32, u64)> {
+        self.extra
+            .iter()
+            .filter(|(k, _)| k == "tfd")
+            .filter_map(|(_, v)| {
+                let mut w = v.split_ascii_whitespace();
+                let fd = w.next()?.parse().ok()?;
+                let mut events = None;
+                let mut data = None;
+                while let Some(word) = w.next() {
+                    match word {
+                        "events:" => events = u32::from_str_radix(w.next()?, 16).ok(),
+                        "data:" => data = u64::from_str_radix(w.next()?, 16).ok(),
+                        _ => {}
+                    }
+                }
+                Some((TargetFd(fd), events?, data?))
+            })
+            .collect()
+    }
+}
+
+/// Parses an fdinfo file.
+pub fn parse_fdinfo(text: &str) -> Result<FdInfo, ParseError> {
+    let mut info = FdInfo::default();
+    let mut seen_flags = false;
+    for (i, line) in text.lines().enumerate() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let v = value.trim();
+        let bad = || ParseError::new("fdinfo", i + 1, "bad value", line);
+        match key {
+            "pos" => info.pos = v.parse().map_err(|_| bad())?,
+            "flags" => {
+                info.flags = u32::from_str_radix(v, 8).map_err(|_| bad())?;
+                seen_flags = true;
+            }
+            "mnt_id" => info.mnt_id = v.parse().map_err(|_| bad())?,
+            "ino" => info.ino = Some(v.parse().map_err(|_| bad())?),
+            _ => info.extra.push((key.trim().to_string(), v.to_string())),
+        }
+    }
+    if !seen_flags {
+        return Err(ParseError::new("fdinfo", 0, "no flags line", ""));
+    }
+    Ok(info)
+}
+
+/// Reads `/proc/PID/fdinfo/FD`.
+pub fn read_fdinfo(pid: Pid, fd: TargetFd) -> Result<FdInfo, ProcError> {
+    let path = proc_path(pid, None, &format!("fdinfo/{}", fd.as_raw()));
+    let text = read_text(&path)?;
+    parse_with(&path, &text, parse_fdinfo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_file() {
+        let i =
+            parse_fdinfo("pos:\t12\nflags:\t02100002\nmnt_id:\t27\nino:\t1835\n").expect("valid");
+        assert_eq!(i.pos, 12);
+        assert_eq!(i.flags, 0o2100002);
+        assert_eq!(i.mnt_id, 27);
+        assert_eq!(i.ino, Some(1835));
+        assert!(i.extra.is_empty());
+    }
+
+    #[test]
+    fn parses_epoll_and_eventfd() {
+        let text = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n\
+tfd:        5 events:       19 data:                5  pos:0 ino:3f4 sdev:8\n\
+tfd:        7 events:        1 data: ffffffffffffffff  pos:0 ino:3f5 sdev:8\n";
+        let i = parse_fdinfo(text).expect("valid");
+        assert_eq!(
+            i.epoll_targets(),
+            vec![(TargetFd(5), 0x19, 5), (TargetFd(7), 1, u64::MAX)]
+        );
+        let e = parse_fdinfo(
+            "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t9\neventfd-count:        2a\neventfd-id: 3\n",
+        )
+        .expect("valid");
+        assert_eq!(e.get("eventfd-count"), Some("2a"));
+    }
+
+    #[test]
+    fn rejects_missing_flags() {
+        assert!(parse_fdinfo("pos:\t0\n").is_err());
+        assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
+    }
+
+    #[test]
+    fn lists_own_fds() {
+        let me = Pid::try_from(std::process::id()).expect("own pid");
+        let file = tempfile::tempfile().expect("tempfile");
+        use std::os::fd::AsRawFd;
+        let raw = file.as_raw_fd();
+        let fds = list(me).expect("own fds");
+        assert!(fds.iter().any(|l| l.fd == TargetFd(raw)));
+        let info = read_fdinfo(me, TargetFd(raw)).expect("own fdinfo");
+        assert_eq!(info.pos, 0);
+    }
+}

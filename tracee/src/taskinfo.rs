@@ -1,0 +1,283 @@
+//! Per-task state the kernel shows and changes from outside, without
+//! injection: robust futex list, scheduling, CPU affinity, nice, I/O priority
+//! and resource limits.
+#![allow(unsafe_code)]
+
+use crate::ids::{Pid, RemoteAddr, Tid};
+use crate::proc::limits::Limit;
+use crate::wait::last_errno;
+use rustix::io::Errno;
+
+/// A per-task query or change failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TaskInfoError {
+    /// A syscall on a thread failed.
+    #[error("tid {tid}: {call}")]
+    Thread {
+        tid: Tid,
+        call: &'static str,
+        #[source]
+        errno: Errno,
+    },
+    /// A syscall on a process failed.
+    #[error("pid {pid}: {call}")]
+    Process {
+        pid: Pid,
+        call: &'static str,
+        #[source]
+        errno: Errno,
+    },
+}
+
+fn thread_err(tid: Tid, call: &'static str) -> TaskInfoError {
+    TaskInfoError::Thread {
+        tid,
+        call,
+        errno: last_errno(),
+    }
+}
+
+/// `get_robust_list(tid)`: the head of the thread's robust futex list and its length.
+pub fn robust_list(tid: Tid) -> Result<(RemoteAddr, u64), TaskInfoError> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: the kernel writes one pointer-sized value into `head` and one
+    // size_t into `len`, both live locals.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            libc::c_long::from(tid.as_raw()),
+            &mut head as *mut u64,
+            &mut len as *mut libc::size_t,
+        )
+    };
+    if ret < 0 {
+        return Err(thread_err(tid, "get_robust_list"));
+    }
+    Ok((RemoteAddr(head), len as u64))
+}
+
+/// A thread's scheduling parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sched {
+    /// `SCHED_*` policy, with `SCHED_RESET_ON_FORK` (0x40000000) kept if set.
+    pub policy: i32,
+    /// Real-time priority (0 for normal policies).
+    pub priority: i32,
+    /// Nice value.
+    pub nice: i32,
+}
+
+/// `sched_getscheduler`, `sched_getparam` and `getpriority` on one thread.
+pub fn sched(tid: Tid) -> Result<Sched, TaskInfoError> {
+    // SAFETY: takes only an integer.
+    let policy = unsafe { libc::sched_getscheduler(tid.as_raw()) };
+    if policy < 0 {
+        return Err(thread_err(tid, "sched_getscheduler"));
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the kernel writes one sched_param into `param`, a live local.
+    let ret = unsafe { libc::sched_getparam(tid.as_raw(), &mut param) };
+    if ret < 0 {
+        return Err(thread_err(tid, "sched_getparam"));
+    }
+    // getpriority's raw syscall returns 20 - nice, never negative on success:
+    // unlike the libc wrapper there is no ambiguity with -1.
+    // SAFETY: takes only integers.
+    let raw = unsafe {
+        libc::syscall(
+            libc::SYS_getpriority,
+            libc::c_long::from(libc::PRIO_PROCESS),
+            libc::c_long::from(tid.as_raw()),
+        )
+    };
+    if raw < 0 {
+        return Err(thread_err(tid, "getpriority"));
+    }
+    let nice = 20 - i32::try_from(raw).unwrap_or(20);
+    Ok(Sched {
+        policy,
+        priority: param.sched_priority,
+        nice,
+    })
+}
+
+/// `sched_setscheduler` then `setpriority` on one thread (from outside; needs
+/// CAP_SYS_NICE for real-time policies or a lower nice).
+pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
+    let param = libc::sched_param {
+        sched_priority: sched.priority,
+    };
+    // SAFETY: the kernel reads one sched_param from `param`, a live local.
+    let ret = unsafe { libc::sched_setscheduler(tid.as_raw(), sched.policy, &param) };
+    if ret < 0 {
+        return Err(thread_err(tid, "sched_setscheduler"));
+    }
+    let who = libc::id_t::try_from(tid.as_raw()).unwrap_or(0);
+    // SAFETY: takes only integers.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, sched.nice) };
+    if ret < 0 {
+        return Err(thread_err(tid, "setpriority"));
+    }
+    Ok(())
+}
+
+/// `sched_getaffinity`: the CPUs the thread may run on, ascending.
+pub fn affinity(tid: Tid) -> Result<Vec<usize>, TaskInfoError> {
+    let rpid = rustix::process::Pid::from_raw(tid.as_raw());
+    let set = rustix::thread::sched_getaffinity(rpid).map_err(|errno| TaskInfoError::Thread {
+        tid,
+        call: "sched_getaffinity",
+        errno,
+    })?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect())
+}
+
+/// `sched_setaffinity` on one thread. CPUs this machine lacks are dropped;
+/// if none is left the call fails with EINVAL.
+pub fn set_affinity(tid: Tid, cpus: &[usize]) -> Result<(), TaskInfoError> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in cpus {
+        if c < rustix::thread::CpuSet::MAX_CPU {
+            set.set(c);
+        }
+    }
+    let rpid = rustix::process::Pid::from_raw(tid.as_raw());
+    rustix::thread::sched_setaffinity(rpid, &set).map_err(|errno| TaskInfoError::Thread {
+        tid,
+        call: "sched_setaffinity",
+        errno,
+    })
+}
+
+/// `ioprio_get(IOPRIO_WHO_PROCESS, tid)`: the raw I/O priority (class << 13 | data).
+pub fn ioprio(tid: Tid) -> Result<i32, TaskInfoError> {
+    // SAFETY: takes only integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_get,
+            1 as libc::c_long,
+            libc::c_long::from(tid.as_raw()),
+        )
+    };
+    if ret < 0 {
+        return Err(thread_err(tid, "ioprio_get"));
+    }
+    Ok(i32::try_from(ret).unwrap_or(0))
+}
+
+/// `ioprio_set(IOPRIO_WHO_PROCESS, tid, prio)`.
+pub fn set_ioprio(tid: Tid, prio: i32) -> Result<(), TaskInfoError> {
+    // SAFETY: takes only integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            1 as libc::c_long,
+            libc::c_long::from(tid.as_raw()),
+            libc::c_long::from(prio),
+        )
+    };
+    if ret < 0 {
+        return Err(thread_err(tid, "ioprio_set"));
+    }
+    Ok(())
+}
+
+/// Number of `RLIMIT_*` resources.
+pub const RLIMIT_COUNT: u32 = 16;
+
+/// `prlimit(pid, r, NULL, &old)` for every resource.
+pub fn prlimits(pid: Pid) -> Result<Vec<Limit>, TaskInfoError> {
+    (0..RLIMIT_COUNT)
+        .map(|resource| {
+            let mut old = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a null new limit only reads; the kernel writes `old`, a live local.
+            let ret = unsafe {
+                libc::prlimit64(
+                    pid.as_raw(),
+                    resource as libc::__rlimit_resource_t,
+                    std::ptr::null(),
+                    &mut old,
+                )
+            };
+            if ret < 0 {
+                return Err(TaskInfoError::Process {
+                    pid,
+                    call: "prlimit",
+                    errno: last_errno(),
+                });
+            }
+            Ok(Limit {
+                resource,
+                soft: old.rlim_cur,
+                hard: old.rlim_max,
+            })
+        })
+        .collect()
+}
+
+/// `prlimit(pid, limit.resource, &new, NULL)`. Raising a hard limit needs
+/// CAP_SYS_RESOURCE.
+pub fn set_prlimit(pid: Pid, limit: &Limit) -> Result<(), TaskInfoError> {
+    let new = libc::rlimit64 {
+        rlim_cur: limit.soft,
+        rlim_max: limit.hard,
+    };
+    // SAFETY: the kernel reads `new`, a live local; the old-limit pointer is null.
+    let ret = unsafe {
+        libc::prlimit64(
+            pid.as_raw(),
+            limit.resource as libc::__rlimit_resource_t,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    if ret < 0 {
+        return Err(TaskInfoError::Process {
+            pid,
+            call: "prlimit",
+            errno: last_errno(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> (Pid, Tid) {
+        let pid = Pid::try_from(std::process::id()).expect("own pid");
+        // SAFETY: gettid has no arguments.
+        let tid = Tid::from_raw(unsafe { libc::gettid() }).expect("own tid");
+        (pid, tid)
+    }
+
+    #[test]
+    fn reads_own_thread_state() {
+        let (pid, tid) = me();
+        let (head, len) = robust_list(tid).expect("robust list");
+        // glibc registers a robust list for every thread.
+        assert!(head.get() != 0 && len > 0);
+        let s = sched(tid).expect("sched");
+        assert_eq!(s.policy & 0xff, libc::SCHED_OTHER);
+        set_sched(tid, &s).expect("set same sched");
+        let cpus = affinity(tid).expect("affinity");
+        assert!(!cpus.is_empty());
+        set_affinity(tid, &cpus).expect("set same affinity");
+        let prio = ioprio(tid).expect("ioprio");
+        set_ioprio(tid, prio).expect("set same ioprio");
+        let limits = prlimits(pid).expect("prlimits");
+        assert_eq!(limits.len(), 16);
+        let nofile = limits[7];
+        set_prlimit(pid, &nofile).expect("set same limit");
+        let from_proc = crate::proc::limits::read(pid).expect("limits file");
+        assert_eq!(from_proc[7], nofile);
+    }
+}
