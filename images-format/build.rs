@@ -11,12 +11,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
     files.sort();
-    let fds = protox::compile(&files, [&proto_dir])?;
+    let mut compiler = protox::Compiler::new([&proto_dir])?;
+    compiler.include_imports(true);
+    compiler.open_files(&files)?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // protox's own encoder keeps extension options (`[(criu).hex = true]` ...), which a
+    // prost-types round trip would drop; ckpt-img prints from them.
     std::fs::write(
         out.join("descriptor_set.bin"),
-        prost::Message::encode_to_vec(&fds),
+        compiler.encode_file_descriptor_set(),
     )?;
-    prost_build::Config::new().compile_fds(fds)?;
+    let fds = compiler.file_descriptor_set();
+    prost_build::Config::new()
+        .enable_type_names()
+        .compile_fds(fds)?;
     Ok(())
 }
