@@ -1,0 +1,675 @@
+//! The daemon: serves the page faults of lazily restored processes and pushes their
+//! remaining pages in the background until none is missing.
+//!
+//! One thread, one epoll set: the hand-off socket, restore's connection and every
+//! userfaultfd. Each turn of the loop first drains every userfaultfd (faults and the
+//! fork, mremap, munmap and madvise events), then copies one background chunk. Chunks grow
+//! from 64 KiB by 64 KiB per fault-free turn up to 4 MiB, and fall back to 64 KiB on a
+//! fault, so that a faulting thread waits for at most one small chunk. The background
+//! transfer starts once restore has sent its end marker, as CRIU's does: before that,
+//! restore is still building the tree.
+//!
+//! A process that exits, or execs, leaves its userfaultfd without an address space: the
+//! next copy fails with ESRCH and the process is dropped. The daemon exits once the end
+//! marker arrived and no process misses a page; closing the userfaultfds then unregisters
+//! their ranges, so pages that were never lazy read as zeroes from then on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use images_format::{ImageDir, ImageError, PAGE_SIZE};
+use rustix::event::epoll;
+use rustix::fs::OFlags;
+use rustix::io::Errno;
+use tracee::uffd::{UffdError, UffdEvent, Userfaultfd};
+use tracee::{CpuPin, RemoteAddr};
+
+use crate::handoff::{HandoffError, HandoffListener, HandoffMessage, HandoffReceiver};
+use crate::missing::{page_of, MissingPages};
+use crate::source::{PageSource, Pages, RemotePages, SourceError};
+
+/// Smallest (and post-fault) background chunk.
+pub const MIN_XFER: u64 = 64 << 10;
+/// Largest background chunk.
+pub const MAX_XFER: u64 = 4 << 20;
+/// A fault is answered with the aligned block of this size around it (clipped to the
+/// missing run): neighbours are likely next, and one 16 KiB copy costs about one 4 KiB one.
+pub const FAULT_BLOCK: u64 = 16 << 10;
+
+const LISTENER: u64 = 0;
+const RESTORE: u64 = 1;
+const FIRST_TASK: u64 = 2;
+
+/// What the daemon is told to do.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// The image directory (pagemaps, and pages unless a page server serves them).
+    pub images_dir: PathBuf,
+    /// Where `lazy-pages.socket` is created.
+    pub work_dir: PathBuf,
+    /// Fetch pages from the dump side's page server instead of the images.
+    pub page_server: Option<SocketAddr>,
+    /// Pin the daemon to this CPU. The faulting threads' CPUs are not looked up: their pids
+    /// may not be host pids. A fault served on the faulting thread's CPU costs ~5 µs, across
+    /// CPUs ~80 µs in a VM; pin the restored tree and the daemon together where it matters.
+    pub cpu: Option<u32>,
+}
+
+/// Counts of what the daemon did.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonStats {
+    /// Userfaultfds received from restore, and created by forks.
+    pub tasks: u64,
+    pub forks: u64,
+    pub zombies: u64,
+    /// Processes that went away with pages still missing.
+    pub exited: u64,
+    /// Faults answered with `UFFDIO_COPY`.
+    pub faults_copied: u64,
+    /// Faults answered with `UFFDIO_ZEROPAGE` (no lazy page there).
+    pub faults_zero: u64,
+    pub remaps: u64,
+    pub unmaps: u64,
+    pub removes: u64,
+    /// Bytes copied to answer faults, and in the background.
+    pub fault_bytes: u64,
+    pub background_bytes: u64,
+    /// Lazy bytes announced by the pagemaps of the tasks restore handed over.
+    pub lazy_bytes: u64,
+    /// From start to the end marker, and to the last page.
+    pub until_finished: Option<Duration>,
+    pub total: Duration,
+}
+
+/// The daemon stopped on an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    #[error(transparent)]
+    Images(ImageError),
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("epoll {op}")]
+    Epoll {
+        op: &'static str,
+        #[source]
+        errno: Errno,
+    },
+    #[error("pid {pid}: make its userfaultfd non-blocking")]
+    NonBlocking {
+        pid: i32,
+        #[source]
+        errno: Errno,
+    },
+    #[error("pid {pid}: fill {addr}")]
+    Fill {
+        pid: i32,
+        addr: RemoteAddr,
+        #[source]
+        source: UffdError,
+    },
+    #[error("restore closed the hand-off socket before every task was restored")]
+    RestoreGone,
+    #[error("pin to cpu")]
+    Pin(#[source] tracee::cpu::PinError),
+}
+
+/// A daemon listening for restore, not yet serving.
+#[derive(Debug)]
+pub struct LazyDaemon {
+    listener: HandoffListener,
+    pages: Pages,
+    cpu: Option<u32>,
+}
+
+impl LazyDaemon {
+    /// Creates the hand-off socket and, for a remote source, connects to the page server.
+    /// Restore may connect as soon as this returns.
+    pub fn bind(opts: &DaemonOptions) -> Result<LazyDaemon, DaemonError> {
+        let dir = ImageDir::new(&opts.images_dir).map_err(DaemonError::Images)?;
+        let source = match opts.page_server {
+            Some(addr) => PageSource::Remote(RemotePages::connect(addr)?),
+            None => PageSource::Local,
+        };
+        let listener = HandoffListener::bind(&opts.work_dir)?;
+        Ok(LazyDaemon {
+            listener,
+            pages: Pages::new(dir, source),
+            cpu: opts.cpu,
+        })
+    }
+
+    /// The hand-off socket's path.
+    pub fn socket_path(&self) -> &std::path::Path {
+        self.listener.path()
+    }
+
+    /// Serves until every lazy page of every process is in and restore has finished.
+    pub fn run(self) -> Result<DaemonStats, DaemonError> {
+        let _pin = self
+            .cpu
+            .map(CpuPin::to_cpu)
+            .transpose()
+            .map_err(DaemonError::Pin)?;
+        let epoll =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|errno| DaemonError::Epoll {
+                op: "create",
+                errno,
+            })?;
+        add(&epoll, &self.listener, LISTENER)?;
+        let mut server = Server {
+            epoll,
+            listener: self.listener,
+            restore: None,
+            pages: self.pages,
+            tasks: BTreeMap::new(),
+            next_key: FIRST_TASK,
+            finished: false,
+            xfer_len: MIN_XFER,
+            background_key: FIRST_TASK,
+            buf: vec![0u8; usize::try_from(MAX_XFER).expect("4 MiB fits usize")],
+            stats: DaemonStats::default(),
+            started: Instant::now(),
+            faulted: false,
+        };
+        server.serve()?;
+        let Server { pages, stats, .. } = server;
+        pages.close()?;
+        Ok(stats)
+    }
+}
+
+/// A process whose faults we serve.
+#[derive(Debug)]
+struct Task {
+    /// The image pid whose pagemap holds its pages (a forked child's is its parent's).
+    pid: i32,
+    uffd: Userfaultfd,
+    missing: MissingPages,
+    /// Where the background transfer continues in this process.
+    cursor: u64,
+    /// Faults that could not be answered yet (the address space was changing).
+    pending: Vec<u64>,
+}
+
+enum Fill {
+    Done,
+    /// The address space is changing: read its events, then retry.
+    Again,
+    /// The address space is gone.
+    Gone,
+}
+
+struct Server {
+    epoll: OwnedFd,
+    listener: HandoffListener,
+    restore: Option<HandoffReceiver>,
+    pages: Pages,
+    tasks: BTreeMap<u64, Task>,
+    next_key: u64,
+    finished: bool,
+    xfer_len: u64,
+    background_key: u64,
+    buf: Vec<u8>,
+    stats: DaemonStats,
+    started: Instant,
+    /// A fault was served in this turn of the loop.
+    faulted: bool,
+}
+
+fn add(epoll: &OwnedFd, fd: impl AsFd, key: u64) -> Result<(), DaemonError> {
+    epoll::add(
+        epoll,
+        fd,
+        epoll::EventData::new_u64(key),
+        epoll::EventFlags::IN,
+    )
+    .map_err(|errno| DaemonError::Epoll { op: "add", errno })
+}
+
+impl Server {
+    fn serve(&mut self) -> Result<(), DaemonError> {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        loop {
+            let work_left = self.tasks.values().any(|t| !t.missing.is_empty());
+            if self.finished && !work_left {
+                break;
+            }
+            let background = self.finished && work_left;
+            // A fault refused with EAGAIN waits for the address space change to end, which
+            // the changing thread finishes after we read its event: nothing will wake us
+            // for it, so poll again soon.
+            let pending = self.tasks.values().any(|t| !t.pending.is_empty());
+            let timeout = if background {
+                Some(rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                })
+            } else if pending {
+                Some(rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000,
+                })
+            } else {
+                None
+            };
+            events.clear();
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                timeout.as_ref(),
+            ) {
+                Ok(_) => {}
+                Err(Errno::INTR) => continue,
+                Err(errno) => return Err(DaemonError::Epoll { op: "wait", errno }),
+            }
+            self.faulted = false;
+            let ready: Vec<u64> = events.iter().map(|e| e.data.u64()).collect();
+            for key in ready {
+                match key {
+                    LISTENER => self.accept()?,
+                    RESTORE => self.handoff()?,
+                    key => self.drain(key)?,
+                }
+            }
+            self.retry_pending()?;
+            if self.faulted {
+                self.xfer_len = MIN_XFER;
+            } else if self.finished {
+                self.background_step()?;
+            }
+        }
+        self.stats.total = self.started.elapsed();
+        for (_, task) in std::mem::take(&mut self.tasks) {
+            self.forget(task);
+        }
+        tracing::info!(
+            faults_copied = self.stats.faults_copied,
+            faults_zero = self.stats.faults_zero,
+            fault_bytes = self.stats.fault_bytes,
+            background_bytes = self.stats.background_bytes,
+            ms = self.stats.total.as_millis(),
+            "every lazy page is in"
+        );
+        Ok(())
+    }
+
+    fn accept(&mut self) -> Result<(), DaemonError> {
+        let receiver = self.listener.accept()?;
+        if self.restore.is_some() || self.finished {
+            // One restore per daemon; a second connection is refused by closing it.
+            tracing::warn!("a second connection on the hand-off socket was closed");
+            return Ok(());
+        }
+        add(&self.epoll, &receiver, RESTORE)?;
+        self.restore = Some(receiver);
+        Ok(())
+    }
+
+    fn handoff(&mut self) -> Result<(), DaemonError> {
+        let Some(receiver) = self.restore.as_mut() else {
+            return Ok(());
+        };
+        match receiver.receive()? {
+            Some(HandoffMessage::Task { pid, uffd }) => self.add_task(pid, uffd),
+            Some(HandoffMessage::Zombie { pid }) => {
+                tracing::debug!(pid, "zombie");
+                self.stats.zombies += 1;
+                Ok(())
+            }
+            Some(HandoffMessage::Finished) => {
+                self.finished = true;
+                self.stats.until_finished = Some(self.started.elapsed());
+                tracing::info!(
+                    tasks = self.stats.tasks,
+                    lazy_bytes = self.stats.lazy_bytes,
+                    "restore finished, starting the background transfer"
+                );
+                self.close_restore();
+                Ok(())
+            }
+            None => {
+                self.close_restore();
+                if self.finished {
+                    Ok(())
+                } else {
+                    Err(DaemonError::RestoreGone)
+                }
+            }
+        }
+    }
+
+    fn close_restore(&mut self) {
+        if let Some(receiver) = self.restore.take() {
+            if let Err(errno) = epoll::delete(&self.epoll, &receiver) {
+                tracing::warn!(%errno, "epoll delete of the hand-off connection");
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(pid = pid))]
+    fn add_task(&mut self, pid: i32, uffd: OwnedFd) -> Result<(), DaemonError> {
+        let ranges = self.pages.open_task(pid)?;
+        let mut missing = MissingPages::new();
+        for range in &ranges {
+            missing.insert(range.vaddr, range.vaddr + range.len, range.vaddr);
+        }
+        self.stats.lazy_bytes += missing.bytes();
+        tracing::debug!(lazy_bytes = missing.bytes(), "task handed over");
+        self.insert_task(Task {
+            pid,
+            uffd: Userfaultfd::from_fd(uffd),
+            missing,
+            cursor: 0,
+            pending: Vec::new(),
+        })
+    }
+
+    fn insert_task(&mut self, task: Task) -> Result<(), DaemonError> {
+        // poll() on a blocking userfaultfd reports an error instead of readiness. A fork's
+        // userfaultfd takes the flags its parent was created with, not ours.
+        let flags =
+            rustix::fs::fcntl_getfl(&task.uffd).map_err(|errno| DaemonError::NonBlocking {
+                pid: task.pid,
+                errno,
+            })?;
+        rustix::fs::fcntl_setfl(&task.uffd, flags | OFlags::NONBLOCK).map_err(|errno| {
+            DaemonError::NonBlocking {
+                pid: task.pid,
+                errno,
+            }
+        })?;
+        let key = self.next_key;
+        self.next_key += 1;
+        add(&self.epoll, &task.uffd, key)?;
+        self.tasks.insert(key, task);
+        self.stats.tasks += 1;
+        Ok(())
+    }
+
+    fn forget(&self, task: Task) {
+        // Restore keeps duplicates of the fd: the registration would outlive our close.
+        if let Err(errno) = epoll::delete(&self.epoll, &task.uffd) {
+            tracing::warn!(pid = task.pid, %errno, "epoll delete of a userfaultfd");
+        }
+    }
+
+    fn drop_task(&mut self, key: u64) {
+        if let Some(task) = self.tasks.remove(&key) {
+            if !task.missing.is_empty() {
+                self.stats.exited += 1;
+                tracing::debug!(
+                    pid = task.pid,
+                    missing = task.missing.bytes(),
+                    "address space gone"
+                );
+            }
+            self.forget(task);
+        }
+    }
+
+    /// Reads every pending event of one userfaultfd and acts on it.
+    fn drain(&mut self, key: u64) -> Result<(), DaemonError> {
+        let mut events = Vec::new();
+        {
+            let Some(task) = self.tasks.get(&key) else {
+                return Ok(());
+            };
+            loop {
+                match task.uffd.read_event() {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::debug!(pid = task.pid, %error, "userfaultfd unreadable");
+                        self.drop_task(key);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        for event in events {
+            match event {
+                UffdEvent::Pagefault { addr, .. } => {
+                    self.faulted = true;
+                    self.serve_fault(key, addr.get())?;
+                }
+                UffdEvent::Fork { uffd } => {
+                    let Some(parent) = self.tasks.get(&key) else {
+                        continue;
+                    };
+                    // The child's copy of the registered ranges misses exactly the pages
+                    // the parent misses now: copies into the parent fail with EAGAIN from
+                    // the start of fork until this event is read.
+                    let child = Task {
+                        pid: parent.pid,
+                        uffd,
+                        missing: parent.missing.clone(),
+                        cursor: parent.cursor,
+                        pending: Vec::new(),
+                    };
+                    self.stats.forks += 1;
+                    self.insert_task(child)?;
+                }
+                UffdEvent::Remap { from, to, len } => {
+                    self.stats.remaps += 1;
+                    if let Some(task) = self.tasks.get_mut(&key) {
+                        task.missing.remap(from.get(), to.get(), len);
+                    }
+                }
+                UffdEvent::Unmap { start, end } => {
+                    self.stats.unmaps += 1;
+                    if let Some(task) = self.tasks.get_mut(&key) {
+                        task.missing.remove(start.get(), end.get());
+                    }
+                }
+                UffdEvent::Remove { start, end } => {
+                    self.stats.removes += 1;
+                    if let Some(task) = self.tasks.get_mut(&key) {
+                        task.missing.remove(start.get(), end.get());
+                    }
+                }
+                UffdEvent::Unknown { event } => {
+                    tracing::warn!(event, "unknown userfaultfd event ignored");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn retry_pending(&mut self) -> Result<(), DaemonError> {
+        let keys: Vec<u64> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| !t.pending.is_empty())
+            .map(|(&k, _)| k)
+            .collect();
+        for key in keys {
+            self.drain(key)?;
+            let pending = match self.tasks.get_mut(&key) {
+                Some(task) => std::mem::take(&mut task.pending),
+                None => continue,
+            };
+            for addr in pending {
+                self.serve_fault(key, addr)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_fault(&mut self, key: u64, addr: u64) -> Result<(), DaemonError> {
+        let page = page_of(addr);
+        let Some(task) = self.tasks.get_mut(&key) else {
+            return Ok(());
+        };
+        let Some(run) = task.missing.find(page) else {
+            // Registered but never lazy (never written before the dump, or dropped since):
+            // it reads as zeroes.
+            let result = task.uffd.zeropage(RemoteAddr(page), PAGE_SIZE, false);
+            let pid = task.pid;
+            match result {
+                Ok(()) => self.stats.faults_zero += 1,
+                Err(UffdError::Partial { errno, .. }) => match errno {
+                    Errno::AGAIN => task.pending.push(addr),
+                    Errno::SRCH => self.drop_task(key),
+                    // EEXIST: another thread's fault filled it; ENOENT: unmapped. Either
+                    // way the thread must retry its access.
+                    _ => wake(task, page),
+                },
+                Err(source) => {
+                    return Err(DaemonError::Fill {
+                        pid,
+                        addr: RemoteAddr(page),
+                        source,
+                    })
+                }
+            }
+            return Ok(());
+        };
+        let block = page & !(FAULT_BLOCK - 1);
+        let start = block.max(run.start);
+        let end = (block + FAULT_BLOCK).min(run.end);
+        task.cursor = end;
+        let before = self.stats.fault_bytes;
+        match self.fill(key, start, end, true)? {
+            Fill::Done => {
+                self.stats.faults_copied += 1;
+                if let Some(task) = self.tasks.get(&key) {
+                    // Pages skipped as not registered leave the thread waiting.
+                    if self.stats.fault_bytes == before || task.missing.find(page).is_some() {
+                        wake(task, page);
+                    }
+                }
+            }
+            Fill::Again => {
+                if let Some(task) = self.tasks.get_mut(&key) {
+                    task.pending.push(addr);
+                }
+            }
+            Fill::Gone => self.drop_task(key),
+        }
+        Ok(())
+    }
+
+    fn background_step(&mut self) -> Result<(), DaemonError> {
+        let next = self
+            .tasks
+            .range(self.background_key..)
+            .chain(self.tasks.range(..self.background_key))
+            .find(|(_, t)| !t.missing.is_empty())
+            .map(|(&k, t)| (k, t.cursor, t.missing.next_from(t.cursor)));
+        let Some((key, cursor, Some(run))) = next else {
+            return Ok(());
+        };
+        let start = if run.start <= cursor && cursor < run.end {
+            page_of(cursor)
+        } else {
+            run.start
+        };
+        let end = run.end.min(start + self.xfer_len);
+        if let Some(task) = self.tasks.get_mut(&key) {
+            task.cursor = end;
+        }
+        self.background_key = key + 1;
+        match self.fill(key, start, end, false)? {
+            Fill::Done | Fill::Again => {}
+            Fill::Gone => self.drop_task(key),
+        }
+        self.xfer_len = (self.xfer_len + MIN_XFER).min(MAX_XFER);
+        Ok(())
+    }
+
+    /// Copies the image's pages into `[start, end)` of the task, as far as they are still
+    /// missing, and forgets them.
+    fn fill(&mut self, key: u64, start: u64, end: u64, fault: bool) -> Result<Fill, DaemonError> {
+        let mut at = start;
+        while at < end {
+            let Some(task) = self.tasks.get_mut(&key) else {
+                return Ok(Fill::Gone);
+            };
+            let Some(run) = task.missing.find(at) else {
+                at += PAGE_SIZE;
+                continue;
+            };
+            let stop = end.min(run.end);
+            let len = usize::try_from(stop - at).expect("at most a chunk");
+            let got = self
+                .pages
+                .fetch(task.pid, run.image_of(at), &mut self.buf[..len])?;
+            let data = &self.buf[..got];
+            let mut off = 0usize;
+            let mut copied = 0u64;
+            let outcome = loop {
+                if off >= data.len() {
+                    break None;
+                }
+                let dst = RemoteAddr(at + off as u64);
+                match task.uffd.copy(dst, &data[off..], false) {
+                    Ok(()) => {
+                        copied += (data.len() - off) as u64;
+                        off = data.len();
+                    }
+                    Err(UffdError::Partial { done, .. }) if done > 0 => {
+                        copied += done;
+                        off += usize::try_from(done).unwrap_or(data.len());
+                    }
+                    Err(UffdError::Partial { errno, .. }) => match errno {
+                        // Already there (a fork's child shares it, or a racing fault): it
+                        // is not ours to fill; wake whoever waits on it.
+                        Errno::EXIST => {
+                            wake(task, dst.get());
+                            off += PAGE_SIZE as usize;
+                        }
+                        // Not registered (restore did not register it, or it is being
+                        // unmapped): drop the page.
+                        Errno::NOENT => off += PAGE_SIZE as usize,
+                        Errno::AGAIN => break Some(Fill::Again),
+                        Errno::SRCH => break Some(Fill::Gone),
+                        errno => {
+                            return Err(DaemonError::Fill {
+                                pid: task.pid,
+                                addr: dst,
+                                source: UffdError::Partial {
+                                    op: "UFFDIO_COPY",
+                                    addr: dst,
+                                    done: 0,
+                                    len: (data.len() - off) as u64,
+                                    errno,
+                                },
+                            });
+                        }
+                    },
+                    Err(source) => {
+                        return Err(DaemonError::Fill {
+                            pid: task.pid,
+                            addr: dst,
+                            source,
+                        })
+                    }
+                }
+            };
+            let off = off.min(data.len()) as u64;
+            task.missing.remove(at, at + off);
+            if fault {
+                self.stats.fault_bytes += copied;
+            } else {
+                self.stats.background_bytes += copied;
+            }
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            at += off;
+        }
+        Ok(Fill::Done)
+    }
+}
+
+fn wake(task: &Task, page: u64) {
+    if let Err(error) = task.uffd.wake(RemoteAddr(page), PAGE_SIZE) {
+        tracing::debug!(pid = task.pid, %error, "wake");
+    }
+}

@@ -1,0 +1,41 @@
+//! Post-copy restore: `ckpt-lazy-pages` serves the page faults of lazily restored
+//! processes with `UFFDIO_COPY` from the images or from the dump side's page server, and
+//! pushes every remaining page in the background until none is missing.
+//!
+//! - [`handoff`]: how restore hands each task's userfaultfd to the daemon
+//!   ([`LazyHandoff`] on restore's side).
+//! - [`source`]: where page contents come from.
+//! - [`missing`]: the bookkeeping of missing pages through fork, mremap and munmap.
+//! - [`daemon`]: the event loop.
+//!
+//! Restore's side, in order:
+//!
+//! ```no_run
+//! # fn f(work_dir: &std::path::Path, uffd: std::os::fd::BorrowedFd<'_>) -> Result<(), ckpt_lazy_pages::HandoffError> {
+//! use ckpt_lazy_pages::LazyHandoff;
+//! let mut handoff = LazyHandoff::connect(work_dir)?;
+//! handoff.send_uffd(42, uffd)?;   // per restored task, its image pid and userfaultfd
+//! handoff.send_zombie(43)?;       // per zombie
+//! handoff.finish()?;              // all restored, about to resume
+//! # Ok(()) }
+//! ```
+//!
+//! Restore keeps its own duplicate of every userfaultfd it hands over, so that the tree
+//! can be killed before the fds close if the daemon dies (a userfaultfd that closes turns
+//! the missing pages into zeroes). When the daemon exits 0, every lazy page is in: restore
+//! must then close its duplicates, because a registered page that was never lazy (never
+//! written before the dump) faults until the last reference to the userfaultfd is gone.
+//! When the daemon exits non-zero, restore kills the tree.
+#![forbid(unsafe_code)]
+
+pub mod daemon;
+pub mod handoff;
+pub mod missing;
+pub mod source;
+
+pub use daemon::{DaemonError, DaemonOptions, DaemonStats, LazyDaemon};
+pub use handoff::{
+    HandoffError, HandoffListener, HandoffMessage, HandoffReceiver, LazyHandoff, END_MARKER,
+    SOCKET_NAME,
+};
+pub use source::{LazyRange, PageSource, Pages, RemotePages, SourceError};

@@ -1,0 +1,158 @@
+//! `ckpt-lazy-pages`: the userfaultfd daemon of a lazy (post-copy) restore.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use ckpt_lazy_pages::{DaemonOptions, LazyDaemon};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "ckpt-lazy-pages",
+    version,
+    about = "Serve the page faults of a lazily restored process tree"
+)]
+struct Cli {
+    /// Image directory (pagemaps, and pages unless --page-server)
+    #[arg(short = 'D', long = "images-dir")]
+    images_dir: PathBuf,
+    /// Directory of lazy-pages.socket (default: the image directory)
+    #[arg(short = 'W', long = "work-dir")]
+    work_dir: Option<PathBuf>,
+    /// Fetch pages from the dump side's page server at --address:--port
+    #[arg(long = "page-server")]
+    page_server: bool,
+    #[arg(long)]
+    address: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// Detach and run in the background
+    #[arg(short = 'd', long)]
+    daemon: bool,
+    /// Write one zero byte to this fd once restore may connect
+    #[arg(long = "status-fd")]
+    status_fd: Option<i32>,
+    /// Write our pid here (after --daemon)
+    #[arg(long)]
+    pidfile: Option<PathBuf>,
+    /// Log file (default: standard error)
+    #[arg(short = 'o', long = "log-file")]
+    log_file: Option<PathBuf>,
+    /// Verbosity 0-4 (error, warn, info, debug, trace)
+    #[arg(short = 'v', default_value_t = 2)]
+    verbosity: u8,
+    /// Pin the daemon to this CPU (put the restored tree there too for ~5 µs faults)
+    #[arg(long)]
+    cpu: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("ckpt-lazy-pages: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let cli_logs_to_file = cli.log_file.is_some();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if cli_logs_to_file {
+                tracing::error!("{e:#}");
+            }
+            eprintln!("ckpt-lazy-pages: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let page_server = if cli.page_server {
+        let (Some(address), Some(port)) = (cli.address.as_deref(), cli.port) else {
+            bail!("--page-server needs --address and --port");
+        };
+        Some(resolve(address, port)?)
+    } else {
+        None
+    };
+    let opts = DaemonOptions {
+        work_dir: cli
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| cli.images_dir.clone()),
+        images_dir: cli.images_dir.clone(),
+        page_server,
+        cpu: cli.cpu,
+    };
+    let daemon = LazyDaemon::bind(&opts).with_context(|| {
+        format!(
+            "lazy-pages: start serving {} (socket in {})",
+            opts.images_dir.display(),
+            opts.work_dir.display()
+        )
+    })?;
+    if cli.daemon {
+        nix::unistd::daemon(true, cli.log_file.is_none()).context("lazy-pages: daemonize")?;
+    }
+    if let Some(path) = &cli.pidfile {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("lazy-pages: write pid file {}", path.display()))?;
+    }
+    if let Some(fd) = cli.status_fd {
+        // Reopened through /proc: the inherited fd number is not ours to take over
+        // without unsafe code, and the reader only waits for the byte.
+        let path = format!("/proc/self/fd/{fd}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&[0]))
+            .with_context(|| format!("lazy-pages: write the status fd {fd}"))?;
+    }
+    let stats = daemon.run().context("lazy-pages")?;
+    tracing::info!(
+        tasks = stats.tasks,
+        forks = stats.forks,
+        faults_copied = stats.faults_copied,
+        faults_zero = stats.faults_zero,
+        fault_bytes = stats.fault_bytes,
+        background_bytes = stats.background_bytes,
+        exited = stats.exited,
+        ms = stats.total.as_millis(),
+        "done"
+    );
+    Ok(())
+}
+
+fn resolve(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    (address, port)
+        .to_socket_addrs()
+        .with_context(|| format!("lazy-pages: resolve {address}:{port}"))?
+        .next()
+        .with_context(|| format!("lazy-pages: {address}:{port} has no address"))
+}
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let level = match cli.verbosity {
+        0 => tracing::Level::ERROR,
+        1 => tracing::Level::WARN,
+        2 => tracing::Level::INFO,
+        3 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let builder = tracing_subscriber::fmt().with_max_level(level);
+    match &cli.log_file {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("lazy-pages: create log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! Where lazy pages come from: the local image directory, or the page server of the dump
+//! side asked with `PS_IOV_GET`.
+//!
+//! Either way the daemon reads `pagemap-<pid>.img` locally to know which pages are lazy:
+//! the entries flagged PE_LAZY. Pages that are present but not lazy were filled by restore
+//! and are never served here.
+//!
+//! Pull protocol (CRIU's `page_server_iov`, 32 bytes, host order):
+//!
+//! ```text
+//! daemon                                               source
+//!   GET {cmd 7, nr_pages, vaddr, dst_id = pid} ---->
+//!                                              <----   ADD_F {PE_PRESENT<<16 | 6, n, vaddr, pid}
+//!                                              <----   n * 4096 bytes, 1 <= n <= nr_pages
+//!                                                      (n = 0: the source has no such pages)
+//!   ...
+//!   CLOSE {cmd 0x1023}                         ---->
+//!                                              <----   i32 status
+//! ```
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+
+use ckpt_page_server::{ClientError, PageServerClient};
+use images_format::{ImageDir, ImageKind, PageFlags, PagesError, PagesReader, PAGE_SIZE};
+
+/// A run of lazy pages of the image, `[vaddr, vaddr + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LazyRange {
+    pub vaddr: u64,
+    pub len: u64,
+}
+
+/// Getting pages failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("pid {pid}: read its pagemap")]
+    Pagemap {
+        pid: i32,
+        #[source]
+        source: PagesError,
+    },
+    #[error("pid {pid}: no pagemap was opened for it")]
+    UnknownPid { pid: i32 },
+    #[error("pid {pid}: read pages at {vaddr:#x} ({len} bytes) from the images")]
+    Read {
+        pid: i32,
+        vaddr: u64,
+        len: u64,
+        #[source]
+        source: PagesError,
+    },
+    #[error(transparent)]
+    Connect(ClientError),
+    #[error("pid {pid}: ask the page server for {vaddr:#x} ({nr_pages} pages)")]
+    Remote {
+        pid: i32,
+        vaddr: u64,
+        nr_pages: u64,
+        #[source]
+        source: ClientError,
+    },
+    #[error("close the page server session")]
+    Close(#[source] ClientError),
+}
+
+/// The lazy ranges of a pagemap: entries flagged PE_LAZY, adjacent ones merged.
+pub fn lazy_ranges(reader: &PagesReader) -> Vec<LazyRange> {
+    let mut out: Vec<LazyRange> = Vec::new();
+    for range in &reader.pagemap().ranges {
+        if !range.flags.contains(PageFlags::LAZY) {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.vaddr + last.len == range.vaddr => last.len += range.len(),
+            _ => out.push(LazyRange {
+                vaddr: range.vaddr,
+                len: range.len(),
+            }),
+        }
+    }
+    out
+}
+
+/// The source of page contents.
+#[derive(Debug)]
+pub enum PageSource {
+    /// The image directory (PE_LAZY entries with data, here or in a parent).
+    Local,
+    /// The dump side's page server.
+    Remote(RemotePages),
+}
+
+/// The pagemaps of the tasks being served, and where their pages come from.
+#[derive(Debug)]
+pub struct Pages {
+    dir: ImageDir,
+    readers: HashMap<i32, PagesReader>,
+    source: PageSource,
+}
+
+impl Pages {
+    pub fn new(dir: ImageDir, source: PageSource) -> Pages {
+        Pages {
+            dir,
+            readers: HashMap::new(),
+            source,
+        }
+    }
+
+    /// Opens `pagemap-<pid>.img` (and its parents) and returns its lazy ranges.
+    pub fn open_task(&mut self, pid: i32) -> Result<Vec<LazyRange>, SourceError> {
+        let id = u64::try_from(pid).map_err(|_| SourceError::UnknownPid { pid })?;
+        let reader = PagesReader::open(&self.dir, ImageKind::Pagemap, id)
+            .map_err(|source| SourceError::Pagemap { pid, source })?;
+        let ranges = lazy_ranges(&reader);
+        self.readers.insert(pid, reader);
+        Ok(ranges)
+    }
+
+    /// Fills the start of `buf` (a whole number of pages) with the image's pages from
+    /// `vaddr` on; returns the bytes filled, at least one page. A remote source may
+    /// return fewer pages than asked.
+    pub fn fetch(&mut self, pid: i32, vaddr: u64, buf: &mut [u8]) -> Result<usize, SourceError> {
+        match &mut self.source {
+            PageSource::Local => {
+                let reader = self
+                    .readers
+                    .get(&pid)
+                    .ok_or(SourceError::UnknownPid { pid })?;
+                reader
+                    .read_pages(vaddr, buf)
+                    .map_err(|source| SourceError::Read {
+                        pid,
+                        vaddr,
+                        len: buf.len() as u64,
+                        source,
+                    })?;
+                Ok(buf.len())
+            }
+            PageSource::Remote(remote) => remote.get(pid, vaddr, buf),
+        }
+    }
+
+    /// Ends a remote session; nothing to do for local images.
+    pub fn close(self) -> Result<(), SourceError> {
+        match self.source {
+            PageSource::Local => Ok(()),
+            PageSource::Remote(remote) => remote.close(),
+        }
+    }
+}
+
+/// A connection to the dump side's page server, asking for pages with `PS_IOV_GET`.
+#[derive(Debug)]
+pub struct RemotePages {
+    client: PageServerClient,
+}
+
+impl RemotePages {
+    /// Connects to the page server.
+    pub fn connect(addr: SocketAddr) -> Result<RemotePages, SourceError> {
+        let client = PageServerClient::connect(addr).map_err(SourceError::Connect)?;
+        Ok(RemotePages { client })
+    }
+
+    /// Uses a connected stream.
+    pub fn from_stream(stream: TcpStream) -> Result<RemotePages, SourceError> {
+        let client = PageServerClient::from_stream(stream).map_err(SourceError::Connect)?;
+        Ok(RemotePages { client })
+    }
+
+    /// One `PS_IOV_GET` for as many pages as `buf` holds; returns the bytes received.
+    pub fn get(&mut self, pid: i32, vaddr: u64, buf: &mut [u8]) -> Result<usize, SourceError> {
+        let nr_pages = buf.len() as u64 / PAGE_SIZE;
+        let id = u64::try_from(pid).map_err(|_| SourceError::UnknownPid { pid })?;
+        let reply =
+            self.client
+                .get_pages(id, vaddr, buf)
+                .map_err(|source| SourceError::Remote {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                    source,
+                })?;
+        usize::try_from(reply.nr_pages * PAGE_SIZE).map_err(|_| SourceError::UnknownPid { pid })
+    }
+
+    /// Sends `PS_IOV_CLOSE` and waits for the server's status.
+    pub fn close(self) -> Result<(), SourceError> {
+        self.client.close().map_err(SourceError::Close)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; P as usize]
+    }
+
+    fn images() -> (tempfile::TempDir, ImageDir) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = ImageDir::create_dir(tmp.path().join("img")).expect("dir");
+        let mut w = dir
+            .pagemap_writer(ImageKind::Pagemap, 10, 1)
+            .expect("writer");
+        w.add_present(0x10000, &page(1)).expect("present");
+        w.add_with_data(
+            0x11000,
+            PageFlags::PRESENT | PageFlags::LAZY,
+            &[page(2), page(3)].concat(),
+        )
+        .expect("lazy");
+        w.add_with_data(0x20000, PageFlags::PRESENT | PageFlags::LAZY, &page(4))
+            .expect("lazy");
+        w.add_hole(0x30000, 2, PageFlags::LAZY)
+            .expect("remote lazy");
+        w.finish().expect("finish");
+        (tmp, dir)
+    }
+
+    #[test]
+    fn only_lazy_entries_are_lazy_ranges() {
+        let (_tmp, dir) = images();
+        let mut pages = Pages::new(dir, PageSource::Local);
+        let ranges = pages.open_task(10).expect("open");
+        assert_eq!(
+            ranges,
+            [
+                LazyRange {
+                    vaddr: 0x11000,
+                    len: 2 * P
+                },
+                LazyRange {
+                    vaddr: 0x20000,
+                    len: P
+                },
+                LazyRange {
+                    vaddr: 0x30000,
+                    len: 2 * P
+                },
+            ]
+        );
+        let mut buf = vec![0u8; 2 * P as usize];
+        assert_eq!(
+            pages.fetch(10, 0x11000, &mut buf).expect("fetch"),
+            buf.len()
+        );
+        assert_eq!((buf[0], buf[P as usize]), (2, 3));
+        // Lazy pages without data cannot come from local images.
+        assert!(matches!(
+            pages.fetch(10, 0x30000, &mut buf),
+            Err(SourceError::Read { pid: 10, .. })
+        ));
+        assert!(matches!(
+            pages.fetch(11, 0x11000, &mut buf),
+            Err(SourceError::UnknownPid { pid: 11 })
+        ));
+        assert!(matches!(
+            pages.open_task(12),
+            Err(SourceError::Pagemap { pid: 12, .. })
+        ));
+    }
+
+    #[test]
+    fn remote_get_reads_a_short_reply_and_close_reads_the_status() {
+        use ckpt_page_server::Frame;
+        use std::io::{Read, Write};
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut req = [0u8; 32];
+            s.read_exact(&mut req).expect("get");
+            let get = Frame::decode(&req).expect("frame");
+            assert_eq!(get, Frame::get(33, 0x5000, 4));
+            // Only two of the four pages.
+            s.write_all(&Frame::add_f(33, 0x5000, 2, 4).encode())
+                .expect("reply");
+            s.write_all(&[page(9), page(8)].concat()).expect("data");
+            s.read_exact(&mut req).expect("get");
+            s.write_all(&Frame::add_f(33, 0x9000, 0, 4).encode())
+                .expect("none");
+            // The session is unusable after a bad reply: the client drops it.
+        });
+        let mut remote = RemotePages::connect(addr).expect("connect");
+        let mut buf = vec![0u8; 4 * P as usize];
+        assert_eq!(
+            remote.get(33, 0x5000, &mut buf).expect("get"),
+            2 * P as usize
+        );
+        assert_eq!((buf[0], buf[P as usize]), (9, 8));
+        assert!(matches!(
+            remote.get(33, 0x9000, &mut buf),
+            Err(SourceError::Remote {
+                pid: 33,
+                vaddr: 0x9000,
+                ..
+            })
+        ));
+        server.join().expect("server");
+    }
+}
