@@ -1,0 +1,136 @@
+//! `ckpt-page-server`: receives the pages of one dump or pre-dump over TCP into an image
+//! directory (or, with `--lazy-pages`, serves saved pages), speaking CRIU's protocol.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use ckpt_page_server::daemon;
+use ckpt_page_server::{PageServer, ReceiveMode, ServerOptions};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "ckpt-page-server", version, about)]
+struct Cli {
+    /// Image directory the pages are written to (or served from).
+    #[arg(short = 'D', long = "images-dir")]
+    images_dir: PathBuf,
+    /// Address to listen on, and only there (0.0.0.0 for every interface).
+    #[arg(long)]
+    address: IpAddr,
+    #[arg(long)]
+    port: u16,
+    /// Images of the previous pre-dump; becomes DIR/parent (relative to DIR if relative).
+    #[arg(long)]
+    prev_images_dir: Option<PathBuf>,
+    /// Return once listening; the server runs on in the background (pid in --pidfile).
+    #[arg(short = 'd', long)]
+    daemon: bool,
+    /// Write one zero byte to this inherited fd once listening.
+    #[arg(long)]
+    status_fd: Option<i32>,
+    /// Write the server's pid here.
+    #[arg(long)]
+    pidfile: Option<PathBuf>,
+    /// Log here instead of standard error.
+    #[arg(short = 'o', long)]
+    log_file: Option<PathBuf>,
+    /// Log level 0 (errors) to 4 (everything); -v alone is 4.
+    #[arg(short = 'v', num_args = 0..=1, default_missing_value = "4", default_value = "2")]
+    verbosity: u8,
+    /// Serve GET requests from the images instead of receiving a dump.
+    #[arg(long)]
+    lazy_pages: bool,
+    /// fsync the images before confirming CLOSE.
+    #[arg(long)]
+    sync: bool,
+    /// Serve only a connection from this address.
+    #[arg(long)]
+    peer: Option<IpAddr>,
+    /// Receive with read/write instead of splice.
+    #[arg(long)]
+    no_splice: bool,
+    /// Set by --daemon on the background copy (see `daemon::LISTENER_ON_STDIN`).
+    #[arg(long = "listener-on-stdin", hide = true)]
+    listener_on_stdin: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let logs_to_file = cli.log_file.is_some();
+    if let Err(error) = init_logging(&cli).and_then(|()| run(cli)) {
+        if logs_to_file {
+            tracing::error!("{error:#}");
+        }
+        eprintln!("ckpt-page-server: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let addr = SocketAddr::new(cli.address, cli.port);
+    let listener = if cli.listener_on_stdin {
+        daemon::adopt_listener()?
+    } else {
+        TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?
+    };
+    if cli.daemon && !cli.listener_on_stdin {
+        // The copy gets the same arguments and knows from the hidden flag to serve.
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        let pid = daemon::spawn_background(listener, &args)?;
+        if let Some(path) = &cli.pidfile {
+            daemon::write_pidfile(path, pid)?;
+        }
+        return Ok(());
+    }
+    if let (Some(path), false) = (&cli.pidfile, cli.listener_on_stdin) {
+        daemon::write_pidfile(path, std::process::id())?;
+    }
+    let opts = ServerOptions {
+        images_dir: cli.images_dir.clone(),
+        prev_images_dir: cli.prev_images_dir.clone(),
+        lazy_pages: cli.lazy_pages,
+        sync: cli.sync,
+        peer: cli.peer,
+        receive: if cli.no_splice {
+            ReceiveMode::Copy
+        } else {
+            ReceiveMode::Splice
+        },
+    };
+    let server = PageServer::with_listener(listener, opts)
+        .with_context(|| format!("page server for {}", cli.images_dir.display()))?;
+    tracing::info!(addr = %server.local_addr()?, dir = %cli.images_dir.display(), "listening");
+    if let Some(fd) = cli.status_fd {
+        daemon::notify_status_fd(fd)?;
+    }
+    server
+        .serve_one()
+        .with_context(|| format!("page server for {}", cli.images_dir.display()))?;
+    Ok(())
+}
+
+fn init_logging(cli: &Cli) -> Result<()> {
+    use tracing::Level;
+    let level = match cli.verbosity {
+        0 => Level::ERROR,
+        1 => Level::WARN,
+        2 => Level::INFO,
+        3 => Level::DEBUG,
+        _ => Level::TRACE,
+    };
+    let builder = tracing_subscriber::fmt().with_max_level(level);
+    match &cli.log_file {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("{}: create log file", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
