@@ -178,6 +178,10 @@ impl SeizedProcess {
         let our_child = proc::stat::read(self.pid)
             .is_ok_and(|s| u32::try_from(s.ppid).is_ok_and(|p| p == std::process::id()));
         rustix::process::kill_process(to_rustix(self.pid), rustix::process::Signal::KILL)?;
+        // A dead leader is reported only once every other thread of its group has been reaped,
+        // so the tracer collects the other threads first.
+        let leader = self.pid.leader();
+        self.threads.sort_by_key(|t| t.tid() == leader);
         for t in &mut self.threads {
             t.forget();
             if our_child && t.tid() == self.pid.leader() {

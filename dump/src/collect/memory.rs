@@ -1,0 +1,425 @@
+//! The address space: every VMA as CRIU's `vma_entry` (protection, `MAP_*` flags, status bits,
+//! madvise bits), guard regions as extra `VMA_AREA_GUARD` entries, and the page ranges that
+//! must be saved: present or swapped pages of private mappings that are neither the zero page
+//! nor still the file's own page (`PAGEMAP_SCAN`), plus the whole `[vdso]`.
+
+use images_format::pb::VmaEntry;
+use tracee::pagemap_scan::{PageCategories, Pagemap, ScanFlags, ScanRequest};
+use tracee::proc::smaps::{self, SmapsEntry};
+use tracee::{Pid, RemoteAddr, PAGE_SIZE};
+
+use super::CollectError;
+
+/// `VMA_AREA_*` and `VMA_*` status bits (CRIU's `criu/include/image.h`).
+pub mod status {
+    pub const REGULAR: u32 = 1 << 0;
+    pub const VSYSCALL: u32 = 1 << 2;
+    pub const VDSO: u32 = 1 << 3;
+    pub const HEAP: u32 = 1 << 5;
+    pub const FILE_PRIVATE: u32 = 1 << 6;
+    pub const FILE_SHARED: u32 = 1 << 7;
+    pub const ANON_SHARED: u32 = 1 << 8;
+    pub const ANON_PRIVATE: u32 = 1 << 9;
+    pub const VVAR: u32 = 1 << 12;
+    pub const GUARD: u32 = 1 << 16;
+}
+
+const MAP_SHARED: u32 = 0x01;
+const MAP_PRIVATE: u32 = 0x02;
+const MAP_DROPPABLE: u32 = 0x08;
+const MAP_ANONYMOUS: u32 = 0x20;
+const MAP_GROWSDOWN: u32 = 0x100;
+const MAP_LOCKED: u32 = 0x2000;
+const MAP_NORESERVE: u32 = 0x4000;
+const MAP_HUGETLB: u32 = 0x40000;
+
+const O_RDONLY: u32 = 0;
+const O_RDWR: u32 = 2;
+
+/// smaps `VmFlags` codes that become `MAP_*` flags of the mapping.
+const MMAP_CODES: [(&str, u32); 5] = [
+    ("gd", MAP_GROWSDOWN),
+    ("lo", MAP_LOCKED),
+    ("nr", MAP_NORESERVE),
+    ("ht", MAP_HUGETLB),
+    ("dp", MAP_DROPPABLE),
+];
+
+/// smaps `VmFlags` codes that record a `madvise()` advice, as `1 << MADV_*`.
+const MADV_CODES: [(&str, u32); 8] = [
+    ("sr", 2),  // MADV_SEQUENTIAL
+    ("rr", 1),  // MADV_RANDOM
+    ("dc", 10), // MADV_DONTFORK
+    ("dd", 16), // MADV_DONTDUMP
+    ("mg", 12), // MADV_MERGEABLE
+    ("hg", 14), // MADV_HUGEPAGE
+    ("nh", 15), // MADV_NOHUGEPAGE
+    ("wf", 18), // MADV_WIPEONFORK
+];
+
+/// A run of pages to save, in address order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    pub start: u64,
+    pub pages: u64,
+}
+
+impl PageRun {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.start + self.pages * PAGE_SIZE
+    }
+}
+
+/// A file some VMA maps, for `files.img` (the VMA's `shmid` names its file id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedFile {
+    /// Index into [`MemoryState::vmas`].
+    pub vma_index: usize,
+    /// The path the kernel shows.
+    pub path: String,
+    /// `/proc/PID/map_files/START-END`, which opens the very file even if renamed.
+    pub map_files: String,
+}
+
+/// The collected address space.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryState {
+    /// Every VMA in address order, then the guard regions.
+    pub vmas: Vec<VmaEntry>,
+    /// File-backed VMAs whose file must be described in `files.img`.
+    pub mapped_files: Vec<MappedFile>,
+    /// The pages to save.
+    pub pages: Vec<PageRun>,
+    /// Pages of the VMAs whose contents were looked at.
+    pub pages_scanned: u64,
+}
+
+/// How the contents of one VMA are saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contents {
+    /// Nothing: kernel-provided (`[vvar]`, `[vsyscall]`) or kept by a shared file.
+    None,
+    /// Pages that exist and differ from the file or zero page.
+    Scanned,
+    /// Every page (the `[vdso]`, which restore may need to compare).
+    Whole,
+}
+
+/// A VMA the dump cannot save faithfully yet.
+fn unsupported(pid: Pid, v: &SmapsEntry, why: &'static str) -> CollectError {
+    CollectError::UnsupportedVma {
+        pid,
+        start: v.vma.start,
+        end: v.vma.end,
+        path: v.vma.path.clone().unwrap_or_default(),
+        why,
+    }
+}
+
+/// Classifies one VMA the way CRIU's smaps parser does.
+fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, CollectError> {
+    let m = &v.vma;
+    // The kernel's own `[vvar]` pages are PFN mappings too; any other is a device's.
+    if !m.is_kernel_special() && (v.has_flag("io") || v.has_flag("pf")) {
+        return Err(unsupported(pid, v, "I/O or PFN mapping of a device"));
+    }
+    if v.has_flag("ht") {
+        return Err(unsupported(
+            pid,
+            v,
+            "hugetlb mappings are not supported yet",
+        ));
+    }
+    let mut flags = if m.perms.shared {
+        MAP_SHARED
+    } else {
+        MAP_PRIVATE
+    };
+    for (code, bit) in MMAP_CODES {
+        if v.has_flag(code) {
+            flags |= bit;
+        }
+    }
+    let madv = MADV_CODES
+        .iter()
+        .filter(|(code, _)| v.has_flag(code))
+        .fold(0u64, |acc, (_, bit)| acc | (1u64 << bit));
+    let mut entry = VmaEntry {
+        start: m.start.get(),
+        end: m.end.get(),
+        pgoff: m.pgoff,
+        shmid: 0,
+        prot: u32::try_from(m.perms.prot()).unwrap_or(0),
+        flags,
+        status: 0,
+        fd: -1,
+        madv: (madv != 0).then_some(madv),
+        fdflags: None,
+    };
+    let path = m.path.as_deref().unwrap_or("");
+    let contents = match m.special_name() {
+        Some("[uprobes]") => return Ok(None),
+        Some("[vsyscall]") => {
+            entry.status = status::VSYSCALL | status::ANON_PRIVATE;
+            Contents::None
+        }
+        Some("[vvar]" | "[vvar_vclock]") => {
+            entry.status = status::REGULAR | status::VVAR | status::ANON_PRIVATE;
+            Contents::None
+        }
+        Some("[vdso]") => {
+            entry.status = status::REGULAR | status::VDSO | status::ANON_PRIVATE;
+            Contents::Whole
+        }
+        Some("[heap]") => {
+            entry.status = status::REGULAR | status::HEAP | status::ANON_PRIVATE;
+            Contents::Scanned
+        }
+        _ if m.is_file() => {
+            if path.starts_with("/SYSV")
+                || path.starts_with("/memfd:")
+                || (path == "/dev/zero" && m.deleted)
+                || (m.perms.shared && m.dev_major == 0)
+            {
+                return Err(unsupported(
+                    pid,
+                    v,
+                    "shared memory mappings are not supported yet",
+                ));
+            }
+            if m.deleted && path.starts_with("/[aio]") {
+                return Err(unsupported(pid, v, "AIO rings are not supported yet"));
+            }
+            entry.status = status::REGULAR
+                | if m.perms.shared {
+                    status::FILE_SHARED
+                } else {
+                    status::FILE_PRIVATE
+                };
+            entry.fdflags = Some(if m.perms.shared && m.perms.write {
+                O_RDWR
+            } else {
+                O_RDONLY
+            });
+            if m.perms.shared {
+                Contents::None
+            } else {
+                Contents::Scanned
+            }
+        }
+        _ if m.perms.shared => {
+            return Err(unsupported(
+                pid,
+                v,
+                "shared anonymous memory is not supported yet",
+            ));
+        }
+        _ => {
+            // `[stack]`, `[anon:NAME]` and plain anonymous memory.
+            entry.status = status::REGULAR | status::ANON_PRIVATE;
+            Contents::Scanned
+        }
+    };
+    if entry.status & (status::ANON_PRIVATE | status::ANON_SHARED) != 0 {
+        entry.flags |= MAP_ANONYMOUS;
+    }
+    Ok(Some((entry, contents)))
+}
+
+/// Pages of `[start, end)` that exist only in this process: present or swapped, and neither
+/// the shared zero page, a file's own page, nor a guard marker (which sets the swap bit).
+fn private_pages_request(start: RemoteAddr, end: RemoteAddr) -> ScanRequest {
+    let not = PageCategories::PFNZERO | PageCategories::FILE | PageCategories::GUARD;
+    ScanRequest {
+        start,
+        end,
+        flags: ScanFlags::empty(),
+        inverted: not,
+        mask: not,
+        anyof_mask: PageCategories::PRESENT | PageCategories::SWAPPED,
+        return_mask: PageCategories::PRESENT | PageCategories::SWAPPED,
+        max_pages: 0,
+    }
+}
+
+fn guard_request(start: RemoteAddr, end: RemoteAddr) -> ScanRequest {
+    ScanRequest {
+        start,
+        end,
+        flags: ScanFlags::empty(),
+        inverted: PageCategories::empty(),
+        mask: PageCategories::GUARD,
+        anyof_mask: PageCategories::empty(),
+        return_mask: PageCategories::GUARD,
+        max_pages: 0,
+    }
+}
+
+fn push_run(pages: &mut Vec<PageRun>, start: u64, end: u64) {
+    let count = (end.saturating_sub(start)) / PAGE_SIZE;
+    if count == 0 {
+        return;
+    }
+    match pages.last_mut() {
+        Some(last) if last.end() == start => last.pages += count,
+        _ => pages.push(PageRun {
+            start,
+            pages: count,
+        }),
+    }
+}
+
+/// Collects the VMAs and the pages to save of a frozen process.
+#[tracing::instrument(skip_all, fields(pid = %pid))]
+pub fn collect(pid: Pid) -> Result<MemoryState, CollectError> {
+    let maps = smaps::read(pid).map_err(|source| CollectError::Proc {
+        pid,
+        what: "smaps",
+        source,
+    })?;
+    let pagemap = Pagemap::open(pid).map_err(|source| CollectError::Pagemap { pid, source })?;
+    let mut state = MemoryState::default();
+    let mut guards = Vec::new();
+    for v in &maps {
+        let Some((entry, contents)) = classify(pid, v)? else {
+            continue;
+        };
+        let (start, end) = (v.vma.start, v.vma.end);
+        match contents {
+            Contents::None => {}
+            Contents::Whole => {
+                state.pages_scanned += v.vma.len() / PAGE_SIZE;
+                push_run(&mut state.pages, start.get(), end.get());
+            }
+            Contents::Scanned => {
+                state.pages_scanned += v.vma.len() / PAGE_SIZE;
+                let regions = pagemap
+                    .scan(&private_pages_request(start, end))
+                    .map_err(|source| CollectError::Pagemap { pid, source })?;
+                for r in regions {
+                    push_run(&mut state.pages, r.start.get(), r.end.get());
+                }
+            }
+        }
+        // Guard markers only live in anonymous and private file VMAs.
+        if entry.status & status::REGULAR != 0 && entry.status & status::VVAR == 0 {
+            let found = pagemap
+                .scan(&guard_request(start, end))
+                .map_err(|source| CollectError::Pagemap { pid, source })?;
+            guards.extend(found.into_iter().map(|r| VmaEntry {
+                start: r.start.get(),
+                end: r.end.get(),
+                status: status::GUARD,
+                fd: -1,
+                ..VmaEntry::default()
+            }));
+        }
+        if entry.status & (status::FILE_PRIVATE | status::FILE_SHARED) != 0 {
+            state.mapped_files.push(MappedFile {
+                vma_index: state.vmas.len(),
+                path: v.vma.path.clone().unwrap_or_default(),
+                map_files: format!("/proc/{pid}/map_files/{:x}-{:x}", start.get(), end.get()),
+            });
+        }
+        tracing::debug!(
+            start = format_args!("{:#x}", entry.start),
+            end = format_args!("{:#x}", entry.end),
+            status = format_args!("{:#x}", entry.status),
+            path = v.vma.path.as_deref().unwrap_or(""),
+            "vma"
+        );
+        state.vmas.push(entry);
+    }
+    // CRIU lists guard regions after the real VMAs, as VMAs of their own.
+    state.vmas.extend(guards);
+    tracing::info!(
+        vmas = state.vmas.len(),
+        pages = state.pages.iter().map(|r| r.pages).sum::<u64>(),
+        scanned = state.pages_scanned,
+        "memory collected"
+    );
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_runs_merge() {
+        let mut pages = Vec::new();
+        push_run(&mut pages, 0x1000, 0x3000);
+        push_run(&mut pages, 0x3000, 0x4000);
+        push_run(&mut pages, 0x8000, 0x9000);
+        push_run(&mut pages, 0x9000, 0x9000);
+        assert_eq!(
+            pages,
+            vec![
+                PageRun {
+                    start: 0x1000,
+                    pages: 3
+                },
+                PageRun {
+                    start: 0x8000,
+                    pages: 1
+                }
+            ]
+        );
+    }
+
+    fn smaps_of(text: &str) -> SmapsEntry {
+        smaps::parse(text).unwrap().remove(0)
+    }
+
+    #[test]
+    fn classifies_like_criu() {
+        let pid = Pid::from_raw(1).unwrap();
+        let heap = smaps_of(
+            "55d0c000-55d2d000 rw-p 00000000 00:00 0                                  [heap]\n\
+             Size:                132 kB\nVmFlags: rd wr mr mw me ac \n",
+        );
+        let (e, c) = classify(pid, &heap).unwrap().unwrap();
+        assert_eq!(
+            e.status,
+            status::REGULAR | status::HEAP | status::ANON_PRIVATE
+        );
+        assert_eq!(e.flags, MAP_PRIVATE | MAP_ANONYMOUS);
+        assert_eq!(e.prot, 3);
+        assert_eq!(c, Contents::Scanned);
+
+        let stack = smaps_of(
+            "7ffc0000-7ffc2000 rw-p 00000000 00:00 0                          [stack]\n\
+             Size:                8 kB\nVmFlags: rd wr mr mw me gd ac hg dd \n",
+        );
+        let (e, _) = classify(pid, &stack).unwrap().unwrap();
+        assert_eq!(e.flags, MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN);
+        assert_eq!(e.madv, Some((1 << 14) | (1 << 16)));
+
+        let lib = smaps_of(
+            "7f00000000-7f00001000 r--p 00002000 08:01 1234   /usr/lib/libc.so.6\n\
+             Size:                4 kB\nVmFlags: rd mr mw me \n",
+        );
+        let (e, c) = classify(pid, &lib).unwrap().unwrap();
+        assert_eq!(e.status, status::REGULAR | status::FILE_PRIVATE);
+        assert_eq!(e.pgoff, 0x2000);
+        assert_eq!(e.fdflags, Some(O_RDONLY));
+        assert_eq!(c, Contents::Scanned);
+
+        let vvar = smaps_of(
+            "7f1000-7f2000 r--p 00000000 00:00 0    [vvar_vclock]\nVmFlags: rd mr pf io de dd \n",
+        );
+        let (e, c) = classify(pid, &vvar).unwrap().unwrap();
+        assert_eq!(
+            e.status,
+            status::REGULAR | status::VVAR | status::ANON_PRIVATE
+        );
+        assert_eq!(c, Contents::None);
+        let device =
+            smaps_of("7f1000-7f2000 rw-s 00000000 00:05 7    /dev/mem\nVmFlags: rd wr sh pf io \n");
+        assert!(
+            classify(pid, &device).is_err(),
+            "device mappings are refused"
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! Reading the whole state of a frozen process. Nothing here writes an image; the process is
+//! left exactly as it was (the scratch page used for injected syscalls is unmapped again).
+//! Everything a dump cannot save is found here, so an unsupported process fails before any
+//! image exists.
+
+mod files;
+mod inject;
+mod kobj;
+mod memory;
+mod signals;
+mod threads;
+
+use std::path::PathBuf;
+
+use images_format::pb::{
+    MmEntry, PstreeEntry, RlimitEntry, TaskCoreEntry, TaskKobjIdsEntry, TaskRlimitsEntry,
+};
+use images_format::xsave::XsaveError;
+use tracee::memory::MemoryError;
+use tracee::pagemap_scan::PagemapError;
+use tracee::pidfd::PidfdError;
+use tracee::proc::{self, ProcError};
+use tracee::{InjectError, Pid, PtraceError, RemoteAddr, SeizedProcess, TargetFd, Tid};
+
+use crate::fault::{self, FaultPoint, InjectedFault};
+use crate::DumpOptions;
+
+pub use files::{FilesState, Ghost};
+pub use memory::{MemoryState, PageRun};
+pub use threads::{SeccompTable, ThreadState};
+
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
+const PR_GET_THP_DISABLE: u64 = 42;
+const TASK_ALIVE: u32 = 1;
+const TASK_STOPPED: u32 = 3;
+/// `membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS)` (Linux 6.3+) lists the registered commands.
+const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
+/// `personality(0xffffffff)` reads the persona without changing it.
+const PERSONALITY_QUERY: u64 = 0xffff_ffff;
+/// Scratch offset for the leader's one-word answers (after the sigactions and timers).
+const OFF_LEADER_WORD: u64 = 64 * 32 + 64;
+
+/// Why the state of a process could not be read (or cannot be saved).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("dump: pid {pid} has no threads left")]
+    NoThreads { pid: Pid },
+    #[error(
+        "dump: pid {pid}: its main thread has exited while others run on; such a process \
+         cannot be dumped yet"
+    )]
+    ZombieLeader { pid: Pid },
+    #[error(
+        "dump: pid {pid} has child processes {children:?}: dumping a process tree is not \
+         supported yet (dump a process without children)"
+    )]
+    Children { pid: Pid, children: Vec<Pid> },
+    #[error("dump: pid {pid}: read /proc {what}")]
+    Proc {
+        pid: Pid,
+        what: &'static str,
+        #[source]
+        source: ProcError,
+    },
+    #[error("dump: tid {tid}: {what}")]
+    Ptrace {
+        tid: Tid,
+        what: &'static str,
+        #[source]
+        source: PtraceError,
+    },
+    #[error("dump: tid {tid}: injected {what}")]
+    Inject {
+        tid: Tid,
+        what: &'static str,
+        #[source]
+        source: InjectError,
+    },
+    #[error("dump: pid {pid}: {what}")]
+    Memory {
+        pid: Pid,
+        what: &'static str,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("dump: pid {pid}: scan the pagemap")]
+    Pagemap {
+        pid: Pid,
+        #[source]
+        source: PagemapError,
+    },
+    #[error("dump: tid {tid}: convert the xsave area")]
+    Xsave {
+        tid: Tid,
+        #[source]
+        source: XsaveError,
+    },
+    #[error("dump: pid {pid}: VMA {start}-{end} {path}: {why}")]
+    UnsupportedVma {
+        pid: Pid,
+        start: RemoteAddr,
+        end: RemoteAddr,
+        path: String,
+        why: &'static str,
+    },
+    #[error("dump: pid {pid}: fd {fd} is a {kind} ({target}), which cannot be dumped yet")]
+    UnsupportedFd {
+        pid: Pid,
+        fd: TargetFd,
+        kind: &'static str,
+        target: String,
+    },
+    #[error("dump: pid {pid}: fd {fd} is the terminal {path} (run with --shell-job)")]
+    Tty {
+        pid: Pid,
+        fd: TargetFd,
+        path: String,
+    },
+    #[error("dump: pid {pid}: stat {} (fd {fd:?})", path.display())]
+    Stat {
+        pid: Pid,
+        fd: Option<TargetFd>,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dump: pid {pid}: compare fd {fd} with the other fds")]
+    Kcmp {
+        pid: Pid,
+        fd: TargetFd,
+        #[source]
+        source: PidfdError,
+    },
+    #[error(transparent)]
+    Fault(#[from] InjectedFault),
+}
+
+/// Everything the images of one process hold, as plain data.
+#[derive(Debug, Clone)]
+pub struct ProcessState {
+    pub pid: Pid,
+    pub pstree: PstreeEntry,
+    /// Which kernel objects the process uses, for `ids-PID.img`.
+    pub ids: TaskKobjIdsEntry,
+    /// The same for ckpt-dump itself: `inventory.img` compares them to tell shared namespaces.
+    pub root_ids: TaskKobjIdsEntry,
+    /// Every thread, the leader first; the leader's core carries `tc`.
+    pub threads: Vec<ThreadState>,
+    pub mm: MmEntry,
+    pub pages: Vec<PageRun>,
+    pub pages_scanned: u64,
+    pub files: FilesState,
+    pub seccomp: SeccompTable,
+}
+
+/// All the state of every process of the tree (one process for now: a `pstree` of one).
+#[derive(Debug, Clone)]
+pub struct TreeState {
+    pub processes: Vec<ProcessState>,
+}
+
+fn proc_err(pid: Pid, what: &'static str) -> impl FnOnce(ProcError) -> CollectError {
+    move |source| CollectError::Proc { pid, what, source }
+}
+
+fn read_i32_file(pid: Pid, name: &'static str) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/{name}"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn rlimits(pid: Pid) -> Result<TaskRlimitsEntry, CollectError> {
+    let mut limits = proc::limits::read(pid).map_err(proc_err(pid, "limits"))?;
+    limits.sort_by_key(|l| l.resource);
+    Ok(TaskRlimitsEntry {
+        rlimits: limits
+            .iter()
+            .map(|l| RlimitEntry {
+                cur: l.soft,
+                max: l.hard,
+            })
+            .collect(),
+    })
+}
+
+/// Process-wide values only the process itself can tell, read through its leader.
+struct LeaderValues {
+    personality: u32,
+    brk: u64,
+    dumpable: i32,
+    thp_disabled: bool,
+    child_subreaper: bool,
+    membarrier: u32,
+}
+
+fn leader_values(
+    leader: &mut tracee::Tracee,
+    scratch: &inject::Scratch<'_>,
+) -> Result<LeaderValues, CollectError> {
+    let tid = leader.tid();
+    let personality = inject::syscall_u64(
+        leader,
+        "personality",
+        libc::SYS_personality,
+        [PERSONALITY_QUERY, 0, 0, 0, 0, 0],
+    )?;
+    let brk = inject::syscall_u64(leader, "brk", libc::SYS_brk, [0; 6])?;
+    let dumpable = inject::syscall(
+        leader,
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        [PR_GET_DUMPABLE, 0, 0, 0, 0, 0],
+    )?;
+    let thp = inject::syscall(
+        leader,
+        "prctl(PR_GET_THP_DISABLE)",
+        libc::SYS_prctl,
+        [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0],
+    )?;
+    scratch.clear(tid, OFF_LEADER_WORD, 4)?;
+    inject::syscall(
+        leader,
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        libc::SYS_prctl,
+        [
+            PR_GET_CHILD_SUBREAPER,
+            scratch.at(OFF_LEADER_WORD),
+            0,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    let subreaper = scratch.read_i32(tid, OFF_LEADER_WORD)?;
+    // Older kernels answer EINVAL: then nothing can have been registered that we could see.
+    let membarrier = match leader.syscall(
+        libc::SYS_membarrier,
+        [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0, 0, 0, 0],
+    ) {
+        Ok(mask) => mask,
+        Err(err) if err.errno().is_some() => 0,
+        Err(source) => {
+            return Err(CollectError::Inject {
+                tid,
+                what: "membarrier(GET_REGISTRATIONS)",
+                source,
+            })
+        }
+    };
+    Ok(LeaderValues {
+        personality: u32::try_from(personality).unwrap_or(0),
+        brk,
+        dumpable: i32::try_from(dumpable).unwrap_or(0),
+        thp_disabled: thp != 0,
+        child_subreaper: subreaper != 0,
+        membarrier: u32::try_from(membarrier).unwrap_or(0),
+    })
+}
+
+/// Pins ckpt-dump to the CPU the thread last ran on: an injected syscall then costs a few
+/// microseconds instead of a cross-CPU wakeup each way. Unpinned still works, only slower.
+fn pin_next_to(pid: Pid, tid: Tid) -> Option<tracee::cpu::CpuPin> {
+    tracee::cpu::CpuPin::next_to(pid, tid)
+        .map_err(|err| tracing::debug!(%tid, error = %err, "not pinned next to the thread"))
+        .ok()
+}
+
+/// Reads the whole state of the frozen process `tree`.
+#[tracing::instrument(skip_all, fields(pid = %tree.pid()))]
+pub fn process(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<TreeState, CollectError> {
+    let pid = tree.pid();
+    let children = proc::task::children(pid).map_err(proc_err(pid, "children"))?;
+    if !children.is_empty() {
+        return Err(CollectError::Children { pid, children });
+    }
+    let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
+    let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
+    // The memory and files of the process are only reachable through a live leader's /proc.
+    if status.state == 'Z' {
+        return Err(CollectError::ZombieLeader { pid });
+    }
+    let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
+    let stopped = leader.in_group_stop();
+    let stop_signo = match leader.stop_state() {
+        tracee::ptrace::StopState::Stopped { sig, .. } if stopped => u32::try_from(sig).ok(),
+        _ => None,
+    };
+    let leader_mask = leader
+        .get_sigmask()
+        .map_err(|source| CollectError::Ptrace {
+            tid: leader.tid(),
+            what: "read the signal mask",
+            source,
+        })?;
+    let shared_pending = leader
+        .peek_siginfo(true)
+        .map_err(|source| CollectError::Ptrace {
+            tid: leader.tid(),
+            what: "read shared pending signals",
+            source,
+        })?;
+
+    // Refuse what cannot be saved before spending any time on the rest.
+    files::precheck(pid, opts.shell_job)?;
+    // Memory first: the scratch page we map next must not show up in the dump.
+    let mut memory = memory::collect(pid)?;
+    let mut seccomp = SeccompTable::default();
+    let (mut threads, sigactions, timers, values) = inject::with_scratch(tree, |tree, scratch| {
+        let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
+        let pin = pin_next_to(pid, leader.tid());
+        let values = leader_values(leader, scratch)?;
+        fault::check(opts.fault, FaultPoint::AfterInject)?;
+        let sigactions = signals::sigactions(leader, scratch)?;
+        let timers = signals::timers(pid, leader, scratch)?;
+        drop(pin);
+        let mut threads = Vec::new();
+        for thread in tree.threads_mut() {
+            let _pin = pin_next_to(pid, thread.tid());
+            threads.push(threads::collect(thread, scratch, &mut seccomp)?);
+        }
+        Ok((threads, sigactions, timers, values))
+    })?;
+    let files = files::collect(
+        pid,
+        status.umask.unwrap_or(0o022),
+        &mut memory,
+        opts.shell_job,
+    )?;
+    let (ids, root_ids) = kobj::ids(pid)?;
+
+    let auxv = proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?;
+    let mm = MmEntry {
+        mm_start_code: stat.start_code,
+        mm_end_code: stat.end_code,
+        mm_start_data: stat.start_data,
+        mm_end_data: stat.end_data,
+        mm_start_stack: stat.start_stack,
+        mm_start_brk: stat.start_brk,
+        mm_brk: values.brk,
+        mm_arg_start: stat.arg_start,
+        mm_arg_end: stat.arg_end,
+        mm_env_start: stat.env_start,
+        mm_env_end: stat.env_end,
+        exe_file_id: files.exe_file_id,
+        mm_saved_auxv: auxv.iter().flat_map(|(k, v)| [*k, *v]).collect(),
+        vmas: memory.vmas.clone(),
+        dumpable: Some(values.dumpable),
+        aios: Vec::new(),
+        thp_disabled: Some(values.thp_disabled),
+    };
+    let tc = TaskCoreEntry {
+        task_state: if stopped { TASK_STOPPED } else { TASK_ALIVE },
+        exit_code: 0,
+        personality: values.personality,
+        flags: stat.flags,
+        blk_sigset: leader_mask.0,
+        comm: stat.comm.clone(),
+        timers: Some(timers),
+        rlimits: Some(rlimits(pid)?),
+        signals_s: Some(signals::signal_queue(&shared_pending)),
+        oom_score_adj: read_i32_file(pid, "oom_score_adj"),
+        sigactions,
+        child_subreaper: Some(values.child_subreaper),
+        // CRIU records the mask only when something is registered.
+        membarrier_registration_mask: (values.membarrier != 0).then_some(values.membarrier),
+        stop_signo,
+        ..TaskCoreEntry::default()
+    };
+    if let Some(leader) = threads.first_mut() {
+        leader.core.tc = Some(tc);
+    }
+    let pstree = PstreeEntry {
+        pid: u32::try_from(pid.as_raw()).unwrap_or(0),
+        // The root of the dumped tree has no parent in the images.
+        ppid: 0,
+        pgid: u32::try_from(stat.pgrp).unwrap_or(0),
+        sid: u32::try_from(stat.session).unwrap_or(0),
+        threads: threads
+            .iter()
+            .map(|t| u32::try_from(t.tid.as_raw()).unwrap_or(0))
+            .collect(),
+    };
+    Ok(TreeState {
+        processes: vec![ProcessState {
+            pid,
+            pstree,
+            ids,
+            root_ids,
+            threads,
+            mm,
+            pages: memory.pages,
+            pages_scanned: memory.pages_scanned,
+            files,
+            seccomp,
+        }],
+    })
+}

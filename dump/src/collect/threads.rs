@@ -1,0 +1,409 @@
+//! Per-thread state: registers, the xsave area component by component, signal mask and
+//! private pending signals, rseq, robust futex list, clear_child_tid, sigaltstack,
+//! scheduling, pdeath signal, credentials, seccomp filters and comm. Together they form the
+//! thread's `core-TID.img` (the leader's also carries the process-wide `tc`).
+
+use images_format::pb::{
+    self, CoreEntry, CredsEntry, RseqEntry, SeccompFilter as ImgSeccompFilter, ThreadCoreEntry,
+    ThreadInfoX86, ThreadSasEntry, UserX86RegsEntry,
+};
+use images_format::xsave::{fpregs_from_raw, XsaveLayout as ImgXsaveLayout};
+use tracee::proc::{stat, status};
+use tracee::{Regs, Tid, Tracee, XsaveLayout};
+
+use super::inject::{syscall, syscall_u64, Scratch};
+use super::signals::signal_queue;
+use super::CollectError;
+
+const PR_GET_PDEATHSIG: u64 = 2;
+const PR_GET_SECUREBITS: u64 = 27;
+const PR_GET_TID_ADDRESS: u64 = 40;
+const PRIO_PROCESS: u64 = 0;
+const SCHED_FIFO: u32 = 1;
+const SCHED_RR: u32 = 2;
+const SCHED_RESET_ON_FORK: u32 = 0x4000_0000;
+const SECCOMP_MODE_FILTER: u32 = 2;
+
+/// Scratch offsets used by the per-thread syscalls (the area is reused thread after thread).
+const OFF_SAS: u64 = 0;
+const OFF_TID_ADDRESS: u64 = 64;
+const OFF_PDEATHSIG: u64 = 72;
+const OFF_ROBUST_HEAD: u64 = 80;
+const OFF_ROBUST_LEN: u64 = 88;
+const OFF_SCHED_PARAM: u64 = 96;
+
+/// One thread's image: everything but the process-wide part of the core.
+#[derive(Debug, Clone)]
+pub struct ThreadState {
+    pub tid: Tid,
+    pub core: CoreEntry,
+}
+
+/// Every seccomp filter chain of the process, in `seccomp.img` order: each thread's chain
+/// from its oldest filter to its newest, `prev` pointing at the filter installed before.
+#[derive(Debug, Clone, Default)]
+pub struct SeccompTable {
+    pub filters: Vec<ImgSeccompFilter>,
+}
+
+/// CRIU's register message from ptrace's `user_regs_struct`.
+pub fn gpregs(regs: &Regs) -> UserX86RegsEntry {
+    UserX86RegsEntry {
+        r15: regs.r15,
+        r14: regs.r14,
+        r13: regs.r13,
+        r12: regs.r12,
+        bp: regs.rbp,
+        bx: regs.rbx,
+        r11: regs.r11,
+        r10: regs.r10,
+        r9: regs.r9,
+        r8: regs.r8,
+        ax: regs.rax,
+        cx: regs.rcx,
+        dx: regs.rdx,
+        si: regs.rsi,
+        di: regs.rdi,
+        orig_ax: regs.orig_rax,
+        ip: regs.rip,
+        cs: regs.cs,
+        flags: regs.eflags,
+        sp: regs.rsp,
+        ss: regs.ss,
+        fs_base: regs.fs_base,
+        gs_base: regs.gs_base,
+        ds: regs.ds,
+        es: regs.es,
+        fs: regs.fs,
+        gs: regs.gs,
+        mode: Some(pb::UserX86RegsMode::Native as i32),
+    }
+}
+
+/// Capability sets travel as two 32-bit words, low word first.
+fn cap_words(caps: u64) -> Vec<u32> {
+    vec![(caps & 0xffff_ffff) as u32, (caps >> 32) as u32]
+}
+
+/// Credentials of one thread from its `status` plus the securebits only it can tell.
+pub fn creds(st: &status::Status, secbits: u32) -> CredsEntry {
+    CredsEntry {
+        uid: st.uid[0],
+        euid: st.uid[1],
+        suid: st.uid[2],
+        fsuid: st.uid[3],
+        gid: st.gid[0],
+        egid: st.gid[1],
+        sgid: st.gid[2],
+        fsgid: st.gid[3],
+        cap_inh: cap_words(st.cap_inh),
+        cap_prm: cap_words(st.cap_prm),
+        cap_eff: cap_words(st.cap_eff),
+        cap_bnd: cap_words(st.cap_bnd),
+        cap_amb: cap_words(st.cap_amb),
+        secbits,
+        groups: st.groups.clone(),
+        no_new_privs: Some(u32::from(st.no_new_privs)),
+        ..CredsEntry::default()
+    }
+}
+
+/// The image's view of this CPU's xsave layout for the area the kernel gave.
+fn image_layout(raw_xcr0: Option<u64>) -> ImgXsaveLayout {
+    let xcr0 = raw_xcr0.unwrap_or_else(XsaveLayout::cpu_supported_mask);
+    let layout = XsaveLayout::for_xcr0(xcr0);
+    ImgXsaveLayout::new(
+        layout
+            .components
+            .iter()
+            .filter_map(|c| usize::try_from(c.offset).ok().map(|off| (c.index, off))),
+    )
+}
+
+fn ptrace_err(tid: Tid, what: &'static str) -> impl FnOnce(tracee::PtraceError) -> CollectError {
+    move |source| CollectError::Ptrace { tid, what, source }
+}
+
+fn sigaltstack(thread: &mut Tracee, scratch: &Scratch<'_>) -> Result<ThreadSasEntry, CollectError> {
+    let tid = thread.tid();
+    scratch.clear(tid, OFF_SAS, 24)?;
+    syscall(
+        thread,
+        "sigaltstack",
+        libc::SYS_sigaltstack,
+        [0, scratch.at(OFF_SAS), 0, 0, 0, 0],
+    )?;
+    // struct stack_t: void *ss_sp; int ss_flags; size_t ss_size.
+    let raw = scratch.read::<24>(tid, OFF_SAS)?;
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&raw[i..i + 8]);
+        u64::from_ne_bytes(b)
+    };
+    Ok(ThreadSasEntry {
+        ss_sp: word(0),
+        ss_flags: (word(8) & 0xffff_ffff) as u32,
+        ss_size: word(16),
+    })
+}
+
+fn sched(
+    thread: &mut Tracee,
+    scratch: &Scratch<'_>,
+    tc: &mut ThreadCoreEntry,
+) -> Result<(), CollectError> {
+    let tid = thread.tid();
+    let policy = syscall_u64(
+        thread,
+        "sched_getscheduler",
+        libc::SYS_sched_getscheduler,
+        [0; 6],
+    )?;
+    let policy = u32::try_from(policy).unwrap_or(0);
+    tc.sched_policy = Some(policy);
+    if matches!(policy & !SCHED_RESET_ON_FORK, SCHED_FIFO | SCHED_RR) {
+        scratch.clear(tid, OFF_SCHED_PARAM, 4)?;
+        syscall(
+            thread,
+            "sched_getparam",
+            libc::SYS_sched_getparam,
+            [0, scratch.at(OFF_SCHED_PARAM), 0, 0, 0, 0],
+        )?;
+        let prio = scratch.read_i32(tid, OFF_SCHED_PARAM)?;
+        tc.sched_prio = Some(u32::try_from(prio).unwrap_or(0));
+    }
+    // The raw syscall answers 20 - nice, so that success is never negative.
+    let raw = syscall(
+        thread,
+        "getpriority",
+        libc::SYS_getpriority,
+        [PRIO_PROCESS, 0, 0, 0, 0, 0],
+    )?;
+    tc.sched_nice = Some(20 - i32::try_from(raw).unwrap_or(20));
+    Ok(())
+}
+
+fn robust_list(thread: &mut Tracee, scratch: &Scratch<'_>) -> Result<(u64, u32), CollectError> {
+    let tid = thread.tid();
+    scratch.clear(tid, OFF_ROBUST_HEAD, 16)?;
+    syscall(
+        thread,
+        "get_robust_list",
+        libc::SYS_get_robust_list,
+        [
+            0,
+            scratch.at(OFF_ROBUST_HEAD),
+            scratch.at(OFF_ROBUST_LEN),
+            0,
+            0,
+            0,
+        ],
+    )?;
+    let head = scratch.read_u64(tid, OFF_ROBUST_HEAD)?;
+    let len = scratch.read_u64(tid, OFF_ROBUST_LEN)?;
+    Ok((head, u32::try_from(len).unwrap_or(u32::MAX)))
+}
+
+fn rseq(thread: &Tracee) -> Result<Option<RseqEntry>, CollectError> {
+    let tid = thread.tid();
+    let Some(config) = thread
+        .rseq_config()
+        .map_err(ptrace_err(tid, "read the rseq configuration"))?
+    else {
+        return Ok(None);
+    };
+    // A thread inside an rseq critical section has `rseq_cs` set (struct rseq, offset 8);
+    // restore needs it to decide where the thread resumes.
+    let mut cs = [0u8; 8];
+    let cs_addr = config.addr.saturating_add(8);
+    tracee::memory::read_remote(thread.pid(), cs_addr, &mut cs).map_err(|source| {
+        CollectError::Memory {
+            pid: thread.pid(),
+            what: "read the rseq area",
+            source,
+        }
+    })?;
+    Ok(Some(RseqEntry {
+        rseq_abi_pointer: config.addr.get(),
+        rseq_abi_size: config.len,
+        signature: config.sig,
+        rseq_cs_pointer: Some(u64::from_ne_bytes(cs)),
+    }))
+}
+
+fn seccomp(
+    thread: &Tracee,
+    st: &status::Status,
+    table: &mut SeccompTable,
+    tc: &mut ThreadCoreEntry,
+) -> Result<(), CollectError> {
+    if st.seccomp == 0 {
+        return Ok(());
+    }
+    tc.seccomp_mode = Some(i32::try_from(st.seccomp).unwrap_or(0));
+    if st.seccomp != SECCOMP_MODE_FILTER {
+        return Ok(());
+    }
+    let tid = thread.tid();
+    // ptrace lists the newest filter first; the image wants the oldest first.
+    let filters = thread
+        .seccomp_filters()
+        .map_err(ptrace_err(tid, "read seccomp filters"))?;
+    let mut newest = None;
+    for filter in filters.iter().rev() {
+        let index = u32::try_from(table.filters.len()).unwrap_or(u32::MAX);
+        table.filters.push(ImgSeccompFilter {
+            filter: filter.insns.clone(),
+            prev: newest,
+            flags: Some(u32::try_from(filter.flags).unwrap_or(0)),
+        });
+        newest = Some(index);
+    }
+    tc.seccomp_filter = newest;
+    Ok(())
+}
+
+/// Collects one stopped thread. `scratch` must be mapped in its process.
+#[tracing::instrument(skip_all, fields(tid = %thread.tid()))]
+pub fn collect(
+    thread: &mut Tracee,
+    scratch: &Scratch<'_>,
+    seccomp_table: &mut SeccompTable,
+) -> Result<ThreadState, CollectError> {
+    let tid = thread.tid();
+    let pid = thread.pid();
+    let regs = thread
+        .get_regs()
+        .map_err(ptrace_err(tid, "read registers"))?;
+    let xsave = thread
+        .get_xsave()
+        .map_err(ptrace_err(tid, "read the xsave area"))?;
+    let fpregs = fpregs_from_raw(xsave.as_bytes(), &image_layout(xsave.xcr0()))
+        .map_err(|source| CollectError::Xsave { tid, source })?;
+    let sigmask = thread
+        .get_sigmask()
+        .map_err(ptrace_err(tid, "read the signal mask"))?;
+    let pending = thread
+        .peek_siginfo(false)
+        .map_err(ptrace_err(tid, "read pending signals"))?;
+    let thread_status = status::read_thread(pid, tid).map_err(|source| CollectError::Proc {
+        pid,
+        what: "thread status",
+        source,
+    })?;
+    let thread_stat = stat::read_thread(pid, tid).map_err(|source| CollectError::Proc {
+        pid,
+        what: "thread stat",
+        source,
+    })?;
+
+    let mut tc = ThreadCoreEntry {
+        blk_sigset: Some(sigmask.0),
+        comm: Some(thread_stat.comm.clone()),
+        signals_p: Some(signal_queue(&pending)),
+        rseq_entry: rseq(thread)?,
+        ..ThreadCoreEntry::default()
+    };
+    let (head, len) = robust_list(thread, scratch)?;
+    tc.futex_rla = head;
+    tc.futex_rla_len = len;
+    sched(thread, scratch, &mut tc)?;
+    tc.sas = Some(sigaltstack(thread, scratch)?);
+    scratch.clear(tid, OFF_PDEATHSIG, 4)?;
+    syscall(
+        thread,
+        "prctl(PR_GET_PDEATHSIG)",
+        libc::SYS_prctl,
+        [PR_GET_PDEATHSIG, scratch.at(OFF_PDEATHSIG), 0, 0, 0, 0],
+    )?;
+    let pdeath = scratch.read_i32(tid, OFF_PDEATHSIG)?;
+    if pdeath != 0 {
+        tc.pdeath_sig = u32::try_from(pdeath).ok();
+    }
+    let secbits = syscall_u64(
+        thread,
+        "prctl(PR_GET_SECUREBITS)",
+        libc::SYS_prctl,
+        [PR_GET_SECUREBITS, 0, 0, 0, 0, 0],
+    )?;
+    tc.creds = Some(creds(&thread_status, u32::try_from(secbits).unwrap_or(0)));
+    seccomp(thread, &thread_status, seccomp_table, &mut tc)?;
+
+    scratch.clear(tid, OFF_TID_ADDRESS, 8)?;
+    syscall(
+        thread,
+        "prctl(PR_GET_TID_ADDRESS)",
+        libc::SYS_prctl,
+        [PR_GET_TID_ADDRESS, scratch.at(OFF_TID_ADDRESS), 0, 0, 0, 0],
+    )?;
+    let clear_tid_addr = scratch.read_u64(tid, OFF_TID_ADDRESS)?;
+
+    tracing::debug!(
+        rip = format_args!("{:#x}", regs.rip),
+        orig_rax = regs.orig_rax as i64,
+        rax = regs.rax as i64,
+        xsave_len = xsave.len(),
+        "thread collected"
+    );
+    Ok(ThreadState {
+        tid,
+        core: CoreEntry {
+            mtype: pb::core_entry::March::X8664 as i32,
+            thread_info: Some(ThreadInfoX86 {
+                clear_tid_addr,
+                gpregs: gpregs(&regs),
+                fpregs,
+                tls: Vec::new(),
+            }),
+            thread_core: Some(tc),
+            ..CoreEntry::default()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str =
+        "Name:\tbusy-work\nUmask:\t0027\nState:\tS (sleeping)\nTgid:\t42\nNgid:\t0\n\
+Pid:\t42\nPPid:\t1\nTracerPid:\t0\nUid:\t1000\t1001\t1002\t1003\nGid:\t2000\t2001\t2002\t2003\n\
+FDSize:\t64\nGroups:\t4 24 27 \nNStgid:\t42\nNSpid:\t42\nNSpgid:\t42\nNSsid:\t42\nThreads:\t1\n\
+SigQ:\t0/94546\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\nSigBlk:\t0000000000000000\n\
+SigIgn:\t0000000000001000\nSigCgt:\t0000000000000000\nCapInh:\t0000000000000000\n\
+CapPrm:\t000001fffeffffff\nCapEff:\t000001fffeffffff\nCapBnd:\t000001fffeffffff\n\
+CapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+
+    #[test]
+    fn creds_follow_status_order_and_split_caps() {
+        let st = status::parse(STATUS).unwrap();
+        let c = creds(&st, 0x2f);
+        assert_eq!((c.uid, c.euid, c.suid, c.fsuid), (1000, 1001, 1002, 1003));
+        assert_eq!((c.gid, c.egid, c.sgid, c.fsgid), (2000, 2001, 2002, 2003));
+        assert_eq!(c.cap_eff, vec![0xfeff_ffff, 0x1ff]);
+        assert_eq!(c.cap_inh, vec![0, 0]);
+        assert_eq!(c.groups, vec![4, 24, 27]);
+        assert_eq!(c.secbits, 0x2f);
+        assert_eq!(c.no_new_privs, Some(1));
+    }
+
+    #[test]
+    fn registers_keep_their_criu_names() {
+        let regs = Regs {
+            rip: 0x401000,
+            orig_rax: 230,
+            rax: (-516i64) as u64,
+            rbp: 7,
+            eflags: 0x246,
+            fs_base: 0x7f00_0000_1000,
+            ..Regs::default()
+        };
+        let r = gpregs(&regs);
+        assert_eq!(
+            (r.ip, r.orig_ax, r.ax, r.bp),
+            (0x401000, 230, (-516i64) as u64, 7)
+        );
+        assert_eq!((r.flags, r.fs_base), (0x246, 0x7f00_0000_1000));
+        assert_eq!(r.mode, Some(pb::UserX86RegsMode::Native as i32));
+    }
+}

@@ -1,0 +1,63 @@
+//! Letting go of the process once its images are safely written: kill it (default), resume it
+//! (`--leave-running`) or leave it in a group-stop (`--leave-stopped`). This is the only place
+//! a dump may kill the process.
+
+use tracee::{Errno, Pid, PtraceError, SeizedProcess};
+
+use crate::FinalState;
+
+/// The images are written, but the process could not be put in its final state.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("dump: kill pid {pid} after the dump")]
+    Kill {
+        pid: Pid,
+        #[source]
+        errno: Errno,
+    },
+    #[error("dump: resume pid {pid} after the dump")]
+    Resume {
+        pid: Pid,
+        #[source]
+        source: PtraceError,
+    },
+    #[error("dump: leave pid {pid} stopped after the dump")]
+    LeaveStopped {
+        pid: Pid,
+        #[source]
+        source: PtraceError,
+    },
+}
+
+/// SIGKILL, then let go of every thread. The death itself is left to the real parent to
+/// collect: waiting for a traced group leader before its other threads are reaped would
+/// never return.
+fn kill(tree: SeizedProcess) -> Result<(), ReleaseError> {
+    let pid = tree.pid();
+    let target = rustix::process::Pid::from_raw(pid.as_raw()).ok_or(ReleaseError::Kill {
+        pid,
+        errno: Errno::INVAL,
+    })?;
+    rustix::process::kill_process(target, rustix::process::Signal::KILL)
+        .map_err(|errno| ReleaseError::Kill { pid, errno })?;
+    // Threads already dying refuse the detach (ESRCH); that is the expected outcome.
+    if let Err(err) = tree.resume() {
+        tracing::debug!(error = %err, "detach after SIGKILL");
+    }
+    Ok(())
+}
+
+/// Puts the process in `state` and lets go of every thread.
+#[tracing::instrument(skip_all, fields(pid = %tree.pid(), ?state))]
+pub fn finish(tree: SeizedProcess, state: FinalState) -> Result<(), ReleaseError> {
+    let pid = tree.pid();
+    match state {
+        FinalState::Killed => kill(tree),
+        FinalState::Running => tree
+            .resume()
+            .map_err(|source| ReleaseError::Resume { pid, source }),
+        FinalState::Stopped => tree
+            .leave_stopped()
+            .map_err(|source| ReleaseError::LeaveStopped { pid, source }),
+    }
+}

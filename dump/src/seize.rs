@@ -1,0 +1,39 @@
+//! Freezing the process: every thread seized with `PTRACE_O_SUSPEND_SECCOMP` and interrupted,
+//! threads born during the freeze included. The result resumes the process when dropped.
+
+use tracee::{FreezeError, Pid, SeizeOptions, SeizedProcess};
+
+/// The process could not be frozen; nothing of it stays stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SeizeError {
+    #[error("dump: cannot dump pid {pid}: it is ckpt-dump itself")]
+    Ourselves { pid: Pid },
+    #[error("dump: pid {pid} is traced by pid {tracer} (a debugger?): detach it first")]
+    Traced { pid: Pid, tracer: i32 },
+    #[error("dump: freeze pid {pid}")]
+    Freeze {
+        pid: Pid,
+        #[source]
+        source: FreezeError,
+    },
+}
+
+/// Seizes and interrupts every thread of `pid` (see [`SeizedProcess::freeze`]).
+#[tracing::instrument(skip_all, fields(pid = %pid))]
+pub fn freeze_process(pid: Pid) -> Result<SeizedProcess, SeizeError> {
+    if u32::try_from(pid.as_raw()).ok() == Some(std::process::id()) {
+        return Err(SeizeError::Ourselves { pid });
+    }
+    // ptrace allows one tracer: say who holds the process rather than report EPERM.
+    if let Ok(status) = tracee::proc::status::read(pid) {
+        if status.tracer_pid != 0 {
+            return Err(SeizeError::Traced {
+                pid,
+                tracer: status.tracer_pid,
+            });
+        }
+    }
+    // Never EXITKILL: if ckpt-dump dies, the target must run on.
+    SeizedProcess::freeze(pid, SeizeOptions::DUMP)
+        .map_err(|source| SeizeError::Freeze { pid, source })
+}
