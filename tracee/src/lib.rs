@@ -51,6 +51,7 @@
 #![deny(unsafe_code)]
 
 pub mod cpu;
+pub mod dirty;
 mod freeze;
 pub mod ids;
 pub mod inject;
