@@ -1,1 +1,118 @@
-fn main() {}
+//! `ckpt-restore`: recreate a process from CRIU-format images.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use ckpt_restore::{restore, FillMethod, RestoreOptions, RestoreOutcome};
+use clap::Parser;
+
+/// Recreate a checkpointed process (CRIU image format) with its original PID.
+#[derive(Debug, Parser)]
+#[command(name = "ckpt-restore", version)]
+struct Cli {
+    /// Directory holding the images.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    images_dir: PathBuf,
+    /// Exit once the restored process runs instead of waiting for it.
+    #[arg(short = 'd', long = "restore-detached")]
+    detached: bool,
+    /// Write the PID of the restored root to this file.
+    #[arg(long = "pidfile", value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+    /// Log to this file instead of stderr.
+    #[arg(short = 'o', long = "log-file", value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Verbosity: 0 errors, 1 warnings, 2 info, 3 debug, 4 trace.
+    #[arg(short = 'v', value_name = "N", num_args = 0..=1, default_missing_value = "4", default_value = "2")]
+    verbosity: u8,
+    /// The process was a job of a shell: keep our session and process group.
+    #[arg(long = "shell-job", short = 'j')]
+    shell_job: bool,
+    /// Restore into a new pid namespace (the image's pids are free there).
+    #[arg(long = "new-pid-ns")]
+    new_pid_ns: bool,
+    /// Leave lazy pages missing: `ckpt-lazy-pages` fills them on demand.
+    #[arg(long = "lazy-pages")]
+    lazy_pages: bool,
+    /// Directory of `lazy-pages.socket` (default: the images directory).
+    #[arg(short = 'W', long = "work-dir", value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// How pages are written: parallel (default), preadv (by the target), writev or mem.
+    #[arg(
+        long = "fill-method",
+        value_name = "METHOD",
+        default_value = "preadv",
+        hide = true
+    )]
+    fill_method: String,
+}
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let level = match cli.verbosity {
+        0 => "error",
+        1 => "warn",
+        2 => "info",
+        3 => "debug",
+        _ => "trace",
+    };
+    // Our crates at the level asked for; libraries (goblin's ELF parser) only warn.
+    let filter = tracing_subscriber::EnvFilter::new(format!(
+        "warn,ckpt_restore={level},ckpt_restore_bin={level},tracee={level},images_format={level}"
+    ));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match &cli.log_file {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("create log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
+    init_logging(cli)?;
+    let fill = match cli.fill_method.as_str() {
+        "preadv" => FillMethod::Preadv,
+        "writev" => FillMethod::Writev,
+        "mem" => FillMethod::ProcMem,
+        "parallel" => FillMethod::Parallel,
+        other => anyhow::bail!("unknown --fill-method {other} (preadv, writev, mem or parallel)"),
+    };
+    let opts = RestoreOptions {
+        fill,
+        lazy_pages: cli.lazy_pages,
+        new_pid_ns: cli.new_pid_ns,
+        work_dir: cli.work_dir.clone(),
+        images_dir: cli.images_dir.clone(),
+        detached: cli.detached,
+        pidfile: cli.pidfile.clone(),
+        shell_job: cli.shell_job,
+    };
+    restore(&opts).with_context(|| format!("restore from {}", cli.images_dir.display()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(RestoreOutcome::Detached { .. }) => ExitCode::SUCCESS,
+        Ok(RestoreOutcome::Exited { code, .. }) => {
+            ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
+        }
+        Ok(RestoreOutcome::Killed { signal, .. }) => {
+            ExitCode::from(u8::try_from(128 + (signal & 0x7f)).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("ckpt-restore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

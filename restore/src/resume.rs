@@ -1,0 +1,99 @@
+//! The last step of each thread: every register, the signal mask, then detach.
+
+use images_format::xsave::{self, XsaveError};
+use tracee::{PtraceError, SigSet, Tid, Tracee, Xsave, XsaveLayout};
+
+use crate::plan::ThreadPlan;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("tid {tid}: {step}")]
+    Ptrace {
+        tid: Tid,
+        step: &'static str,
+        #[source]
+        source: PtraceError,
+    },
+    #[error("tid {tid}: the image's FPU state does not fit this CPU")]
+    Xsave {
+        tid: Tid,
+        #[source]
+        source: XsaveError,
+    },
+    #[error("tid {tid}: the image uses xsave components {missing:#x} this CPU does not have")]
+    MissingComponents { tid: Tid, missing: u64 },
+}
+
+/// The thread's xsave area with the image's FPU state in this CPU's layout.
+fn xsave_area(t: &Tracee, plan: &ThreadPlan) -> Result<Xsave, ResumeError> {
+    let tid = t.tid();
+    let current = t.get_xsave().map_err(|source| ResumeError::Ptrace {
+        tid,
+        step: "reading the xsave area",
+        source,
+    })?;
+    let xcr0 = current.xcr0().unwrap_or(0b11);
+    let cpu = XsaveLayout::for_xcr0(xcr0);
+    let layout = xsave::XsaveLayout::new(
+        cpu.components
+            .iter()
+            .map(|c| (c.index, usize::try_from(c.offset).unwrap_or(usize::MAX))),
+    );
+    if let Some(x) = plan.fpregs.xsave.as_ref() {
+        let missing = x.xstate_bv & !layout.feature_mask();
+        if missing != 0 {
+            return Err(ResumeError::MissingComponents { tid, missing });
+        }
+    }
+    let mut raw = current.into_bytes();
+    xsave::write_raw(&plan.fpregs, &layout, &mut raw)
+        .map_err(|source| ResumeError::Xsave { tid, source })?;
+    Ok(Xsave::from_bytes(raw))
+}
+
+/// Loads every register and the signal mask into the stopped thread.
+pub fn load_registers(t: &mut Tracee, plan: &ThreadPlan) -> Result<(), ResumeError> {
+    let tid = t.tid();
+    let xsave = xsave_area(t, plan)?;
+    t.set_xsave(&xsave).map_err(|source| ResumeError::Ptrace {
+        tid,
+        step: "setting the xsave area",
+        source,
+    })?;
+    t.set_regs(&plan.regs)
+        .map_err(|source| ResumeError::Ptrace {
+            tid,
+            step: "setting registers",
+            source,
+        })?;
+    t.set_sigmask(SigSet(plan.sigmask))
+        .map_err(|source| ResumeError::Ptrace {
+            tid,
+            step: "setting the signal mask",
+            source,
+        })?;
+    Ok(())
+}
+
+/// Lets the thread run.
+pub fn detach(t: Tracee) -> Result<(), ResumeError> {
+    let tid = t.tid();
+    t.detach().map_err(|source| ResumeError::Ptrace {
+        tid,
+        step: "detaching",
+        source,
+    })
+}
+
+/// Lets the process go into a group stop, as it was when dumped.
+pub fn detach_stopped(t: Tracee) -> Result<(), ResumeError> {
+    let tid = t.tid();
+    t.detach_with_signal(SIGSTOP)
+        .map_err(|source| ResumeError::Ptrace {
+            tid,
+            step: "detaching with SIGSTOP",
+            source,
+        })
+}
+
+const SIGSTOP: i32 = 19;

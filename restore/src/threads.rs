@@ -1,0 +1,292 @@
+//! Per-thread and process-wide kernel state set by injection: tid address, robust
+//! list, rseq, sigaltstack, name, scheduling, no_new_privs, seccomp; personality,
+//! rlimits, subreaper, oom_score_adj.
+
+use tracee::{Pid, SigSet, Tracee};
+
+use crate::memory::{libc_nr as nr, Helper};
+use crate::plan::{TaskPlan, ThreadPlan};
+use crate::remote::{self, word, RemoteError};
+
+const PR_SET_NAME: u64 = 15;
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
+const PR_SET_NO_NEW_PRIVS: u64 = 38;
+const SECCOMP_SET_MODE_FILTER: u64 = 1;
+const SS_ONSTACK: u32 = 1;
+const SS_DISABLE: u32 = 2;
+const SYS_SCHED_SETSCHEDULER: i64 = 144;
+const SYS_SETPRIORITY: i64 = 141;
+const SYS_PRLIMIT64: i64 = 302;
+const PRIO_PROCESS: u64 = 0;
+/// RLIM_INFINITY as the kernel stores it.
+const RLIM_INFINITY: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadStateError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("tid {tid}: setting the signal mask")]
+    Sigmask {
+        tid: tracee::Tid,
+        #[source]
+        source: tracee::PtraceError,
+    },
+    #[error("pid {pid}: writing oom_score_adj {value}")]
+    OomScoreAdj {
+        pid: Pid,
+        value: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Kernel pointers and settings private to one thread.
+///
+/// The dumped signal mask goes in first: every later injection puts back the mask it
+/// found, so pending signals queued below stay blocked exactly as they were.
+pub fn set_thread_state(
+    t: &mut Tracee,
+    helper: &Helper,
+    plan: &ThreadPlan,
+) -> Result<(), ThreadStateError> {
+    let pid = t.pid();
+    t.set_sigmask(SigSet(plan.sigmask))
+        .map_err(|source| ThreadStateError::Sigmask {
+            tid: t.tid(),
+            source,
+        })?;
+    remote::call(
+        t,
+        "set_tid_address",
+        nr::SET_TID_ADDRESS,
+        [plan.clear_tid_addr, 0, 0, 0, 0, 0],
+    )?;
+    if let Some((head, len)) = plan.robust_list {
+        remote::call(
+            t,
+            "set_robust_list",
+            nr::SET_ROBUST_LIST,
+            [head, u64::from(len), 0, 0, 0, 0],
+        )?;
+    }
+    if let Some(r) = &plan.rseq {
+        remote::call(
+            t,
+            format!("rseq register at {:#x}", r.rseq_abi_pointer),
+            nr::RSEQ,
+            [
+                r.rseq_abi_pointer,
+                u64::from(r.rseq_abi_size),
+                0,
+                u64::from(r.signature),
+                0,
+                0,
+            ],
+        )?;
+    }
+    // Always set: the child inherited our runtime's alternate stack, now unmapped, and a
+    // SA_ONSTACK handler would fault on it.
+    let (sp, flags, size) = match &plan.sigaltstack {
+        Some(sas) if sas.ss_flags & SS_DISABLE == 0 && sas.ss_size != 0 => {
+            (sas.ss_sp, sas.ss_flags & !SS_ONSTACK, sas.ss_size)
+        }
+        _ => (0, SS_DISABLE, 0),
+    };
+    let mut st = Vec::with_capacity(24);
+    st.extend_from_slice(&sp.to_ne_bytes());
+    // SS_ONSTACK is state, not a request: sigaltstack() refuses it.
+    st.extend_from_slice(&flags.to_ne_bytes());
+    st.extend_from_slice(&0u32.to_ne_bytes());
+    st.extend_from_slice(&size.to_ne_bytes());
+    helper.put(pid, &st, "pass a stack_t")?;
+    remote::call(
+        t,
+        "sigaltstack",
+        nr::SIGALTSTACK,
+        [helper.data(), 0, 0, 0, 0, 0],
+    )?;
+    if let Some(comm) = &plan.comm {
+        set_name(t, helper, comm)?;
+    }
+    if let Some(s) = &plan.sched {
+        helper.put(pid, &s.prio.to_ne_bytes(), "pass a sched_param")?;
+        remote::call(
+            t,
+            "sched_setscheduler",
+            SYS_SCHED_SETSCHEDULER,
+            [0, u64::from(s.policy), helper.data(), 0, 0, 0],
+        )?;
+        remote::call(
+            t,
+            "setpriority",
+            SYS_SETPRIORITY,
+            [PRIO_PROCESS, 0, word(i64::from(s.nice)), 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// `prctl(PR_SET_NAME)`: the kernel keeps 15 bytes.
+pub fn set_name(t: &mut Tracee, helper: &Helper, comm: &str) -> Result<(), ThreadStateError> {
+    let mut name: Vec<u8> = comm.as_bytes().iter().copied().take(15).collect();
+    name.push(0);
+    helper.put(t.pid(), &name, "pass the thread name")?;
+    remote::call(
+        t,
+        "prctl(PR_SET_NAME)",
+        nr::PRCTL,
+        [PR_SET_NAME, helper.data(), 0, 0, 0, 0],
+    )?;
+    Ok(())
+}
+
+/// no_new_privs and the seccomp filters, oldest first; injected syscalls bypass them
+/// (the tracee is attached with `PTRACE_O_SUSPEND_SECCOMP`).
+pub fn set_security(
+    t: &mut Tracee,
+    helper: &Helper,
+    plan: &ThreadPlan,
+) -> Result<(), ThreadStateError> {
+    let pid = t.pid();
+    let nnp = plan
+        .creds
+        .as_ref()
+        .and_then(|c| c.no_new_privs)
+        .unwrap_or(0)
+        != 0;
+    if nnp {
+        remote::call(
+            t,
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            nr::PRCTL,
+            [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0],
+        )?;
+    }
+    for (i, filter) in plan.seccomp.iter().enumerate() {
+        let insns = u16::try_from(filter.len() / 8).unwrap_or(u16::MAX);
+        let mut prog = Vec::with_capacity(16 + filter.len());
+        prog.extend_from_slice(&insns.to_ne_bytes());
+        prog.extend_from_slice(&[0u8; 6]);
+        prog.extend_from_slice(&(helper.data() + 16).to_ne_bytes());
+        prog.extend_from_slice(filter);
+        helper.put(pid, &prog, "pass a seccomp filter")?;
+        remote::call(
+            t,
+            format!("seccomp filter {i}"),
+            nr::SECCOMP,
+            [SECCOMP_SET_MODE_FILTER, 0, helper.data(), 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// Process-wide settings that only the process can make, through its leader.
+pub fn set_task_state(
+    t: &mut Tracee,
+    helper: &Helper,
+    task: &TaskPlan,
+) -> Result<Vec<String>, ThreadStateError> {
+    let pid = t.pid();
+    let mut warnings = Vec::new();
+    remote::call(
+        t,
+        "personality",
+        nr::PERSONALITY,
+        [u64::from(task.personality), 0, 0, 0, 0, 0],
+    )?;
+    for (resource, limit) in &task.rlimits {
+        let mut val = Vec::with_capacity(16);
+        val.extend_from_slice(&limit.cur.to_ne_bytes());
+        val.extend_from_slice(&limit.max.to_ne_bytes());
+        val.extend_from_slice(&[0u8; 16]);
+        helper.put(pid, &val, "pass an rlimit")?;
+        // Read ours first: a hard limit above it cannot be set without CAP_SYS_RESOURCE.
+        remote::call(
+            t,
+            format!("prlimit64({resource}) read"),
+            SYS_PRLIMIT64,
+            [0, u64::from(*resource), 0, helper.data() + 16, 0, 0],
+        )?;
+        let mut old = [0u8; 16];
+        remote::get(pid, helper.data() + 16, &mut old, "read an rlimit")?;
+        let mut hard = [0u8; 8];
+        hard.copy_from_slice(&old[8..16]);
+        let hard = u64::from_ne_bytes(hard);
+        if limit.max > hard && hard != RLIM_INFINITY {
+            warnings.push(format!(
+                "rlimit {resource}: hard limit {} cannot be raised above {hard} without CAP_SYS_RESOURCE; kept {hard}",
+                limit.max
+            ));
+            let cur = limit.cur.min(hard);
+            let mut capped = Vec::with_capacity(16);
+            capped.extend_from_slice(&cur.to_ne_bytes());
+            capped.extend_from_slice(&hard.to_ne_bytes());
+            helper.put(pid, &capped, "pass an rlimit")?;
+        }
+        remote::call(
+            t,
+            format!("prlimit64({resource})"),
+            SYS_PRLIMIT64,
+            [0, u64::from(*resource), helper.data(), 0, 0, 0],
+        )?;
+    }
+    if task.child_subreaper {
+        remote::call(
+            t,
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            nr::PRCTL,
+            [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0],
+        )?;
+    }
+    if let Some(value) = task.oom_score_adj {
+        let path = format!("/proc/{pid}/oom_score_adj");
+        if let Err(source) = std::fs::write(&path, value.to_string()) {
+            // Going below the current value needs CAP_SYS_RESOURCE, which we may lack.
+            if source.raw_os_error() == Some(13) {
+                warnings.push(format!(
+                    "oom_score_adj {value} needs CAP_SYS_RESOURCE; left as it is"
+                ));
+            } else {
+                return Err(ThreadStateError::OomScoreAdj { pid, value, source });
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateThreadError {
+    #[error("tid {tid} is not a valid thread id")]
+    BadTid { tid: i32 },
+    #[error("creating thread {tid}")]
+    Clone {
+        tid: i32,
+        #[source]
+        source: tracee::InjectError,
+    },
+}
+
+/// Creates thread `plan.tid` by an injected `clone3` in the leader. The thread is
+/// caught at its clone event before it runs; its registers are set at resume, so the
+/// stack given to the kernel is only a placeholder (the helper's data pages).
+pub fn create_thread(
+    leader: &mut Tracee,
+    helper: &Helper,
+    plan: &ThreadPlan,
+) -> Result<Tracee, CreateThreadError> {
+    use tracee::spawn::{CloneFlags, ThreadCloneRequest};
+    let tid = tracee::Tid::from_raw(plan.tid).ok_or(CreateThreadError::BadTid { tid: plan.tid })?;
+    let req = ThreadCloneRequest {
+        tid,
+        flags: CloneFlags::THREAD_DEFAULT,
+        stack: tracee::RemoteAddr(helper.data()),
+        stack_size: crate::plan::PAGE_SIZE,
+        args_addr: tracee::RemoteAddr(helper.data()),
+    };
+    leader
+        .inject_clone3_thread(&req)
+        .map_err(|source| CreateThreadError::Clone {
+            tid: plan.tid,
+            source,
+        })
+}
