@@ -31,23 +31,61 @@
 //! seccomp.img          each thread's filters, oldest first; prev = the older filter's index,
 //!                      thread_core.seccomp_filter = index of the thread's newest
 //! timens-0.img         CLOCK_MONOTONIC and CLOCK_BOOTTIME at dump time
-//! stats-dump           freezing/frozen/memdump/memwrite (µs) and page counts
+//! stats-dump           freezing/frozen/memdump/memwrite (µs) and page counts (scanned,
+//!                      written, skipped as in the parent, lazy)
+//! parent               symlink to --prev-images-dir, as given
 //! ```
+//!
+//! Pre-copy ([`DumpMode::PreDump`], `--pre-dump`): the process is frozen only while its VMA
+//! list is read and dirty tracking is armed or scanned (the scan re-protects the pages it
+//! reports, atomically); then it runs again and its pages are read with `process_vm_readv`
+//! and written (`inventory.img` with `pre_dump_mode`, `pagemap-PID.img`, `pages-1.img`). A page
+//! written after the scan is caught by the next round. With `--track-mem` the tracking
+//! (`tracee::dirty`) is kept by its holder process between rounds; a later round, or the final
+//! dump, with `--prev-images-dir` saves only the pages written since and marks every other
+//! present page of a VMA tracked the whole interval `PE_PARENT` ([`pages::plan`]). Nothing
+//! unproven is ever `PE_PARENT`: an untracked, new or changed VMA, lost tracking, a parent
+//! the destination lacks, or no `--track-mem` all mean a full dump. The final dump, a failed
+//! one, and `--leave-running` without `--track-mem` release the tracking (after the process
+//! is let go: unregistering is slow and need not be frozen time).
+//!
+//! Pages that `PAGEMAP_SCAN` calls swapped but that are only the pte markers of write
+//! protection (never populated) are not pages: they are left out ([`collect`]). A pre-dump
+//! reads the VMA list from `/proc/PID/maps` (it writes no `mm` image); the final dump of a
+//! pre-copy reads `smaps` before the freeze and keeps it if the VMAs are unchanged
+//! ([`collect::VmaSource`]). Runs of pages never span VMAs, so that a VMA the running
+//! process unmaps during a pre-dump costs only its own pages, which are left out (the next
+//! round sees that VMA as new and saves it whole).
+//!
+//! Page server (`--page-server --address A --port P`): the pagemaps and pages go to
+//! `ckpt-page-server` instead of the directory (every other image stays local). It is
+//! connected before the process is frozen; if it cannot be reached or the connection
+//! drops, the dump fails and the process runs on as before.
+//!
+//! Post-copy ([`DumpMode::Lazy`], `--lazy-pages`): see [`lazy`].
 #![forbid(unsafe_code)]
 
 pub mod collect;
 mod direct;
 pub mod fault;
 mod ids;
+pub mod lazy;
+pub mod pages;
 pub mod release;
 pub mod seize;
+pub mod track;
 pub mod write;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use ckpt_page_server::{ClientError, PageServerClient, PagemapId};
 pub use fault::{FaultPoint, InjectedFault};
 use tracee::Pid;
+
+use crate::pages::VmaPolicy;
+use crate::write::PagesTo;
 
 /// What happens to the process once its images are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,6 +97,19 @@ pub enum FinalState {
     Running,
     /// Left stopped, as by SIGSTOP (`--leave-stopped`).
     Stopped,
+}
+
+/// What kind of dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DumpMode {
+    /// Every image (`ckpt-dump`).
+    #[default]
+    Full,
+    /// Only memory, read while the process runs (`--pre-dump`).
+    PreDump,
+    /// Every image but the pages of private anonymous memory, which the frozen source then
+    /// serves to the lazy-pages daemon of the destination (`--lazy-pages`).
+    Lazy,
 }
 
 /// A dump request: the binary's flags as plain data.
@@ -74,6 +125,41 @@ pub struct DumpOptions {
     pub shell_job: bool,
     /// A step to fail on purpose (`CKPT_FAULT`).
     pub fault: Option<FaultPoint>,
+    /// Full dump, pre-dump or lazy dump.
+    pub mode: DumpMode,
+    /// The previous (pre-)dump's directory (`--prev-images-dir`), linked as `parent`.
+    pub prev_images_dir: Option<PathBuf>,
+    /// Keep dirty tracking between rounds and use it (`--track-mem`).
+    pub track_mem: bool,
+    /// Send the pages to this page server (`--page-server --address --port`).
+    pub page_server: Option<SocketAddr>,
+    /// Lazy dump: where to listen for the lazy-pages daemon (`--address --port`).
+    pub lazy_listen: Option<SocketAddr>,
+    /// Lazy dump: how long to wait for the daemon to connect before resuming the source.
+    pub lazy_connect_timeout: Duration,
+    /// Lazy dump: how long to wait for the daemon to reconnect after the link is lost once
+    /// the destination runs, before the source is killed.
+    pub lazy_reconnect_window: Duration,
+}
+
+impl DumpOptions {
+    /// A full dump of `pid` into `images_dir`, killing the process afterwards.
+    pub fn new(pid: i32, images_dir: impl Into<PathBuf>) -> DumpOptions {
+        DumpOptions {
+            pid,
+            images_dir: images_dir.into(),
+            final_state: FinalState::Killed,
+            shell_job: false,
+            fault: None,
+            mode: DumpMode::Full,
+            prev_images_dir: None,
+            track_mem: false,
+            page_server: None,
+            lazy_listen: None,
+            lazy_connect_timeout: Duration::from_secs(300),
+            lazy_reconnect_window: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Timings (µs) and page counts of a dump, as CRIU's `stats-dump` holds them.
@@ -89,10 +175,12 @@ pub struct DumpStats {
     pub memwrite_time_us: u32,
     /// Pages of every dumpable VMA that were looked at.
     pub pages_scanned: u64,
-    /// Pages left to a parent image (none yet: no pre-dump).
+    /// Pages left to a parent image (`PE_PARENT`).
     pub pages_skipped_parent: u64,
-    /// Pages written into `pages-N.img`.
+    /// Pages written into `pages-N.img` (or sent to the page server).
     pub pages_written: u64,
+    /// Pages left to the lazy restore (`PE_LAZY`).
+    pub pages_lazy: u64,
 }
 
 /// Why a dump failed. Every variant wraps the error of one step.
@@ -110,6 +198,18 @@ pub enum DumpError {
     Release(#[from] release::ReleaseError),
     #[error(transparent)]
     Fault(#[from] InjectedFault),
+    #[error(transparent)]
+    Track(#[from] track::TrackError),
+    #[error(transparent)]
+    Lazy(#[from] lazy::LazyError),
+    #[error("dump: the page server at {addr}")]
+    PageServer {
+        addr: SocketAddr,
+        #[source]
+        source: ClientError,
+    },
+    #[error("dump: {mode:?} needs {what}")]
+    Options { mode: DumpMode, what: &'static str },
 }
 
 /// Keeps the usual terminating signals (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) pending while a
@@ -158,12 +258,183 @@ fn micros(since: Instant) -> u32 {
     u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
 
-/// Dumps one process (all of its threads) into `opts.images_dir`.
-#[tracing::instrument(skip_all, fields(pid = opts.pid))]
+fn connect_page_server(opts: &DumpOptions) -> Result<Option<PageServerClient>, DumpError> {
+    let Some(addr) = opts.page_server else {
+        return Ok(None);
+    };
+    PageServerClient::connect(addr)
+        .map(Some)
+        .map_err(|source| DumpError::PageServer { addr, source })
+}
+
+/// Whether the destination holds the parent pagemap of `pid`: without it nothing may be
+/// `PE_PARENT`.
+fn destination_has_parent(
+    opts: &DumpOptions,
+    pid: Pid,
+    client: Option<&mut PageServerClient>,
+) -> Result<bool, DumpError> {
+    let Some(parent) = &opts.prev_images_dir else {
+        return Ok(false);
+    };
+    let id = u64::try_from(pid.as_raw()).unwrap_or(0);
+    match (client, opts.page_server) {
+        (Some(client), Some(addr)) => client
+            .parent_has(PagemapId::process(id))
+            .map_err(|source| DumpError::PageServer { addr, source }),
+        _ => {
+            // A relative parent is relative to the image directory, as the link will be;
+            // that directory may not exist yet, so `..` is resolved by hand then.
+            let dir = if opts.images_dir.is_dir() {
+                opts.images_dir.join(parent)
+            } else {
+                lexical_join(&opts.images_dir, parent)
+            };
+            Ok(images_format::ImageDir::new(&dir)
+                .map(|d| d.exists(images_format::ImageKind::Pagemap, id))
+                .unwrap_or(false))
+        }
+    }
+}
+
+/// `base/rel` with `.` and `..` taken away without asking the filesystem.
+fn lexical_join(base: &std::path::Path, rel: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in base.components().chain(rel.components()) {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn close_page_server(
+    client: Option<PageServerClient>,
+    opts: &DumpOptions,
+) -> Result<(), DumpError> {
+    match (client, opts.page_server) {
+        (Some(client), Some(addr)) => client
+            .close()
+            .map_err(|source| DumpError::PageServer { addr, source }),
+        _ => Ok(()),
+    }
+}
+
+/// Dumps one process according to `opts.mode`.
+/// A failed dump also ends the dirty tracking of earlier rounds: the process runs on exactly
+/// as before, without write protection.
 pub fn dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
+    let result = match opts.mode {
+        DumpMode::PreDump => predump(opts),
+        DumpMode::Full | DumpMode::Lazy => full_dump(opts),
+    };
+    if result.is_err() && opts.track_mem {
+        if let Some(pid) = Pid::from_raw(opts.pid) {
+            track::release_held(pid);
+        }
+    }
+    result
+}
+
+/// One pre-copy round: memory only, read while the process runs.
+#[tracing::instrument(skip_all, fields(pid = opts.pid))]
+fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
+    let pid = Pid::from_raw(opts.pid).ok_or(DumpError::BadPid(opts.pid))?;
+    let _shield = SignalShield::raise();
+    // Before the freeze: an unreachable page server must cost the process nothing.
+    let mut client = connect_page_server(opts)?;
+    // Asked before the freeze: a round trip to the page server is not the process's time.
+    let parent = destination_has_parent(opts, pid, client.as_mut())?;
+    let freeze_start = Instant::now();
+    let mut tree = seize::freeze_process(pid)?;
+    let mut stats = DumpStats {
+        freezing_time_us: micros(freeze_start),
+        ..DumpStats::default()
+    };
+    let frozen_since = Instant::now();
+    tracing::debug!(us = stats.freezing_time_us, "frozen");
+    fault::check(opts.fault, FaultPoint::AfterFreeze)?;
+    let memory = collect::memory(pid)?;
+    stats.pages_scanned = memory.pages_scanned;
+    let mut tracking = track::Tracking::start(&mut tree, opts)?;
+    let set = tracking.collect(&memory.maps)?;
+    let policies = track::policies(&memory.vmas, set.as_ref(), parent, None);
+    let plan = pages::plan(&memory.pages, &policies);
+    // The pages are read while it runs: anything written from now on is in the next round.
+    tree.resume()
+        .map_err(|source| DumpError::Release(release::ReleaseError::Resume { pid, source }))?;
+    stats.frozen_time_us = micros(frozen_since);
+    tracing::info!(us = stats.frozen_time_us, "frozen for the pre-dump");
+    let mut to = match client.as_mut() {
+        Some(c) => PagesTo::Server(c),
+        None => PagesTo::Local,
+    };
+    let images = write::predump_images(pid, &plan, opts, &mut to, &mut stats)?;
+    close_page_server(client, opts)?;
+    tracking.finish(opts, false)?;
+    images.commit(&stats)?;
+    tracing::info!(
+        written = stats.pages_written,
+        parent = stats.pages_skipped_parent,
+        "pre-dump finished"
+    );
+    Ok(stats)
+}
+
+/// Per VMA, how its pages are saved in a full or lazy dump.
+fn full_policies(
+    state: &collect::TreeState,
+    opts: &DumpOptions,
+    set: Option<&tracee::dirty::DirtySet>,
+    parent: bool,
+    vmas: &[images_format::pb::VmaEntry],
+) -> Vec<VmaPolicy> {
+    let lazy_keep = (opts.mode == DumpMode::Lazy).then(|| {
+        // The pages under every thread's stack pointer stay present, as CRIU keeps stacks.
+        state
+            .processes
+            .iter()
+            .flat_map(|p| &p.threads)
+            .filter_map(|t| t.core.thread_info.as_ref().map(|ti| ti.gpregs.sp))
+            .collect::<Vec<u64>>()
+    });
+    track::policies(vmas, set, parent, lazy_keep.as_deref())
+}
+
+/// A full dump (or the frozen part of a lazy one) of one process, all of its threads.
+#[tracing::instrument(skip_all, fields(pid = opts.pid))]
+fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let pid = Pid::from_raw(opts.pid).ok_or(DumpError::BadPid(opts.pid))?;
     // Declared before `tree`, so dropped after it: signals wait until the target is let go.
     let _shield = SignalShield::raise();
+    let mut client = connect_page_server(opts)?;
+    // Asked before the freeze: a round trip to the page server is not the process's time.
+    let parent = destination_has_parent(opts, pid, client.as_mut())?;
+    let listener = match opts.mode {
+        DumpMode::Lazy => {
+            let addr = opts.lazy_listen.ok_or(DumpError::Options {
+                mode: opts.mode,
+                what: "--address and --port to serve the pages at",
+            })?;
+            Some(lazy::listen(addr)?)
+        }
+        _ => None,
+    };
+    // The final dump of a pre-copy is the one whose frozen time counts: smaps' page walk
+    // (~20 ms/GiB) is done before the freeze, and kept if the VMAs stay the same.
+    let vma_source = match &opts.prev_images_dir {
+        Some(_) => tracee::proc::smaps::read(pid)
+            .map(collect::VmaSource::SmapsIfUnchanged)
+            .unwrap_or(collect::VmaSource::Smaps),
+        None => collect::VmaSource::Smaps,
+    };
     let freeze_start = Instant::now();
     // Every thread is stopped from here; dropping `tree` resumes them untouched.
     let mut tree = seize::freeze_process(pid)?;
@@ -180,18 +451,56 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     fault::check(opts.fault, FaultPoint::AfterFreeze)?;
 
     let collect_start = Instant::now();
-    let state = collect::process(&mut tree, opts)?;
+    let mut state = collect::process_with(&mut tree, opts, vma_source)?;
     tracing::info!(us = micros(collect_start), "collected");
+    // After the collect: arming injects a userfaultfd that must not be seen among the fds.
+    let mut tracking = track::Tracking::start(&mut tree, opts)?;
+    let (maps, vmas) = match state.processes.first() {
+        Some(p) => (p.maps.clone(), p.mm.vmas.clone()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let set = tracking.collect(&maps)?;
+    let policies = full_policies(&state, opts, set.as_ref(), parent, &vmas);
+    for process in &mut state.processes {
+        process.plan = pages::plan(&process.pages, &policies);
+    }
     // Images are written while the process is still frozen: pages are read as they stream.
     let write_start = Instant::now();
-    let images = write::images(&state, opts, &mut stats)?;
+    let mut to = match client.as_mut() {
+        Some(c) => PagesTo::Server(c),
+        None => PagesTo::Local,
+    };
+    let images = write::images(&state, opts, &mut to, &mut stats)?;
     tracing::info!(
         us = micros(write_start),
         pages = stats.pages_written,
+        parent = stats.pages_skipped_parent,
+        lazy = stats.pages_lazy,
         "written"
     );
+    close_page_server(client, opts)?;
+    if let Some(listener) = listener {
+        tracking.finish(opts, true)?;
+        stats.frozen_time_us = micros(frozen_since);
+        images.commit(&stats)?;
+        let ranges = state
+            .processes
+            .first()
+            .map(|p| lazy::lazy_ranges(&p.plan))
+            .unwrap_or_default();
+        let outcome = lazy::serve(tree, listener, ranges, opts)?;
+        tracing::info!(?outcome, "lazy pages served; the source is gone");
+        return Ok(stats);
+    }
     release::finish(tree, opts.final_state)?;
     stats.frozen_time_us = micros(frozen_since);
     images.commit(&stats)?;
+    // After the release: unregistering 1 GiB of write protection takes tens of ms that the
+    // process need not spend frozen (or is not there any more to spend). The images are
+    // complete, so a failure here is only reported.
+    let release_tracking = opts.final_state != FinalState::Running || !opts.track_mem;
+    if let Err(err) = tracking.finish(opts, release_tracking) {
+        tracing::warn!(error = %err, "dump written, but dirty tracking was not finished cleanly");
+    }
     Ok(stats)
 }

@@ -1,11 +1,13 @@
 //! `ckpt-dump`: freeze a process, write it as CRIU-format images, then kill it or let it run.
 #![forbid(unsafe_code)]
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
-use ckpt_dump::{DumpOptions, FaultPoint, FinalState};
+use anyhow::{bail, Context};
+use ckpt_dump::{DumpMode, DumpOptions, FaultPoint, FinalState};
 use clap::Parser;
 
 /// Checkpoint a running process into an image directory (CRIU's format).
@@ -36,6 +38,45 @@ struct Cli {
     /// Allow the process to use the controlling terminal of its session.
     #[arg(short = 'j', long = "shell-job")]
     shell_job: bool,
+    /// Pre-copy round: write only memory, read while the process runs on.
+    #[arg(long = "pre-dump", conflicts_with_all = ["lazy_pages", "leave_stopped"])]
+    pre_dump: bool,
+    /// Track the pages written from now on, for the next round (kept between runs).
+    #[arg(long = "track-mem")]
+    track_mem: bool,
+    /// The previous round's image directory (relative paths are relative to -D); becomes
+    /// the `parent` link, and pages unchanged since then refer to it.
+    #[arg(long = "prev-images-dir", value_name = "DIR")]
+    prev_images_dir: Option<PathBuf>,
+    /// Send the pages to the page server at --address:--port instead of -D.
+    #[arg(long = "page-server", requires = "port")]
+    page_server: bool,
+    /// Post-copy: leave private anonymous pages lazy and serve them, frozen, to the
+    /// lazy-pages daemon that connects to --address:--port.
+    #[arg(long = "lazy-pages", requires = "port", conflicts_with = "page_server")]
+    lazy_pages: bool,
+    /// Address of the page server, or to serve lazy pages on (default: 0.0.0.0 to serve,
+    /// required to send).
+    #[arg(long, value_name = "ADDR")]
+    address: Option<IpAddr>,
+    /// Port of the page server, or to serve lazy pages on.
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Lazy pages: seconds to wait for the daemon before resuming the source.
+    #[arg(
+        long = "lazy-connect-timeout",
+        value_name = "SECS",
+        default_value_t = 300
+    )]
+    lazy_connect_timeout: u64,
+    /// Lazy pages: seconds to wait for the daemon to reconnect once the destination runs,
+    /// before the source is killed.
+    #[arg(
+        long = "lazy-reconnect-window",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
+    lazy_reconnect_window: u64,
 }
 
 /// `-vN` sets the level; `-v`, `-vv`... raise the default of 2 by one per `v`.
@@ -93,17 +134,43 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     } else {
         FinalState::Killed
     };
-    let opts = DumpOptions {
-        pid: cli.tree,
-        images_dir: cli.images_dir.clone(),
-        final_state,
-        shell_job: cli.shell_job,
-        fault: FaultPoint::from_env()?,
+    let mode = if cli.pre_dump {
+        DumpMode::PreDump
+    } else if cli.lazy_pages {
+        DumpMode::Lazy
+    } else {
+        DumpMode::Full
     };
+    let page_server = match (cli.page_server, cli.address, cli.port) {
+        (false, _, _) => None,
+        (true, Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
+        (true, None, _) => bail!("--page-server needs --address (pages go only where named)"),
+        (true, _, None) => bail!("--page-server needs --port"),
+    };
+    let lazy_listen = match (cli.lazy_pages, cli.port) {
+        (true, Some(port)) => Some(SocketAddr::new(
+            cli.address.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port,
+        )),
+        _ => None,
+    };
+    let mut opts = DumpOptions::new(cli.tree, cli.images_dir.clone());
+    opts.final_state = final_state;
+    opts.shell_job = cli.shell_job;
+    opts.fault = FaultPoint::from_env()?;
+    opts.mode = mode;
+    opts.prev_images_dir = cli.prev_images_dir.clone();
+    opts.track_mem = cli.track_mem;
+    opts.page_server = page_server;
+    opts.lazy_listen = lazy_listen;
+    opts.lazy_connect_timeout = Duration::from_secs(cli.lazy_connect_timeout);
+    opts.lazy_reconnect_window = Duration::from_secs(cli.lazy_reconnect_window);
     let stats = ckpt_dump::dump(&opts).with_context(|| format!("dump of pid {}", cli.tree))?;
     tracing::info!(
         frozen_us = stats.frozen_time_us,
         pages_written = stats.pages_written,
+        pages_parent = stats.pages_skipped_parent,
+        pages_lazy = stats.pages_lazy,
         "dump finished"
     );
     Ok(())

@@ -1,31 +1,30 @@
 //! Writing the collected state as an image directory. Nothing here uses ptrace: page contents
-//! are read with `process_vm_readv` while they stream into `pages-N.img` (a reader thread
-//! fills 4 MiB buffers while this thread writes the previous one). Every file is synced
-//! before the process may be killed. If anything fails, the files this dump created are
-//! removed again ([`WrittenImages`] does it when dropped).
+//! are read with `process_vm_readv` while they stream into `pages-N.img` or to a page server
+//! ([`crate::pages::stream`]). Every file is synced before the process may be killed. If
+//! anything fails, the files this dump created are removed again ([`WrittenImages`] does it
+//! when dropped).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use ckpt_page_server::{ClientError, PageServerClient, PagemapId};
 use images_format::pb::{
     self, DumpStatsEntry, InventoryEntry, SeccompEntry, StatsEntry, TimensEntry, Timespec,
 };
 use images_format::{ImageDir, ImageError, ImageKind, ImageWriter, PagemapWriter, PagesError};
-use tracee::memory::{self, MemoryError, RemoteRange};
-use tracee::{Pid, RemoteAddr, PAGE_SIZE};
+use tracee::{Pid, PAGE_SIZE};
 
-use crate::collect::{Ghost, PageRun, ProcessState, TreeState};
+use crate::collect::{Ghost, ProcessState, TreeState};
 use crate::direct::DirectFile;
 use crate::fault::{self, FaultPoint, InjectedFault};
+use crate::pages::{self, PlannedRun, StreamError};
 use crate::{DumpOptions, DumpStats};
 
-/// Bytes read from the target per batch: process_vm_readv measured fastest with 4 MiB.
-const BATCH_BYTES: u64 = 4 << 20;
-/// The kernel's limit on iovecs per call.
-const BATCH_RUNS: usize = 1024;
+/// CRIU's `PRE_DUMP_READ`: pages were read with process_vm_readv after the unfreeze.
+const PRE_DUMP_READ: u32 = 2;
+
 /// CRIU's pages image ids start at 1.
 const FIRST_PAGES_ID: u32 = 1;
 
@@ -44,11 +43,20 @@ pub enum WriteError {
         #[source]
         source: PagesError,
     },
-    #[error("dump: pid {pid}: read pages")]
-    ReadPages {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("dump: pid {pid}: send the pages to the page server")]
+    Server {
         pid: Pid,
         #[source]
-        source: MemoryError,
+        source: ClientError,
+    },
+    #[error("dump: link {} to the parent images {}", dir.display(), parent.display())]
+    Parent {
+        dir: PathBuf,
+        parent: PathBuf,
+        #[source]
+        source: ImageError,
     },
     #[error("dump: copy ghost file {} into {}", from.display(), image.display())]
     Ghost {
@@ -81,6 +89,8 @@ pub enum WriteError {
 pub struct WrittenImages {
     dir: ImageDir,
     created: Vec<PathBuf>,
+    /// Not synced with the files: it may point to a directory only the page server has.
+    parent_link: Option<PathBuf>,
     created_dir: bool,
     committed: bool,
 }
@@ -95,6 +105,7 @@ impl WrittenImages {
         Ok(WrittenImages {
             dir,
             created: Vec::new(),
+            parent_link: None,
             created_dir,
             committed: false,
         })
@@ -105,6 +116,22 @@ impl WrittenImages {
             dir: self.dir.path().to_path_buf(),
             source,
         }
+    }
+
+    /// `parent` -> `--prev-images-dir`, as given (CRIU keeps a relative path relative).
+    fn link_parent(&mut self, opts: &DumpOptions) -> Result<(), WriteError> {
+        let Some(parent) = &opts.prev_images_dir else {
+            return Ok(());
+        };
+        self.dir
+            .set_parent(parent)
+            .map_err(|source| WriteError::Parent {
+                dir: self.dir.path().to_path_buf(),
+                parent: parent.clone(),
+                source,
+            })?;
+        self.parent_link = Some(self.dir.path().join(images_format::PARENT_LINK));
+        Ok(())
     }
 
     /// Creates an image and remembers it for cleanup.
@@ -178,7 +205,7 @@ impl WrittenImages {
                 pages_scanned: stats.pages_scanned,
                 pages_skipped_parent: stats.pages_skipped_parent,
                 pages_written: stats.pages_written,
-                pages_lazy: 0,
+                pages_lazy: stats.pages_lazy,
                 ..DumpStatsEntry::default()
             }),
             restore: None,
@@ -194,7 +221,7 @@ impl Drop for WrittenImages {
         if self.committed {
             return;
         }
-        for path in self.created.iter().rev() {
+        for path in self.created.iter().rev().chain(&self.parent_link) {
             if let Err(err) = std::fs::remove_file(path) {
                 tracing::warn!(path = %path.display(), error = %err, "cannot remove partial image");
             }
@@ -224,157 +251,99 @@ fn sync_path(path: &Path) -> Result<(), WriteError> {
     }
 }
 
-/// A batch of page runs and their contents, read in one go. The contents start at a page
-/// boundary of `data` (at `offset`), so that they can go to an `O_DIRECT` file as they are.
-struct Batch {
-    runs: Vec<(u64, usize)>,
-    data: Vec<u8>,
-    offset: usize,
+/// Where the pages of this dump go: the image directory, or a page server (only the
+/// pagemaps and pages; every other image stays in the directory).
+#[derive(Debug)]
+pub enum PagesTo<'a> {
+    Local,
+    Server(&'a mut PageServerClient),
 }
 
-/// A read buffer for one batch, with room to start its contents at a page boundary.
-fn batch_buffer() -> Vec<u8> {
-    vec![0u8; usize::try_from(BATCH_BYTES + PAGE_SIZE).unwrap_or(0)]
+/// The pages of one process to write.
+struct PagesJob<'a> {
+    pid: Pid,
+    plan: &'a [PlannedRun],
+    pages_id: u32,
+    /// The process runs (pre-dump): ranges it unmaps meanwhile are left out.
+    running: bool,
 }
 
-/// Splits the runs into batches of at most [`BATCH_BYTES`] and [`BATCH_RUNS`] runs.
-fn plan_batches(runs: &[PageRun]) -> Vec<Vec<(u64, usize)>> {
-    let mut batches = Vec::new();
-    let mut current: Vec<(u64, usize)> = Vec::new();
-    let mut bytes = 0u64;
-    for run in runs {
-        let mut start = run.start;
-        let end = run.end();
-        while start < end {
-            let room = BATCH_BYTES - bytes;
-            let take = (end - start).min(room);
-            current.push((start, usize::try_from(take).unwrap_or(usize::MAX)));
-            bytes += take;
-            start += take;
-            if bytes == BATCH_BYTES || current.len() == BATCH_RUNS {
-                batches.push(std::mem::take(&mut current));
-                bytes = 0;
-            }
-        }
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    batches
-}
-
-/// Streams the pages of one process into `pagemap-PID.img` and `pages-N.img`.
+/// Streams the pages of one process into `pagemap-PID.img` and `pages-N.img`, or to the
+/// page server. `running`: the process is not frozen (pre-dump).
 fn write_pages(
     images: &mut WrittenImages,
-    process: &ProcessState,
-    pages_id: u32,
+    job: PagesJob<'_>,
+    to: &mut PagesTo<'_>,
     opts: &DumpOptions,
     stats: &mut DumpStats,
 ) -> Result<(), WriteError> {
-    let pid = process.pid;
+    let PagesJob {
+        pid,
+        plan,
+        pages_id,
+        running,
+    } = job;
     let id = u64::try_from(pid.as_raw()).unwrap_or(0);
     let dir_path = images.dir.path().to_path_buf();
     let pages_err = |source| WriteError::Pages {
         dir: dir_path.clone(),
         source,
     };
-    let pagemap = images.create(ImageKind::Pagemap, id)?;
-    let pages_name = ImageKind::Pages.file_name(u64::from(pages_id));
-    let pages_path = images.dir.file_path(ImageKind::Pages, u64::from(pages_id));
-    let pages_file = images
-        .dir
-        .create_file(&pages_name)
-        .map_err(images.image_err())?;
-    images.created.push(pages_path.clone());
-    let pages = ImageWriter::new(DirectFile::new(pages_file), ImageKind::Pages, pages_name)
-        .map_err(images.image_err())?;
-    let mut writer = PagemapWriter::new(pagemap, pages, pages_id).map_err(pages_err)?;
-
-    let batches = plan_batches(&process.pages);
-    let mut read_time = Duration::ZERO;
     let mut write_time = Duration::ZERO;
-    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(Batch, Duration), WriteError>>(2);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    // Two buffers in flight: one being read from the target, one being written out.
-    for _ in 0..2 {
-        let _ = empty_tx.send(batch_buffer());
-    }
-    let result = std::thread::scope(|scope| -> Result<(), WriteError> {
-        let reader = scope.spawn(move || {
-            for runs in batches {
-                let Ok(mut data) = empty_rx.recv() else {
-                    return;
-                };
-                let total: usize = runs.iter().map(|(_, len)| len).sum();
-                let offset = data.as_ptr().align_offset(PAGE_SIZE as usize);
-                let ranges: Vec<RemoteRange> = runs
-                    .iter()
-                    .map(|&(addr, len)| RemoteRange {
-                        addr: RemoteAddr(addr),
-                        len,
-                    })
-                    .collect();
-                let started = Instant::now();
-                let read =
-                    memory::read_remote_vectored(pid, &ranges, &mut data[offset..offset + total])
-                        .map_err(|source| WriteError::ReadPages { pid, source })
-                        .map(|()| (Batch { runs, data, offset }, started.elapsed()));
-                let failed = read.is_err();
-                if full_tx.send(read).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        let mut written_batches = 0u64;
-        for message in full_rx.iter() {
-            let (batch, took) = message?;
-            read_time += took;
+    let (streamed, counts) = match to {
+        PagesTo::Local => {
+            let pagemap = images.create(ImageKind::Pagemap, id)?;
+            let pages_name = ImageKind::Pages.file_name(u64::from(pages_id));
+            let pages_path = images.dir.file_path(ImageKind::Pages, u64::from(pages_id));
+            let pages_file = images
+                .dir
+                .create_file(&pages_name)
+                .map_err(images.image_err())?;
+            images.created.push(pages_path.clone());
+            let pages = ImageWriter::new(DirectFile::new(pages_file), ImageKind::Pages, pages_name)
+                .map_err(images.image_err())?;
+            let mut writer = PagemapWriter::new(pagemap, pages, pages_id).map_err(pages_err)?;
+            let streamed = pages::stream(pid, plan, &mut writer, running, opts.fault)?;
             let started = Instant::now();
-            let mut off = batch.offset;
-            for &(addr, len) in &batch.runs {
-                writer
-                    .add_present(addr, &batch.data[off..off + len])
-                    .map_err(pages_err)?;
-                off += len;
-            }
+            let (pagemap, pages, counts) = writer.finish().map_err(pages_err)?;
+            images.close(ImageKind::Pagemap, id, pagemap)?;
+            pages
+                .into_file()
+                .map(drop)
+                .map_err(|source| WriteError::Sync {
+                    path: pages_path.clone(),
+                    source,
+                })?;
             write_time += started.elapsed();
-            written_batches += 1;
-            if written_batches == 1 {
-                fault::check(opts.fault, FaultPoint::MidPages)?;
-            }
-            let _ = empty_tx.send(batch.data);
+            (streamed, counts)
         }
-        // This closure owns `empty_tx`: dropping it here, or on an early `?`, ends the
-        // reader's wait for a free buffer, so the scope can always join it.
-        drop(empty_tx);
-        reader.join().map_err(|_| WriteError::ThreadPanicked {
-            what: "page reader",
-        })
-    });
-    result?;
-    let started = Instant::now();
-    let (pagemap, pages, counts) = writer.finish().map_err(pages_err)?;
-    images.close(ImageKind::Pagemap, id, pagemap)?;
-    pages
-        .into_file()
-        .map(drop)
-        .map_err(|source| WriteError::Sync {
-            path: pages_path.clone(),
-            source,
-        })?;
-    write_time += started.elapsed();
-    stats.memdump_time_us = stats.memdump_time_us.saturating_add(micros(read_time));
+        PagesTo::Server(client) => {
+            let server_err = |source| WriteError::Server { pid, source };
+            let mut remote = client.open(PagemapId::process(id)).map_err(server_err)?;
+            let streamed = pages::stream(pid, plan, &mut remote, running, opts.fault)?;
+            let counts = remote.finish();
+            (streamed, counts)
+        }
+    };
+    write_time += streamed.write_time;
+    stats.memdump_time_us = stats
+        .memdump_time_us
+        .saturating_add(micros(streamed.read_time));
     stats.memwrite_time_us = stats.memwrite_time_us.saturating_add(micros(write_time));
-    stats.pages_written += counts.pages_present;
-    stats.pages_scanned += process.pages_scanned;
-    let bytes = counts.pages_present * PAGE_SIZE;
+    stats.pages_written += streamed.written;
+    stats.pages_skipped_parent += streamed.parent;
+    stats.pages_lazy += streamed.lazy;
+    let bytes = streamed.written * PAGE_SIZE;
     tracing::info!(
         %pid,
-        pages = counts.pages_present,
+        pages = streamed.written,
+        parent = streamed.parent,
+        lazy = streamed.lazy,
+        vanished = streamed.vanished,
         entries = counts.entries,
-        read_us = read_time.as_micros() as u64,
+        read_us = streamed.read_time.as_micros() as u64,
         write_us = write_time.as_micros() as u64,
-        mb_per_s = (bytes as f64 / 1e6) / (read_time + write_time).as_secs_f64().max(1e-9),
+        mb_per_s = (bytes as f64 / 1e6) / (streamed.read_time + write_time).as_secs_f64().max(1e-9),
         "pages written"
     );
     Ok(())
@@ -419,6 +388,7 @@ fn write_process(
     images: &mut WrittenImages,
     process: &ProcessState,
     pages_id: u32,
+    to: &mut PagesTo<'_>,
     opts: &DumpOptions,
     stats: &mut DumpStats,
 ) -> Result<(), WriteError> {
@@ -435,7 +405,14 @@ fn write_process(
         u64::from(process.ids.files_id),
         &process.files.fdinfo,
     )?;
-    write_pages(images, process, pages_id, opts, stats)
+    stats.pages_scanned += process.pages_scanned;
+    let job = PagesJob {
+        pid: process.pid,
+        plan: &process.plan,
+        pages_id,
+        running: false,
+    };
+    write_pages(images, job, to, opts, stats)
 }
 
 /// Writes every image of the tree (all but `stats-dump`, which [`WrittenImages::commit`]
@@ -444,12 +421,14 @@ fn write_process(
 pub fn images(
     state: &TreeState,
     opts: &DumpOptions,
+    to: &mut PagesTo<'_>,
     stats: &mut DumpStats,
 ) -> Result<WrittenImages, WriteError> {
     let mut images = WrittenImages::open(&opts.images_dir)?;
+    images.link_parent(opts)?;
     // Each process gets its own pages image, numbered from CRIU's first id.
     for (pages_id, process) in (FIRST_PAGES_ID..).zip(&state.processes) {
-        write_process(&mut images, process, pages_id, opts, stats)?;
+        write_process(&mut images, process, pages_id, to, opts, stats)?;
     }
     let files: Vec<_> = state
         .processes
@@ -513,49 +492,43 @@ pub fn images(
     Ok(images)
 }
 
+/// Writes a pre-dump: only memory (the pages of `pid` after `plan`) and an inventory with
+/// `pre_dump_mode`, read while the process runs.
+#[tracing::instrument(skip_all, fields(dir = %opts.images_dir.display()))]
+pub fn predump_images(
+    pid: Pid,
+    plan: &[PlannedRun],
+    opts: &DumpOptions,
+    to: &mut PagesTo<'_>,
+    stats: &mut DumpStats,
+) -> Result<WrittenImages, WriteError> {
+    let mut images = WrittenImages::open(&opts.images_dir)?;
+    images.link_parent(opts)?;
+    let job = PagesJob {
+        pid,
+        plan,
+        pages_id: FIRST_PAGES_ID,
+        running: true,
+    };
+    write_pages(&mut images, job, to, opts, stats)?;
+    images.sync_created(0)?;
+    let inventory = InventoryEntry {
+        img_version: images_format::kind::IMAGES_V1_1,
+        fdinfo_per_id: Some(true),
+        ns_per_id: Some(true),
+        lsmtype: Some(pb::Lsmtype::NoLsm as i32),
+        pre_dump_mode: Some(PRE_DUMP_READ),
+        ..InventoryEntry::default()
+    };
+    let synced = images.created.len();
+    images.write_all(ImageKind::Inventory, 0, &[inventory])?;
+    images.sync_created(synced)?;
+    Ok(images)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn batches_respect_size_and_split_big_runs() {
-        let runs = [
-            PageRun {
-                start: 0x1000,
-                pages: 1,
-            },
-            PageRun {
-                start: 0x10_0000,
-                pages: 2048, // 8 MiB
-            },
-        ];
-        let batches = plan_batches(&runs);
-        assert_eq!(batches.len(), 3);
-        assert_eq!(
-            batches[0],
-            vec![(0x1000, 4096), (0x10_0000, (4 << 20) - 4096)]
-        );
-        let total: usize = batches.iter().flatten().map(|(_, l)| l).sum();
-        assert_eq!(total, 4096 + (8 << 20));
-        assert!(batches
-            .iter()
-            .all(|b| b.iter().map(|(_, l)| l).sum::<usize>() <= 4 << 20));
-    }
-
-    #[test]
-    fn many_small_runs_respect_the_iovec_limit() {
-        let runs: Vec<PageRun> = (0..2500u64)
-            .map(|i| PageRun {
-                start: i * 2 * PAGE_SIZE,
-                pages: 1,
-            })
-            .collect();
-        let batches = plan_batches(&runs);
-        assert_eq!(
-            batches.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![1024, 1024, 452]
-        );
-    }
 
     #[test]
     fn failed_dump_removes_only_its_files() {

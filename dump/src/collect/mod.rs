@@ -26,7 +26,7 @@ use crate::fault::{self, FaultPoint, InjectedFault};
 use crate::DumpOptions;
 
 pub use files::{FilesState, Ghost};
-pub use memory::{MemoryState, PageRun};
+pub use memory::{status as vma_status, MemoryState, PageRun, VmaSource};
 pub use threads::{SeccompTable, ThreadState};
 
 const PR_GET_DUMPABLE: u64 = 3;
@@ -149,7 +149,11 @@ pub struct ProcessState {
     pub threads: Vec<ThreadState>,
     pub mm: MmEntry,
     pub pages: Vec<PageRun>,
+    /// Where each page goes; every present page is saved unless the caller decides better.
+    pub plan: Vec<crate::pages::PlannedRun>,
     pub pages_scanned: u64,
+    /// The maps lines of the VMAs (for dirty tracking).
+    pub maps: Vec<tracee::proc::maps::MapsEntry>,
     pub files: FilesState,
     pub seccomp: SeccompTable,
 }
@@ -266,9 +270,24 @@ fn pin_next_to(pid: Pid, tid: Tid) -> Option<tracee::cpu::CpuPin> {
         .ok()
 }
 
+/// Reads only the address space of the frozen process `pid`: its VMAs and the pages to save
+/// (what a pre-dump needs).
+pub fn memory(pid: Pid) -> Result<MemoryState, CollectError> {
+    memory::collect(pid, VmaSource::MapsOnly)
+}
+
 /// Reads the whole state of the frozen process `tree`.
 #[tracing::instrument(skip_all, fields(pid = %tree.pid()))]
 pub fn process(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<TreeState, CollectError> {
+    process_with(tree, opts, VmaSource::Smaps)
+}
+
+/// [`process`], with the VMA list taken from `vmas`.
+pub fn process_with(
+    tree: &mut SeizedProcess,
+    opts: &DumpOptions,
+    vmas: VmaSource,
+) -> Result<TreeState, CollectError> {
     let pid = tree.pid();
     let children = proc::task::children(pid).map_err(proc_err(pid, "children"))?;
     if !children.is_empty() {
@@ -304,7 +323,7 @@ pub fn process(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<TreeState
     // Refuse what cannot be saved before spending any time on the rest.
     files::precheck(pid, opts.shell_job)?;
     // Memory first: the scratch page we map next must not show up in the dump.
-    let mut memory = memory::collect(pid)?;
+    let mut memory = memory::collect(pid, vmas)?;
     let mut seccomp = SeccompTable::default();
     let (mut threads, sigactions, timers, values) = inject::with_scratch(tree, |tree, scratch| {
         let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
@@ -389,7 +408,9 @@ pub fn process(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<TreeState
             root_ids,
             threads,
             mm,
+            plan: crate::pages::plan(&memory.pages, &[]),
             pages: memory.pages,
+            maps: memory.maps,
             pages_scanned: memory.pages_scanned,
             files,
             seccomp,

@@ -1,0 +1,488 @@
+//! The source side of post-copy (`ckpt-dump --lazy-pages --address A --port P`).
+//!
+//! The dump writes every image, but the pages of private anonymous memory are only listed
+//! (`PE_LAZY`, no data; with `--prev-images-dir` and `--track-mem`, pages unchanged since the
+//! pre-dump are `PE_PARENT` and only the written ones lazy). The process stays frozen, and
+//! [`serve`] answers the lazy-pages daemon of the destination from its memory
+//! (`process_vm_readv` of the frozen process), speaking CRIU's page-server pull protocol on
+//! one TCP session accepted on `A:P`, the address the user named:
+//!
+//! ```text
+//! daemon (destination)                                source (ckpt-dump, process frozen)
+//!   connect A:P
+//!   GET {cmd 7, nr_pages, vaddr, dst_id = pid}  ---->  first GET: the destination runs
+//!                                               <----  ADD_F {PE_PRESENT<<16|6, n, vaddr, pid}
+//!                                               <----  n * 4096 bytes (n <= nr_pages; only
+//!                                                      lazy pages, never anything else)
+//!   ...
+//!   CLOSE {cmd 0x1023}                          ---->  the daemon has every page it needs
+//!                                               <----  i32 0
+//! ```
+//!
+//! When has the destination resumed? The daemon asks for pages only once the restored
+//! process runs: its faults, and the background transfer that starts after restore's end
+//! marker ("RSTF", sent just before the tasks resume). So the source takes **the first GET**
+//! as the destination having resumed, and a **CLOSE** as the daemon holding every page and the
+//! destination running (the daemon sends it only after restore finished). Hence:
+//!
+//! - before the first GET (no connection within the connect timeout, the link breaking, or
+//!   the daemon leaving without CLOSE), the source is resumed as it was: a failed migration
+//!   leaves the process running where it was;
+//! - from the first GET on, the source is also sent SIGSTOP, so that it stays stopped even
+//!   if `ckpt-dump` itself dies; it is never resumed again. It is killed once every lazy page
+//!   has been taken, at CLOSE, or when the link is lost and no new session arrives within
+//!   the reconnection window (a new session is accepted only from the host of the first
+//!   one). Two running copies never exist.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use ckpt_page_server::protocol::FRAME_LEN;
+use ckpt_page_server::server::MAX_GET_PAGES;
+use ckpt_page_server::{Command, Frame, PageFlags};
+use tracee::memory::{self, MemoryError, RemoteRange};
+use tracee::{Pid, RemoteAddr, SeizedProcess, PAGE_SIZE};
+
+use crate::pages::{PlannedRun, RunKind};
+use crate::release::{self, ReleaseError};
+use crate::{DumpOptions, FinalState};
+
+/// Serving the lazy pages failed. Before the destination resumed, the source runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("dump: listen for the lazy-pages daemon on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dump: no lazy-pages daemon connected to {addr} within {secs} s; pid {pid} resumed")]
+    NoDaemon { addr: String, secs: u64, pid: Pid },
+    #[error(
+        "dump: the lazy-pages session ended before the destination resumed ({why}); pid {pid} \
+         resumed"
+    )]
+    EndedBeforeResume { pid: Pid, why: String },
+    #[error("dump: wait for the lazy-pages daemon on {addr}")]
+    Accept {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dump: pid {pid}: read lazy pages at {vaddr:#x}")]
+    Read {
+        pid: Pid,
+        vaddr: u64,
+        #[source]
+        source: MemoryError,
+    },
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+}
+
+/// How a lazy session ended (the source is dead in every case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyOutcome {
+    /// Every lazy page was taken.
+    AllTaken,
+    /// The daemon closed the session: it has what it needs.
+    Closed,
+    /// The link was lost after the destination resumed and not re-established in time.
+    LinkLost,
+}
+
+/// Binds `addr` before the process is frozen, so that a busy port costs it nothing.
+pub fn listen(addr: SocketAddr) -> Result<TcpListener, LazyError> {
+    TcpListener::bind(addr).map_err(|source| LazyError::Listen { addr, source })
+}
+
+/// The `[start, end)` ranges the plan leaves lazy, merged.
+pub fn lazy_ranges(plan: &[PlannedRun]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for run in plan.iter().filter(|r| r.kind == RunKind::Lazy) {
+        match out.last_mut() {
+            Some(last) if last.1 == run.start => last.1 = run.end(),
+            _ => out.push((run.start, run.end())),
+        }
+    }
+    out
+}
+
+/// Lazy pages not taken yet: sorted, disjoint `[start, end)` ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Untaken {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Untaken {
+    fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    fn pages(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum()
+    }
+
+    fn take(&mut self, start: u64, end: u64) {
+        let mut out = Vec::with_capacity(self.ranges.len() + 1);
+        for &(s, e) in &self.ranges {
+            if e <= start || s >= end {
+                out.push((s, e));
+                continue;
+            }
+            if s < start {
+                out.push((s, start));
+            }
+            if e > end {
+                out.push((end, e));
+            }
+        }
+        self.ranges = out;
+    }
+}
+
+/// The pages a GET may have: from `vaddr` to the end of its lazy range, at most `asked`
+/// and [`MAX_GET_PAGES`]. Zero for an address that is not lazy: nothing else is served.
+fn servable(lazy: &[(u64, u64)], vaddr: u64, asked: u64) -> u64 {
+    if !vaddr.is_multiple_of(PAGE_SIZE) {
+        return 0;
+    }
+    let idx = lazy.partition_point(|&(_, e)| e <= vaddr);
+    match lazy.get(idx) {
+        Some(&(s, e)) if s <= vaddr => ((e - vaddr) / PAGE_SIZE).min(asked).min(MAX_GET_PAGES),
+        _ => 0,
+    }
+}
+
+/// Waits up to `timeout` for a connection; `None` when none came. Once a daemon has been
+/// served, only its host may reconnect (`only`): pages go nowhere else.
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+    only: Option<IpAddr>,
+) -> std::io::Result<Option<(TcpStream, IpAddr)>> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((_, peer)) if only.is_some_and(|ip| ip != peer.ip()) => {
+                tracing::warn!(%peer, "a connection from another host than the daemon's: refused");
+            }
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false)?;
+                tracing::info!(%peer, "lazy-pages daemon connected");
+                return Ok(Some((stream, peer.ip())));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let ms = i32::try_from(left.as_millis().min(1000))
+            .unwrap_or(1000)
+            .max(1);
+        let timeout = rustix::event::Timespec {
+            tv_sec: i64::from(ms / 1000),
+            tv_nsec: i64::from(ms % 1000) * 1_000_000,
+        };
+        let fd = listener.as_fd();
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+}
+
+/// How one session ended.
+enum SessionEnd {
+    Closed,
+    Lost(String),
+}
+
+/// The state of the source while it serves.
+struct Source<'a> {
+    pid: Pid,
+    /// The frozen process; `None` once it has been killed.
+    tree: Option<SeizedProcess>,
+    lazy: &'a [(u64, u64)],
+    untaken: Untaken,
+    /// The destination runs: never resume the source again.
+    resumed: bool,
+    buf: Vec<u8>,
+}
+
+impl Source<'_> {
+    /// The destination runs: from now on the source must never run again, even if we die.
+    fn destination_resumed(&mut self) {
+        self.resumed = true;
+        tracing::info!(pid = %self.pid, "first page request: the destination runs; the source stays stopped");
+        if let Some(target) = rustix::process::Pid::from_raw(self.pid.as_raw()) {
+            if let Err(errno) = rustix::process::kill_process(target, rustix::process::Signal::STOP)
+            {
+                tracing::warn!(pid = %self.pid, %errno, "cannot queue SIGSTOP on the source");
+            }
+        }
+    }
+
+    fn kill(&mut self) -> Result<(), LazyError> {
+        if let Some(tree) = self.tree.take() {
+            release::finish(tree, FinalState::Killed)?;
+            tracing::info!(pid = %self.pid, "source killed");
+        }
+        Ok(())
+    }
+
+    /// Answers one GET: the frame, then the pages, in one write.
+    fn answer_get(&mut self, stream: &mut TcpStream, frame: &Frame) -> Result<(), SessionEnd> {
+        let own = u64::try_from(self.pid.as_raw()).ok() == Some(frame.dst_id);
+        let n = if own && self.tree.is_some() {
+            servable(self.lazy, frame.vaddr, frame.nr_pages)
+        } else {
+            0
+        };
+        if n == 0 {
+            tracing::warn!(
+                vaddr = format_args!("{:#x}", frame.vaddr),
+                pid = frame.dst_id,
+                "request for pages that are not lazy pages of the source: refused"
+            );
+        }
+        let len = usize::try_from(n * PAGE_SIZE).unwrap_or(0);
+        let header = Frame::add_f(frame.dst_id, frame.vaddr, n, PRESENT_BITS).encode();
+        self.buf[..FRAME_LEN].copy_from_slice(&header);
+        if len > 0 {
+            let range = RemoteRange {
+                addr: RemoteAddr(frame.vaddr),
+                len,
+            };
+            let dst = &mut self.buf[FRAME_LEN..FRAME_LEN + len];
+            memory::read_remote_vectored(self.pid, std::slice::from_ref(&range), dst).map_err(
+                |source| {
+                    SessionEnd::Lost(
+                        LazyError::Read {
+                            pid: self.pid,
+                            vaddr: frame.vaddr,
+                            source,
+                        }
+                        .to_string(),
+                    )
+                },
+            )?;
+        }
+        stream
+            .write_all(&self.buf[..FRAME_LEN + len])
+            .map_err(|e| SessionEnd::Lost(format!("send pages: {e}")))?;
+        if n > 0 {
+            self.untaken.take(frame.vaddr, frame.vaddr + n * PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    /// Serves one connection until CLOSE or until it breaks.
+    fn session(&mut self, mut stream: TcpStream, idle: Duration) -> Result<SessionEnd, LazyError> {
+        // Replies are waited for one by one: send each at once.
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(idle));
+        loop {
+            let mut bytes = [0u8; FRAME_LEN];
+            if let Err(e) = stream.read_exact(&mut bytes) {
+                return Ok(SessionEnd::Lost(format!("read a request: {e}")));
+            }
+            let frame = match Frame::decode(&bytes) {
+                Ok(frame) => frame,
+                Err(e) => return Ok(SessionEnd::Lost(format!("bad request: {e}"))),
+            };
+            match frame.command {
+                Command::Get => {
+                    if !self.resumed {
+                        self.destination_resumed();
+                        let _ = stream.set_read_timeout(Some(idle));
+                    }
+                    if let Err(end) = self.answer_get(&mut stream, &frame) {
+                        return Ok(end);
+                    }
+                    if self.untaken.is_empty() {
+                        tracing::info!(pid = %self.pid, "every lazy page has been taken");
+                        self.kill()?;
+                    }
+                }
+                Command::Close | Command::ForceClose => {
+                    let _ = stream.write_all(&0i32.to_le_bytes());
+                    return Ok(SessionEnd::Closed);
+                }
+                other => {
+                    return Ok(SessionEnd::Lost(format!(
+                        "{other:?} is not a lazy-pages request"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+const PRESENT_BITS: u16 = {
+    let bits = PageFlags::PRESENT.bits();
+    assert!(bits <= u16::MAX as u32);
+    bits as u16
+};
+
+/// Serves the lazy pages `lazy` of the frozen process `tree` until the destination has them
+/// all (see the module documentation for when the source is resumed or killed).
+#[tracing::instrument(skip_all, fields(pid = %tree.pid()))]
+pub fn serve(
+    tree: SeizedProcess,
+    listener: TcpListener,
+    lazy: Vec<(u64, u64)>,
+    opts: &DumpOptions,
+) -> Result<LazyOutcome, LazyError> {
+    let pid = tree.pid();
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let mut source = Source {
+        pid,
+        tree: Some(tree),
+        untaken: Untaken {
+            ranges: lazy.clone(),
+        },
+        lazy: &lazy,
+        resumed: false,
+        buf: vec![0u8; FRAME_LEN + usize::try_from(MAX_GET_PAGES * PAGE_SIZE).unwrap_or(0)],
+    };
+    tracing::info!(%addr, pages = source.untaken.pages(), "serving lazy pages");
+    let mut peer: Option<IpAddr> = None;
+    loop {
+        let wait = if source.resumed {
+            opts.lazy_reconnect_window
+        } else {
+            opts.lazy_connect_timeout
+        };
+        let accepted = accept_within(&listener, wait, peer).map_err(|source| LazyError::Accept {
+            addr: addr.clone(),
+            source,
+        });
+        let stream = match accepted {
+            Ok(Some((stream, ip))) => {
+                peer = Some(ip);
+                stream
+            }
+            Ok(None) if source.resumed => {
+                tracing::warn!(%pid, "the lazy-pages daemon did not come back: killing the source");
+                source.kill()?;
+                return Ok(LazyOutcome::LinkLost);
+            }
+            // Dropping `source` resumes the process: the destination never ran.
+            Ok(None) => {
+                return Err(LazyError::NoDaemon {
+                    addr,
+                    secs: wait.as_secs(),
+                    pid,
+                })
+            }
+            Err(err) if source.resumed => {
+                tracing::warn!(%pid, error = %err, "cannot wait for the daemon: killing the source");
+                source.kill()?;
+                return Ok(LazyOutcome::LinkLost);
+            }
+            Err(err) => return Err(err),
+        };
+        let idle = if source.resumed {
+            opts.lazy_reconnect_window
+        } else {
+            opts.lazy_connect_timeout
+        };
+        match source.session(stream, idle)? {
+            SessionEnd::Closed if source.resumed || source.untaken.is_empty() => {
+                source.kill()?;
+                return Ok(if source.untaken.is_empty() {
+                    LazyOutcome::AllTaken
+                } else {
+                    LazyOutcome::Closed
+                });
+            }
+            SessionEnd::Closed => {
+                return Err(LazyError::EndedBeforeResume {
+                    pid,
+                    why: "the daemon closed the session without asking for a page".to_owned(),
+                })
+            }
+            SessionEnd::Lost(why) if !source.resumed => {
+                return Err(LazyError::EndedBeforeResume { pid, why })
+            }
+            SessionEnd::Lost(why) => {
+                if source.tree.is_none() {
+                    return Ok(LazyOutcome::AllTaken);
+                }
+                tracing::warn!(%pid, %why, window_s = opts.lazy_reconnect_window.as_secs(),
+                    "lazy-pages link lost after the destination resumed: waiting for it to reconnect");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    #[test]
+    fn only_lazy_pages_are_servable() {
+        let lazy = [(0x10000, 0x10000 + 4 * P), (0x20000, 0x20000 + 2000 * P)];
+        assert_eq!(servable(&lazy, 0x10000, 10), 4);
+        assert_eq!(servable(&lazy, 0x10000 + P, 2), 2);
+        assert_eq!(servable(&lazy, 0x10000 + 4 * P, 1), 0);
+        assert_eq!(servable(&lazy, 0x20000, 5000), MAX_GET_PAGES);
+        assert_eq!(servable(&lazy, 0x20001, 1), 0);
+        assert_eq!(servable(&lazy, 0x1000, 1), 0);
+    }
+
+    #[test]
+    fn taking_pages_leaves_the_rest() {
+        let mut u = Untaken {
+            ranges: vec![(0, 10 * P), (20 * P, 30 * P)],
+        };
+        assert_eq!(u.pages(), 20);
+        u.take(2 * P, 4 * P);
+        u.take(8 * P, 22 * P);
+        assert_eq!(u.ranges, vec![(0, 2 * P), (4 * P, 8 * P), (22 * P, 30 * P)]);
+        u.take(0, 100 * P);
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn lazy_runs_merge() {
+        let plan = [
+            PlannedRun {
+                start: 0x1000,
+                pages: 1,
+                kind: RunKind::Lazy,
+            },
+            PlannedRun {
+                start: 0x2000,
+                pages: 1,
+                kind: RunKind::Lazy,
+            },
+            PlannedRun {
+                start: 0x3000,
+                pages: 1,
+                kind: RunKind::Dump,
+            },
+            PlannedRun {
+                start: 0x5000,
+                pages: 2,
+                kind: RunKind::Lazy,
+            },
+        ];
+        assert_eq!(lazy_ranges(&plan), vec![(0x1000, 0x3000), (0x5000, 0x7000)]);
+    }
+}
