@@ -1,0 +1,280 @@
+//! Pre-copy: memory dumped in rounds while the process runs (`--pre-dump --track-mem`), each
+//! round's images pointing to the previous one's, then a final dump. Pages written between the
+//! rounds must all reach the final image chain; none may be lost. The same through
+//! `ckpt-page-server`, the receiving end of a migration.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ckpt_tests::{image_files, Workload};
+use nix::sys::signal::{kill, Signal};
+
+/// Bytes of raw pages in an image directory.
+fn pages_bytes(dir: &Path) -> u64 {
+    image_files(dir)
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pages-"))
+        })
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// One pre-dump round into a new image directory, on top of `prev` (a sibling directory).
+fn pre_dump(w: &mut Workload, prev: Option<&Path>) -> std::path::PathBuf {
+    let images = w.new_images_dir();
+    let mut args = vec!["--pre-dump", "--track-mem"];
+    let prev_arg;
+    if let Some(prev) = prev {
+        prev_arg = format!(
+            "../{}",
+            prev.file_name()
+                .and_then(|n| n.to_str())
+                .expect("utf-8 name")
+        );
+        args.extend(["--prev-images-dir", prev_arg.as_str()]);
+    }
+    let run = w.run_dump(&images, &args, &[]);
+    assert!(
+        run.success(),
+        "pre-dump failed: {:?}\n{}{}",
+        run.status,
+        run.stderr,
+        w.logs()
+    );
+    assert!(w.is_alive(), "the process does not run on after a pre-dump");
+    // A pre-dump directory holds memory only; it is checked as part of the final dump's parent
+    // chain (`ckpt-img check` resolves every PE_PARENT page through it).
+    let pagemaps = image_files(&images)
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pagemap-"))
+        })
+        .count();
+    assert!(
+        pagemaps > 0,
+        "the pre-dump wrote no pagemap in {}",
+        images.display()
+    );
+    images
+}
+
+/// Two pre-dump rounds and a final dump of the precopy workload (`fence`: whether its written
+/// region is fenced off from the VMAs it maps and unmaps); returns the final dump's page bytes.
+fn precopy_rounds(fence: bool) -> u64 {
+    let mut w = Workload::start("precopy", &["--fence", if fence { "1" } else { "0" }]);
+    let first = pre_dump(&mut w, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let second = pre_dump(&mut w, Some(&first));
+    std::thread::sleep(Duration::from_millis(50));
+    // Round 2 follows the writes since round 1: a fraction of the 64 MiB, not all of it.
+    let second_bytes = pages_bytes(&second);
+    eprintln!("second round: {} KiB of pages", second_bytes / 1024);
+
+    // Stop the writers so that what the final dump sees is what the check will see.
+    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
+    let quiet = w.dir().join("quiet");
+    let start = Instant::now();
+    while !quiet.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the workload's writers do not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let prev = format!(
+        "../{}",
+        second
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name")
+    );
+    let last = w.dump(&["--track-mem", "--prev-images-dir", &prev]);
+    assert!(
+        last.join("parent").exists(),
+        "the final dump has no parent link"
+    );
+    let written: u64 = image_files(&last)
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pages-"))
+        })
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    w.restore(&last);
+    w.assert_pass();
+    written
+}
+
+#[test]
+fn precopy_loses_no_dirty_page() {
+    let written = precopy_rounds(true);
+    // The writer dirtied a fraction of its 64 MiB since the last round: the final dump must
+    // carry only that (plus small regions), taking the rest from its parents.
+    eprintln!("final dump: {} KiB of pages", written / 1024);
+    assert!(
+        written < 48 << 20,
+        "the final dump wrote {} MiB of pages: dirty tracking did not spare the unchanged ones",
+        written >> 20
+    );
+}
+
+#[test]
+fn precopy_with_vmas_changing_next_to_written_memory_loses_no_page() {
+    // Small regions mapped and unmapped beside the written one may merge with it and change
+    // its bounds; the rounds may then dump more, but never lose a page.
+    precopy_rounds(false);
+}
+
+/// A free TCP port on the loopback address (free when asked; the server binds it right after).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Starts `ckpt-page-server` writing into `images` (on top of the previous round's directory
+/// `prev`), returns its pid once it listens.
+fn start_page_server_on(
+    w: &Workload,
+    images: &Path,
+    port: u16,
+    prev: Option<&str>,
+) -> nix::unistd::Pid {
+    let server = w.tools().dump.with_file_name("ckpt-page-server");
+    let pidfile = images.with_extension("page-server.pid");
+    let log = images.with_extension("page-server.log");
+    let mut args: Vec<String> = vec![
+        "-D".into(),
+        images.display().to_string(),
+        "--address".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--daemon".into(),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+        "-o".into(),
+        log.display().to_string(),
+    ];
+    if let Some(prev) = prev {
+        args.extend(["--prev-images-dir".to_owned(), prev.to_owned()]);
+    }
+    let run = ckpt_tests::run_tool(&server, &args, &[]);
+    assert!(
+        run.success(),
+        "ckpt-page-server did not start: {}",
+        run.stderr
+    );
+    ckpt_tests::read_pidfile(&pidfile)
+}
+
+#[test]
+fn dump_through_the_page_server_restores_intact() {
+    let mut w = Workload::start("mem_vmas", &[]);
+    let images = round_through_page_server(&mut w, None, &[]);
+    assert!(
+        w.wait_exit(Duration::from_secs(10)).is_some(),
+        "the dumped process still runs"
+    );
+    ckpt_tests::check_images(w.tools(), &images);
+    w.restore(&images);
+    w.assert_pass();
+}
+
+/// Reaps a daemonised tool re-parented to us; kills it after `timeout`. True if it exited.
+fn reap_within(pid: nix::unistd::Pid, timeout: Duration) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let start = Instant::now();
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(WaitStatus::StillAlive) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return false;
+            }
+            _ => return true,
+        }
+    }
+}
+
+/// One round through a fresh page server writing into a new image directory on top of `prev`.
+fn round_through_page_server(
+    w: &mut Workload,
+    prev: Option<&Path>,
+    extra: &[&str],
+) -> std::path::PathBuf {
+    let images = w.new_images_dir();
+    let port = free_port();
+    let prev_arg = prev.map(|p| {
+        format!(
+            "../{}",
+            p.file_name().and_then(|n| n.to_str()).expect("utf-8")
+        )
+    });
+    let server = start_page_server_on(w, &images, port, prev_arg.as_deref());
+    let port_arg = port.to_string();
+    let mut args: Vec<&str> = vec![
+        "--page-server",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port_arg,
+    ];
+    args.extend(extra);
+    if let Some(prev) = &prev_arg {
+        args.extend(["--prev-images-dir", prev.as_str()]);
+    }
+    let run = w.run_dump(&images, &args, &[]);
+    let server_done = reap_within(server, Duration::from_secs(10));
+    assert!(
+        run.success(),
+        "dump round {args:?} failed: {}{}",
+        run.stderr,
+        w.logs()
+    );
+    assert!(
+        server_done,
+        "the page server still ran 10 s after its round"
+    );
+    images
+}
+
+#[test]
+fn precopy_through_the_page_server_loses_no_dirty_page() {
+    let mut w = Workload::start("precopy", &[]);
+    let first = round_through_page_server(&mut w, None, &["--pre-dump", "--track-mem"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let second = round_through_page_server(&mut w, Some(&first), &["--pre-dump", "--track-mem"]);
+    std::thread::sleep(Duration::from_millis(50));
+    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
+    let quiet = w.dir().join("quiet");
+    let start = Instant::now();
+    while !quiet.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the workload's writers do not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let last = round_through_page_server(&mut w, Some(&second), &["--track-mem"]);
+    assert!(
+        w.wait_exit(Duration::from_secs(10)).is_some(),
+        "the process still runs after the final dump"
+    );
+    assert!(
+        last.join("parent").exists(),
+        "the final images have no parent link"
+    );
+    ckpt_tests::check_images(w.tools(), &last);
+    w.restore(&last);
+    w.assert_pass();
+}
