@@ -198,6 +198,7 @@ fn run(
         work_dir: work.clone(),
         page_server,
         cpu: daemon_cpu,
+        background_rate: None,
     };
     let daemon = LazyDaemon::bind(&opts)?;
     let server = std::thread::spawn(move || daemon.run());

@@ -56,6 +56,9 @@ pub struct DaemonOptions {
     /// may not be host pids. A fault served on the faulting thread's CPU costs ~5 µs, across
     /// CPUs ~80 µs in a VM; pin the restored tree and the daemon together where it matters.
     pub cpu: Option<u32>,
+    /// Cap the background transfer at this many bytes per second (faults are never
+    /// held back), to leave the link or the disk to others.
+    pub background_rate: Option<u64>,
 }
 
 /// Counts of what the daemon did.
@@ -125,6 +128,7 @@ pub struct LazyDaemon {
     listener: HandoffListener,
     pages: Pages,
     cpu: Option<u32>,
+    background_rate: Option<u64>,
 }
 
 impl LazyDaemon {
@@ -141,6 +145,7 @@ impl LazyDaemon {
             listener,
             pages: Pages::new(dir, source),
             cpu: opts.cpu,
+            background_rate: opts.background_rate.filter(|&r| r > 0),
         })
     }
 
@@ -170,6 +175,8 @@ impl LazyDaemon {
             tasks: BTreeMap::new(),
             next_key: FIRST_TASK,
             finished: false,
+            hand_back: false,
+            background_rate: self.background_rate,
             xfer_len: MIN_XFER,
             background_key: FIRST_TASK,
             buf: vec![0u8; usize::try_from(MAX_XFER).expect("4 MiB fits usize")],
@@ -213,6 +220,9 @@ struct Server {
     tasks: BTreeMap<u64, Task>,
     next_key: u64,
     finished: bool,
+    /// Restore keeps watch: fork userfaultfds go back to it, and the final marker.
+    hand_back: bool,
+    background_rate: Option<u64>,
     xfer_len: u64,
     background_key: u64,
     buf: Vec<u8>,
@@ -241,11 +251,17 @@ impl Server {
                 break;
             }
             let background = self.finished && work_left;
+            let paced = background && self.background_paused();
             // A fault refused with EAGAIN waits for the address space change to end, which
             // the changing thread finishes after we read its event: nothing will wake us
             // for it, so poll again soon.
             let pending = self.tasks.values().any(|t| !t.pending.is_empty());
-            let timeout = if background {
+            let timeout = if paced {
+                Some(rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 1_000_000,
+                })
+            } else if background {
                 Some(rustix::time::Timespec {
                     tv_sec: 0,
                     tv_nsec: 0,
@@ -280,13 +296,22 @@ impl Server {
             self.retry_pending()?;
             if self.faulted {
                 self.xfer_len = MIN_XFER;
-            } else if self.finished {
+            } else if self.finished && !self.background_paused() {
                 self.background_step()?;
             }
         }
         self.stats.total = self.started.elapsed();
         for (_, task) in std::mem::take(&mut self.tasks) {
             self.forget(task);
+        }
+        if self.hand_back {
+            if let Some(restore) = &self.restore {
+                // The watcher closes its references now. It may be gone already (the
+                // tree exited and the waiting restore with it): nothing to tell then.
+                if let Err(error) = restore.send_done() {
+                    tracing::warn!(%error, "could not tell restore that every page is in");
+                }
+            }
         }
         tracing::info!(
             faults_copied = self.stats.faults_copied,
@@ -322,6 +347,11 @@ impl Server {
                 self.stats.zombies += 1;
                 Ok(())
             }
+            Some(HandoffMessage::Watch) => {
+                self.hand_back = true;
+                Ok(())
+            }
+            Some(HandoffMessage::Finished) if self.finished => Ok(()),
             Some(HandoffMessage::Finished) => {
                 self.finished = true;
                 self.stats.until_finished = Some(self.started.elapsed());
@@ -330,7 +360,9 @@ impl Server {
                     lazy_bytes = self.stats.lazy_bytes,
                     "restore finished, starting the background transfer"
                 );
-                self.close_restore();
+                if !self.hand_back {
+                    self.close_restore();
+                }
                 Ok(())
             }
             None => {
@@ -445,6 +477,13 @@ impl Server {
                     // The child's copy of the registered ranges misses exactly the pages
                     // the parent misses now: copies into the parent fail with EAGAIN from
                     // the start of fork until this event is read.
+                    if self.hand_back {
+                        if let Some(restore) = &self.restore {
+                            if let Err(error) = restore.send_uffd(parent.pid, uffd.as_fd()) {
+                                tracing::warn!(pid = parent.pid, %error, "could not hand a fork's userfaultfd back");
+                            }
+                        }
+                    }
                     let child = Task {
                         pid: parent.pid,
                         uffd,
@@ -555,6 +594,16 @@ impl Server {
         Ok(())
     }
 
+    /// Under a rate cap, whether the background transfer is ahead of it.
+    fn background_paused(&self) -> bool {
+        let (Some(rate), Some(since)) = (self.background_rate, self.stats.until_finished) else {
+            return false;
+        };
+        let elapsed = self.started.elapsed().saturating_sub(since);
+        let allowed = u128::from(rate) * elapsed.as_micros() / 1_000_000;
+        u128::from(self.stats.background_bytes) >= allowed
+    }
+
     fn background_step(&mut self) -> Result<(), DaemonError> {
         let next = self
             .tasks
@@ -603,19 +652,33 @@ impl Server {
             let data = &self.buf[..got];
             let mut off = 0usize;
             let mut copied = 0u64;
+            // UFFDIO_COPY stays inside one VMA: a range crossing into the next one (a
+            // run spanning two VMAs, or one split by mprotect since) fails whole with
+            // ENOENT. Halve the copy until it fits, then go back to the whole remainder.
+            let mut try_len = data.len();
             let outcome = loop {
                 if off >= data.len() {
                     break None;
                 }
                 let dst = RemoteAddr(at + off as u64);
-                match task.uffd.copy(dst, &data[off..], false) {
+                let piece = try_len.min(data.len() - off);
+                match task.uffd.copy(dst, &data[off..off + piece], false) {
                     Ok(()) => {
-                        copied += (data.len() - off) as u64;
-                        off = data.len();
+                        copied += piece as u64;
+                        off += piece;
+                        try_len = data.len();
                     }
                     Err(UffdError::Partial { done, .. }) if done > 0 => {
                         copied += done;
-                        off += usize::try_from(done).unwrap_or(data.len());
+                        off += usize::try_from(done).unwrap_or(piece).min(piece);
+                        try_len = data.len();
+                    }
+                    Err(UffdError::Partial {
+                        errno: Errno::NOENT,
+                        ..
+                    }) if piece > PAGE_SIZE as usize => {
+                        try_len = (piece / 2) & !(PAGE_SIZE as usize - 1);
+                        try_len = try_len.max(PAGE_SIZE as usize);
                     }
                     Err(UffdError::Partial { errno, .. }) => match errno {
                         // Already there (a fork's child shares it, or a racing fault): it
@@ -626,7 +689,10 @@ impl Server {
                         }
                         // Not registered (restore did not register it, or it is being
                         // unmapped): drop the page.
-                        Errno::NOENT => off += PAGE_SIZE as usize,
+                        Errno::NOENT => {
+                            off += PAGE_SIZE as usize;
+                            try_len = data.len();
+                        }
                         Errno::AGAIN => break Some(Fill::Again),
                         Errno::SRCH => break Some(Fill::Gone),
                         errno => {
@@ -637,7 +703,7 @@ impl Server {
                                     op: "UFFDIO_COPY",
                                     addr: dst,
                                     done: 0,
-                                    len: (data.len() - off) as u64,
+                                    len: piece as u64,
                                     errno,
                                 },
                             });

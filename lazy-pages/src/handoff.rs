@@ -18,6 +18,24 @@
 //! The pid is the one in the images, not a host pid: under a new pid namespace the two
 //! differ, and the daemon never looks pids up in `/proc`. The end marker cannot be taken
 //! for a pid: it is larger than any `pid_max`.
+//!
+//! Our extension, for a restore that keeps watch over the tree: before the end marker it
+//! may send the watch marker, and keeps the connection open after the end marker. The
+//! daemon then talks back on it with the same framing:
+//!
+//! ```text
+//!   u32 0x48435457 ("WTCH")                    ---->   hand userfaultfds back
+//!   u32 0x52535446 ("RSTF")                    ---->
+//!                                              <----   per fork of a served process:
+//!                                                        i32 image pid + 1 byte + SCM_RIGHTS { uffd }
+//!                                              <----   u32 0x52535446: every lazy page is in
+//! ```
+//!
+//! The watcher thus holds a reference to every userfaultfd, also those the kernel creates
+//! at fork, which otherwise only the daemon would hold. The connection closing without
+//! the final marker means the daemon died: the watcher kills the tree before it closes
+//! its references, because a userfaultfd whose last reference closes lets missing pages
+//! read as zeroes. A restore that never sends the watch marker (CRIU's) gets nothing back.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -36,6 +54,10 @@ pub const SOCKET_NAME: &str = "lazy-pages.socket";
 
 /// Sent once after the last task: restore is done and the tasks are about to run.
 pub const END_MARKER: u32 = 0x5253_5446;
+
+/// Sent before the end marker by a restore that keeps watch: the daemon hands the
+/// userfaultfds of forks back and says when every page is in.
+pub const WATCH_MARKER: u32 = 0x4843_5457;
 
 /// How long the rest of a message that has begun may take to arrive.
 pub const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -116,37 +138,7 @@ impl LazyHandoff {
     /// Sends a restored task's userfaultfd: its image pid, then the fd. The caller keeps
     /// its own `uffd`: the daemon gets a new reference to the same file.
     pub fn send_uffd(&mut self, pid: i32, uffd: BorrowedFd<'_>) -> Result<(), HandoffError> {
-        if pid <= 0 {
-            return Err(HandoffError::BadPid { pid });
-        }
-        send_all(&self.stream, &pid.to_ne_bytes())
-            .map_err(|errno| HandoffError::SendUffd { pid, errno })?;
-        let fds = [uffd];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(HandoffError::SendUffd {
-                pid,
-                errno: Errno::NOBUFS,
-            });
-        }
-        let dummy = [0u8; 1];
-        let sent = retry_intr(|| {
-            sendmsg(
-                &self.stream,
-                &[IoSlice::new(&dummy)],
-                &mut control,
-                SendFlags::NOSIGNAL,
-            )
-        })
-        .map_err(|errno| HandoffError::SendUffd { pid, errno })?;
-        if sent != 1 {
-            return Err(HandoffError::SendUffd {
-                pid,
-                errno: Errno::PIPE,
-            });
-        }
-        Ok(())
+        send_uffd_on(&self.stream, pid, uffd)
     }
 
     /// Tells the daemon that the task `pid` of the image is a zombie: it has no memory.
@@ -160,6 +152,15 @@ impl LazyHandoff {
         })
     }
 
+    /// Asks the daemon to hand back the userfaultfds of forks and to say when every page
+    /// is in, after [`LazyHandoff::finish_and_watch`].
+    pub fn watch(&mut self) -> Result<(), HandoffError> {
+        send_all(&self.stream, &WATCH_MARKER.to_ne_bytes()).map_err(|errno| HandoffError::Send {
+            what: "the watch marker",
+            errno,
+        })
+    }
+
     /// Sends the end marker: every task is restored and about to resume.
     pub fn finish(self) -> Result<(), HandoffError> {
         send_all(&self.stream, &END_MARKER.to_ne_bytes()).map_err(|errno| HandoffError::Send {
@@ -167,6 +168,59 @@ impl LazyHandoff {
             errno,
         })
     }
+
+    /// Sends the end marker and keeps the connection to hear the daemon (after
+    /// [`LazyHandoff::watch`]): [`HandoffMessage::Task`] for each fork's userfaultfd,
+    /// [`HandoffMessage::Finished`] once every page is in, `None` if the daemon is gone.
+    pub fn finish_and_watch(self) -> Result<HandoffReceiver, HandoffError> {
+        send_all(&self.stream, &END_MARKER.to_ne_bytes()).map_err(|errno| HandoffError::Send {
+            what: "the end marker",
+            errno,
+        })?;
+        // The daemon may stay quiet for as long as pages move.
+        self.stream
+            .set_read_timeout(None)
+            .map_err(|source| HandoffError::Receive {
+                what: "the daemon's answers",
+                errno: Errno::from_io_error(&source).unwrap_or(Errno::INVAL),
+            })?;
+        Ok(HandoffReceiver {
+            stream: self.stream,
+        })
+    }
+}
+
+fn send_uffd_on(stream: &UnixStream, pid: i32, uffd: BorrowedFd<'_>) -> Result<(), HandoffError> {
+    if pid <= 0 {
+        return Err(HandoffError::BadPid { pid });
+    }
+    send_all(stream, &pid.to_ne_bytes()).map_err(|errno| HandoffError::SendUffd { pid, errno })?;
+    let fds = [uffd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(HandoffError::SendUffd {
+            pid,
+            errno: Errno::NOBUFS,
+        });
+    }
+    let dummy = [0u8; 1];
+    let sent = retry_intr(|| {
+        sendmsg(
+            stream,
+            &[IoSlice::new(&dummy)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+    })
+    .map_err(|errno| HandoffError::SendUffd { pid, errno })?;
+    if sent != 1 {
+        return Err(HandoffError::SendUffd {
+            pid,
+            errno: Errno::PIPE,
+        });
+    }
+    Ok(())
 }
 
 fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> Result<(), Errno> {
@@ -196,8 +250,10 @@ pub enum HandoffMessage {
     Task { pid: i32, uffd: OwnedFd },
     /// The task with this image pid is a zombie.
     Zombie { pid: i32 },
-    /// Every task is restored.
+    /// Every task is restored (from restore), or every page is in (from the daemon).
     Finished,
+    /// Restore keeps watch: hand back fork userfaultfds and say when every page is in.
+    Watch,
 }
 
 /// The daemon side: the listening socket.
@@ -279,6 +335,20 @@ impl HandoffReceiver {
         HandoffReceiver { stream }
     }
 
+    /// Hands the userfaultfd the kernel made for a fork of the task `pid` back to a
+    /// watching restore.
+    pub fn send_uffd(&self, pid: i32, uffd: BorrowedFd<'_>) -> Result<(), HandoffError> {
+        send_uffd_on(&self.stream, pid, uffd)
+    }
+
+    /// Tells a watching restore that every lazy page is in.
+    pub fn send_done(&self) -> Result<(), HandoffError> {
+        send_all(&self.stream, &END_MARKER.to_ne_bytes()).map_err(|errno| HandoffError::Send {
+            what: "the final marker",
+            errno,
+        })
+    }
+
     /// Reads the next message; `None` when restore closed the connection between messages.
     /// A message that has begun is read to its end (restore writes each one at once).
     pub fn receive(&mut self) -> Result<Option<HandoffMessage>, HandoffError> {
@@ -297,8 +367,10 @@ impl HandoffReceiver {
             }
             got += n;
         }
-        if u32::from_ne_bytes(word) == END_MARKER {
-            return Ok(Some(HandoffMessage::Finished));
+        match u32::from_ne_bytes(word) {
+            END_MARKER => return Ok(Some(HandoffMessage::Finished)),
+            WATCH_MARKER => return Ok(Some(HandoffMessage::Watch)),
+            _ => {}
         }
         let pid = i32::from_ne_bytes(word);
         if pid < 0 {
@@ -403,6 +475,34 @@ mod tests {
             Some(HandoffMessage::Finished)
         ));
         assert!(rx.receive().expect("eof").is_none());
+    }
+
+    #[test]
+    fn a_watching_restore_hears_forks_and_the_end_back() {
+        let (mut tx, mut rx) = pair();
+        tx.watch().expect("watch");
+        let mut back = tx.finish_and_watch().expect("finish");
+        assert!(matches!(
+            rx.receive().expect("recv"),
+            Some(HandoffMessage::Watch)
+        ));
+        assert!(matches!(
+            rx.receive().expect("recv"),
+            Some(HandoffMessage::Finished)
+        ));
+        let file = tempfile::tempfile().expect("tempfile");
+        rx.send_uffd(42, file.as_fd()).expect("hand back");
+        rx.send_done().expect("done");
+        assert!(matches!(
+            back.receive().expect("recv"),
+            Some(HandoffMessage::Task { pid: 42, .. })
+        ));
+        assert!(matches!(
+            back.receive().expect("recv"),
+            Some(HandoffMessage::Finished)
+        ));
+        drop(rx);
+        assert!(back.receive().expect("eof").is_none());
     }
 
     #[test]

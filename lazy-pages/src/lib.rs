@@ -16,16 +16,27 @@
 //! let mut handoff = LazyHandoff::connect(work_dir)?;
 //! handoff.send_uffd(42, uffd)?;   // per restored task, its image pid and userfaultfd
 //! handoff.send_zombie(43)?;       // per zombie
-//! handoff.finish()?;              // all restored, about to resume
+//! handoff.watch()?;               // optional: hear forks and the end back
+//! let mut back = handoff.finish_and_watch()?; // all restored, about to resume
+//! while let Some(message) = back.receive()? {
+//!     // Task { uffd, .. }: a fork's userfaultfd, to hold; Finished: every page is in.
+//! #   let _ = message;
+//! }
+//! // None before Finished: the daemon died; kill the tree, then close the fds.
 //! # Ok(()) }
 //! ```
 //!
-//! Restore keeps its own duplicate of every userfaultfd it hands over, so that the tree
-//! can be killed before the fds close if the daemon dies (a userfaultfd that closes turns
-//! the missing pages into zeroes). When the daemon exits 0, every lazy page is in: restore
-//! must then close its duplicates, because a registered page that was never lazy (never
-//! written before the dump) faults until the last reference to the userfaultfd is gone.
-//! When the daemon exits non-zero, restore kills the tree.
+//! Restore holds a reference to every userfaultfd of the tree, its own duplicates and the
+//! fork userfaultfds the daemon hands back, so that the tree can be killed before the fds
+//! close if the daemon dies (a userfaultfd that closes turns the missing pages into
+//! zeroes). When the daemon says every lazy page is in (the final marker on the hand-off
+//! connection), restore closes them at once, because a registered page that was never
+//! lazy (never written before the dump) faults until the last reference to the
+//! userfaultfd is gone. A restore that does not send the watch marker (CRIU's) gets
+//! nothing back and the connection is closed after the end marker, as before.
+//!
+//! A fault block (or background chunk) that crosses a VMA boundary, which `UFFDIO_COPY`
+//! refuses whole with ENOENT, is copied in halves until each piece fits one VMA.
 #![forbid(unsafe_code)]
 
 pub mod daemon;

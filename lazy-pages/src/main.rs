@@ -48,6 +48,9 @@ struct Cli {
     /// Pin the daemon to this CPU (put the restored tree there too for ~5 µs faults)
     #[arg(long)]
     cpu: Option<u32>,
+    /// Cap the background transfer at this many KiB per second (faults are not capped)
+    #[arg(long = "background-rate", value_name = "KIB_PER_S")]
+    background_rate: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         images_dir: cli.images_dir.clone(),
         page_server,
         cpu: cli.cpu,
+        background_rate: cli.background_rate.map(|k| k.saturating_mul(1024)),
     };
     let daemon = LazyDaemon::bind(&opts).with_context(|| {
         format!(

@@ -193,6 +193,13 @@ fn faults_are_served_byte_exact_including_kernel_mode_reads() {
 }
 
 #[test]
+fn a_fault_block_crossing_a_vma_boundary_is_served() {
+    // Regression: the whole-block UFFDIO_COPY failed with ENOENT, pages were dropped from
+    // the front of the block and the faulting thread waited forever.
+    run_mode("split", &setup(true), &[]);
+}
+
+#[test]
 fn a_fork_while_pages_are_missing_gives_both_processes_their_pages() {
     run_mode("fork", &setup(true), &[]);
 }

@@ -63,6 +63,11 @@ pub fn report_failure(status: &OwnedFd, msg: &str) {
 
 /// Closes every fd we inherited from `ckpt-restore` (stdio, log file) but the status pipe.
 pub(crate) fn close_foreign_fds(keep: RawFd) -> Result<(), String> {
+    close_fds_except(&[keep])
+}
+
+/// Closes every fd of ours but those in `keep`.
+pub(crate) fn close_fds_except(keep: &[RawFd]) -> Result<(), String> {
     let mut open = BTreeSet::new();
     let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("list /proc/self/fd: {e}"))?;
     for entry in dir {
@@ -75,7 +80,7 @@ pub(crate) fn close_foreign_fds(keep: RawFd) -> Result<(), String> {
             open.insert(fd);
         }
     }
-    for fd in open.into_iter().filter(|&fd| fd != keep) {
+    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
         // EBADF is the directory fd of the listing, already closed.
         match nix::unistd::close(fd) {
             Ok(()) | Err(nix::errno::Errno::EBADF) => {}

@@ -30,8 +30,6 @@ pub enum ForkError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pid {pid} has {threads} threads; restoring threads into a new pid namespace is not supported yet")]
-    NamespaceThreads { pid: i32, threads: usize },
     #[error("status pipe")]
     Pipe(#[source] rustix::io::Errno),
     #[error("pid {pid}: preparing the child failed: {reason}")]
@@ -247,6 +245,20 @@ impl Drop for PidNamespace {
             kill_and_reap(self.reaper);
         }
     }
+}
+
+/// Makes our next children members of our own pid namespace again (after
+/// [`PidNamespace::create`] pointed them into the tree's).
+pub fn children_in_our_pid_namespace() -> Result<(), ForkError> {
+    let path = "/proc/self/ns/pid".to_string();
+    let fd = std::fs::File::open(&path).map_err(|source| ForkError::Namespace {
+        path: path.clone(),
+        source,
+    })?;
+    nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWPID).map_err(|e| ForkError::Namespace {
+        path,
+        source: std::io::Error::from_raw_os_error(e as i32),
+    })
 }
 
 /// Pid 1 of the new namespace: reaps orphans until nothing else is left in it.

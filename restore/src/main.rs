@@ -36,6 +36,10 @@ struct Cli {
     /// Leave lazy pages missing: `ckpt-lazy-pages` fills them on demand.
     #[arg(long = "lazy-pages")]
     lazy_pages: bool,
+    /// With --lazy-pages: before resuming, install the pages each thread touches first
+    /// (at its instruction and stack pointers, and where its registers point).
+    #[arg(long = "lazy-prefetch-hot", requires = "lazy_pages")]
+    lazy_prefetch_hot: bool,
     /// Directory of `lazy-pages.socket` (default: the images directory).
     #[arg(short = 'W', long = "work-dir", value_name = "DIR")]
     work_dir: Option<PathBuf>,
@@ -90,6 +94,7 @@ fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
     let opts = RestoreOptions {
         fill,
         lazy_pages: cli.lazy_pages,
+        lazy_prefetch_hot: cli.lazy_prefetch_hot,
         new_pid_ns: cli.new_pid_ns,
         work_dir: cli.work_dir.clone(),
         images_dir: cli.images_dir.clone(),

@@ -273,6 +273,7 @@ pub fn create_thread(
     leader: &mut Tracee,
     helper: &Helper,
     plan: &ThreadPlan,
+    nested: bool,
 ) -> Result<Tracee, CreateThreadError> {
     use tracee::spawn::{CloneFlags, ThreadCloneRequest};
     let tid = tracee::Tid::from_raw(plan.tid).ok_or(CreateThreadError::BadTid { tid: plan.tid })?;
@@ -283,10 +284,14 @@ pub fn create_thread(
         stack_size: crate::plan::PAGE_SIZE,
         args_addr: tracee::RemoteAddr(helper.data()),
     };
-    leader
-        .inject_clone3_thread(&req)
-        .map_err(|source| CreateThreadError::Clone {
-            tid: plan.tid,
-            source,
-        })
+    // In a pid namespace of its own the thread's id there is the image's; ours differs.
+    let created = if nested {
+        leader.inject_clone3_thread_nested(&req)
+    } else {
+        leader.inject_clone3_thread(&req)
+    };
+    created.map_err(|source| CreateThreadError::Clone {
+        tid: plan.tid,
+        source,
+    })
 }

@@ -129,6 +129,13 @@ impl Tracee {
         self.syscall_insn = Some(addr);
     }
 
+    /// Forgets the instruction given with [`Tracee::set_syscall_insn`], so that the next
+    /// injection looks for one in the target's `[vdso]` again (once the page that held it
+    /// is unmapped).
+    pub fn use_vdso_syscall_insn(&mut self) {
+        self.syscall_insn = None;
+    }
+
     /// The `syscall` instruction injections use: the one given with
     /// [`Tracee::set_syscall_insn`], or the first `0f 05` in the target's `[vdso]`.
     pub fn syscall_insn(&mut self) -> Result<RemoteAddr, InjectError> {

@@ -159,6 +159,12 @@ pub enum SpawnError {
     /// The `set_tid` list is empty or longer than the 32 pid namespace levels.
     #[error("{len} pids given for set_tid (1..=32 allowed)")]
     PidCount { len: usize },
+    /// A plain `fork` ([`fork_any`]) failed.
+    #[error("fork")]
+    Fork {
+        #[source]
+        errno: Errno,
+    },
 }
 
 fn own_thread_count() -> Result<u64, SpawnError> {
@@ -189,6 +195,30 @@ pub fn fork_with_pid(
     child: impl FnOnce() -> Infallible,
 ) -> Result<Pid, SpawnError> {
     fork_with_pids(&[pid], flags, child)
+}
+
+/// Forks a child with whatever pid the kernel picks and runs `child` in it;
+/// returns the child's pid in the parent. Same single-thread rule as
+/// [`fork_with_pid`], for helpers (watchdogs) that need no chosen pid.
+pub fn fork_any(child: impl FnOnce() -> Infallible) -> Result<Pid, SpawnError> {
+    let threads = own_thread_count()?;
+    if threads != 1 {
+        return Err(SpawnError::MultiThreaded { threads });
+    }
+    // SAFETY: the process is single-threaded (checked just above), so the
+    // child inherits no lock held by a thread that will not exist in it.
+    let ret = unsafe { libc::fork() };
+    if ret < 0 {
+        return Err(SpawnError::Fork {
+            errno: last_errno(),
+        });
+    }
+    if ret == 0 {
+        child();
+    }
+    Pid::from_raw(ret).ok_or(SpawnError::Fork {
+        errno: Errno::RANGE,
+    })
 }
 
 /// Like [`fork_with_pid`] with one pid per pid namespace level, innermost
@@ -342,6 +372,25 @@ impl Tracee {
         &mut self,
         req: &ThreadCloneRequest,
     ) -> Result<Tracee, InjectError> {
+        self.clone3_thread(req, false)
+    }
+
+    /// [`Tracee::inject_clone3_thread`] for a process in a pid namespace below
+    /// ours: `req.tid` is the thread's id in the process's namespace (what
+    /// `clone3` returns there), and the returned thread is addressed by the
+    /// id the clone event reports, ours.
+    pub fn inject_clone3_thread_nested(
+        &mut self,
+        req: &ThreadCloneRequest,
+    ) -> Result<Tracee, InjectError> {
+        self.clone3_thread(req, true)
+    }
+
+    fn clone3_thread(
+        &mut self,
+        req: &ThreadCloneRequest,
+        nested: bool,
+    ) -> Result<Tracee, InjectError> {
         let tid = self.tid();
         let nr = libc::SYS_clone3;
         if !self.options().contains(SeizeOptions::TRACECLONE) {
@@ -388,21 +437,32 @@ impl Tracee {
             nr,
             errno,
         })?;
-        if created != i64::from(req.tid.as_raw())
-            || reported.is_some_and(|r| u64::try_from(created) != Ok(r))
-        {
-            return Err(InjectError::CloneTid {
-                tid,
-                want: req.tid,
-                got: created,
-            });
+        let wrong = || InjectError::CloneTid {
+            tid,
+            want: req.tid,
+            got: created,
+        };
+        if created != i64::from(req.tid.as_raw()) {
+            return Err(wrong());
         }
-        let mut thread = Tracee::auto_attached(self.pid(), req.tid, self);
+        let ours = if nested {
+            // Only the event knows the id in our namespace.
+            reported
+                .and_then(|r| i32::try_from(r).ok())
+                .and_then(Tid::from_raw)
+                .ok_or_else(wrong)?
+        } else {
+            if reported.is_some_and(|r| u64::try_from(created) != Ok(r)) {
+                return Err(wrong());
+            }
+            req.tid
+        };
+        let mut thread = Tracee::auto_attached(self.pid(), ours, self);
         // The same instruction serves every thread of the address space.
         thread.syscall_insn = self.syscall_insn;
         // The new thread reports a stop before running anything: SIGSTOP for a
         // classic (TRACEME) attachment, PTRACE_EVENT_STOP for a seized one.
-        match wait_tid(req.tid) {
+        match wait_tid(ours) {
             Ok(WaitEvent::Stopped { sig, event }) => {
                 thread.set_stopped(StopState::Stopped { sig, event });
                 Ok(thread)
@@ -412,7 +472,7 @@ impl Tracee {
                 Err(InjectError::Ptrace {
                     tid,
                     nr,
-                    source: PtraceError::Exited { tid: req.tid, code },
+                    source: PtraceError::Exited { tid: ours, code },
                 })
             }
             Ok(WaitEvent::Signaled(signal)) => {
@@ -420,19 +480,13 @@ impl Tracee {
                 Err(InjectError::Ptrace {
                     tid,
                     nr,
-                    source: PtraceError::Killed {
-                        tid: req.tid,
-                        signal,
-                    },
+                    source: PtraceError::Killed { tid: ours, signal },
                 })
             }
             Err(errno) => Err(InjectError::Ptrace {
                 tid,
                 nr,
-                source: PtraceError::Wait {
-                    tid: req.tid,
-                    errno,
-                },
+                source: PtraceError::Wait { tid: ours, errno },
             }),
         }
     }

@@ -5,7 +5,7 @@
  * every byte against the pattern the test wrote into the images.
  *
  * usage: lazy_child SOCKET MODE IMAGE_PID
- * modes: basic fork mm threads background early_exit external
+ * modes: basic fork mm threads background early_exit external split
  * exit 0 when every check passed; prints what differed otherwise. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -136,6 +136,10 @@ int main(int argc, char **argv)
 	map_fixed(A_ADDR, A_PAGES);
 	map_fixed(B_ADDR, B_PAGES);
 	map_fixed(D_ADDR, 1);
+	/* Mode split: A's pages 2 and 3 become a VMA of their own, so that the lazy run of A
+	 * and the fault block around page 0 cross two VMA boundaries. */
+	if (!strcmp(mode, "split") && mprotect((void *)(A_ADDR + 2 * PG), 2 * PG, PROT_READ))
+		die("mprotect");
 
 	/* In mode fork the fd is blocking, as a restorer may create it: the daemon must cope,
 	 * also for the fd the kernel makes for the forked child. */
@@ -242,6 +246,11 @@ int main(int argc, char **argv)
 		char c;
 		if (read(0, &c, 1) != 1)
 			die("read stdin");
+		check_all(0);
+	} else if (!strcmp(mode, "split")) {
+		expect_pattern(A_ADDR, A_ADDR, 1, "A page 0, its block crossing a VMA boundary");
+		expect_pattern(A_ADDR + 3 * PG, A_ADDR + 3 * PG, 1, "A page 3, in the read-only VMA");
+		finish();
 		check_all(0);
 	} else if (!strcmp(mode, "early_exit")) {
 		expect_pattern(A_ADDR, A_ADDR, 3, "A before exit");
