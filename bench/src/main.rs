@@ -9,6 +9,7 @@
 //! in the same profile (`cargo build --release --workspace`).
 #![forbid(unsafe_code)]
 
+mod migrate;
 mod precopy;
 
 use std::io::IoSliceMut;
@@ -63,6 +64,8 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
+    /// Migration algorithms x workloads x bandwidths beside the thesis's tables.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// One measured dump + restore cycle.
@@ -85,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             warm_runs,
             json,
         } => dump_restore(&sizes, threads, warm_runs, json),
+        Cmd::Migrate(args) => migrate::run(args),
         Cmd::Precopy {
             mib,
             batch,

@@ -1,0 +1,713 @@
+//! Each migration algorithm as a composition of the command-line tools, with the same command
+//! lines `scripts/ckpt-migrate` runs over ssh. Source-side tools run in the source's network
+//! namespace, destination-side ones in the destination's, and the restore in a fresh PID (and
+//! mount, for its /proc) namespace, so the restored pid cannot collide with the frozen source.
+//!
+//! The contract every pipeline keeps: it ends with the process running at the destination and
+//! the source gone, or, when a step fails before the destination runs, with the source running
+//! as before (dumps that freeze it leave it stopped until the destination runs; a failure sends
+//! it SIGCONT).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::testbed::{Side, Testbed, DST_ADDR, SRC_ADDR};
+use super::transfer;
+use super::workload::Stamps;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Algorithm {
+    /// Freeze, dump everything, transfer, restore.
+    TotalCopy,
+    /// Pre-dump rounds through the page server while it runs, then the final dump.
+    PreCopy,
+    /// Pre-copy rounds that hold back pages written since the previous round.
+    QueuedPreCopy,
+    /// Freeze, send the state, resume at once; pages are pulled from the source.
+    PostCopy,
+    /// One full pre-copy round, then post-copy of only the pages dirtied since.
+    AssistedPostCopy,
+    /// Post-copy with the pages under the instruction and stack pointers installed before it
+    /// resumes.
+    FreezeFree,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::TotalCopy,
+        Algorithm::PreCopy,
+        Algorithm::QueuedPreCopy,
+        Algorithm::PostCopy,
+        Algorithm::AssistedPostCopy,
+        Algorithm::FreezeFree,
+    ];
+
+    /// For directory names.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Algorithm::TotalCopy => "tc",
+            Algorithm::PreCopy => "pc",
+            Algorithm::QueuedPreCopy => "qpc",
+            Algorithm::PostCopy => "poc",
+            Algorithm::AssistedPostCopy => "apc",
+            Algorithm::FreezeFree => "ff",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::TotalCopy => "total-copy",
+            Algorithm::PreCopy => "pre-copy",
+            Algorithm::QueuedPreCopy => "queued-pre-copy",
+            Algorithm::PostCopy => "post-copy",
+            Algorithm::AssistedPostCopy => "assisted-post-copy",
+            Algorithm::FreezeFree => "freeze-free",
+        }
+    }
+}
+
+/// The project's binaries, next to the running benchmark.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub dump: PathBuf,
+    pub restore: PathBuf,
+    pub page_server: PathBuf,
+    pub lazy_pages: PathBuf,
+}
+
+impl Tools {
+    pub fn locate() -> Result<Tools> {
+        let exe = std::env::current_exe().context("path of the running executable")?;
+        let dir = exe
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no directory", exe.display()))?;
+        let find = |name: &str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                bail!(
+                    "{} is missing: build the tools in the same profile first \
+                     (cargo build --release --workspace)",
+                    path.display()
+                )
+            }
+        };
+        Ok(Tools {
+            dump: find("ckpt-dump")?,
+            restore: find("ckpt-restore")?,
+            page_server: find("ckpt-page-server")?,
+            lazy_pages: find("ckpt-lazy-pages")?,
+        })
+    }
+}
+
+/// Pre-copy's stop rule: the thesis's at most `rounds` rounds and `max_dirty_percent` of the
+/// address space, plus ours: stop when a round did not shrink the dirty set by a tenth.
+#[derive(Debug, Clone, Copy)]
+pub struct PrecopyOptions {
+    pub rounds: u32,
+    pub max_dirty_percent: u32,
+}
+
+/// What one migration did, in CLOCK_MONOTONIC nanoseconds (the workloads' clock).
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub t_request: u64,
+    /// When the process was frozen for good (the final dump began).
+    pub t_freeze: u64,
+    /// When it ran again at the destination.
+    pub t_resumed: u64,
+    /// When nothing of it was left at the source.
+    pub t_done: u64,
+    /// Pages each pre-copy round sent, in order.
+    pub round_pages: Vec<u64>,
+    /// Why pre-copy stopped.
+    pub stop_reason: Option<String>,
+    /// Pages sent by the final dump through the page server (pre-copy variants).
+    pub final_pages: u64,
+    /// Every tool command line run, in order.
+    pub steps: Vec<String>,
+}
+
+/// A process the harness started; killed and reaped when dropped unless already reaped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    /// Where its standard output and error go.
+    pub out: PathBuf,
+    /// The tool's own log (`-o`), when it has one apart from `out`.
+    pub log: Option<PathBuf>,
+    reaped: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// The end of what it wrote, for error messages.
+    pub fn tail(&self) -> String {
+        let mut text = log_tail(&self.out);
+        if let Some(log) = &self.log {
+            let more = log_tail(log);
+            if !more.is_empty() {
+                text = if text.is_empty() {
+                    more
+                } else {
+                    format!("{text} | {more}")
+                };
+            }
+        }
+        text
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))
+    }
+
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+        if self.reaped.is_none() {
+            self.reaped = self
+                .child
+                .try_wait()
+                .with_context(|| format!("wait for {}", self.name))?;
+        }
+        Ok(self.reaped)
+    }
+
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_status()? {
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not finish within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits for success; a failure carries the end of the tool's log.
+    pub fn wait_ok(&mut self, timeout: Duration) -> Result<()> {
+        let status = self.wait_timeout(timeout)?;
+        if status.success() {
+            Ok(())
+        } else {
+            bail!("{} failed ({status}): {}", self.name, self.tail())
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if self.reaped.is_none() {
+            // unshare's child first (the PID namespace's init): killed this way it is reaped
+            // by unshare, while killing unshare first would leave it to the host's init.
+            let pid = self.child.id();
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+            }
+            let _ = self.child.kill();
+            self.reaped = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last lines of a tool's log, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let from = lines.len().saturating_sub(6);
+    lines[from..].join(" | ")
+}
+
+/// Everything a pipeline works with.
+pub struct Migration<'a> {
+    pub bed: &'a Testbed,
+    pub tools: &'a Tools,
+    /// The cell's scratch directory: `src/` and `dst/` image trees live in it.
+    pub dir: &'a Path,
+    pub pid: i32,
+    pub stamps: &'a Path,
+    pub precopy: PrecopyOptions,
+    /// Upper bound for any one step.
+    pub step_timeout: Duration,
+    pub next_port: u16,
+    /// Move the service address to the destination as soon as it runs (the UDP server).
+    pub move_service: bool,
+    pub outcome: Outcome,
+}
+
+/// The process restored at the destination: `unshare` and, under it, the PID namespace's
+/// init, which outlives `ckpt-restore -d`; dropping it ends the namespace.
+pub type Restored = Proc;
+
+impl Migration<'_> {
+    pub fn run(&mut self, algorithm: Algorithm) -> Result<Restored> {
+        self.outcome.t_request = now_ns();
+        let result = match algorithm {
+            Algorithm::TotalCopy => self.total_copy(),
+            Algorithm::PreCopy => self.pre_copy(false),
+            Algorithm::QueuedPreCopy => self.pre_copy(true),
+            Algorithm::PostCopy => self.post_copy(false, &[]),
+            Algorithm::AssistedPostCopy => self.post_copy(true, &[]),
+            // The pages under each thread's instruction and stack pointers (and where its
+            // registers point) are installed before it resumes.
+            Algorithm::FreezeFree => self.post_copy(false, &["--lazy-prefetch-hot"]),
+        };
+        if result.is_err() {
+            // Whatever froze it is gone now: let the source run on, as before.
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
+        }
+        result
+    }
+
+    /// Freeze, dump, transfer, restore.
+    fn total_copy(&mut self) -> Result<Restored> {
+        let (src, dst) = (self.dir.join("src/img"), self.dir.join("dst/img"));
+        self.outcome.t_freeze = now_ns();
+        let pid = self.pid.to_string();
+        self.tool(
+            Side::Source,
+            "ckpt-dump",
+            &self.tools.dump.clone(),
+            &[
+                "-t",
+                &pid,
+                "-D",
+                &s(&src),
+                "-o",
+                "dump.log",
+                "--leave-stopped",
+            ],
+        )?
+        .wait_ok(self.step_timeout)?;
+        let frozen = Stamps::read(self.stamps)?.iterations;
+        self.transfer(&src, &dst)?;
+        let mut restored = self.restore(&dst, &[])?;
+        self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
+        self.outcome.t_done = self.outcome.t_resumed;
+        Ok(restored)
+    }
+
+    /// Pre-dump rounds while it runs, then the final dump of what is still dirty.
+    fn pre_copy(&mut self, queued: bool) -> Result<Restored> {
+        let mut round = 0u32;
+        let mut prev: Option<String> = None;
+        let mut first_pages = 0u64;
+        loop {
+            round += 1;
+            let name = format!("pre{round}");
+            let mut args = vec!["--pre-dump", "--track-mem"];
+            if queued {
+                args.push("--hold-hot-pages");
+            }
+            let pages = self.dump_through_page_server(&name, prev.as_deref(), &args)?;
+            self.outcome.round_pages.push(pages);
+            if round == 1 {
+                first_pages = pages.max(1);
+            }
+            let limit = first_pages * u64::from(self.precopy.max_dirty_percent) / 100;
+            let previous = self.outcome.round_pages.iter().rev().nth(1).copied();
+            prev = Some(format!("../{name}"));
+            let stop = if round > 1 && pages <= limit {
+                Some(format!(
+                    "dirty set of {pages} pages within the limit of {limit}"
+                ))
+            } else if round >= self.precopy.rounds {
+                Some(format!("{round} rounds, the maximum"))
+            } else if previous.is_some_and(|p| round > 1 && pages * 10 > p * 9) {
+                Some(format!(
+                    "not converging: {pages} pages dirty after {} the round before",
+                    previous.unwrap_or(0)
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = stop {
+                self.outcome.stop_reason = Some(reason);
+                break;
+            }
+        }
+        self.outcome.t_freeze = now_ns();
+        let prev_dir = prev.unwrap_or_default();
+        self.outcome.final_pages = self.dump_through_page_server(
+            "final",
+            Some(&prev_dir),
+            &["--track-mem", "--leave-stopped"],
+        )?;
+        let frozen = Stamps::read(self.stamps)?.iterations;
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        self.transfer(&src, &dst)?;
+        let mut restored = self.restore(&dst, &[])?;
+        self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
+        self.outcome.t_done = self.outcome.t_resumed;
+        Ok(restored)
+    }
+
+    /// One `ckpt-dump` whose pages go to a `ckpt-page-server` at the destination, into
+    /// `dst/NAME` (other images stay in `src/NAME`); returns the pages that crossed.
+    fn dump_through_page_server(
+        &mut self,
+        name: &str,
+        prev: Option<&str>,
+        extra: &[&str],
+    ) -> Result<u64> {
+        let (src, dst) = (
+            self.dir.join("src").join(name),
+            self.dir.join("dst").join(name),
+        );
+        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
+        let port = self.port();
+        let port_s = port.to_string();
+        let dst_s = s(&dst);
+        let mut server_args = vec!["-D", &dst_s, "--address", DST_ADDR, "--port", &port_s];
+        if let Some(prev) = prev {
+            server_args.extend(["--prev-images-dir", prev]);
+        }
+        let page_server = self.tools.page_server.clone();
+        let mut server = self.tool(
+            Side::Destination,
+            "ckpt-page-server",
+            &page_server,
+            &server_args,
+        )?;
+        wait_listening(&mut server, port, self.step_timeout)?;
+        let pid = self.pid.to_string();
+        let src_s = s(&src);
+        let mut args = vec!["-t", &pid, "-D", &src_s, "-o", "dump.log"];
+        args.extend(extra);
+        args.extend(["--page-server", "--address", DST_ADDR, "--port", &port_s]);
+        if let Some(prev) = prev {
+            args.extend(["--prev-images-dir", prev]);
+        }
+        let dump = self.tools.dump.clone();
+        self.tool(Side::Source, "ckpt-dump", &dump, &args)?
+            .wait_ok(self.step_timeout)?;
+        server.wait_ok(self.step_timeout)?;
+        Ok(pages_in(&dst)? / 4096)
+    }
+
+    /// Post-copy and its variants: the source serves pages to the destination's lazy-pages
+    /// daemon; `assisted` first moves one full pre-dump round; `restore_extra` goes to
+    /// `ckpt-restore --lazy-pages`.
+    fn post_copy(&mut self, assisted: bool, restore_extra: &[&str]) -> Result<Restored> {
+        let mut prev = None;
+        if assisted {
+            let pages =
+                self.dump_through_page_server("pre1", None, &["--pre-dump", "--track-mem"])?;
+            self.outcome.round_pages.push(pages);
+            prev = Some("../pre1".to_string());
+        }
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        let port = self.port();
+        let (pid, port_s, src_s) = (self.pid.to_string(), port.to_string(), s(&src));
+        let mut args = vec![
+            "-t",
+            &pid,
+            "-D",
+            &src_s,
+            "-o",
+            "dump.log",
+            "--lazy-pages",
+            "--address",
+            SRC_ADDR,
+            "--port",
+            &port_s,
+            "--lazy-connect-timeout",
+            "30",
+        ];
+        if let Some(prev) = &prev {
+            args.extend(["--track-mem", "--prev-images-dir", prev]);
+        }
+        self.outcome.t_freeze = now_ns();
+        let dump = self.tools.dump.clone();
+        let mut server = self.tool(Side::Source, "ckpt-dump --lazy-pages", &dump, &args)?;
+        wait_listening(&mut server, port, self.step_timeout)?;
+        // It serves once its images are written; the inventory says they are.
+        wait_for_file(&src.join("inventory.img"), &mut server, self.step_timeout)?;
+        let frozen = Stamps::read(self.stamps)?.iterations;
+        match self.lazy_destination(&src, &dst, &port_s, frozen, restore_extra) {
+            Ok((restored, mut daemon)) => {
+                // Post-processing: until the daemon holds every page and the source let go.
+                daemon.wait_ok(self.step_timeout)?;
+                server.wait_ok(self.step_timeout)?;
+                self.outcome.t_done = now_ns();
+                Ok(restored)
+            }
+            Err(e) => {
+                // The destination's processes are gone: the dump sees its peer leave and
+                // resumes the source itself; give it the time to before it is killed.
+                let _ = server.wait_timeout(Duration::from_secs(10));
+                Err(e.context(format!("ckpt-dump --lazy-pages said: {}", server.tail())))
+            }
+        }
+    }
+
+    /// The destination half of post-copy: state in, daemon up, restore, running.
+    fn lazy_destination(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        port: &str,
+        frozen: u64,
+        restore_extra: &[&str],
+    ) -> Result<(Restored, Proc)> {
+        self.transfer(src, dst)?;
+        let (dst_s, log) = (s(dst), s(&dst.join("lazy-pages.log")));
+        let lazy = self.tools.lazy_pages.clone();
+        let mut daemon = self.tool(
+            Side::Destination,
+            "ckpt-lazy-pages",
+            &lazy,
+            &[
+                "-D",
+                &dst_s,
+                "-o",
+                &log,
+                "--page-server",
+                "--address",
+                SRC_ADDR,
+                "--port",
+                port,
+            ],
+        )?;
+        wait_for_file(
+            &dst.join("lazy-pages.socket"),
+            &mut daemon,
+            self.step_timeout,
+        )?;
+        let mut restore_args = vec!["--lazy-pages"];
+        restore_args.extend(restore_extra);
+        let mut restored = self.restore(dst, &restore_args)?;
+        self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
+        Ok((restored, daemon))
+    }
+
+    /// Records a step with its start, in ms after the request: the run's timeline.
+    fn note(&mut self, step: String) {
+        let at = now_ns().saturating_sub(self.outcome.t_request) as f64 / 1e6;
+        self.outcome.steps.push(format!("+{at:.1} ms {step}"));
+    }
+
+    fn port(&mut self) -> u16 {
+        self.next_port = self.next_port.wrapping_add(1).max(20000);
+        self.next_port
+    }
+
+    fn transfer(&mut self, from: &Path, to: &Path) -> Result<()> {
+        let port = self.port();
+        let addr: SocketAddr = format!("{DST_ADDR}:{port}").parse().context("address")?;
+        self.note(format!(
+            "transfer {} -> {} (tar | ssh)",
+            from.display(),
+            to.display()
+        ));
+        transfer::copy_dir(
+            &self.bed.ns_path(Side::Source),
+            &self.bed.ns_path(Side::Destination),
+            from,
+            to,
+            addr,
+        )
+        .with_context(|| format!("transfer {} to the destination", from.display()))?;
+        Ok(())
+    }
+
+    /// Starts `ckpt-restore` as init of a new PID namespace in the destination.
+    fn restore(&mut self, dir: &Path, extra: &[&str]) -> Result<Restored> {
+        let log = dir.join("restore.log");
+        let mut cmd = Command::new("unshare");
+        // The namespace's init is a shell that runs `ckpt-restore -d` and then waits: the
+        // restored process is not the child of a restorer that waits for it, as it is on a
+        // destination host. --kill-child: if unshare dies, so does the init and with it the
+        // namespace.
+        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+            .args(["sh", "-c", r#""$@" && exec sleep 1000000"#, "sh"])
+            .arg(&self.tools.restore)
+            .arg("-d")
+            .arg("-D")
+            .arg(dir)
+            .arg("-o")
+            .arg(&log)
+            .args(extra);
+        let mut restore = self.spawn(
+            Side::Destination,
+            "ckpt-restore",
+            &cmd,
+            dir.join("restore.out"),
+        )?;
+        restore.log = Some(log);
+        Ok(restore)
+    }
+
+    /// Waits until the stamps move again after `frozen` iterations: the destination runs.
+    fn wait_resumed(&mut self, frozen: u64, restored: &mut Restored) -> Result<u64> {
+        let start = Instant::now();
+        loop {
+            let stamps = Stamps::read(self.stamps)?;
+            if stamps.iterations > frozen {
+                self.note("the process runs at the destination".to_string());
+                if self.move_service {
+                    self.bed.move_service_address()?;
+                }
+                return Ok(stamps
+                    .resumed_at(self.outcome.t_freeze)
+                    .unwrap_or_else(now_ns));
+            }
+            if let Some(status) = restored.try_status()? {
+                bail!(
+                    "ckpt-restore exited ({status}) before the process ran: {}",
+                    restored.tail()
+                );
+            }
+            if start.elapsed() > self.step_timeout {
+                bail!(
+                    "the restored process did not run within {:?}",
+                    self.step_timeout
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn tool(&mut self, side: Side, name: &str, program: &Path, args: &[&str]) -> Result<Proc> {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        let log = self.dir.join(format!(
+            "{}-{}.out",
+            name.replace([' ', '-'], "_"),
+            self.outcome.steps.len()
+        ));
+        self.spawn(side, name, &cmd, log)
+    }
+
+    fn spawn(&mut self, side: Side, name: &str, cmd: &Command, out: PathBuf) -> Result<Proc> {
+        let ns = self.bed.ns_path(side);
+        let line = format!(
+            "[{}] {} {}",
+            self.bed.name(side),
+            cmd.get_program().to_string_lossy(),
+            cmd.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        self.note(line);
+        let stdout =
+            std::fs::File::create(&out).with_context(|| format!("create {}", out.display()))?;
+        let stderr = stdout.try_clone().context("dup log")?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .arg("--")
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            out,
+            log: None,
+            reaped: None,
+        })
+    }
+}
+
+fn s(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// CLOCK_MONOTONIC, the clock the workloads stamp with.
+pub fn now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes of page data in an image directory (`pages-*.img`).
+fn pages_in(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("pages-") && name.ends_with(".img") {
+            total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// Waits until `proc` listens on TCP `port` (seen in its namespace's /proc/PID/net/tcp): a
+/// probing connection would use up a server that serves one session.
+fn wait_listening(proc: &mut Proc, port: u16, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let needle = format!(":{port:04X} ");
+    loop {
+        let table =
+            std::fs::read_to_string(format!("/proc/{}/net/tcp", proc.pid())).unwrap_or_default();
+        let listening = table.lines().skip(1).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.get(1)
+                .is_some_and(|local| format!("{local} ").contains(&needle))
+                && cols.get(3) == Some(&"0A")
+        });
+        if listening {
+            return Ok(());
+        }
+        if let Some(status) = proc.try_status()? {
+            bail!(
+                "{} exited ({status}) before listening: {}",
+                proc.name,
+                proc.tail()
+            );
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "{} did not listen on port {port} within {timeout:?}",
+                proc.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn wait_for_file(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Some(status) = proc.try_status()? {
+            bail!(
+                "{} exited ({status}) before creating {}: {}",
+                proc.name,
+                path.display(),
+                proc.tail()
+            );
+        }
+        if start.elapsed() > timeout {
+            bail!("{} not created within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
