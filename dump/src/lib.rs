@@ -15,7 +15,10 @@
 //!                      component, clear_tid_addr, thread_core (sigmask, private pending
 //!                      signals, rseq, robust list, sigaltstack, sched, pdeath, creds, seccomp,
 //!                      comm); the leader's also has tc (62 sigactions in signal order without
-//!                      SIGKILL/SIGSTOP, timers, rlimits, shared pending signals, ...)
+//!                      SIGKILL/SIGSTOP, timers, rlimits, shared pending signals, ...);
+//!                      ckpt extensions (field numbers from 1001, which crit skips):
+//!                      thread_core.{cpu_affinity (if restricted), timer_slack_ns, ioprio
+//!                      (if a class is set)} and tc.mdwe_flags (if set)
 //! ids-PID.img          kernel object ids; files_id names fdinfo-<files_id>.img
 //! mm-PID.img           mm fields (brk from brk(0), auxv), exe_file_id, every VMA (VMA_AREA_*
 //!                      status, MAP_* flags, madv bits; shmid = file id of file mappings), and

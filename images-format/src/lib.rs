@@ -16,6 +16,23 @@
 //! - [`vma`]: the `vma_entry.status` bits.
 //! - [`xsave`]: the raw `NT_X86_XSTATE` area to and from `user_x86_fpregs_entry`.
 //!
+//! # ckpt extensions
+//!
+//! CRIU's schema has no place for a few pieces of state ckpt saves. They are our own
+//! optional fields, numbered from [`EXTENSION_FIELDS_START`] up so that no field CRIU adds
+//! later can collide with them:
+//!
+//! | message | field | number | what |
+//! |---|---|---|---|
+//! | `thread_core_entry` | `cpu_affinity` | 1001 | CPU mask words (`sched_getaffinity`), absent if unrestricted |
+//! | `thread_core_entry` | `timer_slack_ns` | 1002 | `PR_GET_TIMERSLACK` |
+//! | `thread_core_entry` | `ioprio` | 1003 | `ioprio_get`, absent for `IOPRIO_CLASS_NONE` |
+//! | `task_core_entry` | `mdwe_flags` | 1001 | `PR_GET_MDWE`, absent if none |
+//!
+//! Images holding them stay CRIU images: `crit` keeps them as unknown fields and prints
+//! nothing for them (CRIU's restore ignores them likewise), and `ckpt-img` prints them as
+//! extra keys beside CRIU's.
+//!
 //! Writing and reading an image directory:
 //!
 //! ```
@@ -59,6 +76,10 @@ pub mod xsave;
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/criu.rs"));
 }
+
+/// The first field number of ckpt's own fields in CRIU's messages: every field numbered
+/// this or higher is a ckpt extension that CRIU's tools skip as unknown.
+pub const EXTENSION_FIELDS_START: u32 = 1001;
 
 /// The encoded `FileDescriptorSet` of every message in `proto/`, for generic decoding.
 pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor_set.bin"));

@@ -64,13 +64,23 @@ const NEWER_THAN_CRIT: &[&str] = &[
     "criu.thread_core_entry.cg_set",
 ];
 
+/// ckpt's own fields (numbers from `EXTENSION_FIELDS_START` up), which no CRIU knows: crit
+/// keeps them as unknown fields and prints nothing for them.
+const CKPT_EXTENSIONS: &[&str] = &[
+    "criu.task_core_entry.mdwe_flags",
+    "criu.thread_core_entry.cpu_affinity",
+    "criu.thread_core_entry.timer_slack_ns",
+    "criu.thread_core_entry.ioprio",
+];
+
 /// Fields crit 3.17 knows under their old name: the u32 page count was `nr_pages` before
 /// the u64 field took that name (crit then lacks the new field, see NEWER_THAN_CRIT).
 const RENAMED_IN_CRIT: &[(&str, &str)] = &[("criu.pagemap_entry.compat_nr_pages", "nr_pages")];
 
 /// The key crit prints a field under; `None` for fields it does not know.
 fn crit_key(field: &prost_reflect::FieldDescriptor) -> Option<&str> {
-    if NEWER_THAN_CRIT.contains(&field.full_name()) {
+    if NEWER_THAN_CRIT.contains(&field.full_name()) || CKPT_EXTENSIONS.contains(&field.full_name())
+    {
         return None;
     }
     let key = RENAMED_IN_CRIT
@@ -366,7 +376,9 @@ fn crit_decodes_what_we_write() {
     }
     let unexpected: Vec<_> = missing
         .iter()
-        .filter(|m| !NEWER_THAN_CRIT.contains(&m.as_str()))
+        .filter(|m| {
+            !NEWER_THAN_CRIT.contains(&m.as_str()) && !CKPT_EXTENSIONS.contains(&m.as_str())
+        })
         .collect();
     assert!(unexpected.is_empty(), "crit did not print: {unexpected:?}");
     eprintln!("{checked} images decoded by crit; fields crit lacks: {missing:?}");
@@ -485,4 +497,79 @@ fn we_read_what_crit_encodes() {
     );
     let s: pb::StatsEntry = dir.read_one(ImageKind::StatsDump, 0).unwrap();
     assert_eq!(s.dump.unwrap().pages_written, 7);
+}
+
+/// Our extension fields are exactly the listed ones, all numbered where CRIU never goes, and
+/// CRIU's fields all stay below that range.
+#[test]
+fn extension_fields_are_listed_and_numbered_apart() {
+    let pool = pool();
+    let mut found = Vec::new();
+    for message in pool.all_messages() {
+        for field in message.fields() {
+            let listed = CKPT_EXTENSIONS.contains(&field.full_name());
+            let high = field.number() >= images_format::EXTENSION_FIELDS_START;
+            assert_eq!(
+                listed,
+                high,
+                "{} is numbered {}: fields from {} up are ckpt extensions and must be listed",
+                field.full_name(),
+                field.number(),
+                images_format::EXTENSION_FIELDS_START
+            );
+            if listed {
+                assert!(
+                    field.cardinality() != prost_reflect::Cardinality::Required,
+                    "{}: an extension must be optional for CRIU's images to decode",
+                    field.full_name()
+                );
+                found.push(field.full_name().to_owned());
+            }
+        }
+    }
+    found.sort();
+    let mut expected: Vec<_> = CKPT_EXTENSIONS.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(found, expected);
+}
+
+/// A core image holding every extension decodes in crit with CRIU's fields intact and the
+/// extensions left out.
+#[test]
+fn crit_decodes_cores_with_extensions() {
+    let Some(crit) = crit() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let core = pb::CoreEntry {
+        mtype: pb::core_entry::March::X8664 as i32,
+        tc: Some(pb::TaskCoreEntry {
+            task_state: 1,
+            comm: "extras".into(),
+            mdwe_flags: Some(1),
+            ..Default::default()
+        }),
+        thread_core: Some(pb::ThreadCoreEntry {
+            futex_rla_len: 24,
+            sched_nice: Some(-3),
+            cpu_affinity: vec![0b10, 1 << 63],
+            timer_slack_ns: Some(123_456),
+            ioprio: Some((2 << 13) | 3),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let path = tmp.path().join("core-1.img");
+    let mut w =
+        ImageWriter::new(std::fs::File::create(&path).unwrap(), ImageKind::Core, "x").unwrap();
+    w.write_entry(&core).unwrap();
+    w.finish().unwrap();
+    let json = crit_decode(&crit, &path).unwrap();
+    let entry = &json["entries"][0];
+    assert_eq!(entry["tc"]["comm"], "extras", "{json}");
+    assert_eq!(entry["thread_core"]["sched_nice"], -3, "{json}");
+    assert_eq!(entry["thread_core"]["futex_rla_len"], 24, "{json}");
+    assert!(
+        entry["thread_core"].get("timer_slack_ns").is_none(),
+        "{json}"
+    );
+    assert!(entry["tc"].get("mdwe_flags").is_none(), "{json}");
 }

@@ -7,6 +7,7 @@
 pub mod child;
 pub mod creds;
 pub mod elf;
+pub mod extras;
 pub mod files;
 pub mod fork;
 pub mod lazy;
@@ -47,6 +48,9 @@ pub struct RestoreOptions {
     /// Restore into a new pid namespace, whose init is a reaper of ours: the image's
     /// pids are then free whatever the host runs.
     pub new_pid_ns: bool,
+    /// With `lazy_pages`: install the pages each thread touches first (instruction and
+    /// stack pointers, what registers point to) before the tree resumes.
+    pub lazy_prefetch_hot: bool,
 }
 
 /// How a restore ended.
@@ -142,6 +146,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     let lazy = opts.lazy_pages.then_some(LazyPlan {
         ranges: &lazy_ranges,
         work_dir: &work_dir,
+        prefetch_from: opts.lazy_prefetch_hot.then_some(&dir),
     });
     tracing::info!(
         pid = plan.pid,
@@ -156,13 +161,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     let affinity = rustix::thread::sched_getaffinity(None).ok();
     let _pin = pin_here();
 
-    if opts.new_pid_ns && plan.threads.len() > 1 {
-        return Err(fork::ForkError::NamespaceThreads {
-            pid: plan.pid,
-            threads: plan.threads.len(),
-        }
-        .into());
-    }
     if !opts.new_pid_ns {
         fork::check_tids_free(plan.pid, plan.threads.iter().map(|t| t.tid))?;
     }
@@ -190,6 +188,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         fill: opts.fill,
         cpus: affinity.as_ref(),
         lazy,
+        nested: opts.new_pid_ns,
     };
     let (pages_restored, lazy) = rebuild(&mut leader, &plan, &pages, &how)?;
     // Opened and mapped by now: unlinked, as they were at dump time.
@@ -205,11 +204,21 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     if let Some(set) = &affinity {
         give_back_affinity(pid, set);
     }
-    // The daemon learns that every task is restored just before they resume; our
-    // duplicate of the userfaultfd lives until we return.
-    let _uffd = match lazy {
+    extras::restore(&mut leader, &images.root)?;
+    // The daemon learns that every task is restored just before they resume. From then
+    // on a watch holds references to the tree's userfaultfds until every page is in, and
+    // kills the tree if the daemon dies first.
+    let victim = match reaper {
+        Some(reaper) => lazy::Victim::Namespace(reaper),
+        None => lazy::Victim::Tree(pid),
+    };
+    let watch = match lazy {
         Some(l) => Some(l.finish(pid)?),
         None => None,
+    };
+    let watch = match watch {
+        Some(w) if opts.detached => start_watchdog(w, pid, victim, reaper.is_some())?,
+        other => other,
     };
     let pid = forked.release();
     if plan.task.stopped {
@@ -218,6 +227,35 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         resume::detach(leader)?;
     }
     tracing::info!(%pid, us = micros(started.elapsed()), restore_us = micros(restore_time), "restored");
+    // Held here only if the watch thread could not start: the references then last as
+    // long as we wait, without the kill on the daemon's death.
+    let mut _unwatched = None;
+    if let Some(w) = watch {
+        if reaper.is_some() {
+            // A thread cannot be created while our children go to another pid namespace.
+            fork::children_in_our_pid_namespace()?;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Ends with the daemon; nothing waits for it (we may return first).
+        let spawned = std::thread::Builder::new()
+            .name("lazy-watch".into())
+            .spawn(move || {
+                if let Ok(w) = rx.recv() {
+                    let _ = lazy::LazyWatch::run(w, victim);
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                if let Err(std::sync::mpsc::SendError(w)) = tx.send(w) {
+                    _unwatched = Some(w);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%pid, %error, "could not start the lazy-pages watch: the tree is not killed if ckpt-lazy-pages dies");
+                _unwatched = Some(w);
+            }
+        }
+    }
     if opts.detached {
         return Ok(RestoreOutcome::Detached { pid });
     }
@@ -227,6 +265,35 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(reaper.as_raw()), None);
     }
     outcome
+}
+
+/// With `-d` we return while pages are missing: a forked watchdog keeps watch. Returns
+/// the watch back if this process has threads (a library caller): it can only be a
+/// thread of ours then, which lives as long as our caller.
+fn start_watchdog(
+    watch: lazy::LazyWatch,
+    pid: Pid,
+    victim: lazy::Victim,
+    in_namespace: bool,
+) -> Result<Option<lazy::LazyWatch>, RestoreError> {
+    if in_namespace {
+        // Not inside the tree's namespace: its end must not take the watchdog along
+        // while the tree's processes still run on its references.
+        fork::children_in_our_pid_namespace()?;
+    }
+    if own_threads() != Some(1) {
+        tracing::warn!(%pid, "multi-threaded caller: the lazy-pages watch is a thread, not a process");
+        return Ok(Some(watch));
+    }
+    let watchdog = watch.spawn_watchdog(pid, victim)?;
+    tracing::info!(%pid, %watchdog, "lazy-pages watchdog started");
+    Ok(None)
+}
+
+fn own_threads() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()
+        .map(|d| d.flatten().count())
 }
 
 /// Gives every thread of `pid` (host ids, from our /proc) the affinity we had before
@@ -261,12 +328,16 @@ struct Rebuild<'a> {
     /// Where a filling thread of ours may run.
     cpus: Option<&'a rustix::thread::CpuSet>,
     lazy: Option<LazyPlan<'a>>,
+    /// The process is in a pid namespace of its own: its ids there are not ours.
+    nested: bool,
 }
 
 /// Post-copy: the lazy ranges of the image and where the daemon listens.
 struct LazyPlan<'a> {
     ranges: &'a [plan::Range],
     work_dir: &'a std::path::Path,
+    /// Install the threads' hot pages from these images before resume.
+    prefetch_from: Option<&'a ImageDir>,
 }
 
 fn rebuild(
@@ -317,7 +388,14 @@ fn rebuild(
         Some(l) => {
             let vmas = lazy::lazy_vmas(pid, &plan.memory, l.ranges)?;
             let image_pid = plan.pid;
-            Some(lazy::hand_over(leader, image_pid, &vmas, l.work_dir)?)
+            let handed = lazy::hand_over(leader, image_pid, &vmas, l.work_dir)?;
+            if let Some(dir) = l.prefetch_from {
+                let step = Instant::now();
+                let pages =
+                    lazy::prefetch_hot(&handed.uffd, pid, dir, image_pid, l.ranges, &plan.threads)?;
+                tracing::info!(%pid, pages, us = micros(step.elapsed()), "hot lazy pages prefetched");
+            }
+            Some(handed)
         }
         None => None,
     };
@@ -338,7 +416,7 @@ fn rebuild(
     // Declared after `others`: on an error it kills the process before they detach.
     let killer = fork::KillOnDrop::new(pid);
     for t in plan.threads.iter().skip(1) {
-        others.push(threads::create_thread(leader, &helper, t)?);
+        others.push(threads::create_thread(leader, &helper, t, how.nested)?);
     }
     let (leader_plan, other_plans) = plan
         .threads

@@ -3,6 +3,7 @@
 //! Everything a dump cannot save is found here, so an unsupported process fails before any
 //! image exists.
 
+mod extras;
 mod files;
 mod inject;
 mod kobj;
@@ -69,6 +70,13 @@ pub enum CollectError {
         what: &'static str,
         #[source]
         source: PtraceError,
+    },
+    #[error("dump: tid {tid}: read its {what}")]
+    TaskInfo {
+        tid: Tid,
+        what: &'static str,
+        #[source]
+        source: tracee::taskinfo::TaskInfoError,
     },
     #[error("dump: tid {tid}: injected {what}")]
     Inject {
@@ -196,6 +204,8 @@ struct LeaderValues {
     thp_disabled: bool,
     child_subreaper: bool,
     membarrier: u32,
+    /// Memory-deny-write-execute flags, if any is set.
+    mdwe: Option<u32>,
 }
 
 fn leader_values(
@@ -252,7 +262,9 @@ fn leader_values(
             })
         }
     };
+    let mdwe = extras::mdwe(leader)?;
     Ok(LeaderValues {
+        mdwe,
         personality: u32::try_from(personality).unwrap_or(0),
         brk,
         dumpable: i32::try_from(dumpable).unwrap_or(0),
@@ -384,6 +396,7 @@ pub fn process_with(
         // CRIU records the mask only when something is registered.
         membarrier_registration_mask: (values.membarrier != 0).then_some(values.membarrier),
         stop_signo,
+        mdwe_flags: values.mdwe,
         ..TaskCoreEntry::default()
     };
     if let Some(leader) = threads.first_mut() {

@@ -1,6 +1,7 @@
 //! Per-thread state: registers, the xsave area component by component, signal mask and
 //! private pending signals, rseq, robust futex list, clear_child_tid, sigaltstack,
-//! scheduling, pdeath signal, credentials, seccomp filters and comm. Together they form the
+//! scheduling, pdeath signal, credentials, seccomp filters and comm, and ckpt's extensions
+//! (affinity, timer slack, I/O priority). Together they form the
 //! thread's `core-TID.img` (the leader's also carries the process-wide `tc`).
 
 use images_format::pb::{
@@ -308,6 +309,7 @@ pub fn collect(
     tc.futex_rla = head;
     tc.futex_rla_len = len;
     sched(thread, scratch, &mut tc)?;
+    super::extras::thread(thread, &mut tc)?;
     tc.sas = Some(sigaltstack(thread, scratch)?);
     scratch.clear(tid, OFF_PDEATHSIG, 4)?;
     syscall(

@@ -1,0 +1,138 @@
+//! State CRIU's schema has no field for, saved in ckpt's extension fields (numbered from
+//! `images_format::EXTENSION_FIELDS_START`): per thread the CPU affinity, timer slack and
+//! I/O priority; per process the memory-deny-write-execute flags.
+//!
+//! Affinity and I/O priority are read from outside (`sched_getaffinity(tid)`,
+//! `ioprio_get(IOPRIO_WHO_PROCESS, tid)`), which needs no privilege over the target. Timer
+//! slack and MDWE are asked by injection: `/proc/TID/timerslack_ns` is only readable with
+//! CAP_SYS_NICE, and MDWE has no outside view at all.
+
+use images_format::pb::ThreadCoreEntry;
+use tracee::{Tid, Tracee};
+
+use super::inject::syscall_u64;
+use super::CollectError;
+
+const PR_GET_TIMERSLACK: u64 = 30;
+const PR_GET_MDWE: u64 = 66;
+/// `IOPRIO_PRIO_CLASS(prio)`: the class sits above 13 bits of level.
+const IOPRIO_CLASS_SHIFT: u32 = 13;
+/// Where the kernel lists the CPUs that are online, as ranges ("0-3,8").
+const ONLINE_CPUS: &str = "/sys/devices/system/cpu/online";
+
+/// Parses a kernel CPU list ("0-3,8,10-11"); `None` if it is not one.
+pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let first: usize = first.parse().ok()?;
+                let last: usize = last.parse().ok()?;
+                if last < first {
+                    return None;
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    Some(cpus)
+}
+
+/// The affinity as 64-bit mask words, lowest CPUs first; empty if the thread may run on
+/// every CPU in `online` (then it is not restricted, and a restore on a larger machine must
+/// not confine it to this one's CPUs).
+pub fn affinity_words(cpus: &[usize], online: Option<&[usize]>) -> Vec<u64> {
+    if let Some(online) = online {
+        if online.iter().all(|c| cpus.contains(c)) {
+            return Vec::new();
+        }
+    }
+    let Some(&highest) = cpus.iter().max() else {
+        return Vec::new();
+    };
+    let mut words = vec![0u64; highest / 64 + 1];
+    for &cpu in cpus {
+        if let Some(word) = words.get_mut(cpu / 64) {
+            *word |= 1 << (cpu % 64);
+        }
+    }
+    words
+}
+
+fn online_cpus() -> Option<Vec<usize>> {
+    std::fs::read_to_string(ONLINE_CPUS)
+        .ok()
+        .and_then(|text| parse_cpu_list(&text))
+}
+
+fn task_info(
+    tid: Tid,
+    what: &'static str,
+) -> impl FnOnce(tracee::taskinfo::TaskInfoError) -> CollectError {
+    move |source| CollectError::TaskInfo { tid, what, source }
+}
+
+/// Fills the thread's affinity, timer slack and I/O priority into `tc`.
+pub fn thread(thread: &mut Tracee, tc: &mut ThreadCoreEntry) -> Result<(), CollectError> {
+    let tid = thread.tid();
+    let cpus = tracee::taskinfo::affinity(tid).map_err(task_info(tid, "cpu affinity"))?;
+    tc.cpu_affinity = affinity_words(&cpus, online_cpus().as_deref());
+    tc.timer_slack_ns = Some(syscall_u64(
+        thread,
+        "prctl(PR_GET_TIMERSLACK)",
+        libc::SYS_prctl,
+        [PR_GET_TIMERSLACK, 0, 0, 0, 0, 0],
+    )?);
+    let ioprio = tracee::taskinfo::ioprio(tid).map_err(task_info(tid, "I/O priority"))?;
+    // IOPRIO_CLASS_NONE means "follow the nice value": nothing to set at restore.
+    if ioprio >> IOPRIO_CLASS_SHIFT != 0 {
+        tc.ioprio = u32::try_from(ioprio).ok();
+    }
+    Ok(())
+}
+
+/// `prctl(PR_GET_MDWE)` in the leader: the flags, or `None` if none is set or the kernel
+/// predates MDWE (Linux 6.3), which answers EINVAL and so cannot have any set.
+pub fn mdwe(leader: &mut Tracee) -> Result<Option<u32>, CollectError> {
+    match leader.syscall(libc::SYS_prctl, [PR_GET_MDWE, 0, 0, 0, 0, 0]) {
+        Ok(0) => Ok(None),
+        Ok(flags) => Ok(u32::try_from(flags).ok()),
+        Err(err) if err.errno() == Some(tracee::Errno::INVAL) => Ok(None),
+        Err(source) => Err(CollectError::Inject {
+            tid: leader.tid(),
+            what: "prctl(PR_GET_MDWE)",
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_prints_them() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0,2-4,7"), Some(vec![0, 2, 3, 4, 7]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn unrestricted_affinity_is_left_out() {
+        let online = [0, 1, 2, 3];
+        assert!(affinity_words(&[0, 1, 2, 3], Some(&online)).is_empty());
+        // More than online (possible CPUs): still unrestricted.
+        assert!(affinity_words(&[0, 1, 2, 3, 4, 5], Some(&online)).is_empty());
+        assert_eq!(affinity_words(&[1], Some(&online)), [0b10]);
+    }
+
+    #[test]
+    fn affinity_words_put_cpu_n_in_word_n_div_64() {
+        assert_eq!(affinity_words(&[0, 65, 130], None), [1, 2, 4]);
+        assert_eq!(affinity_words(&[63], None), [1 << 63]);
+        assert!(affinity_words(&[], None).is_empty());
+    }
+}
