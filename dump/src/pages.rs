@@ -8,10 +8,12 @@
 //! with `process_vm_readv` while this thread hands the previous one to the sink, so the
 //! target's memory goes from one buffer straight to the file or socket.
 //!
-//! When the target runs while its pages are read (pre-dump), a range it unmapped in the
-//! meantime cannot be read: it is left out of the images. That is safe because a range that
-//! vanished is not the same VMA any more at the next round, so dirty tracking reports it
-//! whole and nothing ever refers to it as `PE_PARENT`.
+//! When the target runs while its pages are read (pre-dump), a page it unmapped in the
+//! meantime cannot be read: it is left out of the images, page by page (a failed range is
+//! halved until only the pages that are gone remain). That is safe because a page that was
+//! unmapped belongs to no VMA tracked through the interval: whatever is mapped there at the
+//! next round was mapped since, so dirty tracking reports it written or whole, and nothing
+//! ever refers to it as `PE_PARENT`.
 
 use std::io::IoSlice;
 use std::sync::mpsc;
@@ -257,11 +259,11 @@ fn batches(plan: &[PlannedRun]) -> Vec<Vec<Item>> {
     out
 }
 
-/// A batch whose data items were read; `readable[i]` is false for a data item the target
-/// unmapped meanwhile.
+/// A batch whose data items were read; `readable[i]` lists the `(offset, len)` spans of data
+/// item `i` that could be read (all of it unless the target unmapped pages meanwhile).
 struct ReadBatch {
     items: Vec<Item>,
-    readable: Vec<bool>,
+    readable: Vec<Vec<(usize, usize)>>,
     data: Vec<u8>,
     offset: usize,
 }
@@ -279,13 +281,13 @@ fn ranges_of(items: &[Item]) -> Vec<RemoteRange> {
         .collect()
 }
 
-/// Reads a batch; with `running`, a range that fails on its own is marked unreadable.
+/// Reads a batch; with `running`, the pages of a range that are gone are left out.
 fn read_batch(
     pid: Pid,
     items: &[Item],
     buf: &mut [u8],
     running: bool,
-) -> Result<Vec<bool>, MemoryError> {
+) -> Result<Vec<Vec<(usize, usize)>>, MemoryError> {
     let ranges = ranges_of(items);
     let total: usize = ranges.iter().map(|r| r.len).sum();
     let Some(dst) = buf.get_mut(..total) else {
@@ -296,7 +298,7 @@ fn read_batch(
         });
     };
     match memory::read_remote_vectored(pid, &ranges, dst) {
-        Ok(()) => Ok(vec![true; ranges.len()]),
+        Ok(()) => Ok(ranges.iter().map(|r| vec![(0, r.len)]).collect()),
         Err(err) if !running => Err(err),
         Err(err) => {
             tracing::debug!(%pid, error = %err, "a batch failed: reading its ranges one by one");
@@ -304,17 +306,52 @@ fn read_batch(
             let mut off = 0;
             for range in &ranges {
                 let slot = &mut dst[off..off + range.len];
-                let ok = memory::read_remote_vectored(pid, std::slice::from_ref(range), slot);
-                if let Err(err) = &ok {
-                    tracing::info!(%pid, addr = %range.addr, len = range.len, error = %err,
+                let mut spans = Vec::new();
+                read_what_remains(pid, range.addr.get(), slot, 0, &mut spans);
+                let read: usize = spans.iter().map(|&(_, n)| n).sum();
+                if read < range.len {
+                    tracing::info!(%pid, addr = %range.addr, len = range.len, read,
                         "pages vanished while the process ran: left out");
                 }
-                readable.push(ok.is_ok());
+                readable.push(spans);
                 off += range.len;
             }
             Ok(readable)
         }
     }
+}
+
+/// Reads `buf.len()` bytes at `addr`, halving a range that fails down to single pages, and
+/// appends the spans read (offsets from `at`). A page is left out only if it is gone itself:
+/// dirty tracking carries a VMA whose bounds moved to the next round, so a page of it left
+/// out here would later be referred to as `PE_PARENT` without the parent holding it.
+fn read_what_remains(
+    pid: Pid,
+    addr: u64,
+    buf: &mut [u8],
+    at: usize,
+    spans: &mut Vec<(usize, usize)>,
+) {
+    let range = RemoteRange {
+        addr: RemoteAddr(addr),
+        len: buf.len(),
+    };
+    if memory::read_remote_vectored(pid, std::slice::from_ref(&range), buf).is_ok() {
+        match spans.last_mut() {
+            Some((start, len)) if *start + *len == at => *len += buf.len(),
+            _ => spans.push((at, buf.len())),
+        }
+        return;
+    }
+    let page = usize::try_from(PAGE_SIZE).unwrap_or(4096);
+    let pages = buf.len() / page;
+    if pages <= 1 {
+        return;
+    }
+    let half = pages / 2 * page;
+    let (low, high) = buf.split_at_mut(half);
+    read_what_remains(pid, addr, low, at, spans);
+    read_what_remains(pid, addr + half as u64, high, at + half, spans);
 }
 
 fn sink_err<E: std::error::Error + Send + Sync + 'static>(
@@ -384,17 +421,18 @@ pub fn stream<S: PageSink>(
             for item in &batch.items {
                 match *item {
                     Item::Data { addr, len } => {
-                        let readable = batch.readable.get(data_index).copied().unwrap_or(false);
+                        let spans = batch.readable.get(data_index).map(Vec::as_slice);
                         data_index += 1;
-                        let pages = len as u64 / PAGE_SIZE;
-                        if readable {
-                            let slice = IoSlice::new(&batch.data[off..off + len]);
-                            sink.add_pages(addr, PageFlags::PRESENT, &[slice])
-                                .map_err(sink_err(pid, addr))?;
-                            out.written += pages;
-                        } else {
-                            out.vanished += pages;
+                        let mut read = 0;
+                        for &(at, n) in spans.unwrap_or_default() {
+                            let vaddr = addr + at as u64;
+                            let slice = IoSlice::new(&batch.data[off + at..off + at + n]);
+                            sink.add_pages(vaddr, PageFlags::PRESENT, &[slice])
+                                .map_err(sink_err(pid, vaddr))?;
+                            read += n;
                         }
+                        out.written += read as u64 / PAGE_SIZE;
+                        out.vanished += len.saturating_sub(read) as u64 / PAGE_SIZE;
                         off += len;
                     }
                     Item::Hole { addr, pages, kind } => {
@@ -547,6 +585,39 @@ mod tests {
                 planned(0x13000, 5, RunKind::Parent),
             ]
         );
+    }
+
+    #[test]
+    fn only_the_pages_that_are_gone_are_left_out() {
+        let pid = Pid::from_raw(i32::try_from(std::process::id()).expect("pid")).expect("pid");
+        let maps = tracee::proc::maps::read(pid).expect("own maps");
+        // A readable VMA with at least 3 pages and 2 unmapped pages on each side.
+        let found = maps.iter().enumerate().find(|(i, v)| {
+            let before = i.checked_sub(1).and_then(|j| maps.get(j));
+            let after = maps.get(i + 1);
+            v.perms.read
+                && v.path.as_deref() != Some("[vvar]")
+                && v.end.get() - v.start.get() >= 3 * P
+                && before.is_none_or(|b| b.end.get() + 2 * P <= v.start.get())
+                && after.is_some_and(|a| v.end.get() + 2 * P <= a.start.get())
+        });
+        let Some((_, vma)) = found else {
+            panic!("no VMA with unmapped pages around it in {maps:?}");
+        };
+        let page = P as usize;
+        let mut buf = vec![0u8; 7 * page];
+        let mut spans = Vec::new();
+        read_what_remains(pid, vma.end.get() - 3 * P, &mut buf, 0, &mut spans);
+        assert_eq!(spans, vec![(0, 3 * page)]);
+        let mut spans = Vec::new();
+        read_what_remains(
+            pid,
+            vma.start.get() - 2 * P,
+            &mut buf[..5 * page],
+            0,
+            &mut spans,
+        );
+        assert_eq!(spans, vec![(2 * page, 3 * page)]);
     }
 
     #[test]

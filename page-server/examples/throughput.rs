@@ -3,6 +3,10 @@
 //! (1 GiB through its page server in about 1.8 s). The server thread's CPU time is
 //! printed too: unlike wall time, it barely moves when other work shares the machine.
 //!
+//! Then the same for scattered pages, as the final dump of a pre-copy sends them: 54,000
+//! single pages with a page of hole between each two, so one frame per page and the per-frame
+//! cost dominates.
+//!
 //! `cargo run --release -p ckpt-page-server --example throughput [MiB] [pages per frame] [splice|copy]`
 
 use std::io::IoSlice;
@@ -16,6 +20,8 @@ use rustix::time::{clock_gettime, ClockId};
 const PAGE: usize = 4096;
 const CRIU_SECS_PER_GIB: f64 = 1.8;
 const ROUNDS: usize = 5;
+/// Pages of the scattered case.
+const SCATTERED_PAGES: usize = 54_000;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -47,11 +53,30 @@ fn main() -> Result<(), Error> {
             .is_none_or(|o| o.eq_ignore_ascii_case(&format!("{mode:?}")))
     })
     .collect();
+    measure(&modes, bytes, criu_secs, |mode, sync| {
+        push_once(mode, sync, total_pages, per_frame, 0, &batch)
+    })?;
+    let bytes = (SCATTERED_PAGES * PAGE) as f64;
+    let criu_secs = CRIU_SECS_PER_GIB * bytes / (1u64 << 30) as f64;
+    println!("{SCATTERED_PAGES} scattered pages, one frame each, {ROUNDS} rounds");
+    measure(&modes, bytes, criu_secs, |mode, sync| {
+        push_once(mode, sync, SCATTERED_PAGES, 1, 1, &batch)
+    })?;
+    Ok(())
+}
+
+/// Runs `push` ROUNDS times per mode and prints min, median and the server's CPU time.
+fn measure(
+    modes: &[(ReceiveMode, bool)],
+    bytes: f64,
+    criu_secs: f64,
+    push: impl Fn(ReceiveMode, bool) -> Result<(f64, f64), Error>,
+) -> Result<(), Error> {
     let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
     // Modes alternate within each round, so that a busy moment hits them all alike.
     for _ in 0..ROUNDS {
         for (i, &(mode, sync)) in modes.iter().enumerate() {
-            runs[i].push(push_once(mode, sync, total_pages, per_frame, &batch)?);
+            runs[i].push(push(mode, sync)?);
         }
     }
     for (&(mode, sync), r) in modes.iter().zip(&mut runs) {
@@ -74,13 +99,15 @@ fn main() -> Result<(), Error> {
     Ok(())
 }
 
-/// One session; returns the seconds from connect to the server's answer to CLOSE, and the
-/// server thread's CPU seconds.
+/// One session sending frames of `per_frame` pages with `gap` pages of hole between them;
+/// returns the seconds from connect to the server's answer to CLOSE, and the server thread's
+/// CPU seconds.
 fn push_once(
     mode: ReceiveMode,
     sync: bool,
     total_pages: usize,
     per_frame: usize,
+    gap: usize,
     batch: &[u8],
 ) -> Result<(f64, f64), Error> {
     let tmp = tempfile::tempdir()?;
@@ -108,7 +135,7 @@ fn push_once(
             &[IoSlice::new(&batch[..n * PAGE])],
         )?;
         sent += n;
-        vaddr += (n * PAGE) as u64;
+        vaddr += ((n + gap) * PAGE) as u64;
     }
     pagemap.finish();
     client.close()?;

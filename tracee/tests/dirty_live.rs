@@ -21,6 +21,7 @@ const OP_DONTNEED: u64 = 5;
 const OP_HUGEPAGE: u64 = 6;
 const OP_SPRAY: u64 = 7;
 const OP_EXEC: u64 = 8;
+const OP_MPROTECT: u64 = 9;
 
 /// Words of the shared page the spraying child and the test use.
 const SHARED_STOP: usize = 0;
@@ -163,6 +164,11 @@ fn child_loop(cmd: i32, reply: i32, shared: *mut u64) -> ! {
                     unsafe { n.write_volatile(count + 1) };
                 }
                 0
+            }
+            OP_MPROTECT => {
+                // SAFETY: changing the protection of a mapping the test had the child map.
+                let r = unsafe { libc::mprotect(a as *mut _, b as usize, s as i32) };
+                r as u64
             }
             OP_EXEC => {
                 let path = c"/bin/sleep";
@@ -478,6 +484,68 @@ fn new_moved_and_unmapped_vmas_are_whole_or_gone() {
     assert_eq!(pages_of(&set, moved).0, vec![5]);
     assert_eq!(pages_of(&set, c).0, vec![7]);
     t.release().expect("release");
+}
+
+/// A tracked VMA whose bounds move (a neighbour that had merged into it is
+/// unmapped, `mprotect` splits and rejoins it) keeps its tracking: only the
+/// written pages are reported, not the whole VMA as new.
+fn bounds_move(choice: BackendChoice) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = Workload::start();
+    // 40 pages of region and 8 of a short-lived neighbour, one VMA when armed.
+    let base = w.mmap(48);
+    w.write(base, 0, 48, 1);
+    let (mut t, first) = arm_and_collect(&w, choice, &holder_opts(&dir));
+    assert!(first.is_full());
+    let page = |i: u64| base + i * PAGE_SIZE;
+
+    w.run(OP_MUNMAP, page(40), 8 * PAGE_SIZE, 0);
+    w.write(base, 5, 1, 1);
+    let set = collect(&mut t, w.pid);
+    let vma = set.find(RemoteAddr(base)).expect("vma").vma;
+    assert_eq!(vma.end, RemoteAddr(page(40)), "{set:?}");
+    assert_eq!(pages_of(&set, base), (vec![5], vec![]));
+
+    let read_only = u64::try_from(libc::PROT_READ).expect("prot");
+    let read_write = u64::try_from(libc::PROT_READ | libc::PROT_WRITE).expect("prot");
+    assert_eq!(w.run(OP_MPROTECT, page(16), 8 * PAGE_SIZE, read_only), 0);
+    w.write(base, 30, 1, 1);
+    let set = collect(&mut t, w.pid);
+    assert_eq!(pages_of(&set, base), (vec![], vec![]));
+    assert_eq!(pages_of(&set, page(16)), (vec![], vec![]));
+    assert_eq!(pages_of(&set, page(24)), (vec![6], vec![]));
+
+    assert_eq!(w.run(OP_MPROTECT, page(16), 8 * PAGE_SIZE, read_write), 0);
+    w.write(base, 20, 1, 1);
+    let set = collect(&mut t, w.pid);
+    let report = set.find(RemoteAddr(base)).expect("vma");
+    assert_eq!(report.vma.end, RemoteAddr(page(40)), "{set:?}");
+    assert_eq!(pages_of(&set, base), (vec![20], vec![]));
+    let counts = &report.history.counts;
+    assert_eq!((counts[5], counts[20], counts[30], counts[0]), (1, 1, 1, 0));
+
+    if choice == BackendChoice::Only(BackendKind::UffdWp) {
+        // Other memory moved onto tracked addresses is not the memory that
+        // was tracked there: whole, never its pages left to the parent.
+        let other = w.mmap(8);
+        w.write(other, 0, 8, 1);
+        assert_eq!(w.run(OP_MREMAP, other, 8 * PAGE_SIZE, page(8)), page(8));
+        let set = collect(&mut t, w.pid);
+        assert_eq!(pages_of(&set, base), (vec![], vec![]));
+        assert_eq!(whole_reason(&set, page(8)), Some(WholeReason::Changed));
+        assert_eq!(pages_of(&set, page(16)), (vec![], vec![]));
+    }
+    t.release().expect("release");
+}
+
+#[test]
+fn a_vma_whose_bounds_move_keeps_its_tracking() {
+    bounds_move(BackendChoice::Only(BackendKind::UffdWp));
+}
+
+#[test]
+fn page_hashes_follow_a_vma_whose_bounds_move() {
+    bounds_move(BackendChoice::Only(BackendKind::PageHash));
 }
 
 #[test]

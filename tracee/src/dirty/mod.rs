@@ -43,11 +43,17 @@
 //! ```
 //!
 //! Rules the report follows:
-//! - A VMA is identified by its [`VmaKey`] (range, protection, sharing, file
-//!   dev/inode/offset). One not tracked for the whole interval since the last
-//!   collect (new, changed, moved, registration refused, first round, tracking
-//!   lost) is [`VmaDirty::Whole`]. Shared mappings are always `Whole`: another
-//!   process's writes to them go through its own page tables.
+//! - A VMA is described by its [`VmaKey`] (range, protection, sharing, file
+//!   dev/inode/offset), but tracked by address: its pages keep their tracking
+//!   wherever a tracked VMA of the previous collect covered them with the same
+//!   sharing and file at the same offsets, so a VMA whose bounds moved (a
+//!   merged neighbour unmapped again, an `mprotect` split or join) is still
+//!   [`VmaDirty::Pages`]; its pages no tracked VMA covered count as written.
+//!   A VMA nothing tracked covered (new, moved, registration refused, first
+//!   round, tracking lost), or that the back-end finds replaced (a new mapping
+//!   over tracked addresses is not registered), is [`VmaDirty::Whole`]. Shared
+//!   mappings are always `Whole`: another process's writes to them go through
+//!   its own page tables.
 //! - `MADV_DONTNEED` drops the write protection, so zapped pages come back as
 //!   written but not present: they are listed in `zeroed`.
 //! - Each VMA carries a [`WriteHistory`]: per page, in how many collects it was
@@ -89,8 +95,10 @@ pub enum BackendKind {
     PageHash,
 }
 
-/// What identifies a VMA between rounds: if any of it differs, the VMA is
-/// another one and is dumped whole.
+/// What describes a VMA in a round. Between rounds, pages are matched by
+/// address: a VMA whose range changed still carries the tracking of the pages
+/// a tracked VMA of the previous round held (same sharing, device, inode and,
+/// for files, offset); see [`DirtyTracker::collect`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VmaKey {
     /// First byte.

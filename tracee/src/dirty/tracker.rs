@@ -1,7 +1,6 @@
 //! The tracker: one interface over the three back-ends, the round logic
 //! (VMA comparison, whole VMAs, history) and the hand-over to the holder.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -14,10 +13,11 @@ use super::{
     BackendKind, DirtyError, DirtySet, LostReason, PageRange, VmaDirty, VmaKey, VmaReport,
     WholeReason,
 };
-use crate::ids::Pid;
+use crate::ids::{Pid, RemoteAddr};
 use crate::pagemap_scan::{PageCategories, PageRegion};
 use crate::proc::maps::MapsEntry;
 use crate::ptrace::Tracee;
+use crate::PAGE_SIZE;
 
 /// Which back-end [`DirtyTracker::arm`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +60,6 @@ pub struct DirtyTracker {
     path: PathBuf,
     opts: HolderOptions,
     finished: bool,
-    /// A VMA was registered during the current collect.
-    registered: bool,
 }
 
 fn resolve(choice: BackendChoice, pid: Pid) -> Result<BackendKind, DirtyError> {
@@ -99,37 +97,136 @@ fn split(regions: &[PageRegion]) -> (Vec<PageRange>, Vec<PageRange>) {
     (written, zeroed)
 }
 
-/// The VMA `key` made of `group`, if the group tiles it exactly.
-fn merge(key: VmaKey, mut group: Vec<TrackedVma>) -> Option<TrackedVma> {
-    if group.len() == 1 && group[0].key == key {
-        return group.pop();
+/// What the previous round knew of the range of one VMA of this round.
+#[derive(Debug)]
+struct Carried {
+    /// The VMA under its current key, with the history (and hashes) of the
+    /// pages the previous round tracked.
+    tv: TrackedVma,
+    /// Pages of it no tracked VMA of the previous round covered: nothing is
+    /// known of them, so they count as written.
+    untracked: Vec<PageRange>,
+}
+
+/// Whether `key` can hold pages that `prev` tracked: the same sharing and
+/// backing file, at the same file offsets. Protection may differ (an
+/// `mprotect` splits or joins VMAs but keeps their pages and their tracking).
+fn same_mapping(prev: &VmaKey, key: &VmaKey) -> bool {
+    prev.is_shared() == key.is_shared()
+        && prev.dev == key.dev
+        && prev.inode == key.inode
+        // Anonymous memory lists no offset worth comparing (maps shows 0).
+        && (key.inode == 0
+            || key.pgoff.wrapping_sub(prev.pgoff) == key.start.get().wrapping_sub(prev.start.get()))
+}
+
+/// Page index of `addr` inside a VMA starting at `base`.
+fn page_index(base: RemoteAddr, addr: RemoteAddr) -> usize {
+    usize::try_from(addr.get().saturating_sub(base.get()) / PAGE_SIZE).unwrap_or(usize::MAX)
+}
+
+/// What the previous round's VMAs (`prev`, sorted by start, not
+/// overlapping) tracked of the range of `key`; `None` if none of it.
+///
+/// A VMA's bounds move without its pages changing: a neighbouring mapping
+/// that merged into it before tracking began is unmapped again, an
+/// `mprotect` splits it, registration joins it with a registered neighbour.
+/// Matching only identical ranges would dump such a VMA whole every time it
+/// moves (a 1 GiB region next to short-lived small mappings: every round).
+/// Pages stay tracked wherever a tracked VMA of the previous round covered
+/// them: the back-ends notice a mapping that was replaced meanwhile (uffd: a
+/// new VMA is not registered, the scan fails; soft-dirty: a new VMA is all
+/// dirty; hashes: compare contents).
+fn carry(prev: &[TrackedVma], key: VmaKey) -> Option<Carried> {
+    let first = prev.partition_point(|p| p.key.end <= key.start);
+    let rest = prev.get(first..).unwrap_or_default();
+    if let Some(exact) = rest.first().filter(|p| p.key == key) {
+        return Some(Carried {
+            tv: exact.clone(),
+            untracked: Vec::new(),
+        });
     }
-    let mut at = key.start;
-    for g in &group {
-        let same_kind =
-            g.key.perms == key.perms && g.key.dev == key.dev && g.key.inode == key.inode;
-        if g.key.start != at || !same_kind {
-            return None;
+    let pieces: Vec<&TrackedVma> = rest
+        .iter()
+        .take_while(|p| p.key.start < key.end)
+        .filter(|p| p.tracked && same_mapping(&p.key, &key))
+        .collect();
+    // Hashes (PageHash) must cover a piece for its pages to count.
+    let with_hashes = pieces.iter().any(|p| !p.hashes.is_empty());
+    let mut tv = TrackedVma::new(key);
+    if with_hashes {
+        tv.hashes = vec![0; tv.history.counts.len()];
+    }
+    let mut covered = Vec::new();
+    let mut rounds = u32::MAX;
+    for p in pieces {
+        let pages = usize::try_from(p.key.pages()).unwrap_or(0);
+        if with_hashes && p.hashes.len() != pages {
+            continue;
         }
-        at = g.key.end;
+        let start = p.key.start.max(key.start);
+        let end = p.key.end.min(key.end);
+        let (from, to) = (page_index(p.key.start, start), page_index(key.start, start));
+        let n = page_index(start, end);
+        let (Some(src), Some(dst)) = (
+            p.history.counts.get(from..from.saturating_add(n)),
+            tv.history.counts.get_mut(to..to.saturating_add(n)),
+        ) else {
+            continue;
+        };
+        dst.copy_from_slice(src);
+        if with_hashes {
+            if let (Some(src), Some(dst)) = (
+                p.hashes.get(from..from.saturating_add(n)),
+                tv.hashes.get_mut(to..to.saturating_add(n)),
+            ) {
+                dst.copy_from_slice(src);
+            }
+        }
+        rounds = rounds.min(p.history.rounds);
+        covered.push(PageRange { start, end });
     }
-    if group.is_empty() || at != key.end {
+    if covered.is_empty() {
         return None;
     }
-    let mut merged = TrackedVma::new(key);
-    merged.tracked = group.iter().all(|g| g.tracked);
-    merged.history.rounds = group.iter().map(|g| g.history.rounds).min().unwrap_or(0);
-    merged.history.counts = group
-        .iter()
-        .flat_map(|g| g.history.counts.iter().copied())
-        .collect();
-    if group.iter().all(|g| !g.hashes.is_empty()) {
-        merged.hashes = group
-            .iter()
-            .flat_map(|g| g.hashes.iter().copied())
-            .collect();
+    tv.tracked = true;
+    tv.history.rounds = rounds;
+    let mut untracked = Vec::new();
+    let mut at = key.start;
+    for c in &covered {
+        if at < c.start {
+            untracked.push(PageRange {
+                start: at,
+                end: c.start,
+            });
+        }
+        at = at.max(c.end);
     }
-    Some(merged)
+    if at < key.end {
+        untracked.push(PageRange {
+            start: at,
+            end: key.end,
+        });
+    }
+    Some(Carried { tv, untracked })
+}
+
+/// The union of two lists of ranges, sorted and merged where they touch.
+fn union(a: Vec<PageRange>, b: &[PageRange]) -> Vec<PageRange> {
+    if b.is_empty() {
+        return a;
+    }
+    let mut all = a;
+    all.extend_from_slice(b);
+    all.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<PageRange> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 impl DirtyTracker {
@@ -183,7 +280,6 @@ impl DirtyTracker {
             path,
             opts: opts.clone(),
             finished: false,
-            registered: false,
         })
     }
 
@@ -258,7 +354,6 @@ impl DirtyTracker {
             path,
             opts: opts.clone(),
             finished: false,
-            registered: false,
         })))
     }
 
@@ -306,22 +401,22 @@ impl DirtyTracker {
 
     /// Written pages since the previous collect for each VMA of `maps` (the
     /// process's current list, as the dump writes it), re-arming tracking as
-    /// it goes: new VMAs are registered and reported whole. With the uffd
-    /// back-end the process may run; the others need it frozen until the
-    /// pages are read.
+    /// it goes: new VMAs are registered and reported whole. A VMA whose
+    /// bounds moved since the previous collect keeps the tracking of the
+    /// pages that were tracked there (see `carry`). With the uffd back-end
+    /// the process may run; the others need it frozen until the pages are
+    /// read.
     pub fn collect(&mut self, maps: &[MapsEntry]) -> Result<DirtySet, DirtyError> {
         let full = self.full.take();
         self.state.round = self.state.round.saturating_add(1);
-        let mut prev: HashMap<VmaKey, TrackedVma> = std::mem::take(&mut self.state.vmas)
-            .into_iter()
-            .map(|v| (v.key, v))
-            .collect();
+        let mut prev = std::mem::take(&mut self.state.vmas);
+        prev.sort_unstable_by_key(|v| v.key.start);
         let mut dead = false;
         let mut reports = Vec::with_capacity(maps.len());
         let mut next = Vec::with_capacity(maps.len());
         for e in maps {
             let key = VmaKey::of(e);
-            let old = prev.remove(&key);
+            let old = carry(&prev, key);
             let (tv, dirty) = self.collect_one(e, key, old, full, &mut dead)?;
             reports.push(VmaReport {
                 vma: key,
@@ -343,14 +438,9 @@ impl DirtyTracker {
                 v.tracked = false;
             }
         }
-        // Registering can merge a VMA with a registered neighbour: keep the
-        // next round's keys as the kernel now lists them.
-        self.state.vmas = if self.registered && !dead {
-            self.settle(next)?
-        } else {
-            next
-        };
-        self.registered = false;
+        // The keys as listed at this collect, even where registering has
+        // since merged neighbours: the next round matches by coverage.
+        self.state.vmas = next;
         Ok(DirtySet {
             round: self.state.round,
             backend: self.state.backend,
@@ -362,7 +452,7 @@ impl DirtyTracker {
         &mut self,
         e: &MapsEntry,
         key: VmaKey,
-        old: Option<TrackedVma>,
+        old: Option<Carried>,
         full: Option<WholeReason>,
         dead: &mut bool,
     ) -> Result<(TrackedVma, VmaDirty), DirtyError> {
@@ -378,13 +468,15 @@ impl DirtyTracker {
         let reason = match (old, full) {
             (_, Some(reason)) => reason,
             (None, None) => WholeReason::New,
-            (Some(tv), None) if !tv.tracked => WholeReason::Untracked,
-            (Some(mut tv), None) => match self.written(&mut tv)? {
+            (Some(c), None) if !c.tv.tracked => WholeReason::Untracked,
+            (Some(Carried { mut tv, untracked }), None) => match self.written(&mut tv)? {
                 Some(regions) => {
                     let (written, zeroed) = split(&regions);
+                    let written = union(written, &untracked);
                     tv.history.rounds = tv.history.rounds.saturating_add(1);
-                    tv.history.record(key.start, &written);
-                    tv.history.record(key.start, &zeroed);
+                    // Once per page: an untracked page may be zeroed as well.
+                    tv.history
+                        .record(key.start, &union(written.clone(), &zeroed));
                     return Ok((tv, VmaDirty::Pages { written, zeroed }));
                 }
                 None => WholeReason::Changed,
@@ -413,10 +505,7 @@ impl DirtyTracker {
     fn start(&mut self, tv: &mut TrackedVma, dead: &mut bool) -> Result<bool, DirtyError> {
         match &mut self.backend {
             Backend::UffdWp(u) => Ok(match u.start(&tv.key)? {
-                Start::Tracked => {
-                    self.registered = true;
-                    true
-                }
+                Start::Tracked => true,
                 Start::Refused => false,
                 Start::Dead => {
                     *dead = true;
@@ -433,31 +522,6 @@ impl DirtyTracker {
                 None => false,
             }),
         }
-    }
-
-    /// Rebuilds the tracked list from the current maps: a VMA that is
-    /// exactly one tracked VMA, or exactly tiles several (merged by
-    /// registration), is carried over; anything else is left out and will
-    /// be new next round.
-    fn settle(&self, next: Vec<TrackedVma>) -> Result<Vec<TrackedVma>, DirtyError> {
-        let pid = self.state.pid;
-        let now =
-            crate::proc::maps::read(pid).map_err(|source| DirtyError::Proc { pid, source })?;
-        let mut parts = next.into_iter().peekable();
-        let mut out = Vec::with_capacity(now.len());
-        for e in &now {
-            let key = VmaKey::of(e);
-            while parts.next_if(|p| p.key.end <= key.start).is_some() {}
-            let mut group = Vec::new();
-            while let Some(p) = parts.next_if(|p| p.key.start >= key.start && p.key.end <= key.end)
-            {
-                group.push(p);
-            }
-            if let Some(merged) = merge(key, group) {
-                out.push(merged);
-            }
-        }
-        Ok(out)
     }
 
     /// Keeps tracking for the next round: hands the state to the holder
@@ -539,5 +603,134 @@ impl Drop for DirtyTracker {
         if let Err(error) = self.release_now() {
             tracing::warn!(pid = %self.state.pid, %error, "could not release dirty tracking");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn key(start: u64, end: u64, perms: u8) -> VmaKey {
+        VmaKey {
+            start: RemoteAddr(start),
+            end: RemoteAddr(end),
+            perms,
+            pgoff: 0,
+            dev: (0, 0),
+            inode: 0,
+        }
+    }
+
+    /// A tracked VMA whose page `i` was written `i` times.
+    fn tracked(k: VmaKey) -> TrackedVma {
+        let mut v = TrackedVma::new(k);
+        v.tracked = true;
+        v.history.rounds = 3;
+        for (i, c) in v.history.counts.iter_mut().enumerate() {
+            *c = u8::try_from(i).unwrap_or(u8::MAX);
+        }
+        v
+    }
+
+    fn range(start: u64, end: u64) -> PageRange {
+        PageRange {
+            start: RemoteAddr(start),
+            end: RemoteAddr(end),
+        }
+    }
+
+    #[test]
+    fn an_identical_vma_is_carried_as_it_was() {
+        let k = key(0x10000, 0x20000, 3);
+        let prev = [tracked(k)];
+        let c = carry(&prev, k).expect("carried");
+        assert_eq!(c.tv, prev[0]);
+        assert!(c.untracked.is_empty());
+    }
+
+    #[test]
+    fn a_shrunk_vma_keeps_the_tracking_of_its_pages() {
+        // 16 pages tracked; 4 unmapped at each end since.
+        let prev = [tracked(key(0x10000, 0x10000 + 16 * P, 3))];
+        let c = carry(&prev, key(0x10000 + 4 * P, 0x10000 + 12 * P, 3)).expect("carried");
+        assert!(c.tv.tracked);
+        assert!(c.untracked.is_empty());
+        assert_eq!(c.tv.history.counts, (4..12).collect::<Vec<u8>>());
+        assert_eq!(c.tv.history.rounds, 3);
+    }
+
+    #[test]
+    fn joined_vmas_are_carried_across_protection_changes() {
+        let mut second = tracked(key(0x14000, 0x18000, 1));
+        second.history.rounds = 1;
+        let prev = [tracked(key(0x10000, 0x14000, 3)), second];
+        let c = carry(&prev, key(0x10000, 0x18000, 3)).expect("carried");
+        assert!(c.untracked.is_empty());
+        assert_eq!(c.tv.history.counts, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+        assert_eq!(c.tv.history.rounds, 1);
+    }
+
+    #[test]
+    fn pages_no_tracked_vma_covered_are_untracked() {
+        let mut refused = tracked(key(0x18000, 0x1c000, 3));
+        refused.tracked = false;
+        let prev = [tracked(key(0x10000, 0x14000, 3)), refused];
+        let c = carry(&prev, key(0x0c000, 0x20000, 3)).expect("carried");
+        assert_eq!(
+            c.untracked,
+            vec![range(0x0c000, 0x10000), range(0x14000, 0x20000)]
+        );
+        // Nothing tracked under it: a new VMA.
+        assert!(carry(&prev, key(0x18000, 0x1c000 + P, 3)).is_none());
+        assert!(carry(&prev, key(0x30000, 0x40000, 3)).is_none());
+        // An untracked VMA that did not change stays untracked.
+        let same = carry(&prev, key(0x18000, 0x1c000, 3)).expect("carried");
+        assert!(!same.tv.tracked);
+    }
+
+    #[test]
+    fn another_file_or_offset_is_not_carried() {
+        let mut file = key(0x10000, 0x20000, 1);
+        file.inode = 7;
+        file.dev = (8, 1);
+        file.pgoff = 0x3000;
+        let prev = [tracked(file)];
+        // The second half of the same mapping: offset follows the address.
+        let mut half = file;
+        half.start = RemoteAddr(0x18000);
+        half.pgoff = 0x3000 + 0x8000;
+        assert!(carry(&prev, half).is_some());
+        let mut moved = half;
+        moved.pgoff = 0x3000;
+        assert!(carry(&prev, moved).is_none());
+        let mut other = half;
+        other.inode = 8;
+        assert!(carry(&prev, other).is_none());
+        let mut shared = half;
+        shared.perms |= 8;
+        assert!(carry(&prev, shared).is_none());
+    }
+
+    #[test]
+    fn hashes_are_carried_page_by_page() {
+        let mut a = tracked(key(0x10000, 0x12000, 3));
+        a.hashes = vec![11, 12];
+        let mut b = tracked(key(0x12000, 0x14000, 3));
+        b.hashes = vec![21, 22];
+        let c = carry(&[a, b], key(0x11000, 0x15000, 3)).expect("carried");
+        assert_eq!(c.tv.hashes, vec![12, 21, 22, 0]);
+        assert_eq!(c.untracked, vec![range(0x14000, 0x15000)]);
+    }
+
+    #[test]
+    fn ranges_unite() {
+        let a = vec![range(0x1000, 0x2000), range(0x5000, 0x6000)];
+        let b = [range(0x2000, 0x3000), range(0x5800, 0x9000)];
+        assert_eq!(
+            union(a, &b),
+            vec![range(0x1000, 0x3000), range(0x5000, 0x9000)]
+        );
     }
 }
