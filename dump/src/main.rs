@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ckpt_cli::{LogOptions, LogScope, Verbosity};
 use ckpt_dump::{DumpMode, DumpOptions, FaultPoint, FinalState};
 use clap::Parser;
 
@@ -26,9 +27,14 @@ struct Cli {
     log_file: Option<PathBuf>,
     /// Log level 0..4 (error, warn, info, debug, trace), default 2; CRIU spelling: `-v4`,
     /// or `-v`, `-vv` to raise it by one per `v`.
-    #[arg(short = 'v', value_name = "N", num_args = 0..=1, default_missing_value = "",
-          value_parser = parse_verbosity)]
-    verbosity: Option<u8>,
+    #[arg(
+        short = 'v',
+        value_name = "N",
+        num_args = 0..=1,
+        default_missing_value = "",
+        default_value = "2"
+    )]
+    verbosity: Verbosity,
     /// Let the process run on after the dump.
     #[arg(short = 'R', long = "leave-running", conflicts_with = "leave_stopped")]
     leave_running: bool,
@@ -79,54 +85,13 @@ struct Cli {
     lazy_reconnect_window: u64,
 }
 
-/// `-vN` sets the level; `-v`, `-vv`... raise the default of 2 by one per `v`.
-fn parse_verbosity(value: &str) -> Result<u8, String> {
-    if value.chars().all(|c| c == 'v') {
-        let extra = u8::try_from(value.len()).unwrap_or(u8::MAX);
-        return Ok(3u8.saturating_add(extra).min(4));
-    }
-    value
-        .parse::<u8>()
-        .map(|n| n.min(4))
-        .map_err(|_| format!("{value:?} is not a log level (0..4)"))
-}
-
-fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let level = match cli.verbosity.unwrap_or(2) {
-        0 => "error",
-        1 => "warn",
-        2 => "info",
-        3 => "debug",
-        _ => "trace",
-    };
-    // Our crates at the chosen level; libraries (ELF parsing...) only when they warn.
-    let filter = tracing_subscriber::EnvFilter::new(format!(
-        "warn,ckpt_dump={level},tracee={level},images_format={level}"
-    ));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match &cli.log_file {
-        Some(path) => {
-            let path = cli.images_dir.join(path);
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            let file = std::fs::File::create(&path)
-                .with_context(|| format!("cannot create log file {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
-        }
-        None => builder.with_writer(std::io::stderr).init(),
-    }
-    Ok(())
-}
-
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    init_logging(cli)?;
+    // Like CRIU, a relative -o names a file in the images directory.
+    ckpt_cli::init_logging(&LogOptions {
+        relative_to: Some(&cli.images_dir),
+        scope: LogScope::Crates(&["ckpt_dump", "tracee", "images_format"]),
+        ..LogOptions::new(cli.verbosity, cli.log_file.as_deref())
+    })?;
     let final_state = if cli.leave_running {
         FinalState::Running
     } else if cli.leave_stopped {
@@ -181,27 +146,8 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // The log file, when there is one, gets the reason too; stderr gets it once.
-            if cli.log_file.is_some() {
-                tracing::error!("Dumping FAILED: {err:#}");
-            }
-            eprintln!("Dumping FAILED: {err:#}");
+            ckpt_cli::report_failure("Dumping FAILED", &err, cli.log_file.is_some());
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_verbosity;
-
-    #[test]
-    fn verbosity_takes_criu_spellings() {
-        assert_eq!(parse_verbosity("0"), Ok(0));
-        assert_eq!(parse_verbosity("4"), Ok(4));
-        assert_eq!(parse_verbosity("9"), Ok(4));
-        assert_eq!(parse_verbosity(""), Ok(3));
-        assert_eq!(parse_verbosity("v"), Ok(4));
-        assert!(parse_verbosity("x").is_err());
     }
 }

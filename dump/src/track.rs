@@ -9,18 +9,16 @@
 //! on exactly as before, without write protection.
 
 use images_format::pb::VmaEntry;
+use images_format::vma::{MapFlags, VmaStatus};
 use tracee::dirty::{
     Attach, BackendChoice, DirtyError, DirtySet, DirtyTracker, HolderOptions, VmaDirty, WholeReason,
 };
 use tracee::proc::maps::MapsEntry;
 use tracee::{Pid, SeizedProcess, PAGE_SIZE};
 
-use crate::collect::vma_status as status;
 use crate::pages::{VmaHistory, VmaPolicy};
 use crate::DumpOptions;
 
-const MAP_GROWSDOWN: u32 = 0x100;
-const MAP_LOCKED: u32 = 0x2000;
 /// Pages above a thread's stack pointer kept present in a lazy dump (the frames in use).
 const STACK_KEEP_PAGES: u64 = 16;
 
@@ -170,9 +168,11 @@ pub fn release_held(pid: Pid) {
 /// Whether a VMA's pages may be left to a lazy restore: private anonymous memory that is
 /// neither a stack, locked, nor a kernel-provided page.
 fn lazy_capable(vma: &VmaEntry) -> bool {
-    vma.status & status::ANON_PRIVATE != 0
-        && vma.status & (status::VDSO | status::VVAR | status::VSYSCALL | status::GUARD) == 0
-        && vma.flags & (MAP_GROWSDOWN | MAP_LOCKED) == 0
+    let status = VmaStatus::from_bits_retain(vma.status);
+    let kernel = VmaStatus::VDSO | VmaStatus::VVAR | VmaStatus::VSYSCALL | VmaStatus::GUARD;
+    status.contains(VmaStatus::ANON_PRIVATE)
+        && !status.intersects(kernel)
+        && !MapFlags::from_bits_retain(vma.flags).intersects(MapFlags::GROWSDOWN | MapFlags::LOCKED)
 }
 
 /// What to save of each VMA (in address order; guard entries skipped). A VMA's pages may be
@@ -186,7 +186,7 @@ pub fn policies(
     lazy_keep: Option<&[u64]>,
 ) -> Vec<VmaPolicy> {
     vmas.iter()
-        .filter(|v| v.status & status::GUARD == 0)
+        .filter(|v| !VmaStatus::from_bits_retain(v.status).contains(VmaStatus::GUARD))
         .map(|v| {
             let report = set
                 .filter(|_| parent)
@@ -256,7 +256,7 @@ mod tests {
         VmaEntry {
             start,
             end,
-            status: status::REGULAR | status::ANON_PRIVATE,
+            status: (VmaStatus::REGULAR | VmaStatus::ANON_PRIVATE).bits(),
             flags: 0x22 | flags,
             fd: -1,
             ..VmaEntry::default()
@@ -266,13 +266,13 @@ mod tests {
     #[test]
     fn lazy_dumps_keep_stacks_and_kernel_pages() {
         let heap = anon(0x10000, 0x30000, 0);
-        let stack = anon(0x7000_0000, 0x7002_0000, MAP_GROWSDOWN);
+        let stack = anon(0x7000_0000, 0x7002_0000, MapFlags::GROWSDOWN.bits());
         let mut vdso = anon(0x8000_0000, 0x8000_2000, 0);
-        vdso.status |= status::VDSO;
+        vdso.status |= VmaStatus::VDSO.bits();
         let guard = VmaEntry {
             start: 0x20000,
             end: 0x21000,
-            status: status::GUARD,
+            status: VmaStatus::GUARD.bits(),
             ..VmaEntry::default()
         };
         let vmas = [heap, stack, vdso, guard];

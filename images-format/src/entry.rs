@@ -128,12 +128,7 @@ impl<R: Read> ImageReader<R> {
 
     /// The next entry's message bytes, or `None` at the end of the image.
     pub fn read_raw_entry(&mut self) -> Result<Option<Vec<u8>>, ImageError> {
-        if self.kind.is_raw() {
-            return Err(ImageError::RawImage {
-                image: self.name.clone(),
-                kind: self.kind.desc().template,
-            });
-        }
+        check_has_entries(self.kind, &self.name)?;
         let mut len_bytes = [0u8; 4];
         let got = self.read_up_to(&mut len_bytes, "read length of")?;
         if got == 0 {
@@ -556,12 +551,7 @@ impl<W: Write> ImageWriter<W> {
 
     /// Writes one entry from already encoded message bytes.
     pub fn write_raw_entry(&mut self, message: &[u8]) -> Result<(), ImageError> {
-        if self.kind.is_raw() {
-            return Err(ImageError::RawImage {
-                image: self.name.clone(),
-                kind: self.kind.desc().template,
-            });
-        }
+        check_has_entries(self.kind, &self.name)?;
         let len = u32::try_from(message.len()).map_err(|_| ImageError::EncodeTooLarge {
             image: self.name.clone(),
             index: self.index,
@@ -602,6 +592,17 @@ impl<W: Write> ImageWriter<W> {
         self.written += bytes.len() as u64;
         Ok(())
     }
+}
+
+/// Raw images (pages, pipe data...) hold bytes, not protobuf entries.
+fn check_has_entries(kind: ImageKind, name: &str) -> Result<(), ImageError> {
+    if kind.is_raw() {
+        return Err(ImageError::RawImage {
+            image: name.to_owned(),
+            kind: kind.desc().template,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -219,6 +219,50 @@ pub struct PagemapStats {
     pub pages_lazy: u64,
 }
 
+/// The ranges added to one pagemap, in order. The pagemap writer and the page-server
+/// client (which checks before it sends, to report a mistake with its address rather than
+/// as a dropped connection) hold ranges to the same rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangeOrder {
+    /// End of the last range accepted.
+    last_end: u64,
+}
+
+impl RangeOrder {
+    /// Accepts `nr_pages` pages at `vaddr` if the range is page-aligned, non-empty and not
+    /// below the end of the one before; otherwise says why.
+    pub fn accept(&mut self, vaddr: u64, nr_pages: u64) -> Result<(), &'static str> {
+        let end = nr_pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| vaddr.checked_add(len));
+        let Some(end) = end.filter(|_| nr_pages > 0 && vaddr.is_multiple_of(PAGE_SIZE)) else {
+            return Err("not a page-aligned, non-empty range");
+        };
+        if vaddr < self.last_end {
+            return Err("below the end of the previous range");
+        }
+        self.last_end = end;
+        Ok(())
+    }
+}
+
+/// How many pages `len` bytes of page data flagged `flags` are: data needs PE_PRESENT and
+/// whole pages.
+pub fn data_pages(flags: PageFlags, len: u64) -> Result<u64, &'static str> {
+    if !flags.contains(PageFlags::PRESENT) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err("data needs PE_PRESENT and whole pages");
+    }
+    Ok(len / PAGE_SIZE)
+}
+
+/// Pages without data here (PE_PARENT, PE_LAZY) cannot be PE_PRESENT.
+pub fn check_hole(flags: PageFlags) -> Result<(), &'static str> {
+    if flags.contains(PageFlags::PRESENT) {
+        return Err("PE_PRESENT pages need data");
+    }
+    Ok(())
+}
+
 /// Writes a pagemap image and its pages image together, streaming: page data goes straight
 /// to the pages image, and adjacent runs with the same flags become one entry.
 #[derive(Debug)]
@@ -226,8 +270,7 @@ pub struct PagemapWriter<W: Write, P: Write> {
     pagemap: ImageWriter<W>,
     pages: ImageWriter<P>,
     pending: Option<PageRange>,
-    /// End of the last range added: ranges must come in increasing order.
-    last_end: u64,
+    order: RangeOrder,
     stats: PagemapStats,
 }
 
@@ -249,7 +292,7 @@ impl<W: Write, P: Write> PagemapWriter<W, P> {
             pagemap,
             pages,
             pending: None,
-            last_end: 0,
+            order: RangeOrder::default(),
             stats: PagemapStats::default(),
         })
     }
@@ -268,10 +311,9 @@ impl<W: Write, P: Write> PagemapWriter<W, P> {
         data: &[u8],
     ) -> Result<(), PagesError> {
         let len = data.len() as u64;
-        if !flags.contains(PageFlags::PRESENT) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(self.rejected(vaddr, len, flags, "data needs PE_PRESENT and whole pages"));
-        }
-        self.add_range(vaddr, len / PAGE_SIZE, flags)?;
+        let nr_pages =
+            data_pages(flags, len).map_err(|reason| self.rejected(vaddr, len, flags, reason))?;
+        self.add_range(vaddr, nr_pages, flags)?;
         self.pages.write_payload(data)?;
         Ok(())
     }
@@ -284,14 +326,9 @@ impl<W: Write, P: Write> PagemapWriter<W, P> {
         nr_pages: u64,
         flags: PageFlags,
     ) -> Result<(), PagesError> {
-        if flags.contains(PageFlags::PRESENT) {
-            return Err(self.rejected(
-                vaddr,
-                nr_pages.saturating_mul(PAGE_SIZE),
-                flags,
-                "PE_PRESENT pages need data",
-            ));
-        }
+        check_hole(flags).map_err(|reason| {
+            self.rejected(vaddr, nr_pages.saturating_mul(PAGE_SIZE), flags, reason)
+        })?;
         self.add_range(vaddr, nr_pages, flags)
     }
 
@@ -308,25 +345,10 @@ impl<W: Write, P: Write> PagemapWriter<W, P> {
     }
 
     fn add_range(&mut self, vaddr: u64, nr_pages: u64, flags: PageFlags) -> Result<(), PagesError> {
-        let len = nr_pages.checked_mul(PAGE_SIZE);
-        let end = len.and_then(|len| vaddr.checked_add(len));
-        let Some(end) = end.filter(|_| nr_pages > 0 && vaddr.is_multiple_of(PAGE_SIZE)) else {
-            return Err(self.rejected(
-                vaddr,
-                len.unwrap_or(u64::MAX),
-                flags,
-                "not a page-aligned, non-empty range",
-            ));
-        };
-        if vaddr < self.last_end {
-            return Err(self.rejected(
-                vaddr,
-                nr_pages * PAGE_SIZE,
-                flags,
-                "below the end of the previous range",
-            ));
-        }
-        self.last_end = end;
+        let accepted = self.order.accept(vaddr, nr_pages);
+        accepted.map_err(|reason| {
+            self.rejected(vaddr, nr_pages.saturating_mul(PAGE_SIZE), flags, reason)
+        })?;
         if flags.contains(PageFlags::PRESENT) {
             self.stats.pages_present += nr_pages;
         }
@@ -374,6 +396,28 @@ impl<W: Write, P: Write> PagemapWriter<W, P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_go_up_page_aligned_and_non_empty() {
+        let mut order = RangeOrder::default();
+        assert_eq!(order.accept(0x2000, 2), Ok(()));
+        assert_eq!(order.accept(0x4000, 1), Ok(()));
+        assert!(order.accept(0x3000, 1).is_err(), "below the last end");
+        assert!(order.accept(0x5001, 1).is_err(), "unaligned");
+        assert!(order.accept(0x6000, 0).is_err(), "empty");
+        assert!(order.accept(!0xfff, 2).is_err(), "past the address space");
+        assert_eq!(order.accept(0x5000, 1), Ok(()));
+    }
+
+    #[test]
+    fn data_is_present_whole_pages_and_holes_are_not_present() {
+        assert_eq!(data_pages(PageFlags::PRESENT, 3 * PAGE_SIZE), Ok(3));
+        assert_eq!(data_pages(PageFlags::PRESENT | PageFlags::LAZY, 0), Ok(0));
+        assert!(data_pages(PageFlags::LAZY, PAGE_SIZE).is_err());
+        assert!(data_pages(PageFlags::PRESENT, PAGE_SIZE + 1).is_err());
+        assert_eq!(check_hole(PageFlags::PARENT | PageFlags::LAZY), Ok(()));
+        assert!(check_hole(PageFlags::PRESENT).is_err());
+    }
 
     fn writer() -> PagemapWriter<Vec<u8>, Vec<u8>> {
         let pm = ImageWriter::new(Vec::new(), ImageKind::Pagemap, "pagemap-1.img").unwrap();

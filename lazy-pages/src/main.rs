@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use ckpt_cli::{LogOptions, Verbosity};
 use ckpt_lazy_pages::{DaemonOptions, LazyDaemon};
 use clap::Parser;
 
@@ -43,8 +44,8 @@ struct Cli {
     #[arg(short = 'o', long = "log-file")]
     log_file: Option<PathBuf>,
     /// Verbosity 0-4 (error, warn, info, debug, trace)
-    #[arg(short = 'v', default_value_t = 2)]
-    verbosity: u8,
+    #[arg(short = 'v', default_value = "2")]
+    verbosity: Verbosity,
     /// Pin the daemon to this CPU (put the restored tree there too for ~5 µs faults)
     #[arg(long)]
     cpu: Option<u32>,
@@ -55,18 +56,12 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli) {
-        eprintln!("ckpt-lazy-pages: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    let cli_logs_to_file = cli.log_file.is_some();
-    match run(cli) {
+    let logs_to_file = cli.log_file.is_some();
+    let logging = ckpt_cli::init_logging(&LogOptions::new(cli.verbosity, cli.log_file.as_deref()));
+    match logging.map_err(anyhow::Error::from).and_then(|()| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if cli_logs_to_file {
-                tracing::error!("{e:#}");
-            }
-            eprintln!("ckpt-lazy-pages: {e:#}");
+        Err(error) => {
+            ckpt_cli::report_failure("ckpt-lazy-pages", &error, logs_to_file);
             ExitCode::FAILURE
         }
     }
@@ -136,27 +131,4 @@ fn resolve(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("lazy-pages: resolve {address}:{port}"))?
         .next()
         .with_context(|| format!("lazy-pages: {address}:{port} has no address"))
-}
-
-fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let level = match cli.verbosity {
-        0 => tracing::Level::ERROR,
-        1 => tracing::Level::WARN,
-        2 => tracing::Level::INFO,
-        3 => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
-    };
-    let builder = tracing_subscriber::fmt().with_max_level(level);
-    match &cli.log_file {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("lazy-pages: create log file {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
-        }
-        None => builder.with_writer(std::io::stderr).init(),
-    }
-    Ok(())
 }

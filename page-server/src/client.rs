@@ -24,7 +24,7 @@
 use std::io::{self, IoSlice, Read};
 use std::net::{SocketAddr, TcpStream};
 
-use images_format::pagemap::PagemapStats;
+use images_format::pagemap::{check_hole, data_pages, PagemapStats, RangeOrder};
 use images_format::{PageFlags, PAGE_SIZE};
 
 use crate::protocol::{Command, Frame, PagemapId, ProtocolError, FRAME_LEN, WIRE_FLAGS};
@@ -153,7 +153,7 @@ impl PageServerClient {
             id,
             dst_id,
             has_parent: answer[0] != 0,
-            last_end: 0,
+            order: RangeOrder::default(),
             stats: PagemapStats::default(),
         })
     }
@@ -274,7 +274,7 @@ pub struct RemotePagemap<'a> {
     id: PagemapId,
     dst_id: u64,
     has_parent: bool,
-    last_end: u64,
+    order: RangeOrder,
     stats: PagemapStats,
 }
 
@@ -302,10 +302,8 @@ impl RemotePagemap<'_> {
         data: &[IoSlice<'_>],
     ) -> Result<(), ClientError> {
         let len: u64 = data.iter().map(|s| s.len() as u64).sum();
-        if !flags.contains(PageFlags::PRESENT) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(self.rejected(vaddr, len, flags, "data needs PE_PRESENT and whole pages"));
-        }
-        let nr_pages = len / PAGE_SIZE;
+        let nr_pages =
+            data_pages(flags, len).map_err(|reason| self.rejected(vaddr, len, flags, reason))?;
         let frame = self.frame(vaddr, nr_pages, flags)?.encode();
         let mut slices = Vec::with_capacity(data.len().min(MAX_IOV) + 1);
         slices.push(IoSlice::new(&frame));
@@ -328,14 +326,9 @@ impl RemotePagemap<'_> {
         nr_pages: u64,
         flags: PageFlags,
     ) -> Result<(), ClientError> {
-        if flags.contains(PageFlags::PRESENT) {
-            return Err(self.rejected(
-                vaddr,
-                nr_pages.saturating_mul(PAGE_SIZE),
-                flags,
-                "PE_PRESENT pages need data",
-            ));
-        }
+        check_hole(flags).map_err(|reason| {
+            self.rejected(vaddr, nr_pages.saturating_mul(PAGE_SIZE), flags, reason)
+        })?;
         if flags.contains(PageFlags::PARENT) && !self.has_parent {
             return Err(self.rejected(
                 vaddr,
@@ -368,16 +361,8 @@ impl RemotePagemap<'_> {
         if !WIRE_FLAGS.contains(flags) || flags.contains(PageFlags::PRESENT | PageFlags::PARENT) {
             return Err(self.rejected(vaddr, len, flags, "flags the protocol cannot carry"));
         }
-        let end = nr_pages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|len| vaddr.checked_add(len));
-        let Some(end) = end.filter(|_| nr_pages > 0 && vaddr.is_multiple_of(PAGE_SIZE)) else {
-            return Err(self.rejected(vaddr, len, flags, "not a page-aligned, non-empty range"));
-        };
-        if vaddr < self.last_end {
-            return Err(self.rejected(vaddr, len, flags, "below the end of the previous range"));
-        }
-        self.last_end = end;
+        let accepted = self.order.accept(vaddr, nr_pages);
+        accepted.map_err(|reason| self.rejected(vaddr, len, flags, reason))?;
         self.stats.entries += 1;
         let bits = u16::try_from(flags.bits()).expect("wire flags fit 16 bits");
         Ok(Frame::add_f(self.dst_id, vaddr, nr_pages, bits))

@@ -1,11 +1,13 @@
 //! `ckpt-page-server`: receives the pages of one dump or pre-dump over TCP into an image
 //! directory (or, with `--lazy-pages`, serves saved pages), speaking CRIU's protocol.
+#![forbid(unsafe_code)]
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use ckpt_cli::{LogOptions, Verbosity};
 use ckpt_page_server::daemon;
 use ckpt_page_server::{PageServer, ReceiveMode, ServerOptions};
 use clap::Parser;
@@ -38,7 +40,7 @@ struct Cli {
     log_file: Option<PathBuf>,
     /// Log level 0 (errors) to 4 (everything); -v alone is 4.
     #[arg(short = 'v', num_args = 0..=1, default_missing_value = "4", default_value = "2")]
-    verbosity: u8,
+    verbosity: Verbosity,
     /// Serve GET requests from the images instead of receiving a dump.
     #[arg(long)]
     lazy_pages: bool,
@@ -59,11 +61,9 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     let logs_to_file = cli.log_file.is_some();
-    if let Err(error) = init_logging(&cli).and_then(|()| run(cli)) {
-        if logs_to_file {
-            tracing::error!("{error:#}");
-        }
-        eprintln!("ckpt-page-server: {error:#}");
+    let logging = ckpt_cli::init_logging(&LogOptions::new(cli.verbosity, cli.log_file.as_deref()));
+    if let Err(error) = logging.map_err(anyhow::Error::from).and_then(|()| run(cli)) {
+        ckpt_cli::report_failure("ckpt-page-server", &error, logs_to_file);
         std::process::exit(1);
     }
 }
@@ -108,29 +108,5 @@ fn run(cli: Cli) -> Result<()> {
     server
         .serve_one()
         .with_context(|| format!("page server for {}", cli.images_dir.display()))?;
-    Ok(())
-}
-
-fn init_logging(cli: &Cli) -> Result<()> {
-    use tracing::Level;
-    let level = match cli.verbosity {
-        0 => Level::ERROR,
-        1 => Level::WARN,
-        2 => Level::INFO,
-        3 => Level::DEBUG,
-        _ => Level::TRACE,
-    };
-    let builder = tracing_subscriber::fmt().with_max_level(level);
-    match &cli.log_file {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("{}: create log file", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
-        }
-        None => builder.with_writer(std::io::stderr).init(),
-    }
     Ok(())
 }

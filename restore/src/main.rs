@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use ckpt_cli::{LogOptions, LogScope, Verbosity};
 use ckpt_restore::{restore, FillMethod, RestoreOptions, RestoreOutcome};
 use clap::Parser;
 
@@ -25,8 +26,14 @@ struct Cli {
     #[arg(short = 'o', long = "log-file", value_name = "FILE")]
     log_file: Option<PathBuf>,
     /// Verbosity: 0 errors, 1 warnings, 2 info, 3 debug, 4 trace.
-    #[arg(short = 'v', value_name = "N", num_args = 0..=1, default_missing_value = "4", default_value = "2")]
-    verbosity: u8,
+    #[arg(
+        short = 'v',
+        value_name = "N",
+        num_args = 0..=1,
+        default_missing_value = "4",
+        default_value = "2"
+    )]
+    verbosity: Verbosity,
     /// The process was a job of a shell: keep our session and process group.
     #[arg(long = "shell-job", short = 'j')]
     shell_job: bool,
@@ -53,37 +60,12 @@ struct Cli {
     fill_method: String,
 }
 
-fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let level = match cli.verbosity {
-        0 => "error",
-        1 => "warn",
-        2 => "info",
-        3 => "debug",
-        _ => "trace",
-    };
-    // Our crates at the level asked for; libraries (goblin's ELF parser) only warn.
-    let filter = tracing_subscriber::EnvFilter::new(format!(
-        "warn,ckpt_restore={level},ckpt_restore_bin={level},tracee={level},images_format={level}"
-    ));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match &cli.log_file {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("create log file {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
-        }
-        None => builder.with_writer(std::io::stderr).init(),
-    }
-    Ok(())
-}
-
 fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
-    init_logging(cli)?;
+    // A relative -o is relative to the current directory, not the images directory.
+    ckpt_cli::init_logging(&LogOptions {
+        scope: LogScope::Crates(&["ckpt_restore", "tracee", "images_format"]),
+        ..LogOptions::new(cli.verbosity, cli.log_file.as_deref())
+    })?;
     let fill = match cli.fill_method.as_str() {
         "preadv" => FillMethod::Preadv,
         "writev" => FillMethod::Writev,
@@ -115,8 +97,8 @@ fn main() -> ExitCode {
         Ok(RestoreOutcome::Killed { signal, .. }) => {
             ExitCode::from(u8::try_from(128 + (signal & 0x7f)).unwrap_or(1))
         }
-        Err(e) => {
-            eprintln!("ckpt-restore: {e:#}");
+        Err(err) => {
+            ckpt_cli::report_failure("ckpt-restore", &err, cli.log_file.is_some());
             ExitCode::FAILURE
         }
     }

@@ -22,6 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use images_format::VmaStatus;
 use tracee::memory::{MemoryError, RemoteMem};
 use tracee::{Pid, RemoteAddr, Tracee};
 
@@ -140,6 +141,18 @@ pub struct PageSource {
     pub len: u64,
     pub file: PathBuf,
     pub offset: u64,
+}
+
+impl PageSource {
+    /// The bytes of `start..end` (inside this run): the same file, at their own offset.
+    pub fn part(&self, start: u64, end: u64) -> PageSource {
+        PageSource {
+            vaddr: start,
+            len: end - start,
+            file: self.file.clone(),
+            offset: self.offset + (start - self.vaddr),
+        }
+    }
 }
 
 /// The helper page in the target, through which every injected syscall goes.
@@ -489,7 +502,7 @@ pub fn pages_to_fill(
     let vdso_part = memory.vdso_block.as_ref().and_then(|b| {
         b.parts
             .iter()
-            .find(|(status, _)| status & plan::vma_status::VDSO != 0)
+            .find(|(status, _)| VmaStatus::from_bits_retain(*status).contains(VmaStatus::VDSO))
             .map(|(_, r)| *r)
     });
     let vdso_image = match vdso_part {
@@ -821,12 +834,7 @@ pub fn split_by_writability(
                 break;
             }
             let stop = v.range.end.min(end);
-            let part = PageSource {
-                vaddr: at,
-                len: stop - at,
-                file: s.file.clone(),
-                offset: s.offset + (at - s.vaddr),
-            };
+            let part = s.part(at, stop);
             if v.prot & plan::PROT_WRITE != 0 || v.write_then_protect {
                 writable.push(part);
             } else {
@@ -836,12 +844,7 @@ pub fn split_by_writability(
         }
         if at < end {
             // Not inside a VMA: `split_sources` refused these already; let the write fail loudly.
-            other.push(PageSource {
-                vaddr: at,
-                len: end - at,
-                file: s.file.clone(),
-                offset: s.offset + (at - s.vaddr),
-            });
+            other.push(s.part(at, end));
         }
     }
     (writable, other)
@@ -928,16 +931,8 @@ pub fn split_half(runs: &[PageSource]) -> (Vec<PageSource>, Vec<PageSource>) {
             first.push(r.clone());
         } else {
             let cut = half - taken;
-            first.push(PageSource {
-                len: cut,
-                ..r.clone()
-            });
-            second.push(PageSource {
-                vaddr: r.vaddr + cut,
-                len: r.len - cut,
-                file: r.file.clone(),
-                offset: r.offset + cut,
-            });
+            first.push(r.part(r.vaddr, r.vaddr + cut));
+            second.push(r.part(r.vaddr + cut, r.vaddr + r.len));
             taken = half;
         }
     }

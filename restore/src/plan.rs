@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use images_format::pb;
+use images_format::vma::{MapFlags, VmaStatus};
 use tracee::ptrace::RestartFixup;
 use tracee::Regs;
 
@@ -14,41 +15,14 @@ use crate::read::{ProcessImages, TreeImages};
 
 pub const PAGE_SIZE: u64 = 4096;
 
-/// `vma_entry.status` bits (CRIU's VMA_AREA_*).
-pub mod vma_status {
-    pub const REGULAR: u32 = 1 << 0;
-    pub const STACK: u32 = 1 << 1;
-    pub const VSYSCALL: u32 = 1 << 2;
-    pub const VDSO: u32 = 1 << 3;
-    pub const HEAP: u32 = 1 << 5;
-    pub const FILE_PRIVATE: u32 = 1 << 6;
-    pub const FILE_SHARED: u32 = 1 << 7;
-    pub const ANON_SHARED: u32 = 1 << 8;
-    pub const ANON_PRIVATE: u32 = 1 << 9;
-    pub const SYSVIPC: u32 = 1 << 10;
-    pub const SOCKET: u32 = 1 << 11;
-    pub const VVAR: u32 = 1 << 12;
-    pub const AIORING: u32 = 1 << 13;
-    pub const MEMFD: u32 = 1 << 14;
-    pub const SHSTK: u32 = 1 << 15;
-    pub const GUARD: u32 = 1 << 16;
-    pub const UPROBES: u32 = 1 << 17;
-    /// No `ac` (VM_ACCOUNT) in the VMA's smaps flags.
-    pub const NOT_ACCOUNTABLE: u32 = 1 << 18;
-}
-
 /// `fdinfo_entry.type` values (CRIU's fd_types) that we restore.
 const FD_TYPE_REG: i32 = 1;
 /// `fdinfo_entry.flags`: close-on-exec.
 const FD_CLOEXEC: u32 = 1;
 
-/// mmap flags carried in `vma_entry.flags`.
-pub const MAP_SHARED: u32 = 0x01;
-pub const MAP_PRIVATE: u32 = 0x02;
-pub const MAP_FIXED: u32 = 0x10;
-pub const MAP_ANONYMOUS: u32 = 0x20;
-pub const MAP_GROWSDOWN: u32 = 0x100;
-pub const MAP_NORESERVE: u32 = 0x4000;
+/// Bits of [`VmaPlan::map_flags`] that the rebuild and lazy restore test.
+pub const MAP_PRIVATE: u32 = MapFlags::PRIVATE.bits();
+pub const MAP_ANONYMOUS: u32 = MapFlags::ANONYMOUS.bits();
 pub const PROT_WRITE: u32 = 0x2;
 
 /// Number of signals a sigaction table holds (1..=64).
@@ -107,6 +81,8 @@ pub struct FdOpen {
     pub cloexec: bool,
     /// For a deleted file: the recreated copy to open (and unlink) instead of `path`.
     pub ghost: Option<PathBuf>,
+    /// A path to open, or a pipe, eventfd... to create.
+    pub source: crate::files::FdSource,
 }
 
 impl FdOpen {
@@ -393,6 +369,10 @@ fn plan_files(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<ChildPlan, Plan
     let mut fds = Vec::new();
     for fdi in &p.fdinfo {
         if fdi.r#type != FD_TYPE_REG {
+            if let Some(fd) = crate::files::plan_kobj(p.files.get(&fdi.id), fdi) {
+                fds.push(fd);
+                continue;
+            }
             return Err(PlanError::UnsupportedFd {
                 pid,
                 fd: fdi.fd,
@@ -418,6 +398,7 @@ fn plan_files(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<ChildPlan, Plan
             pos: reg.pos,
             cloexec: fdi.flags & FD_CLOEXEC != 0,
             ghost,
+            source: crate::files::FdSource::Path,
         });
     }
     fds.sort_by_key(|f| f.fd);
@@ -468,32 +449,33 @@ fn plan_memory(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<MemoryPlan, Pl
                 end: v.end,
             });
         }
-        if v.status & vma_status::GUARD != 0 {
+        let status = VmaStatus::from_bits_retain(v.status);
+        let flags = MapFlags::from_bits_retain(v.flags);
+        if status.contains(VmaStatus::GUARD) {
             guards.push(range);
             continue;
         }
         occupied.push(range);
-        if v.status & vma_status::VSYSCALL != 0 {
+        if status.contains(VmaStatus::VSYSCALL) {
             continue;
         }
-        if v.status & (vma_status::VDSO | vma_status::VVAR) != 0 {
+        if status.intersects(VmaStatus::VDSO | VmaStatus::VVAR) {
             vdso_parts.push((v.status, range));
             continue;
         }
-        let unsupported = vma_status::SYSVIPC
-            | vma_status::SOCKET
-            | vma_status::AIORING
-            | vma_status::SHSTK
-            | vma_status::UPROBES;
-        if v.status & unsupported != 0 {
+        let unsupported = VmaStatus::SYSVIPC
+            | VmaStatus::SOCKET
+            | VmaStatus::AIORING
+            | VmaStatus::SHSTK
+            | VmaStatus::UPROBES;
+        if status.intersects(unsupported) {
             return Err(PlanError::UnsupportedVma {
                 pid,
                 start: v.start,
                 status: v.status,
             });
         }
-        let is_file = v.status & (vma_status::FILE_PRIVATE | vma_status::FILE_SHARED) != 0;
-        let file = if is_file {
+        let file = if status.maps_file() {
             let id = u32::try_from(v.shmid).map_err(|_| PlanError::MissingMappedFile {
                 pid,
                 start: v.start,
@@ -504,7 +486,7 @@ fn plan_memory(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<MemoryPlan, Pl
                 start: v.start,
                 id,
             })?;
-            let shared_writable = v.flags & MAP_SHARED != 0 && v.prot & PROT_WRITE != 0;
+            let shared_writable = flags.contains(MapFlags::SHARED) && v.prot & PROT_WRITE != 0;
             Some(MappedFile {
                 file_id: id,
                 path: PathBuf::from(&reg.name),
@@ -517,24 +499,24 @@ fn plan_memory(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<MemoryPlan, Pl
         } else {
             None
         };
-        let mut map_flags = (v.flags & !MAP_GROWSDOWN) | MAP_FIXED;
+        let mut map_flags = flags.difference(MapFlags::GROWSDOWN) | MapFlags::FIXED;
         // A private writable mapping the kernel did not account was made with MAP_NORESERVE.
-        if v.status & vma_status::NOT_ACCOUNTABLE != 0
-            && v.flags & MAP_PRIVATE != 0
+        if status.contains(VmaStatus::NOT_ACCOUNTABLE)
+            && flags.contains(MapFlags::PRIVATE)
             && v.prot & PROT_WRITE != 0
         {
-            map_flags |= MAP_NORESERVE;
+            map_flags |= MapFlags::NORESERVE;
         }
         if file.is_none() {
-            map_flags |= MAP_ANONYMOUS;
+            map_flags |= MapFlags::ANONYMOUS;
         }
-        if v.status & vma_status::STACK != 0 || v.flags & MAP_GROWSDOWN != 0 {
-            map_flags |= MAP_GROWSDOWN;
+        if status.contains(VmaStatus::STACK) || flags.contains(MapFlags::GROWSDOWN) {
+            map_flags |= MapFlags::GROWSDOWN;
         }
         vmas.push(VmaPlan {
             range,
             prot: v.prot,
-            map_flags,
+            map_flags: map_flags.bits(),
             file,
             madv: v.madv.unwrap_or(0),
             status: v.status,
@@ -806,19 +788,18 @@ pub fn thread_regs(r: &pb::UserX86RegsEntry) -> (Regs, RestartFixup) {
 /// by the kernel: the image says so where its writer recorded `NOT_ACCOUNTABLE` (as
 /// CRIU does); otherwise a VMA with saved pages was written, hence writable.
 pub fn mark_accounting(memory: &mut MemoryPlan, saved: &[Range]) {
-    let recorded = memory
-        .vmas
-        .iter()
-        .any(|v| v.status & vma_status::NOT_ACCOUNTABLE != 0);
+    let not_accountable =
+        |v: &VmaPlan| VmaStatus::from_bits_retain(v.status).contains(VmaStatus::NOT_ACCOUNTABLE);
+    let recorded = memory.vmas.iter().any(not_accountable);
     for v in &mut memory.vmas {
         if v.map_flags & MAP_PRIVATE == 0
             || v.prot & PROT_WRITE != 0
-            || v.status & vma_status::STACK != 0
+            || VmaStatus::from_bits_retain(v.status).contains(VmaStatus::STACK)
         {
             continue;
         }
         v.write_then_protect = if recorded {
-            v.status & vma_status::NOT_ACCOUNTABLE == 0
+            !not_accountable(v)
         } else {
             saved.iter().any(|r| r.overlaps(&v.range))
         };
@@ -970,7 +951,7 @@ mod tests {
                             0x401000,
                             1,
                             MAP_PRIVATE,
-                            vma_status::REGULAR | vma_status::FILE_PRIVATE,
+                            (VmaStatus::REGULAR | VmaStatus::FILE_PRIVATE).bits(),
                             1,
                         ),
                         vma(
@@ -978,7 +959,7 @@ mod tests {
                             0x403000,
                             5,
                             MAP_PRIVATE,
-                            vma_status::REGULAR | vma_status::FILE_PRIVATE,
+                            (VmaStatus::REGULAR | VmaStatus::FILE_PRIVATE).bits(),
                             1,
                         ),
                         vma(
@@ -986,7 +967,8 @@ mod tests {
                             0x7ff0_0002_1000,
                             3,
                             MAP_PRIVATE | MAP_ANONYMOUS,
-                            vma_status::REGULAR | vma_status::STACK | vma_status::ANON_PRIVATE,
+                            (VmaStatus::REGULAR | VmaStatus::STACK | VmaStatus::ANON_PRIVATE)
+                                .bits(),
                             0,
                         ),
                         vma(
@@ -994,7 +976,7 @@ mod tests {
                             0x7ff0_1000_4000,
                             1,
                             MAP_PRIVATE | MAP_ANONYMOUS,
-                            vma_status::VVAR,
+                            VmaStatus::VVAR.bits(),
                             0,
                         ),
                         vma(
@@ -1002,7 +984,7 @@ mod tests {
                             0x7ff0_1000_6000,
                             1,
                             MAP_PRIVATE | MAP_ANONYMOUS,
-                            vma_status::VVAR,
+                            VmaStatus::VVAR.bits(),
                             0,
                         ),
                         vma(
@@ -1010,7 +992,7 @@ mod tests {
                             0x7ff0_1000_8000,
                             5,
                             MAP_PRIVATE | MAP_ANONYMOUS,
-                            vma_status::REGULAR | vma_status::VDSO,
+                            (VmaStatus::REGULAR | VmaStatus::VDSO).bits(),
                             0,
                         ),
                         vma(
@@ -1018,10 +1000,10 @@ mod tests {
                             0xffff_ffff_ff60_1000,
                             4,
                             MAP_PRIVATE | MAP_ANONYMOUS,
-                            vma_status::VSYSCALL,
+                            VmaStatus::VSYSCALL.bits(),
                             0,
                         ),
-                        vma(0x500000, 0x502000, 0, 0, vma_status::GUARD, 0),
+                        vma(0x500000, 0x502000, 0, 0, VmaStatus::GUARD.bits(), 0),
                     ],
                     ..Default::default()
                 },
@@ -1094,7 +1076,7 @@ mod tests {
             }]
         );
         let stack = &m.vmas[2];
-        assert_ne!(stack.map_flags & MAP_GROWSDOWN, 0);
+        assert_ne!(stack.map_flags & MapFlags::GROWSDOWN.bits(), 0);
         assert_ne!(stack.map_flags & MAP_ANONYMOUS, 0);
         let text = &m.vmas[1];
         assert_eq!(
@@ -1102,7 +1084,7 @@ mod tests {
             Some(std::path::Path::new("/bin/demo"))
         );
         assert_eq!(text.map_flags & MAP_ANONYMOUS, 0);
-        assert_ne!(text.map_flags & MAP_FIXED, 0);
+        assert_ne!(text.map_flags & MapFlags::FIXED.bits(), 0);
         assert_eq!(p.mm.exe.as_deref(), Some(std::path::Path::new("/bin/demo")));
     }
 
@@ -1112,7 +1094,7 @@ mod tests {
         im.root
             .mm
             .vmas
-            .retain(|v| !(v.status == vma_status::VVAR && v.start == 0x7ff0_1000_4000));
+            .retain(|v| !(v.status == VmaStatus::VVAR.bits() && v.start == 0x7ff0_1000_4000));
         assert!(matches!(plan(&im), Err(PlanError::VdsoGap { .. })));
     }
 
@@ -1124,7 +1106,7 @@ mod tests {
             0x401800,
             3,
             MAP_PRIVATE | MAP_ANONYMOUS,
-            vma_status::ANON_PRIVATE,
+            VmaStatus::ANON_PRIVATE.bits(),
             0,
         ));
         assert!(matches!(
@@ -1241,7 +1223,7 @@ mod tests {
         );
         assert!(!m.vmas[2].write_then_protect, "writable vmas need nothing");
         // An image that records accounting is followed instead.
-        m.vmas[0].status |= vma_status::NOT_ACCOUNTABLE;
+        m.vmas[0].status |= VmaStatus::NOT_ACCOUNTABLE.bits();
         mark_accounting(
             &mut m,
             &[Range {

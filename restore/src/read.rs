@@ -217,22 +217,12 @@ pub fn subtract(s: &PageSource, cut: &[Range]) -> Vec<PageSource> {
     let mut at = s.vaddr;
     for c in cut.iter().filter(|c| c.end > s.vaddr && c.start < end) {
         if c.start > at {
-            out.push(PageSource {
-                vaddr: at,
-                len: c.start - at,
-                file: s.file.clone(),
-                offset: s.offset + (at - s.vaddr),
-            });
+            out.push(s.part(at, c.start));
         }
         at = at.max(c.end);
     }
     if at < end {
-        out.push(PageSource {
-            vaddr: at,
-            len: end - at,
-            file: s.file.clone(),
-            offset: s.offset + (at - s.vaddr),
-        });
+        out.push(s.part(at, end));
     }
     out
 }

@@ -94,6 +94,15 @@ pub enum InjectError {
     CloneTid { tid: Tid, want: Tid, got: i64 },
 }
 
+/// The `nr` of [`InjectError::Ptrace`] when saving or restoring a thread's registers and
+/// signal mask around a batch, outside any one syscall.
+const BATCH_STATE: i64 = -1;
+
+/// Wraps a failed ptrace request made while injecting syscall `nr`.
+fn ptrace_failed(tid: Tid, nr: i64) -> impl Fn(PtraceError) -> InjectError + Copy {
+    move |source| InjectError::Ptrace { tid, nr, source }
+}
+
 impl InjectError {
     /// The errno when the syscall itself failed.
     pub fn errno(&self) -> Option<Errno> {
@@ -174,12 +183,7 @@ impl Tracee {
         if self.in_batch {
             return Ok(());
         }
-        let tid = self.tid();
-        let perr = |source| InjectError::Ptrace {
-            tid,
-            nr: -1,
-            source,
-        };
+        let perr = ptrace_failed(self.tid(), BATCH_STATE);
         let regs = self.get_regs().map_err(perr)?;
         let mask = self.get_sigmask().map_err(perr)?;
         self.injection_saved = Some((regs, mask));
@@ -192,12 +196,7 @@ impl Tracee {
         if !self.in_batch {
             return Ok(());
         }
-        let tid = self.tid();
-        let perr = |source| InjectError::Ptrace {
-            tid,
-            nr: -1,
-            source,
-        };
+        let perr = ptrace_failed(self.tid(), BATCH_STATE);
         if let Some((regs, mask)) = self.injection_saved {
             self.set_regs(&regs).map_err(perr)?;
             self.set_sigmask(mask).map_err(perr)?;
@@ -220,7 +219,7 @@ impl Tracee {
             return Err(InjectError::NotStopped { tid, nr });
         }
         let insn = self.syscall_insn()?;
-        let perr = |source| InjectError::Ptrace { tid, nr, source };
+        let perr = ptrace_failed(tid, nr);
         if self.in_batch {
             if let Some((saved_regs, _)) = self.injection_saved {
                 return self.step_through(nr, args, insn, saved_regs, on_event);
@@ -255,7 +254,7 @@ impl Tracee {
         on_event: &mut dyn FnMut(&Tracee, i32) -> Result<(), InjectError>,
     ) -> Result<i64, InjectError> {
         let tid = self.tid();
-        let perr = |source| InjectError::Ptrace { tid, nr, source };
+        let perr = ptrace_failed(tid, nr);
         let regs = Regs {
             rip: insn.get(),
             rax: as_u64(nr),

@@ -157,40 +157,11 @@ pub fn read_remote_vectored(
     ranges: &[RemoteRange],
     buf: &mut [u8],
 ) -> Result<(), MemoryError> {
-    let total = ranges
-        .iter()
-        .try_fold(0usize, |acc, r| acc.checked_add(r.len))
-        .unwrap_or(usize::MAX);
-    if total != buf.len() {
-        return Err(MemoryError::BufferSize {
-            pid,
-            buf: buf.len(),
-            total,
-        });
-    }
+    check_total(pid, ranges, buf.len())?;
     let npid = nix::unistd::Pid::from_raw(pid.as_raw());
-    let mut idx = 0;
     let mut buf_off = 0;
-    while idx < ranges.len() {
-        // Gather a batch of whole ranges (a single range larger than CHUNK goes alone).
-        let mut end = idx;
-        let mut bytes = 0usize;
-        while end < ranges.len() && end - idx < MAX_IOV {
-            let len = ranges[end].len;
-            if end > idx && bytes + len > CHUNK {
-                break;
-            }
-            bytes += len;
-            end += 1;
-        }
-        let batch = &ranges[idx..end];
-        let remote: Vec<RemoteIoVec> = batch
-            .iter()
-            .map(|r| RemoteIoVec {
-                base: to_usize(r.addr),
-                len: r.len,
-            })
-            .collect();
+    for (batch, bytes) in batches(ranges) {
+        let remote = iovecs(batch);
         let dst = &mut buf[buf_off..buf_off + bytes];
         let got = {
             let mut local = [IoSliceMut::new(dst)];
@@ -207,23 +178,85 @@ pub fn read_remote_vectored(
                 }
             }
         };
-        if got < bytes {
-            // The kernel stops at the first unreadable page: finish range by range.
-            let mut off = 0usize;
-            for r in batch {
-                let range_end = off + r.len;
-                if range_end > got {
-                    let skip = got.saturating_sub(off);
-                    let slice = &mut buf[buf_off + off + skip..buf_off + range_end];
-                    read_remote(pid, addr_offset(r.addr, skip), slice)?;
-                }
-                off = range_end;
-            }
+        // The kernel stops at the first unreadable page: finish range by range.
+        for (addr, part) in unfinished(batch, got) {
+            read_remote(pid, addr, &mut dst[part])?;
         }
         buf_off += bytes;
-        idx = end;
     }
     Ok(())
+}
+
+/// Fails unless the ranges add up to `len`, the local buffer's size.
+fn check_total(pid: Pid, ranges: &[RemoteRange], len: usize) -> Result<(), MemoryError> {
+    let total = ranges
+        .iter()
+        .try_fold(0usize, |acc, r| acc.checked_add(r.len))
+        .unwrap_or(usize::MAX);
+    if total != len {
+        return Err(MemoryError::BufferSize {
+            pid,
+            buf: len,
+            total,
+        });
+    }
+    Ok(())
+}
+
+/// Splits `ranges` into the batches of one `process_vm_readv`/`process_vm_writev` call
+/// each, with their byte counts: whole ranges, at most `MAX_IOV` of them and `CHUNK`
+/// bytes (a single larger range goes alone).
+fn batches(ranges: &[RemoteRange]) -> impl Iterator<Item = (&[RemoteRange], usize)> {
+    let mut rest = ranges;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = 0;
+        let mut bytes = 0usize;
+        while end < rest.len() && end < MAX_IOV {
+            let len = rest[end].len;
+            if end > 0 && bytes + len > CHUNK {
+                break;
+            }
+            bytes += len;
+            end += 1;
+        }
+        let (batch, tail) = rest.split_at(end);
+        rest = tail;
+        Some((batch, bytes))
+    })
+}
+
+fn iovecs(batch: &[RemoteRange]) -> Vec<RemoteIoVec> {
+    batch
+        .iter()
+        .map(|r| RemoteIoVec {
+            base: to_usize(r.addr),
+            len: r.len,
+        })
+        .collect()
+}
+
+/// What a call that moved only the first `done` bytes of `batch` left: for each range
+/// not finished, where its rest starts in the target and which bytes of the batch's
+/// buffer it is.
+fn unfinished(
+    batch: &[RemoteRange],
+    done: usize,
+) -> impl Iterator<Item = (RemoteAddr, std::ops::Range<usize>)> + '_ {
+    batch
+        .iter()
+        .scan(0usize, |off, r| {
+            let start = *off;
+            *off += r.len;
+            Some((r, start))
+        })
+        .filter(move |(r, start)| start + r.len > done)
+        .map(move |(r, start)| {
+            let skip = done.saturating_sub(start);
+            (addr_offset(r.addr, skip), start + skip..start + r.len)
+        })
 }
 
 /// Writes `data` at `addr` through `/proc/PID/mem`, which ignores the VMA's
@@ -273,39 +306,12 @@ pub fn write_remote_vectored(
     ranges: &[RemoteRange],
     data: &[u8],
 ) -> Result<(), MemoryError> {
-    let total = ranges
-        .iter()
-        .try_fold(0usize, |acc, r| acc.checked_add(r.len))
-        .unwrap_or(usize::MAX);
-    if total != data.len() {
-        return Err(MemoryError::BufferSize {
-            pid,
-            buf: data.len(),
-            total,
-        });
-    }
+    check_total(pid, ranges, data.len())?;
     let npid = nix::unistd::Pid::from_raw(pid.as_raw());
-    let mut idx = 0;
     let mut data_off = 0;
-    while idx < ranges.len() {
-        let mut end = idx;
-        let mut bytes = 0usize;
-        while end < ranges.len() && end - idx < MAX_IOV {
-            let len = ranges[end].len;
-            if end > idx && bytes + len > CHUNK {
-                break;
-            }
-            bytes += len;
-            end += 1;
-        }
-        let batch = &ranges[idx..end];
-        let remote: Vec<RemoteIoVec> = batch
-            .iter()
-            .map(|r| RemoteIoVec {
-                base: to_usize(r.addr),
-                len: r.len,
-            })
-            .collect();
+    let mut mem: Option<RemoteMem> = None;
+    for (batch, bytes) in batches(ranges) {
+        let remote = iovecs(batch);
         let src = &data[data_off..data_off + bytes];
         let done = match process_vm_writev(npid, &[std::io::IoSlice::new(src)], &remote) {
             Ok(n) => n,
@@ -319,28 +325,15 @@ pub fn write_remote_vectored(
                 })
             }
         };
-        if done < bytes {
-            // Stopped at the first page it may not write: finish range by range.
-            let mut off = 0usize;
-            let mut mem: Option<RemoteMem> = None;
-            for r in batch {
-                let range_end = off + r.len;
-                if range_end > done {
-                    let skip = done.saturating_sub(off);
-                    let mem = match &mut mem {
-                        Some(m) => m,
-                        None => mem.insert(RemoteMem::open(pid)?),
-                    };
-                    mem.write_at(
-                        addr_offset(r.addr, skip),
-                        &data[data_off + off + skip..data_off + range_end],
-                    )?;
-                }
-                off = range_end;
-            }
+        // Stopped at the first page it may not write: finish range by range.
+        for (addr, part) in unfinished(batch, done) {
+            let mem = match &mut mem {
+                Some(m) => m,
+                None => mem.insert(RemoteMem::open(pid)?),
+            };
+            mem.write_at(addr, &src[part])?;
         }
         data_off += bytes;
-        idx = end;
     }
     Ok(())
 }
@@ -380,59 +373,106 @@ impl RemoteMem {
 
     /// `pread` of `buf.len()` bytes at `addr`; bypasses protection.
     pub fn read_at(&self, addr: RemoteAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let at = addr_offset(addr, done);
-            match self.file.read_at(&mut buf[done..], at.get()) {
-                Ok(0) => {
-                    return Err(MemoryError::Short {
-                        pid: self.pid,
-                        addr: at,
-                        done,
-                        len: buf.len(),
-                    })
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(MemoryError::Read {
-                        pid: self.pid,
-                        addr: at,
-                        len: buf.len() - done,
-                        errno: io_errno(&e),
-                    })
-                }
-            }
-        }
-        Ok(())
+        let pid = self.pid;
+        let len = buf.len();
+        self.whole(
+            addr,
+            len,
+            |done, offset| self.file.read_at(&mut buf[done..], offset),
+            |addr, len, errno| MemoryError::Read {
+                pid,
+                addr,
+                len,
+                errno,
+            },
+        )
     }
 
     /// `pwrite` of `data` at `addr`; bypasses protection (writes into text COW).
     pub fn write_at(&self, addr: RemoteAddr, data: &[u8]) -> Result<(), MemoryError> {
+        let pid = self.pid;
+        self.whole(
+            addr,
+            data.len(),
+            |done, offset| self.file.write_at(&data[done..], offset),
+            |addr, len, errno| MemoryError::Write {
+                pid,
+                addr,
+                len,
+                errno,
+            },
+        )
+    }
+
+    /// Repeats `io(done, offset)`, one `pread` or `pwrite` of what is left, until `len`
+    /// bytes are moved: the kernel may move fewer at a time. `failed` names the error
+    /// with the address and length still to go.
+    fn whole(
+        &self,
+        addr: RemoteAddr,
+        len: usize,
+        mut io: impl FnMut(usize, u64) -> std::io::Result<usize>,
+        failed: impl Fn(RemoteAddr, usize, Errno) -> MemoryError,
+    ) -> Result<(), MemoryError> {
         let mut done = 0;
-        while done < data.len() {
+        while done < len {
             let at = addr_offset(addr, done);
-            match self.file.write_at(&data[done..], at.get()) {
+            match io(done, at.get()) {
                 Ok(0) => {
                     return Err(MemoryError::Short {
                         pid: self.pid,
                         addr: at,
                         done,
-                        len: data.len(),
+                        len,
                     })
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(MemoryError::Write {
-                        pid: self.pid,
-                        addr: at,
-                        len: data.len() - done,
-                        errno: io_errno(&e),
-                    })
-                }
+                Err(e) => return Err(failed(at, len - done, io_errno(&e))),
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(addr: u64, len: usize) -> RemoteRange {
+        RemoteRange {
+            addr: RemoteAddr::from(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn batches_hold_whole_ranges_up_to_a_chunk() {
+        let ranges = [
+            range(0x1000, CHUNK - 4096),
+            range(0x10_0000_0000, 4096),
+            range(0x20_0000_0000, 4096),
+            range(0x30_0000_0000, 2 * CHUNK),
+        ];
+        let sizes: Vec<_> = batches(&ranges).map(|(b, n)| (b.len(), n)).collect();
+        assert_eq!(sizes, [(2, CHUNK), (1, 4096), (1, 2 * CHUNK)]);
+    }
+
+    #[test]
+    fn batches_hold_at_most_max_iov_ranges() {
+        let ranges: Vec<_> = (0..MAX_IOV as u64 + 1)
+            .map(|i| range(0x1000 * (2 * i + 1), 16))
+            .collect();
+        let sizes: Vec<_> = batches(&ranges).map(|(b, n)| (b.len(), n)).collect();
+        assert_eq!(sizes, [(MAX_IOV, MAX_IOV * 16), (1, 16)]);
+    }
+
+    #[test]
+    fn unfinished_starts_where_the_call_stopped() {
+        let batch = [range(0x1000, 100), range(0x5000, 200), range(0x9000, 50)];
+        let rest: Vec<_> = unfinished(&batch, 150).map(|(a, r)| (a.get(), r)).collect();
+        assert_eq!(rest, [(0x5032, 150..300), (0x9000, 300..350)]);
+        assert_eq!(unfinished(&batch, 350).count(), 0);
+        assert_eq!(unfinished(&batch, 0).count(), 3);
     }
 }

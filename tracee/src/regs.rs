@@ -104,73 +104,28 @@ fn as_unsigned(v: i64) -> u64 {
     u64::from_ne_bytes(v.to_ne_bytes())
 }
 
-impl From<libc::user_regs_struct> for Regs {
-    fn from(r: libc::user_regs_struct) -> Self {
-        Regs {
-            r15: r.r15,
-            r14: r.r14,
-            r13: r.r13,
-            r12: r.r12,
-            rbp: r.rbp,
-            rbx: r.rbx,
-            r11: r.r11,
-            r10: r.r10,
-            r9: r.r9,
-            r8: r.r8,
-            rax: r.rax,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            orig_rax: r.orig_rax,
-            rip: r.rip,
-            cs: r.cs,
-            eflags: r.eflags,
-            rsp: r.rsp,
-            ss: r.ss,
-            fs_base: r.fs_base,
-            gs_base: r.gs_base,
-            ds: r.ds,
-            es: r.es,
-            fs: r.fs,
-            gs: r.gs,
+/// `Regs` mirrors `user_regs_struct` field by field, so both conversions copy the same
+/// list; a field missing on either side fails to compile.
+macro_rules! convert_user_regs {
+    ($($field:ident),* $(,)?) => {
+        impl From<libc::user_regs_struct> for Regs {
+            fn from(r: libc::user_regs_struct) -> Self {
+                Regs { $($field: r.$field),* }
+            }
         }
-    }
+
+        impl From<Regs> for libc::user_regs_struct {
+            fn from(r: Regs) -> Self {
+                libc::user_regs_struct { $($field: r.$field),* }
+            }
+        }
+    };
 }
 
-impl From<Regs> for libc::user_regs_struct {
-    fn from(r: Regs) -> Self {
-        libc::user_regs_struct {
-            r15: r.r15,
-            r14: r.r14,
-            r13: r.r13,
-            r12: r.r12,
-            rbp: r.rbp,
-            rbx: r.rbx,
-            r11: r.r11,
-            r10: r.r10,
-            r9: r.r9,
-            r8: r.r8,
-            rax: r.rax,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            orig_rax: r.orig_rax,
-            rip: r.rip,
-            cs: r.cs,
-            eflags: r.eflags,
-            rsp: r.rsp,
-            ss: r.ss,
-            fs_base: r.fs_base,
-            gs_base: r.gs_base,
-            ds: r.ds,
-            es: r.es,
-            fs: r.fs,
-            gs: r.gs,
-        }
-    }
-}
+convert_user_regs!(
+    r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs,
+    eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs,
+);
 
 /// A 64-bit signal set as the kernel stores it: bit `n - 1` is signal `n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]

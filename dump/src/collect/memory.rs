@@ -4,6 +4,7 @@
 //! nor still the file's own page (`PAGEMAP_SCAN`), plus the whole `[vdso]`.
 
 use images_format::pb::VmaEntry;
+use images_format::vma::{MapFlags, VmaStatus};
 use tracee::pagemap_scan::{PageCategories, Pagemap, ScanFlags, ScanRequest};
 use tracee::proc::maps;
 use tracee::proc::smaps::{self, SmapsEntry};
@@ -11,39 +12,16 @@ use tracee::{Pid, RemoteAddr, PAGE_SIZE};
 
 use super::CollectError;
 
-/// `VMA_AREA_*` and `VMA_*` status bits (CRIU's `criu/include/image.h`).
-pub mod status {
-    pub const REGULAR: u32 = 1 << 0;
-    pub const VSYSCALL: u32 = 1 << 2;
-    pub const VDSO: u32 = 1 << 3;
-    pub const HEAP: u32 = 1 << 5;
-    pub const FILE_PRIVATE: u32 = 1 << 6;
-    pub const FILE_SHARED: u32 = 1 << 7;
-    pub const ANON_SHARED: u32 = 1 << 8;
-    pub const ANON_PRIVATE: u32 = 1 << 9;
-    pub const VVAR: u32 = 1 << 12;
-    pub const GUARD: u32 = 1 << 16;
-}
-
-const MAP_SHARED: u32 = 0x01;
-const MAP_PRIVATE: u32 = 0x02;
-const MAP_DROPPABLE: u32 = 0x08;
-const MAP_ANONYMOUS: u32 = 0x20;
-const MAP_GROWSDOWN: u32 = 0x100;
-const MAP_LOCKED: u32 = 0x2000;
-const MAP_NORESERVE: u32 = 0x4000;
-const MAP_HUGETLB: u32 = 0x40000;
-
 const O_RDONLY: u32 = 0;
 const O_RDWR: u32 = 2;
 
 /// smaps `VmFlags` codes that become `MAP_*` flags of the mapping.
-const MMAP_CODES: [(&str, u32); 5] = [
-    ("gd", MAP_GROWSDOWN),
-    ("lo", MAP_LOCKED),
-    ("nr", MAP_NORESERVE),
-    ("ht", MAP_HUGETLB),
-    ("dp", MAP_DROPPABLE),
+const MMAP_CODES: [(&str, MapFlags); 5] = [
+    ("gd", MapFlags::GROWSDOWN),
+    ("lo", MapFlags::LOCKED),
+    ("nr", MapFlags::NORESERVE),
+    ("ht", MapFlags::HUGETLB),
+    ("dp", MapFlags::DROPPABLE),
 ];
 
 /// smaps `VmFlags` codes that record a `madvise()` advice, as `1 << MADV_*`.
@@ -135,9 +113,9 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
         ));
     }
     let mut flags = if m.perms.shared {
-        MAP_SHARED
+        MapFlags::SHARED
     } else {
-        MAP_PRIVATE
+        MapFlags::PRIVATE
     };
     for (code, bit) in MMAP_CODES {
         if v.has_flag(code) {
@@ -154,7 +132,7 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
         pgoff: m.pgoff,
         shmid: 0,
         prot: u32::try_from(m.perms.prot()).unwrap_or(0),
-        flags,
+        flags: flags.bits(),
         status: 0,
         fd: -1,
         madv: (madv != 0).then_some(madv),
@@ -164,19 +142,19 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
     let contents = match m.special_name() {
         Some("[uprobes]") => return Ok(None),
         Some("[vsyscall]") => {
-            entry.status = status::VSYSCALL | status::ANON_PRIVATE;
+            entry.status = (VmaStatus::VSYSCALL | VmaStatus::ANON_PRIVATE).bits();
             Contents::None
         }
         Some("[vvar]" | "[vvar_vclock]") => {
-            entry.status = status::REGULAR | status::VVAR | status::ANON_PRIVATE;
+            entry.status = (VmaStatus::REGULAR | VmaStatus::VVAR | VmaStatus::ANON_PRIVATE).bits();
             Contents::None
         }
         Some("[vdso]") => {
-            entry.status = status::REGULAR | status::VDSO | status::ANON_PRIVATE;
+            entry.status = (VmaStatus::REGULAR | VmaStatus::VDSO | VmaStatus::ANON_PRIVATE).bits();
             Contents::Whole
         }
         Some("[heap]") => {
-            entry.status = status::REGULAR | status::HEAP | status::ANON_PRIVATE;
+            entry.status = (VmaStatus::REGULAR | VmaStatus::HEAP | VmaStatus::ANON_PRIVATE).bits();
             Contents::Scanned
         }
         _ if m.is_file() => {
@@ -194,12 +172,12 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
             if m.deleted && path.starts_with("/[aio]") {
                 return Err(unsupported(pid, v, "AIO rings are not supported yet"));
             }
-            entry.status = status::REGULAR
-                | if m.perms.shared {
-                    status::FILE_SHARED
-                } else {
-                    status::FILE_PRIVATE
-                };
+            let kind = if m.perms.shared {
+                VmaStatus::FILE_SHARED
+            } else {
+                VmaStatus::FILE_PRIVATE
+            };
+            entry.status = (VmaStatus::REGULAR | kind).bits();
             entry.fdflags = Some(if m.perms.shared && m.perms.write {
                 O_RDWR
             } else {
@@ -220,12 +198,12 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
         }
         _ => {
             // `[stack]`, `[anon:NAME]` and plain anonymous memory.
-            entry.status = status::REGULAR | status::ANON_PRIVATE;
+            entry.status = (VmaStatus::REGULAR | VmaStatus::ANON_PRIVATE).bits();
             Contents::Scanned
         }
     };
-    if entry.status & (status::ANON_PRIVATE | status::ANON_SHARED) != 0 {
-        entry.flags |= MAP_ANONYMOUS;
+    if VmaStatus::from_bits_retain(entry.status).is_anon() {
+        entry.flags |= MapFlags::ANONYMOUS.bits();
     }
     Ok(Some((entry, contents)))
 }
@@ -261,7 +239,7 @@ fn guard_entry(start: RemoteAddr, end: RemoteAddr) -> VmaEntry {
     VmaEntry {
         start: start.get(),
         end: end.get(),
-        status: status::GUARD,
+        status: VmaStatus::GUARD.bits(),
         fd: -1,
         ..VmaEntry::default()
     }
@@ -411,16 +389,17 @@ pub fn collect(pid: Pid, source: VmaSource) -> Result<MemoryState, CollectError>
             }
         }
         // Guard markers only live in anonymous and private file VMAs (scanned above).
+        let status = VmaStatus::from_bits_retain(entry.status);
         if contents != Contents::Scanned
-            && entry.status & status::REGULAR != 0
-            && entry.status & status::VVAR == 0
+            && status.contains(VmaStatus::REGULAR)
+            && !status.contains(VmaStatus::VVAR)
         {
             let found = pagemap
                 .scan(&guard_request(start, end))
                 .map_err(|source| CollectError::Pagemap { pid, source })?;
             guards.extend(found.into_iter().map(|r| guard_entry(r.start, r.end)));
         }
-        if entry.status & (status::FILE_PRIVATE | status::FILE_SHARED) != 0 {
+        if status.maps_file() {
             state.mapped_files.push(MappedFile {
                 vma_index: state.vmas.len(),
                 path: v.vma.path.clone().unwrap_or_default(),
@@ -487,9 +466,9 @@ mod tests {
         let (e, c) = classify(pid, &heap).unwrap().unwrap();
         assert_eq!(
             e.status,
-            status::REGULAR | status::HEAP | status::ANON_PRIVATE
+            (VmaStatus::REGULAR | VmaStatus::HEAP | VmaStatus::ANON_PRIVATE).bits()
         );
-        assert_eq!(e.flags, MAP_PRIVATE | MAP_ANONYMOUS);
+        assert_eq!(e.flags, (MapFlags::PRIVATE | MapFlags::ANONYMOUS).bits());
         assert_eq!(e.prot, 3);
         assert_eq!(c, Contents::Scanned);
 
@@ -498,7 +477,10 @@ mod tests {
              Size:                8 kB\nVmFlags: rd wr mr mw me gd ac hg dd \n",
         );
         let (e, _) = classify(pid, &stack).unwrap().unwrap();
-        assert_eq!(e.flags, MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN);
+        assert_eq!(
+            e.flags,
+            (MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::GROWSDOWN).bits()
+        );
         assert_eq!(e.madv, Some((1 << 14) | (1 << 16)));
 
         let lib = smaps_of(
@@ -506,7 +488,10 @@ mod tests {
              Size:                4 kB\nVmFlags: rd mr mw me \n",
         );
         let (e, c) = classify(pid, &lib).unwrap().unwrap();
-        assert_eq!(e.status, status::REGULAR | status::FILE_PRIVATE);
+        assert_eq!(
+            e.status,
+            (VmaStatus::REGULAR | VmaStatus::FILE_PRIVATE).bits()
+        );
         assert_eq!(e.pgoff, 0x2000);
         assert_eq!(e.fdflags, Some(O_RDONLY));
         assert_eq!(c, Contents::Scanned);
@@ -517,7 +502,7 @@ mod tests {
         let (e, c) = classify(pid, &vvar).unwrap().unwrap();
         assert_eq!(
             e.status,
-            status::REGULAR | status::VVAR | status::ANON_PRIVATE
+            (VmaStatus::REGULAR | VmaStatus::VVAR | VmaStatus::ANON_PRIVATE).bits()
         );
         assert_eq!(c, Contents::None);
         let device =

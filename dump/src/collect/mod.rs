@@ -27,7 +27,7 @@ use crate::fault::{self, FaultPoint, InjectedFault};
 use crate::DumpOptions;
 
 pub use files::{FilesState, Ghost};
-pub use memory::{status as vma_status, MemoryState, PageRun, VmaSource};
+pub use memory::{MemoryState, PageRun, VmaSource};
 pub use threads::{SeccompTable, ThreadState};
 
 const PR_GET_DUMPABLE: u64 = 3;
