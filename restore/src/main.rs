@@ -54,15 +54,16 @@ struct Cli {
     #[arg(
         long = "fill-method",
         value_name = "METHOD",
-        default_value = "preadv",
+        default_value = "parallel",
         hide = true
     )]
     fill_method: String,
 }
 
 fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
-    // A relative -o is relative to the current directory, not the images directory.
+    // A relative -o lands in the images directory, as CRIU's does.
     ckpt_cli::init_logging(&LogOptions {
+        relative_to: Some(&cli.images_dir),
         scope: LogScope::Crates(&["ckpt_restore", "tracee", "images_format"]),
         ..LogOptions::new(cli.verbosity, cli.log_file.as_deref())
     })?;
