@@ -887,18 +887,25 @@ pub fn fill_pages_parallel(
     let (writable, other) = split_by_writability(memory, sources);
     let (mine, theirs) = split_half(&writable);
     let theirs_result = std::thread::scope(|scope| {
-        let worker = scope.spawn(|| {
+        let worker = std::thread::Builder::new().spawn_scoped(scope, || {
             if let Some(set) = cpus {
                 // Best effort: pinned like us, it would only take turns with the target.
                 let _ = rustix::thread::sched_setaffinity(None, set);
             }
             fill_pages_writev(pid, &theirs)
         });
-        let mine_result = preadv_runs(t, helper, &mine);
-        let theirs_result = worker
-            .join()
-            .unwrap_or(Err(MemoryRestoreError::FillThread { pid }));
-        mine_result.and(theirs_result)
+        match worker {
+            Ok(worker) => {
+                let mine_result = preadv_runs(t, helper, &mine);
+                let theirs_result = worker
+                    .join()
+                    .unwrap_or(Err(MemoryRestoreError::FillThread { pid }));
+                mine_result.and(theirs_result).map(drop)
+            }
+            // A process that has unshared its PID namespace (--new-pid-ns) may start no
+            // thread (EINVAL): the target then reads every run itself.
+            Err(_) => preadv_runs(t, helper, &writable),
+        }
     });
     theirs_result?;
     let rest = fill_pages(pid, &other)?;
