@@ -441,6 +441,24 @@ pub fn images(
             write_ghost(&mut images, ghost)?;
         }
     }
+    let pipe_data: Vec<_> = state
+        .processes
+        .iter()
+        .flat_map(|p| p.files.pipe_data.iter())
+        .collect();
+    if !pipe_data.is_empty() {
+        let mut writer = images.create(ImageKind::PipesData, 0)?;
+        for data in pipe_data {
+            writer
+                .write_entry(&data.entry)
+                .map_err(images.image_err())?;
+            writer
+                .write_payload(&data.bytes)
+                .map_err(images.image_err())?;
+        }
+        let buffered = writer.finish().map_err(images.image_err())?;
+        images.close(ImageKind::PipesData, 0, buffered)?;
+    }
     let remaps: Vec<_> = state
         .processes
         .iter()

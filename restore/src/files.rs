@@ -12,7 +12,7 @@ use images_format::error::ImageError;
 use images_format::kind::ImageKind;
 use images_format::pb;
 
-use crate::plan::{GhostPlan, Plan};
+use crate::plan::{FdOpen, GhostPlan, Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
@@ -151,4 +151,161 @@ fn image_file_name(p: &Path) -> String {
 fn set_owner_mode(f: &File, g: &GhostPlan) -> std::io::Result<()> {
     std::os::unix::fs::fchown(f, Some(g.uid), Some(g.gid))?;
     f.set_permissions(std::fs::Permissions::from_mode(g.mode & 0o7777))
+}
+
+/// What stands behind an fd the child sets up: a path to open, or a kernel object to create.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FdSource {
+    #[default]
+    Path,
+    /// One end of a pipe; both ends share `pipe_id`. `data` is what was unread in it.
+    Pipe {
+        pipe_id: u32,
+        write: bool,
+        /// Capacity (`F_GETPIPE_SZ`), when dumped.
+        size: Option<u32>,
+        data: Vec<u8>,
+    },
+    Eventfd {
+        counter: u64,
+        semaphore: bool,
+    },
+    Signalfd {
+        sigmask: u64,
+    },
+    /// Its targets `(fd, events, data)` are added once every fd of the process is in place.
+    Epoll {
+        targets: Vec<(i32, u32, u64)>,
+    },
+    /// Watches `(wd, path, mask)` in increasing wd order, added again with the same wds.
+    Inotify {
+        watches: Vec<(i32, PathBuf, u32)>,
+    },
+    /// Armed relative to now with the time that was left at dump time.
+    Timerfd {
+        clockid: u32,
+        ticks: u64,
+        value: (u64, u64),
+        interval: (u64, u64),
+    },
+}
+
+/// `EFD_SEMAPHORE` as the dump keeps it in bit 0 of `eventfd_file_entry.flags` (an
+/// eventfd's access-mode bits are always `O_RDWR` and say nothing).
+const EFD_SEMAPHORE_BIT: u32 = 1;
+const O_ACCMODE: u32 = 3;
+const O_WRONLY: u32 = 1;
+
+/// The fd of a kernel object described by `file`, or `None` if it is not one restore knows.
+pub fn plan_kobj(file: Option<&pb::FileEntry>, fdi: &pb::FdinfoEntry) -> Option<FdOpen> {
+    let file = file?;
+    let (flags, source) = if let Some(pipe) = &file.pipe {
+        let write = pipe.flags & O_ACCMODE == O_WRONLY;
+        let source = FdSource::Pipe {
+            pipe_id: pipe.pipe_id,
+            write,
+            size: None,
+            data: Vec::new(),
+        };
+        (pipe.flags, source)
+    } else if let Some(efd) = &file.efd {
+        let source = FdSource::Eventfd {
+            counter: efd.counter,
+            semaphore: efd.flags & EFD_SEMAPHORE_BIT != 0,
+        };
+        (efd.flags & !EFD_SEMAPHORE_BIT, source)
+    } else if let Some(sgfd) = &file.sgfd {
+        let source = FdSource::Signalfd {
+            sigmask: sgfd.sigmask,
+        };
+        (sgfd.flags, source)
+    } else if let Some(epfd) = &file.epfd {
+        let targets = epfd
+            .tfd
+            .iter()
+            .map(|t| Some((i32::try_from(t.tfd).ok()?, t.events, t.data)))
+            .collect::<Option<Vec<_>>>()?;
+        (epfd.flags, FdSource::Epoll { targets })
+    } else if let Some(ify) = &file.ify {
+        let mut watches = ify
+            .wd
+            .iter()
+            .map(|w| {
+                let path = w.f_handle.path.as_ref()?;
+                Some((i32::try_from(w.wd).ok()?, PathBuf::from(path), w.mask))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        watches.sort_by_key(|w| w.0);
+        (ify.flags, FdSource::Inotify { watches })
+    } else if let Some(tfd) = &file.tfd {
+        let source = FdSource::Timerfd {
+            clockid: tfd.clockid,
+            ticks: tfd.ticks,
+            value: (tfd.vsec, tfd.vnsec),
+            interval: (tfd.isec, tfd.insec),
+        };
+        (tfd.flags, source)
+    } else {
+        return None;
+    };
+    Some(FdOpen {
+        fd: i32::try_from(fdi.fd).ok()?,
+        file_id: fdi.id,
+        path: PathBuf::new(),
+        flags,
+        pos: 0,
+        cloexec: fdi.flags & FD_CLOEXEC != 0,
+        ghost: None,
+        source,
+    })
+}
+
+const FD_CLOEXEC: u32 = 1;
+
+/// Reads `pipes-data.img` into the pipe ends of the plan (both ends of a pipe carry its
+/// data; the child fills the pipe once).
+pub fn load_pipe_data(dir: &ImageDir, plan: &mut Plan) -> Result<(), FilesError> {
+    let has_pipes = plan
+        .child
+        .fds
+        .iter()
+        .any(|f| matches!(f.source, FdSource::Pipe { .. }));
+    if !has_pipes {
+        return Ok(());
+    }
+    let name = ImageKind::PipesData.file_name(0);
+    let path = dir.path().join(&name);
+    let image_err = |source| FilesError::Image {
+        path: path.clone(),
+        source,
+    };
+    let mut reader = match dir.open_named(&name) {
+        Ok(r) => r,
+        // A dump of empty pipes may have written none.
+        Err(_) if !path.exists() => return Ok(()),
+        Err(source) => return Err(image_err(source)),
+    };
+    while let Some(entry) = reader
+        .read_entry::<pb::PipeDataEntry>()
+        .map_err(image_err)?
+    {
+        let bytes = reader
+            .read_payload(u64::from(entry.bytes))
+            .map_err(image_err)?;
+        for fd in plan.child.fds.iter_mut() {
+            if let FdSource::Pipe {
+                pipe_id,
+                size,
+                data,
+                ..
+            } = &mut fd.source
+            {
+                if *pipe_id == entry.pipe_id {
+                    *size = entry.size;
+                    data.clone_from(&bytes);
+                }
+            }
+        }
+    }
+    Ok(())
 }

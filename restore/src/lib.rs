@@ -166,6 +166,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     }
     let ghosts = files::create_ghosts(&dir, &plan.ghosts)?;
     ghosts.point_plan_at_copies(&mut plan);
+    files::load_pipe_data(&dir, &mut plan)?;
     let fork_start = Instant::now();
     let namespace = if opts.new_pid_ns {
         Some(fork::PidNamespace::create()?)

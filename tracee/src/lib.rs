@@ -56,6 +56,7 @@ mod freeze;
 pub mod ids;
 pub mod inject;
 pub mod kernel;
+pub mod kobj;
 pub mod memory;
 pub mod pagemap_scan;
 pub mod pidfd;

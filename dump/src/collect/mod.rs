@@ -133,6 +133,21 @@ pub enum CollectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("dump: pid {pid}: fd {fd}: {what}")]
+    Kobj {
+        pid: Pid,
+        fd: TargetFd,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dump: pid {pid}: fd {fd} is a pipe (pipe:[{inode}]) whose {missing} end is outside the process")]
+    PipePeer {
+        pid: Pid,
+        fd: TargetFd,
+        inode: u64,
+        missing: &'static str,
+    },
     #[error("dump: pid {pid}: compare fd {fd} with the other fds")]
     Kcmp {
         pid: Pid,

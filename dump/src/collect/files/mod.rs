@@ -1,8 +1,10 @@
 //! Open files: every fd of the process (`fdinfo-<files_id>.img`), the file objects behind them
 //! and behind the executable, cwd, root and file mappings (`files.img`), deleted files kept as
-//! ghost images, and `fs-PID.img`. Only regular files, directories and character devices are
-//! supported; anything else fails the dump before a single image is written.
+//! ghost images, and `fs-PID.img`. Regular files, directories, character devices reopened by
+//! path, pipes with both ends in the process, eventfds, signalfds, timerfds, epoll sets
+//! and inotify instances are supported; anything else fails the dump before a single image is written.
 
+mod kobj;
 mod reg;
 
 use std::os::unix::fs::MetadataExt;
@@ -16,6 +18,7 @@ use tracee::{Pid, TargetFd};
 use super::memory::MemoryState;
 use super::CollectError;
 
+pub use kobj::PipeData;
 pub use reg::Ghost;
 
 /// `O_CLOEXEC` as fdinfo shows it: it belongs to the fd, not to the file.
@@ -37,6 +40,8 @@ pub struct FilesState {
     pub fs: FsEntry,
     /// The file id of the executable, for `mm_entry.exe_file_id`.
     pub exe_file_id: u32,
+    /// Unread bytes of each pipe, for `pipes-data.img`.
+    pub pipe_data: Vec<PipeData>,
 }
 
 /// What one fd refers to, as far as the dump is concerned.
@@ -44,7 +49,28 @@ pub struct FilesState {
 enum FdKind {
     Regular,
     Tty,
+    Pipe,
+    Eventfd,
+    Signalfd,
+    Timerfd,
+    Epoll,
+    Inotify,
     Unsupported(&'static str),
+}
+
+impl FdKind {
+    /// Kernel objects without a path, described by `kobj`.
+    fn is_kobj(self) -> bool {
+        matches!(
+            self,
+            FdKind::Pipe
+                | FdKind::Eventfd
+                | FdKind::Signalfd
+                | FdKind::Timerfd
+                | FdKind::Epoll
+                | FdKind::Inotify
+        )
+    }
 }
 
 fn major(rdev: u64) -> u64 {
@@ -69,18 +95,18 @@ fn is_mem_device(rdev: u64) -> bool {
 
 fn classify(target: &str, mode: u32, rdev: u64) -> FdKind {
     if target.starts_with("pipe:") {
-        return FdKind::Unsupported("pipe");
+        return FdKind::Pipe;
     }
     if target.starts_with("socket:") {
         return FdKind::Unsupported("socket");
     }
     if let Some(kind) = target.strip_prefix("anon_inode:") {
         return FdKind::Unsupported(match kind {
-            "[eventfd]" => "eventfd",
-            "[eventpoll]" => "epoll",
-            "[signalfd]" => "signalfd",
-            "[timerfd]" => "timerfd",
-            "inotify" => "inotify",
+            "[eventfd]" => return FdKind::Eventfd,
+            "[signalfd]" => return FdKind::Signalfd,
+            "[eventpoll]" => return FdKind::Epoll,
+            "[timerfd]" => return FdKind::Timerfd,
+            "inotify" => return FdKind::Inotify,
             "[fanotify]" => "fanotify",
             "[pidfd]" => "pidfd",
             "[userfaultfd]" => "userfaultfd",
@@ -117,6 +143,8 @@ struct FileTable {
     by_inode: Vec<((u64, u64), u32)>,
     next_id: u32,
     next_ghost: u32,
+    /// Pipes (by inode) whose data is saved already.
+    pipes_read: Vec<u64>,
     state: FilesState,
 }
 
@@ -193,10 +221,36 @@ pub fn precheck(pid: Pid, shell_job: bool) -> Result<(), CollectError> {
         what: "fd list",
         source,
     })?;
+    // Pipe inode to (an fd of it, has a read end, has a write end).
+    let mut pipes: Vec<(u64, TargetFd, bool, bool)> = Vec::new();
     for link in &links {
         let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", link.fd.as_raw()));
         let meta = meta_of(pid, &proc_link, Some(link.fd))?;
         check_kind(pid, link, &meta, shell_job)?;
+        let target = link.target.to_string_lossy();
+        if let Some(inode) = kobj::pipe_inode(&target) {
+            let info = fd::read_fdinfo(pid, link.fd).map_err(|source| CollectError::Proc {
+                pid,
+                what: "fdinfo",
+                source,
+            })?;
+            let write = kobj::is_write_end(&info);
+            match pipes.iter_mut().find(|p| p.0 == inode) {
+                Some(p) if write => p.3 = true,
+                Some(p) => p.2 = true,
+                None => pipes.push((inode, link.fd, !write, write)),
+            }
+        }
+    }
+    // Restore recreates a pipe from its two ends: with one end elsewhere, the data and
+    // the peer could not be rebuilt.
+    if let Some(&(inode, fd, read, _)) = pipes.iter().find(|p| !(p.2 && p.3)) {
+        return Err(CollectError::PipePeer {
+            pid,
+            fd,
+            inode,
+            missing: if read { "write" } else { "read" },
+        });
     }
     Ok(())
 }
@@ -209,7 +263,13 @@ fn check_kind(
 ) -> Result<(), CollectError> {
     let target = link.target.to_string_lossy().into_owned();
     match classify(&target, meta.mode(), meta.rdev()) {
-        FdKind::Regular => Ok(()),
+        FdKind::Regular
+        | FdKind::Pipe
+        | FdKind::Eventfd
+        | FdKind::Signalfd
+        | FdKind::Timerfd
+        | FdKind::Epoll
+        | FdKind::Inotify => Ok(()),
         FdKind::Tty if shell_job => Ok(()),
         FdKind::Tty => Err(CollectError::Tty {
             pid,
@@ -237,7 +297,8 @@ fn open_fd(
     let meta = meta_of(pid, &proc_link, Some(fd))?;
     let target = link.target.to_string_lossy().into_owned();
     check_kind(pid, link, &meta, shell_job)?;
-    if classify(&target, meta.mode(), meta.rdev()) == FdKind::Tty {
+    let kind = classify(&target, meta.mode(), meta.rdev());
+    if kind == FdKind::Tty {
         tracing::info!(fd = fd.as_raw(), path = %target,
             "terminal recorded by path (--shell-job): restore reopens it");
     }
@@ -269,6 +330,29 @@ fn open_fd(
     }
     let id = match shared {
         Some(id) => id,
+        None if kind.is_kobj() => {
+            let id = table.fresh_id();
+            let flags = info.flags & !O_CLOEXEC;
+            let entry = match kind {
+                FdKind::Eventfd => kobj::eventfd_entry(pid, fd, id, flags, &info)?,
+                FdKind::Signalfd => kobj::signalfd_entry(pid, fd, id, flags, &info)?,
+                FdKind::Timerfd => kobj::timerfd_entry(pid, fd, id, flags, &info)?,
+                FdKind::Epoll => kobj::epoll_entry(pid, fd, id, flags, &info)?,
+                FdKind::Inotify => kobj::inotify_entry(pid, fd, id, flags, &info)?,
+                _ => {
+                    let inode = meta.ino();
+                    if !kobj::is_write_end(&info) && !table.pipes_read.contains(&inode) {
+                        let data = kobj::pipe_data(pid, fd, inode)?;
+                        table.state.pipe_data.push(data);
+                        table.pipes_read.push(inode);
+                    }
+                    kobj::pipe_entry(id, inode, flags)
+                }
+            };
+            table.state.files.push(entry);
+            table.by_fd.push((fd, key, id));
+            id
+        }
         None => {
             let id = table.fresh_id();
             let deleted = meta.nlink() == 0 && meta.is_file();
@@ -294,10 +378,19 @@ fn open_fd(
         }
     };
     tracing::debug!(fd = fd.as_raw(), id, path = %target, pos = info.pos, "fd");
+    let fd_type = match kind {
+        FdKind::Pipe => FdTypes::Pipe,
+        FdKind::Eventfd => FdTypes::Eventfd,
+        FdKind::Signalfd => FdTypes::Signalfd,
+        FdKind::Timerfd => FdTypes::Timerfd,
+        FdKind::Epoll => FdTypes::Eventpoll,
+        FdKind::Inotify => FdTypes::Inotify,
+        _ => FdTypes::Reg,
+    };
     table.state.fdinfo.push(FdinfoEntry {
         id,
         flags: fd_flags,
-        r#type: FdTypes::Reg as i32,
+        r#type: fd_type as i32,
         fd: fd_number,
         xattr_security_selinux: None,
     });
@@ -381,17 +474,14 @@ mod tests {
 
     #[test]
     fn fd_kinds() {
-        assert_eq!(
-            classify("pipe:[123]", 0o010_600, 0),
-            FdKind::Unsupported("pipe")
-        );
+        assert_eq!(classify("pipe:[123]", 0o010_600, 0), FdKind::Pipe);
         assert_eq!(
             classify("socket:[9]", 0o140_777, 0),
             FdKind::Unsupported("socket")
         );
         assert_eq!(
-            classify("anon_inode:[eventfd]", 0o600, 0),
-            FdKind::Unsupported("eventfd")
+            classify("anon_inode:[fanotify]", 0o600, 0),
+            FdKind::Unsupported("fanotify")
         );
         assert_eq!(classify("/tmp/x", 0o100_644, 0), FdKind::Regular);
         assert_eq!(classify("/tmp", 0o040_755, 0), FdKind::Regular);
