@@ -10,25 +10,31 @@
 //! ```text
 //! daemon (destination)                                source (ckpt-dump, process frozen)
 //!   connect A:P
-//!   GET {cmd 7, nr_pages, vaddr, dst_id = pid}  ---->  first GET: the destination runs
+//!   GET {cmd 7 | 1 << 30, nr_pages, vaddr, pid} ---->  before restore's end marker
+//!   GET {cmd 7 | 1 << 31, nr_pages, vaddr, pid} ---->  after it: the destination runs
 //!                                               <----  ADD_F {PE_PRESENT<<16|6, n, vaddr, pid}
 //!                                               <----  n * 4096 bytes (n <= nr_pages; only
 //!                                                      lazy pages, never anything else)
 //!   ...
-//!   CLOSE {cmd 0x1023}                          ---->  the daemon has every page it needs
+//!   CLOSE {cmd 0x1023 | 1 << 31}                ---->  the daemon has every page it needs
 //!                                               <----  i32 0
 //! ```
 //!
-//! When has the destination resumed? The daemon asks for pages only once the restored
-//! process runs: its faults, and the background transfer that starts after restore's end
-//! marker ("RSTF", sent just before the tasks resume). So the source takes **the first GET**
-//! as the destination having resumed, and a **CLOSE** as the daemon holding every page and the
-//! destination running (the daemon sends it only after restore finished). Hence:
+//! When has the destination resumed? Restore sends its end marker ("RSTF") to the daemon just
+//! before the tasks resume. Our daemon flags every GET (the high 16 bits of `cmd`): before the
+//! end marker with [`GET_BEFORE_RESUME`] (bit 14), after it with [`GET_RESUMED`] (bit 15).
+//! Restore itself, or the daemon for it, may fetch lazy pages while the tree is still being
+//! built, and such a fetch says nothing about the destination running. A GET flagged
+//! [`GET_RESUMED`] does, and so does a **CLOSE** flagged so (the daemon's last word, sent
+//! before it lets the restored tree run on without it). A
+//! daemon that sets neither bit (CRIU's) cannot say when restore finished: its **first GET** is
+//! then taken as the destination having resumed, the best that can be known (a CRIU restore
+//! does not touch lazy memory before resume). Hence:
 //!
-//! - before the first GET (no connection within the connect timeout, the link breaking, or
-//!   the daemon leaving without CLOSE), the source is resumed as it was: a failed migration
-//!   leaves the process running where it was;
-//! - from the first GET on, the source is also sent SIGSTOP, so that it stays stopped even
+//! - until the destination resumed (no connection within the connect timeout, the link breaking,
+//!   restore failing after some pages were fetched, or the daemon leaving without CLOSE), the
+//!   source is resumed as it was: a failed migration leaves the process running where it was;
+//! - from then on, the source is also sent SIGSTOP, so that it stays stopped even
 //!   if `ckpt-dump` itself dies; it is never resumed again. It is killed once every lazy page
 //!   has been taken, at CLOSE, or when the link is lost and no new session arrives within
 //!   the reconnection window (a new session is accepted only from the host of the first
@@ -222,9 +228,13 @@ struct Source<'a> {
 
 impl Source<'_> {
     /// The destination runs: from now on the source must never run again, even if we die.
-    fn destination_resumed(&mut self) {
+    fn destination_resumed(&mut self, kind: GetKind) {
         self.resumed = true;
-        tracing::info!(pid = %self.pid, "first page request: the destination runs; the source stays stopped");
+        let why = match kind {
+            GetKind::Resumed => "restore finished",
+            _ => "first page request of a daemon that does not say when restore finished",
+        };
+        tracing::info!(pid = %self.pid, why, "the destination runs; the source stays stopped");
         if let Some(target) = rustix::process::Pid::from_raw(self.pid.as_raw()) {
             if let Err(errno) = rustix::process::kill_process(target, rustix::process::Signal::STOP)
             {
@@ -303,19 +313,24 @@ impl Source<'_> {
             };
             match frame.command {
                 Command::Get => {
-                    if !self.resumed {
-                        self.destination_resumed();
-                        let _ = stream.set_read_timeout(Some(idle));
+                    let kind = get_kind(&frame);
+                    if !self.resumed && kind != GetKind::BeforeResume {
+                        self.destination_resumed(kind);
                     }
                     if let Err(end) = self.answer_get(&mut stream, &frame) {
                         return Ok(end);
                     }
-                    if self.untaken.is_empty() {
+                    // Taken before resume (restore fetched them all) is not enough: the
+                    // source waits for word that the destination runs, or resumes.
+                    if self.untaken.is_empty() && self.resumed {
                         tracing::info!(pid = %self.pid, "every lazy page has been taken");
                         self.kill()?;
                     }
                 }
                 Command::Close | Command::ForceClose => {
+                    if !self.resumed && frame.flags & GET_RESUMED != 0 {
+                        self.destination_resumed(GetKind::Resumed);
+                    }
                     let _ = stream.write_all(&0i32.to_le_bytes());
                     return Ok(SessionEnd::Closed);
                 }
@@ -326,6 +341,34 @@ impl Source<'_> {
                 }
             }
         }
+    }
+}
+
+/// GET flag of our daemon: restore has not finished; the destination does not run yet
+/// (the same value as `ckpt_lazy_pages::source::GET_BEFORE_RESUME`).
+pub const GET_BEFORE_RESUME: u16 = 0x4000;
+/// GET flag of our daemon: restore sent its end marker and the tasks run
+/// (`ckpt_lazy_pages::source::GET_RESUMED`).
+pub const GET_RESUMED: u16 = 0x8000;
+
+/// What a GET says about the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GetKind {
+    /// Our daemon, before restore's end marker.
+    BeforeResume,
+    /// Our daemon, after restore's end marker.
+    Resumed,
+    /// A daemon without the extension.
+    Plain,
+}
+
+fn get_kind(frame: &Frame) -> GetKind {
+    if frame.flags & GET_RESUMED != 0 {
+        GetKind::Resumed
+    } else if frame.flags & GET_BEFORE_RESUME != 0 {
+        GetKind::BeforeResume
+    } else {
+        GetKind::Plain
     }
 }
 
@@ -444,6 +487,33 @@ mod tests {
         assert_eq!(servable(&lazy, 0x20000, 5000), MAX_GET_PAGES);
         assert_eq!(servable(&lazy, 0x20001, 1), 0);
         assert_eq!(servable(&lazy, 0x1000, 1), 0);
+    }
+
+    #[test]
+    fn only_our_end_marker_notice_or_a_plain_get_means_resumed() {
+        let mut get = Frame::get(7, 0x1000, 1);
+        assert_eq!(get_kind(&get), GetKind::Plain);
+        get.flags = GET_BEFORE_RESUME;
+        assert_eq!(get_kind(&get), GetKind::BeforeResume);
+        get.flags = GET_RESUMED;
+        assert_eq!(get_kind(&get), GetKind::Resumed);
+        // The flags survive the wire.
+        let wire = Frame::decode(&get.encode()).expect("decode");
+        assert_eq!(get_kind(&wire), GetKind::Resumed);
+        assert_eq!(
+            (GET_BEFORE_RESUME, GET_RESUMED),
+            (
+                ckpt_lazy_pages_flags::BEFORE_RESUME,
+                ckpt_lazy_pages_flags::RESUMED
+            )
+        );
+    }
+
+    /// The values `ckpt-lazy-pages` sends (lazy-pages/src/source.rs); the dump does not
+    /// link that crate, so they are restated here on purpose.
+    mod ckpt_lazy_pages_flags {
+        pub const BEFORE_RESUME: u16 = 1 << 14;
+        pub const RESUMED: u16 = 1 << 15;
     }
 
     #[test]

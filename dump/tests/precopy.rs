@@ -563,6 +563,7 @@ fn take_every_lazy_page(pid: u32, port: u16, ranges: &[ckpt_lazy_pages::LazyRang
     wait_listening(port);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut remote = ckpt_lazy_pages::RemotePages::connect(addr).expect("connect");
+    remote.resumed();
     let mem = fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
     let mut buf = vec![0u8; 64 * PAGE_SIZE as usize];
     let mut expected = vec![0u8; buf.len()];
@@ -641,6 +642,8 @@ fn lazy_source_is_killed_when_the_link_is_lost_after_resume() {
     wait_listening(port);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut remote = ckpt_lazy_pages::RemotePages::connect(addr).expect("connect");
+    // Restore's end marker, passed on by the daemon: the destination runs from here.
+    remote.resumed();
     let first = ranges.first().expect("a lazy range");
     let mut page = vec![0u8; PAGE_SIZE as usize];
     remote
@@ -916,6 +919,8 @@ fn lazy_daemon_may_reconnect_within_the_window() {
     wait_listening(port);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut remote = ckpt_lazy_pages::RemotePages::connect(addr).expect("connect");
+    // Restore's end marker, passed on by the daemon: the destination runs from here.
+    remote.resumed();
     let first = ranges.first().expect("a lazy range");
     let mut page = vec![0u8; PAGE_SIZE as usize];
     remote

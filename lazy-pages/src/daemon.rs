@@ -7,7 +7,9 @@
 //! from 64 KiB by 64 KiB per fault-free turn up to 4 MiB, and fall back to 64 KiB on a
 //! fault, so that a faulting thread waits for at most one small chunk. The background
 //! transfer starts once restore has sent its end marker, as CRIU's does: before that,
-//! restore is still building the tree.
+//! restore is still building the tree. A remote source learns from the GETs' flags whether the
+//! end marker came (see [`crate::source`]): a page fetched before (restore itself touching
+//! lazy memory) does not count as the destination running.
 //!
 //! A process that exits, or execs, leaves its userfaultfd without an address space: the
 //! next copy fails with ESRCH and the process is dropped. The daemon exits once the end
@@ -185,8 +187,31 @@ impl LazyDaemon {
             faulted: false,
         };
         server.serve()?;
-        let Server { pages, stats, .. } = server;
-        pages.close()?;
+        let Server {
+            pages,
+            stats,
+            restore,
+            hand_back,
+            ..
+        } = server;
+        // A source that did not hear from us since the end marker learns from CLOSE that
+        // the destination runs. Until it has, the tree must not outlive us: failing here
+        // before the final marker makes the watch kill it.
+        let told = pages.source_told();
+        match pages.close() {
+            Ok(()) => {}
+            Err(error) if told => tracing::warn!(%error, "closing the session with the source"),
+            Err(error) => return Err(error.into()),
+        }
+        if hand_back {
+            if let Some(restore) = &restore {
+                // The watcher closes its references now. It may be gone already (the
+                // tree exited and the waiting restore with it): nothing to tell then.
+                if let Err(error) = restore.send_done() {
+                    tracing::warn!(%error, "could not tell restore that every page is in");
+                }
+            }
+        }
         Ok(stats)
     }
 }
@@ -304,15 +329,6 @@ impl Server {
         for (_, task) in std::mem::take(&mut self.tasks) {
             self.forget(task);
         }
-        if self.hand_back {
-            if let Some(restore) = &self.restore {
-                // The watcher closes its references now. It may be gone already (the
-                // tree exited and the waiting restore with it): nothing to tell then.
-                if let Err(error) = restore.send_done() {
-                    tracing::warn!(%error, "could not tell restore that every page is in");
-                }
-            }
-        }
         tracing::info!(
             faults_copied = self.stats.faults_copied,
             faults_zero = self.stats.faults_zero,
@@ -355,6 +371,8 @@ impl Server {
             Some(HandoffMessage::Finished) => {
                 self.finished = true;
                 self.stats.until_finished = Some(self.started.elapsed());
+                // The tasks resume now: a remote source learns it from our next GET or CLOSE.
+                self.pages.restore_finished();
                 tracing::info!(
                     tasks = self.stats.tasks,
                     lazy_bytes = self.stats.lazy_bytes,

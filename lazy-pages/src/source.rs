@@ -17,11 +17,23 @@
 //!   CLOSE {cmd 0x1023}                         ---->
 //!                                              <----   i32 status
 //! ```
+//!
+//! Our extension, so that the source knows when the destination resumes: a GET's flag bits
+//! (the high 16 bits of `cmd`, which CRIU's page server and ours do not read for GET) say
+//! where restore is. [`GET_BEFORE_RESUME`] is set on every GET sent before restore's end
+//! marker (restore itself, or a fault of a task not resumed yet, touched lazy memory), and
+//! [`GET_RESUMED`] on every GET after it (restore sends the marker just before the tasks
+//! resume), and on the CLOSE that ends the session after it. When no GET followed the end
+//! marker, the daemon must get that CLOSE through before it may tell restore that every page
+//! is in (see [`RemotePages::told_resumed`]). A source that sees neither bit
+//! talks to a daemon without the extension (CRIU's), and can only take its first GET for the
+//! destination having resumed.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
-use ckpt_page_server::{ClientError, PageServerClient};
+use ckpt_page_server::{ClientError, Command, Frame, PageServerClient};
 use images_format::{ImageDir, ImageKind, PageFlags, PagesError, PagesReader, PAGE_SIZE};
 
 /// A run of lazy pages of the image, `[vaddr, vaddr + len)`.
@@ -63,7 +75,14 @@ pub enum SourceError {
     },
     #[error("close the page server session")]
     Close(#[source] ClientError),
+    #[error("share the page server connection")]
+    Notify(#[source] std::io::Error),
 }
+
+/// GET flag: restore has not sent its end marker yet; the destination does not run.
+pub const GET_BEFORE_RESUME: u16 = 0x4000;
+/// GET flag: restore sent its end marker; the tasks run.
+pub const GET_RESUMED: u16 = 0x8000;
 
 /// The lazy ranges of a pagemap: entries flagged PE_LAZY, adjacent ones merged.
 pub fn lazy_ranges(reader: &PagesReader) -> Vec<LazyRange> {
@@ -143,6 +162,22 @@ impl Pages {
         }
     }
 
+    /// Restore sent its end marker: from now on a remote source's GETs say the tasks run.
+    pub fn restore_finished(&mut self) {
+        if let PageSource::Remote(remote) = &mut self.source {
+            remote.resumed();
+        }
+    }
+
+    /// Whether a remote source surely knows that the destination runs (a GET after the end
+    /// marker was answered); always true for local images.
+    pub fn source_told(&self) -> bool {
+        match &self.source {
+            PageSource::Local => true,
+            PageSource::Remote(remote) => remote.told_resumed(),
+        }
+    }
+
     /// Ends a remote session; nothing to do for local images.
     pub fn close(self) -> Result<(), SourceError> {
         match self.source {
@@ -156,40 +191,104 @@ impl Pages {
 #[derive(Debug)]
 pub struct RemotePages {
     client: PageServerClient,
+    /// The same connection, for the flagged frames the client does not write.
+    raw: TcpStream,
+    /// Restore sent its end marker.
+    resumed: bool,
+    /// A GET flagged [`GET_RESUMED`] was answered.
+    told: bool,
 }
 
 impl RemotePages {
     /// Connects to the page server.
     pub fn connect(addr: SocketAddr) -> Result<RemotePages, SourceError> {
-        let client = PageServerClient::connect(addr).map_err(SourceError::Connect)?;
-        Ok(RemotePages { client })
+        let stream = TcpStream::connect(addr)
+            .map_err(|source| SourceError::Connect(ClientError::Connect { addr, source }))?;
+        RemotePages::from_stream(stream)
     }
 
     /// Uses a connected stream.
     pub fn from_stream(stream: TcpStream) -> Result<RemotePages, SourceError> {
+        let raw = stream.try_clone().map_err(SourceError::Notify)?;
         let client = PageServerClient::from_stream(stream).map_err(SourceError::Connect)?;
-        Ok(RemotePages { client })
+        Ok(RemotePages {
+            client,
+            raw,
+            resumed: false,
+            told: false,
+        })
+    }
+
+    /// Writes a frame of ours and pushes it out through the client's cork.
+    fn send_raw(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.raw.write_all(&frame.encode())?;
+        self.raw.set_nodelay(true)
     }
 
     /// One `PS_IOV_GET` for as many pages as `buf` holds; returns the bytes received.
     pub fn get(&mut self, pid: i32, vaddr: u64, buf: &mut [u8]) -> Result<usize, SourceError> {
         let nr_pages = buf.len() as u64 / PAGE_SIZE;
         let id = u64::try_from(pid).map_err(|_| SourceError::UnknownPid { pid })?;
-        let reply =
-            self.client
-                .get_pages(id, vaddr, buf)
-                .map_err(|source| SourceError::Remote {
-                    pid,
-                    vaddr,
-                    nr_pages,
-                    source,
-                })?;
+        let remote_error = |source| SourceError::Remote {
+            pid,
+            vaddr,
+            nr_pages,
+            source,
+        };
+        let mut get = Frame::get(id, vaddr, nr_pages);
+        get.flags = if self.resumed {
+            GET_RESUMED
+        } else {
+            GET_BEFORE_RESUME
+        };
+        self.send_raw(&get).map_err(|source| {
+            remote_error(ClientError::Send {
+                command: Command::Get,
+                sent: 0,
+                source,
+            })
+        })?;
+        let reply = self
+            .client
+            .receive_pages(id, vaddr, buf)
+            .map_err(remote_error)?;
+        self.told |= self.resumed;
         usize::try_from(reply.nr_pages * PAGE_SIZE).map_err(|_| SourceError::UnknownPid { pid })
     }
 
-    /// Sends `PS_IOV_CLOSE` and waits for the server's status.
-    pub fn close(self) -> Result<(), SourceError> {
-        self.client.close().map_err(SourceError::Close)
+    /// Restore sent its end marker: the GETs from now on say so.
+    pub fn resumed(&mut self) {
+        self.resumed = true;
+    }
+
+    /// Whether the source answered a GET that said the destination runs.
+    pub fn told_resumed(&self) -> bool {
+        self.told
+    }
+
+    /// Sends `PS_IOV_CLOSE` (flagged [`GET_RESUMED`] after restore's end marker, so that
+    /// the source knows the destination runs even if no GET followed) and waits for the
+    /// server's status.
+    pub fn close(mut self) -> Result<(), SourceError> {
+        if !self.resumed {
+            return self.client.close().map_err(SourceError::Close);
+        }
+        let mut close = Frame::close();
+        close.flags = GET_RESUMED;
+        let io = |source| {
+            SourceError::Close(ClientError::Send {
+                command: Command::Close,
+                sent: 0,
+                source,
+            })
+        };
+        self.send_raw(&close).map_err(io)?;
+        let mut answer = [0u8; 4];
+        std::io::Read::read_exact(&mut self.raw, &mut answer).map_err(io)?;
+        match i32::from_le_bytes(answer) {
+            0 => Ok(()),
+            status => Err(SourceError::Close(ClientError::Status { status })),
+        }
     }
 }
 
@@ -280,12 +379,17 @@ mod tests {
             let mut req = [0u8; 32];
             s.read_exact(&mut req).expect("get");
             let get = Frame::decode(&req).expect("frame");
-            assert_eq!(get, Frame::get(33, 0x5000, 4));
+            // Before restore's end marker: flagged, so the source stays ready to resume.
+            let mut want = Frame::get(33, 0x5000, 4);
+            want.flags = GET_BEFORE_RESUME;
+            assert_eq!(get, want);
             // Only two of the four pages.
             s.write_all(&Frame::add_f(33, 0x5000, 2, 4).encode())
                 .expect("reply");
             s.write_all(&[page(9), page(8)].concat()).expect("data");
+            // After restore's end marker, GETs say the destination runs.
             s.read_exact(&mut req).expect("get");
+            assert_eq!(Frame::decode(&req).expect("frame").flags, GET_RESUMED);
             s.write_all(&Frame::add_f(33, 0x9000, 0, 4).encode())
                 .expect("none");
             // The session is unusable after a bad reply: the client drops it.
@@ -297,6 +401,8 @@ mod tests {
             2 * P as usize
         );
         assert_eq!((buf[0], buf[P as usize]), (9, 8));
+        remote.resumed();
+        assert!(!remote.told_resumed());
         assert!(matches!(
             remote.get(33, 0x9000, &mut buf),
             Err(SourceError::Remote {

@@ -22,6 +22,14 @@ use nix::unistd::Pid;
 
 const MIB: u64 = 64;
 
+/// Not an option of `ckpt-restore`: the pages around the main thread's stack pointer are
+/// lazy too, so that the stack's VMA is registered with present pages in it.
+const LAZY_STACK: &str = "lazy-stack";
+
+/// Not an option of `ckpt-restore`: run it as init of a fresh pid namespace
+/// (`unshare --pid --fork`), waiting for the process, as a destination host may.
+const AS_INIT: &str = "as-init";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -88,6 +96,18 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("local_new_pid_ns_every_page_checked", || {
             local("check", Daemon::Runs, &["--new-pid-ns"])
         }),
+        ("local_waited_as_init_of_a_fresh_pid_ns", || {
+            local("check", Daemon::Runs, &[AS_INIT])
+        }),
+        ("local_waited_as_init_stack_registered", || {
+            local("check", Daemon::Runs, &[AS_INIT, LAZY_STACK])
+        }),
+        ("local_waited_stack_registered", || {
+            local("check", Daemon::Runs, &[LAZY_STACK])
+        }),
+        ("local_waited_stack_registered_read", || {
+            local("read", Daemon::Runs, &[LAZY_STACK])
+        }),
         ("daemon_killed_kills_the_waited_tree", || {
             local("slow", Daemon::Killed, &[])
         }),
@@ -108,10 +128,25 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
             twice_in_namespaces,
         ),
         ("remote_every_page_checked", remote_every_page),
-        ("remote_on_a_pre_dump_chain", || remote_check(true)),
+        ("remote_on_a_pre_dump_chain", || {
+            remote_check(true, &["--new-pid-ns"])
+        }),
+        ("remote_waited_as_init_of_a_fresh_pid_ns", || {
+            remote_check(false, &[AS_INIT])
+        }),
+        ("remote_threads_waited_as_init_of_a_fresh_pid_ns", || {
+            remote_check_threads(false, &[AS_INIT], 3)
+        }),
+        ("remote_threads_waited_in_a_new_pid_ns", || {
+            remote_check_threads(false, &["--new-pid-ns"], 3)
+        }),
         (
             "remote_link_broken_before_resume_resumes_source",
             remote_broken_before,
+        ),
+        (
+            "remote_restore_failing_after_fetching_pages_resumes_source",
+            remote_failed_after_gets,
         ),
         (
             "remote_link_broken_after_resume_kills_source",
@@ -455,7 +490,22 @@ fn start_restore(
     extra: &[&str],
     started: &mut Started,
 ) -> Result<usize, String> {
-    let child = Command::new(env!("CARGO_BIN_EXE_ckpt-restore"))
+    let as_init = extra.contains(&AS_INIT);
+    let extra: Vec<&str> = extra
+        .iter()
+        .copied()
+        .filter(|a| *a != AS_INIT && *a != LAZY_STACK)
+        .collect();
+    let mut cmd = if as_init {
+        let mut cmd = Command::new("unshare");
+        // --kill-child: the namespace dies with unshare, which the test kills on failure.
+        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+            .arg(env!("CARGO_BIN_EXE_ckpt-restore"));
+        cmd
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_ckpt-restore"))
+    };
+    let child = cmd
         .arg("-D")
         .arg(images)
         .arg("--lazy-pages")
@@ -464,7 +514,7 @@ fn start_restore(
         .arg("--pidfile")
         .arg(pidfile)
         .args(["-v", "2"])
-        .args(extra)
+        .args(&extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -563,7 +613,7 @@ fn local_log(mode: &str, daemon: Daemon, restore_args: &[&str]) -> Result<String
     mark_lazy_with(
         &images,
         &ready,
-        restore_args.contains(&"--lazy-prefetch-hot"),
+        restore_args.contains(&"--lazy-prefetch-hot") || restore_args.contains(&LAZY_STACK),
     )?;
 
     // A killed daemon must still have pages to serve: cap its background transfer.
@@ -580,7 +630,10 @@ fn local_log(mode: &str, daemon: Daemon, restore_args: &[&str]) -> Result<String
             .parse()
             .map_err(|_| "bad pidfile".to_string())?,
     );
-    started.pids.push(pid);
+    // Inside its own pid namespace the pid is not ours: unshare takes it along.
+    if !restore_args.contains(&AS_INIT) {
+        started.pids.push(pid);
+    }
 
     if daemon == Daemon::Killed {
         // Let the check start and fault, then take the daemon away mid-transfer.
@@ -790,6 +843,12 @@ fn remote_source(reconnect_ms: u64) -> Result<Remote, String> {
 /// With `predump`, a pre-dump comes first (`images/../pre`) and the lazy dump only
 /// leaves lazy what was written since, the region's first quarter among it.
 fn remote_source_with(reconnect_ms: u64, predump: bool) -> Result<Remote, String> {
+    remote_source_threads(reconnect_ms, predump, 0)
+}
+
+/// With `threads` more threads in the workload: their stacks are lazy VMAs whose pages
+/// around the stack pointer the dump keeps present.
+fn remote_source_threads(reconnect_ms: u64, predump: bool, threads: u32) -> Result<Remote, String> {
     let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let dir = tmp.path().to_path_buf();
     let images = dir.join("images");
@@ -800,7 +859,7 @@ fn remote_source_with(reconnect_ms: u64, predump: bool) -> Result<Remote, String
         children: Vec::new(),
         pids: Vec::new(),
     };
-    let ready = start_workload(&dir, &mut started)?;
+    let ready = start_workload_with(&dir, threads, &mut started)?;
     let addr = free_port()?;
     let pre = dir.join("pre");
     if predump {
@@ -901,22 +960,20 @@ fn check_parent_and_lazy(images: &Path, ready: &Ready) -> Result<(), String> {
 }
 
 fn remote_every_page() -> Result<(), String> {
-    remote_check(false)
+    remote_check(false, &["--new-pid-ns"])
 }
 
-fn remote_check(predump: bool) -> Result<(), String> {
-    let mut s = remote_source_with(2000, predump)?;
+fn remote_check(predump: bool, restore_args: &[&str]) -> Result<(), String> {
+    remote_check_threads(predump, restore_args, 0)
+}
+
+fn remote_check_threads(predump: bool, restore_args: &[&str], threads: u32) -> Result<(), String> {
+    let mut s = remote_source_threads(2000, predump, threads)?;
     let d = start_daemon(&s.images, &s.work, 0, Some(s.addr), &mut s.started)?;
     let pidfile = s.dir.join("restored.pid");
     std::fs::write(s.dir.join("go"), "check").map_err(|e| e.to_string())?;
     // The source still holds the pid here: the copy gets a namespace of its own.
-    let r = start_restore(
-        &s.images,
-        &s.work,
-        &pidfile,
-        &["--new-pid-ns"],
-        &mut s.started,
-    )?;
+    let r = start_restore(&s.images, &s.work, &pidfile, restore_args, &mut s.started)?;
     let status = wait_child(
         &mut s.started.children[r],
         Duration::from_secs(60),
@@ -1009,6 +1066,96 @@ fn remote_broken_before() -> Result<(), String> {
         return Err(format!("the resumed source: {status}"));
     }
     read_result(&s.dir, "result")
+}
+
+/// Checks that the source runs on, not stopped, and passes its own check.
+fn source_runs_on(s: &mut Remote) -> Result<(), String> {
+    std::thread::sleep(Duration::from_millis(100));
+    if s.started.children[0]
+        .try_wait()
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Err("the source died".into());
+    }
+    let state =
+        std::fs::read_to_string(format!("/proc/{}/stat", s.source)).map_err(|e| e.to_string())?;
+    let st = state
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string();
+    if st == "T" || st == "t" {
+        return Err(format!("the source is left stopped ({st})"));
+    }
+    std::fs::write(s.dir.join("go"), "check").map_err(|e| e.to_string())?;
+    let status = wait_child(
+        &mut s.started.children[0],
+        Duration::from_secs(30),
+        "the source",
+    )?;
+    if !status.success() {
+        return Err(format!("the resumed source: {status}"));
+    }
+    read_result(&s.dir, "result")
+}
+
+/// A restore that fetches lazy pages before resuming (as restore itself touching lazy
+/// memory makes the daemon do), then fails: the GETs say the destination does not run yet,
+/// so the source must be resumed, not kept frozen.
+fn remote_failed_after_gets() -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = remote_source(300)?;
+    let dir = ImageDir::new(&s.images).map_err(|e| format!("{e}"))?;
+    let id = u64::try_from(s.source.as_raw()).map_err(|_| "pid".to_string())?;
+    let reader =
+        PagesReader::open(&dir, ImageKind::Pagemap, id).map_err(|e| format!("pagemap: {e}"))?;
+    let lazy: Vec<(u64, u64)> = reader
+        .pagemap()
+        .ranges
+        .iter()
+        .filter(|r| r.flags.contains(PageFlags::LAZY))
+        .map(|r| (r.vaddr, r.nr_pages))
+        .take(3)
+        .collect();
+    if lazy.is_empty() {
+        return Err("the lazy dump left no page lazy".into());
+    }
+    let mut link = TcpStream::connect(s.addr).map_err(|e| format!("connect: {e}"))?;
+    for &(vaddr, pages) in &lazy {
+        let nr = pages.min(4);
+        // GET as the daemon sends it before restore's end marker.
+        let cmd = u32::from(ckpt_lazy_pages::source::GET_BEFORE_RESUME) << 16 | 7;
+        let mut frame = [0u8; 32];
+        frame[0..4].copy_from_slice(&cmd.to_le_bytes());
+        frame[8..16].copy_from_slice(&nr.to_le_bytes());
+        frame[16..24].copy_from_slice(&vaddr.to_le_bytes());
+        frame[24..32].copy_from_slice(&id.to_le_bytes());
+        link.write_all(&frame)
+            .map_err(|e| format!("send a GET: {e}"))?;
+        let mut reply = [0u8; 32];
+        link.read_exact(&mut reply)
+            .map_err(|e| format!("read the answer: {e}"))?;
+        let got = u64::from_le_bytes(reply[8..16].try_into().map_err(|_| "frame")?);
+        if got == 0 {
+            return Err(format!("no page served at {vaddr:#x}"));
+        }
+        let mut data = vec![0u8; usize::try_from(got * 4096).map_err(|_| "len")?];
+        link.read_exact(&mut data)
+            .map_err(|e| format!("read the pages: {e}"))?;
+    }
+    // Restore failed: the daemon goes away without the end marker's notice.
+    drop(link);
+    let status = wait_child(
+        &mut s.started.children[s.dump],
+        Duration::from_secs(30),
+        "the dump",
+    )?;
+    if status.success() {
+        return Err("the dump reported success though the destination never resumed".into());
+    }
+    source_runs_on(&mut s)
 }
 
 fn remote_broken_after() -> Result<(), String> {
