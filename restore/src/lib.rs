@@ -96,6 +96,8 @@ pub enum RestoreError {
     Lazy(#[from] lazy::LazyError),
     #[error("resuming")]
     Resume(#[from] resume::ResumeError),
+    #[error("/proc shows pid {proc_pid} as ours, but we are pid {pid}: this /proc belongs to another PID namespace (mount one for ours, e.g. unshare --pid --fork --mount-proc)")]
+    ForeignProc { pid: u32, proc_pid: String },
     #[error("writing {path}")]
     Pidfile {
         path: PathBuf,
@@ -115,6 +117,15 @@ pub enum RestoreError {
 /// Restores the process in `opts.images_dir`.
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     let started = Instant::now();
+    // Every step reads the new process through /proc by its pid: a /proc of another PID
+    // namespace would show someone else's process, or none.
+    let pid = std::process::id();
+    let proc_pid = std::fs::read_link("/proc/self")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if proc_pid != pid.to_string() {
+        return Err(RestoreError::ForeignProc { pid, proc_pid });
+    }
     // Absolute: the target opens images by path, from its own cwd.
     let path =
         std::fs::canonicalize(&opts.images_dir).map_err(|source| RestoreError::ImagesDir {
