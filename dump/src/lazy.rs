@@ -35,10 +35,12 @@
 //!   restore failing after some pages were fetched, or the daemon leaving without CLOSE), the
 //!   source is resumed as it was: a failed migration leaves the process running where it was;
 //! - from then on, the source is also sent SIGSTOP, so that it stays stopped even
-//!   if `ckpt-dump` itself dies; it is never resumed again. It is killed once every lazy page
-//!   has been taken, at CLOSE, or when the link is lost and no new session arrives within
-//!   the reconnection window (a new session is accepted only from the host of the first
-//!   one). Two running copies never exist.
+//!   if `ckpt-dump` itself dies; it is never resumed again. It is killed at CLOSE (the daemon
+//!   closes once every page is in), when the link ends after every lazy page has been taken,
+//!   or when the link is lost and no new session arrives within the reconnection window (a new
+//!   session is accepted only from the host of the first one). Taking the last page alone does
+//!   not kill it: two threads faulting on one page may make the daemon ask for it again. Two
+//!   running copies never exist.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -221,6 +223,7 @@ struct Source<'a> {
     tree: Option<SeizedProcess>,
     lazy: &'a [(u64, u64)],
     untaken: Untaken,
+    all_taken_logged: bool,
     /// The destination runs: never resume the source again.
     resumed: bool,
     buf: Vec<u8>,
@@ -320,11 +323,11 @@ impl Source<'_> {
                     if let Err(end) = self.answer_get(&mut stream, &frame) {
                         return Ok(end);
                     }
-                    // Taken before resume (restore fetched them all) is not enough: the
-                    // source waits for word that the destination runs, or resumes.
-                    if self.untaken.is_empty() && self.resumed {
+                    // The source stays frozen, not killed, until the daemon closes: a
+                    // page two threads faulted on at once may be asked for again.
+                    if self.untaken.is_empty() && self.resumed && !self.all_taken_logged {
+                        self.all_taken_logged = true;
                         tracing::info!(pid = %self.pid, "every lazy page has been taken");
-                        self.kill()?;
                     }
                 }
                 Command::Close | Command::ForceClose => {
@@ -399,6 +402,7 @@ pub fn serve(
         },
         lazy: &lazy,
         resumed: false,
+        all_taken_logged: false,
         buf: vec![0u8; FRAME_LEN + usize::try_from(MAX_GET_PAGES * PAGE_SIZE).unwrap_or(0)],
     };
     tracing::info!(%addr, pages = source.untaken.pages(), "serving lazy pages");
@@ -462,7 +466,8 @@ pub fn serve(
                 return Err(LazyError::EndedBeforeResume { pid, why })
             }
             SessionEnd::Lost(why) => {
-                if source.tree.is_none() {
+                if source.tree.is_none() || source.untaken.is_empty() {
+                    source.kill()?;
                     return Ok(LazyOutcome::AllTaken);
                 }
                 tracing::warn!(%pid, %why, window_s = opts.lazy_reconnect_window.as_secs(),

@@ -981,8 +981,10 @@ fn remote_check_threads(predump: bool, restore_args: &[&str], threads: u32) -> R
     )?;
     if !status.success() {
         return Err(format!(
-            "ckpt-restore: {status}: {}",
-            stderr_of(&mut s.started.children[r])
+            "ckpt-restore: {status}: {}\ndaemon: {}\ndump: {}",
+            stderr_of(&mut s.started.children[r]),
+            stderr_of(&mut s.started.children[d]),
+            stderr_of(&mut s.started.children[s.dump])
         ));
     }
     read_result(&s.dir, "result")?;
