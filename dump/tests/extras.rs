@@ -7,43 +7,18 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use images_format::pb::CoreEntry;
 use images_format::{ImageDir, ImageKind};
 
-const DUMP: &str = env!("CARGO_BIN_EXE_ckpt-dump");
+mod common;
+use common::{assert_ok, proc_state, tools, DUMP};
+
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/extras.c");
 const IOPRIO_BE_3: u32 = (2 << 13) | 3;
 const IOPRIO_IDLE: u32 = 3 << 13;
 const MDWE_REFUSE_EXEC_GAIN: u32 = 1;
-
-/// `ckpt-restore` and `ckpt-img`, built into the same target directory.
-struct Tools {
-    restore: PathBuf,
-    img: PathBuf,
-}
-
-fn tools() -> &'static Tools {
-    static TOOLS: OnceLock<Tools> = OnceLock::new();
-    TOOLS.get_or_init(|| {
-        let bin_dir = Path::new(DUMP).parent().expect("target dir").to_path_buf();
-        let restore = bin_dir.join("ckpt-restore");
-        let img = bin_dir.join("ckpt-img");
-        if !restore.is_file() || !img.is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "ckpt-restore", "-p", "ckpt-img"]);
-            if bin_dir.ends_with("release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build");
-            assert!(status.success(), "cannot build ckpt-restore and ckpt-img");
-        }
-        Tools { restore, img }
-    })
-}
 
 /// The workload; killed and reaped when dropped unless a dump already killed it.
 struct Workload {
@@ -141,22 +116,6 @@ impl Drop for Workload {
             let _ = self.child.wait();
         }
     }
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-fn proc_state(pid: u32) -> char {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
-        .unwrap_or('?')
 }
 
 fn mask(cpu: usize) -> Vec<u64> {

@@ -7,40 +7,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use images_format::pb::{FileEntry, PipeDataEntry};
 use images_format::{ImageDir, ImageKind};
 
-const DUMP: &str = env!("CARGO_BIN_EXE_ckpt-dump");
+mod common;
+use common::{assert_ok, proc_state, send, tools, DUMP};
+
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/kobj.c");
-
-/// `ckpt-restore` and `ckpt-img`, built into the same target directory.
-struct Tools {
-    restore: PathBuf,
-    img: PathBuf,
-}
-
-fn tools() -> &'static Tools {
-    static TOOLS: OnceLock<Tools> = OnceLock::new();
-    TOOLS.get_or_init(|| {
-        let bin_dir = Path::new(DUMP).parent().expect("target dir").to_path_buf();
-        let restore = bin_dir.join("ckpt-restore");
-        let img = bin_dir.join("ckpt-img");
-        if !restore.is_file() || !img.is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "ckpt-restore", "-p", "ckpt-img"]);
-            if bin_dir.ends_with("release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build");
-            assert!(status.success(), "cannot build ckpt-restore and ckpt-img");
-        }
-        Tools { restore, img }
-    })
-}
 
 /// The workload; killed and reaped when dropped unless it was reaped already.
 struct Workload {
@@ -125,24 +100,6 @@ impl Drop for Workload {
     }
 }
 
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-fn sigusr2(pid: u32) {
-    let ok = Command::new("kill")
-        .args(["-USR2", &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -USR2 {pid}");
-}
-
 fn wait_verdict(result: &Path) -> String {
     let start = Instant::now();
     loop {
@@ -157,13 +114,6 @@ fn wait_verdict(result: &Path) -> String {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn proc_state(pid: u32) -> char {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
-        .unwrap_or('?')
 }
 
 /// The images hold the objects as CRIU's entries, and both decoders accept them.
@@ -267,7 +217,7 @@ fn leave_running_dump_consumes_nothing() {
     let images = w.path("images");
     assert_ok(&w.dump(&images, true), "ckpt-dump --leave-running");
     check_images(&images);
-    sigusr2(w.pid());
+    send(w.pid(), "USR2");
     let verdict = wait_verdict(&w.path("result"));
     assert!(w.reap().success());
     assert_eq!(
@@ -331,7 +281,7 @@ fn pipes_eventfds_signalfd_timerfds_epoll_and_inotify_survive_dump_and_restore()
     for fd in ["30", "40"] {
         assert!(fds.iter().any(|f| f == fd), "pipe end at fd {fd}: {fds:?}");
     }
-    sigusr2(pid);
+    send(pid, "USR2");
     let out = restore.wait_with_output().expect("wait for ckpt-restore");
     let verdict = fs::read_to_string(w.path("result")).unwrap_or_default();
     assert!(

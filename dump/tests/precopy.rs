@@ -10,50 +10,15 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use images_format::pb::StatsEntry;
 use images_format::{ImageDir, ImageKind, PagesReader, PAGE_SIZE};
 
-const DUMP: &str = env!("CARGO_BIN_EXE_ckpt-dump");
+mod common;
+use common::{assert_ok, proc_state, send, tools, DUMP};
+
 const WRITER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/writer.c");
-
-/// The other tools these tests run, built into the same target directory.
-struct Tools {
-    restore: PathBuf,
-    page_server: PathBuf,
-    lazy_pages: PathBuf,
-}
-
-fn tools() -> &'static Tools {
-    static TOOLS: OnceLock<Tools> = OnceLock::new();
-    TOOLS.get_or_init(|| {
-        let bin_dir = Path::new(DUMP).parent().expect("target dir").to_path_buf();
-        let restore = bin_dir.join("ckpt-restore");
-        let page_server = bin_dir.join("ckpt-page-server");
-        let lazy_pages = bin_dir.join("ckpt-lazy-pages");
-        if !restore.is_file() || !page_server.is_file() || !lazy_pages.is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "ckpt-restore", "-p", "ckpt-page-server"])
-                .args(["-p", "ckpt-lazy-pages"]);
-            if bin_dir.ends_with("release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build");
-            assert!(
-                status.success(),
-                "cannot build ckpt-restore and ckpt-page-server"
-            );
-        }
-        Tools {
-            restore,
-            page_server,
-            lazy_pages,
-        }
-    })
-}
 
 /// The writer workload; killed and reaped when dropped.
 struct Writer {
@@ -163,32 +128,6 @@ impl Drop for Writer {
             let _ = self.child.wait();
         }
     }
-}
-
-fn proc_state(pid: u32) -> char {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
-        .unwrap_or('?')
-}
-
-fn send(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 /// `(pages_written, pages_skipped_parent, pages_lazy)` from `stats-dump`.
