@@ -13,7 +13,7 @@ use images_format::pb::CoreEntry;
 use images_format::{ImageDir, ImageKind};
 
 mod common;
-use common::{assert_ok, proc_state, tools, DUMP};
+use common::{assert_ok, proc_state, start_c_workload, tools, DUMP};
 
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/extras.c");
 const IOPRIO_BE_3: u32 = (2 << 13) | 3;
@@ -30,22 +30,13 @@ struct Workload {
 impl Workload {
     fn start() -> Workload {
         let dir = tempfile::tempdir().expect("tempdir");
-        let exe = dir.path().join("extras");
-        let cc = Command::new("cc")
-            .args(["-O2", "-pthread", "-o"])
-            .arg(&exe)
-            .arg(WORKLOAD_SRC)
-            .status()
-            .expect("run cc");
-        assert!(cc.success(), "cannot compile the extras workload");
-        let log = fs::File::create(dir.path().join("out.log")).expect("log");
-        let child = Command::new(&exe)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("start the workload");
+        let child = start_c_workload(
+            dir.path(),
+            WORKLOAD_SRC,
+            "extras",
+            &["-O2", "-pthread"],
+            &[],
+        );
         let mut w = Workload {
             child,
             dir,

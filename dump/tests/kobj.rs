@@ -13,7 +13,7 @@ use images_format::pb::{FileEntry, PipeDataEntry};
 use images_format::{ImageDir, ImageKind};
 
 mod common;
-use common::{assert_ok, proc_state, send, tools, DUMP};
+use common::{assert_ok, proc_state, send, start_c_workload, tools, DUMP};
 
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/kobj.c");
 
@@ -27,22 +27,7 @@ struct Workload {
 impl Workload {
     fn start() -> Workload {
         let dir = tempfile::tempdir().expect("tempdir");
-        let exe = dir.path().join("kobj");
-        let cc = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&exe)
-            .arg(WORKLOAD_SRC)
-            .status()
-            .expect("run cc");
-        assert!(cc.success(), "cannot compile the kobj workload");
-        let log = fs::File::create(dir.path().join("out.log")).expect("log");
-        let child = Command::new(&exe)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("start the workload");
+        let child = start_c_workload(dir.path(), WORKLOAD_SRC, "kobj", &["-O2"], &[]);
         let mut w = Workload {
             child,
             dir,

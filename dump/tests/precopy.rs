@@ -16,7 +16,7 @@ use images_format::pb::StatsEntry;
 use images_format::{ImageDir, ImageKind, PagesReader, PAGE_SIZE};
 
 mod common;
-use common::{assert_ok, proc_state, send, tools, DUMP};
+use common::{assert_ok, proc_state, send, start_c_workload, tools, DUMP};
 
 const WRITER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/writer.c");
 
@@ -35,25 +35,9 @@ impl Writer {
 
     fn start_with(mib: u32, per_tick: u32, tick_us: u32, extra: &[&str]) -> Writer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let exe = dir.path().join("writer");
-        let cc = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&exe)
-            .arg(WRITER_SRC)
-            .status()
-            .expect("run cc");
-        assert!(cc.success(), "cannot compile the writer workload");
-        let log = fs::File::create(dir.path().join("out.log")).expect("log");
-        let mut cmd = Command::new(&exe);
-        cmd.args([mib.to_string(), per_tick.to_string(), tick_us.to_string()]);
-        cmd.args(extra);
-        let child = cmd
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("start writer");
+        let mut args = vec![mib.to_string(), per_tick.to_string(), tick_us.to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let child = start_c_workload(dir.path(), WRITER_SRC, "writer", &["-O2"], &args);
         let w = Writer {
             child,
             dir,

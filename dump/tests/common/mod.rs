@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub const DUMP: &str = env!("CARGO_BIN_EXE_ckpt-dump");
@@ -77,4 +77,33 @@ pub fn send(pid: u32, sig: &str) {
         .expect("kill")
         .success();
     assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Compiles the C workload `source` into `dir` as `name` and starts it there with `args`,
+/// its output in `dir/out.log`.
+pub fn start_c_workload(
+    dir: &Path,
+    source: &str,
+    name: &str,
+    cc_flags: &[&str],
+    args: &[String],
+) -> Child {
+    let exe = dir.join(name);
+    let cc = Command::new("cc")
+        .args(cc_flags)
+        .arg("-o")
+        .arg(&exe)
+        .arg(source)
+        .status()
+        .expect("run cc");
+    assert!(cc.success(), "cannot compile the {name} workload");
+    let log = fs::File::create(dir.join("out.log")).expect("log");
+    Command::new(&exe)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start the {name} workload: {e}"))
 }
