@@ -11,6 +11,7 @@
 
 mod migrate;
 mod precopy;
+mod tree;
 
 use std::io::IoSliceMut;
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ enum Cmd {
     },
     /// Migration algorithms x workloads x bandwidths beside the thesis's tables.
     Migrate(migrate::MigrateArgs),
+    /// State collection time of a tree of 100 processes with 100 descriptors each.
+    Tree(tree::TreeArgs),
 }
 
 /// One measured dump + restore cycle.
@@ -89,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             json,
         } => dump_restore(&sizes, threads, warm_runs, json),
         Cmd::Migrate(args) => migrate::run(args),
+        Cmd::Tree(args) => tree::run(args),
         Cmd::Precopy {
             mib,
             batch,

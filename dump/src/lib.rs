@@ -1,16 +1,32 @@
-//! `ckpt-dump`: freeze a process, read its whole state from outside (ptrace, injected
+//! `ckpt-dump`: freeze a process tree, read its whole state from outside (ptrace, injected
 //! syscalls, `/proc`, `PAGEMAP_SCAN`, `process_vm_readv`) and write it as CRIU-format images.
 //!
 //! The sequence is [`dump`]: freeze, collect (reads only), write (never ptraces), release.
-//! An error anywhere before release drops the frozen process, which resumes it exactly as it
-//! was; only [`release::finish`] may kill it.
+//! An error anywhere before release drops the frozen tree, which resumes every process
+//! exactly as it was; only [`release::finish_tree`] (and [`release::finish`] for a lazy
+//! dump) may kill them.
+//!
+//! Trees: `-t PID` names the root; every process below it is frozen too (every thread,
+//! children found through `/proc/PID/task/*/children` until a pass finds nothing new) and
+//! saved in CRIU's layout. Zombies are only a `pstree.img` entry and a `core-PID.img` with
+//! `TASK_DEAD` and their raw wait status. File ids are global: an open file description held
+//! by several processes (`kcmp(KCMP_FILE)` tells) is one `files.img` object, and processes
+//! sharing an fd table (`CLONE_FILES`) share one `fdinfo` image; `ids-PID.img` gives equal
+//! ids to processes sharing fs info or handlers. A process sharing its address space with
+//! another (`CLONE_VM`: a vfork child before exec) is refused. Kill, `--leave-running` and
+//! `--leave-stopped` apply to every process. Pre-copy (`--pre-dump`, `--track-mem`) and
+//! lazy dumps handle one process: a root with children is refused ([`DumpError::Tree`]).
+//! Private memory that processes share copy-on-write at dump time, which restore gives each
+//! of them a copy of, is logged ("restore duplicates N bytes") and in
+//! [`DumpStats::cow_shared_bytes`].
 //!
 //! What a dump directory holds, with CRIU's meaning of every field:
 //!
 //! ```text
 //! inventory.img        img_version 2, fdinfo_per_id, ns_per_id, root_ids = ckpt-dump's own
 //!                      ids (1 for mm/files/fs/sighand), so equal namespace ids mean "shared"
-//! pstree.img           one entry per process (pid, ppid 0 for the root, pgid, sid, threads)
+//! pstree.img           one entry per process, parents first (pid, ppid 0 for the root, pgid,
+//!                      sid, threads; zombies last, with their own pid as only thread)
 //! core-TID.img         per thread: gpregs (incl. orig_ax, fs/gs base), fpregs + xsave by
 //!                      component, clear_tid_addr, thread_core (sigmask, private pending
 //!                      signals, rseq, robust list, sigaltstack, sched, pdeath, creds, seccomp,
@@ -27,7 +43,10 @@
 //!  + pages-N.img       even across VMAs), contents in pages-N.img in the same order
 //! fdinfo-N.img         {file id, FD_CLOEXEC, REG, fd} per fd
 //! files.img            reg_file_entry per open file description, exe, cwd, root and mapped
-//!                      file (path, open flags without O_CLOEXEC, pos, mode, size, build-id)
+//!                      file (path, open flags without O_CLOEXEC, pos, mode, size, build-id);
+//!                      unix_sk_entry per unix socket (peer inode, name, backlog, options)
+//! sk-queues.img        sk_packet_entry{id_for, length} + the bytes, per unread datagram or
+//!                      record of a unix socket (a stream's unread bytes as one entry)
 //! remap-fpath.img      GHOST remaps of deleted files (open or mapped) to
 //!  + ghost-file-N.img  ghost_file_entry followed by the whole contents (never chunked)
 //! fs-PID.img           cwd and root file ids, umask
@@ -126,6 +145,12 @@ pub struct DumpOptions {
     pub final_state: FinalState,
     /// Accept a terminal as stdio (`--shell-job`).
     pub shell_job: bool,
+    /// Objects whose other side is outside the tree on purpose (`--external`): for now
+    /// pipes, as `pipe:[INODE]` (or CRIU's `file[MNT_ID:INODE]`).
+    pub external: Vec<String>,
+    /// A datagram unix socket may be connected to a named socket outside the tree: restore
+    /// connects it to that name again (`--ext-unix-sk`, CRIU's meaning).
+    pub ext_unix_sk: bool,
     /// A step to fail on purpose (`CKPT_FAULT`).
     pub fault: Option<FaultPoint>,
     /// Full dump, pre-dump or lazy dump.
@@ -134,6 +159,9 @@ pub struct DumpOptions {
     pub prev_images_dir: Option<PathBuf>,
     /// Keep dirty tracking between rounds and use it (`--track-mem`).
     pub track_mem: bool,
+    /// Queued pre-copy round: hold back pages written since the previous round
+    /// (`--hold-hot-pages`, with `--pre-dump --track-mem`; see [`track`]).
+    pub hold_hot_pages: bool,
     /// Send the pages to this page server (`--page-server --address --port`).
     pub page_server: Option<SocketAddr>,
     /// Lazy dump: where to listen for the lazy-pages daemon (`--address --port`).
@@ -153,10 +181,13 @@ impl DumpOptions {
             images_dir: images_dir.into(),
             final_state: FinalState::Killed,
             shell_job: false,
+            external: Vec::new(),
+            ext_unix_sk: false,
             fault: None,
             mode: DumpMode::Full,
             prev_images_dir: None,
             track_mem: false,
+            hold_hot_pages: false,
             page_server: None,
             lazy_listen: None,
             lazy_connect_timeout: Duration::from_secs(300),
@@ -184,6 +215,11 @@ pub struct DumpStats {
     pub pages_written: u64,
     /// Pages left to the lazy restore (`PE_LAZY`).
     pub pages_lazy: u64,
+    /// Pages of shared memory objects written (`pagemap-shmem` images), each object once.
+    pub shpages_written: u64,
+    /// Bytes of private memory several processes of the tree shared copy-on-write at dump
+    /// time, which restore gives each process a copy of (logged; `stats-dump` has no field).
+    pub cow_shared_bytes: u64,
 }
 
 /// Why a dump failed. Every variant wraps the error of one step.
@@ -213,6 +249,42 @@ pub enum DumpError {
     },
     #[error("dump: {mode:?} needs {what}")]
     Options { mode: DumpMode, what: &'static str },
+    #[error(
+        "dump: pid {pid} has child processes {children:?}: {what} of a process tree is not \
+         supported yet"
+    )]
+    Tree {
+        pid: Pid,
+        children: Vec<Pid>,
+        what: &'static str,
+    },
+}
+
+/// What a dump of more than one process cannot do yet, if `opts` asks for it.
+fn tree_refusal(opts: &DumpOptions) -> Option<&'static str> {
+    match opts.mode {
+        DumpMode::PreDump => Some("pre-copy"),
+        DumpMode::Lazy => Some("post-copy (--lazy-pages)"),
+        DumpMode::Full if opts.track_mem => Some("pre-copy (--track-mem)"),
+        DumpMode::Full => None,
+    }
+}
+
+/// Refuses a tree for the modes that handle one process only.
+fn refuse_tree(pid: Pid, opts: &DumpOptions, tree: &tracee::SeizedTree) -> Result<(), DumpError> {
+    match tree_refusal(opts) {
+        Some(what) if !tree.is_single() => Err(DumpError::Tree {
+            pid,
+            children: tree
+                .processes()
+                .skip(1)
+                .map(tracee::SeizedProcess::pid)
+                .chain(tree.zombies().iter().map(|(_, z)| *z))
+                .collect(),
+            what,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Keeps the usual terminating signals (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) pending while a
@@ -363,12 +435,27 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     };
     let frozen_since = Instant::now();
     tracing::debug!(us = stats.freezing_time_us, "frozen");
+    // The children were not frozen: a round of a tree would miss their pages.
+    let children = tracee::proc::task::children(pid).map_err(|source| {
+        DumpError::Collect(collect::CollectError::Proc {
+            pid,
+            what: "children",
+            source,
+        })
+    })?;
+    if !children.is_empty() {
+        return Err(DumpError::Tree {
+            pid,
+            children,
+            what: "pre-copy",
+        });
+    }
     fault::check(opts.fault, FaultPoint::AfterFreeze)?;
     let memory = collect::memory(pid)?;
     stats.pages_scanned = memory.pages_scanned;
     let mut tracking = track::Tracking::start(&mut tree, opts)?;
     let set = tracking.collect(&memory.maps)?;
-    let policies = track::policies(&memory.vmas, set.as_ref(), parent, None);
+    let policies = tracking.policies(&memory.vmas, set.as_ref(), parent);
     let plan = pages::plan(&memory.pages, &policies);
     // The pages are read while it runs: anything written from now on is in the next round.
     tree.resume()
@@ -439,25 +526,34 @@ fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
         None => collect::VmaSource::Smaps,
     };
     let freeze_start = Instant::now();
-    // Every thread is stopped from here; dropping `tree` resumes them untouched.
-    let mut tree = seize::freeze_process(pid)?;
+    // Every thread of every process is stopped from here; dropping `tree` resumes them
+    // untouched.
+    let mut tree = seize::freeze_tree(pid)?;
     let mut stats = DumpStats {
         freezing_time_us: micros(freeze_start),
         ..DumpStats::default()
     };
     let frozen_since = Instant::now();
     tracing::info!(
-        threads = tree.threads().len(),
+        processes = tree.processes().count(),
+        zombies = tree.zombies().len(),
+        threads = tree.processes().map(|p| p.threads().len()).sum::<usize>(),
         us = stats.freezing_time_us,
         "frozen"
     );
+    refuse_tree(pid, opts, &tree)?;
     fault::check(opts.fault, FaultPoint::AfterFreeze)?;
 
     let collect_start = Instant::now();
-    let mut state = collect::process_with(&mut tree, opts, vma_source)?;
+    let mut state = collect::tree(&mut tree, opts, vma_source)?;
+    stats.cow_shared_bytes = state.cow_shared_bytes;
     tracing::info!(us = micros(collect_start), "collected");
     // After the collect: arming injects a userfaultfd that must not be seen among the fds.
-    let mut tracking = track::Tracking::start(&mut tree, opts)?;
+    // Tracking is refused for trees above, so only the root can have any.
+    let root = tree
+        .process_mut(pid)
+        .ok_or(DumpError::Collect(collect::CollectError::NoThreads { pid }))?;
+    let mut tracking = track::Tracking::start(root, opts)?;
     let (maps, vmas) = match state.processes.first() {
         Some(p) => (p.maps.clone(), p.mm.vmas.clone()),
         None => (Vec::new(), Vec::new()),
@@ -465,7 +561,13 @@ fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let set = tracking.collect(&maps)?;
     let policies = full_policies(&state, opts, set.as_ref(), parent, &vmas);
     for process in &mut state.processes {
-        process.plan = pages::plan(&process.pages, &policies);
+        process.plan = if process.pid == pid {
+            pages::plan(&process.pages, &policies)
+        } else {
+            // Only the root can have a parent round: everything of the others is saved.
+            let own = track::policies(&process.mm.vmas, None, false, None);
+            pages::plan(&process.pages, &own)
+        };
     }
     // Images are written while the process is still frozen: pages are read as they stream.
     let write_start = Instant::now();
@@ -491,11 +593,17 @@ fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
             .first()
             .map(|p| lazy::lazy_ranges(&p.plan))
             .unwrap_or_default();
-        let outcome = lazy::serve(tree, listener, ranges, opts)?;
+        // Lazy dumps are refused for trees above: the tree is its root alone.
+        let single = tree.into_single().map_err(|tree| DumpError::Tree {
+            pid,
+            children: tree.processes().skip(1).map(|p| p.pid()).collect(),
+            what: "post-copy (--lazy-pages)",
+        })?;
+        let outcome = lazy::serve(single, listener, ranges, opts)?;
         tracing::info!(?outcome, "lazy pages served; the source is gone");
         return Ok(stats);
     }
-    release::finish(tree, opts.final_state)?;
+    release::finish_tree(tree, opts.final_state)?;
     stats.frozen_time_us = micros(frozen_since);
     images.commit(&stats)?;
     // After the release: unregistering 1 GiB of write protection takes tens of ms that the

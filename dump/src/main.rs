@@ -1,4 +1,5 @@
-//! `ckpt-dump`: freeze a process, write it as CRIU-format images, then kill it or let it run.
+//! `ckpt-dump`: freeze a process tree, write it as CRIU-format images, then kill it or let it
+//! run.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +16,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "ckpt-dump", version)]
 struct Cli {
-    /// The process to dump.
+    /// The root of the process tree to dump (every process below it is dumped too).
     #[arg(short = 't', long = "tree", value_name = "PID")]
     tree: i32,
     /// Directory to write the images into (created if missing).
@@ -44,12 +45,24 @@ struct Cli {
     /// Allow the process to use the controlling terminal of its session.
     #[arg(short = 'j', long = "shell-job")]
     shell_job: bool,
+    /// An object whose other side stays outside the dumped tree, e.g. `pipe:[INODE]` for a
+    /// pipe whose other end is held elsewhere (restore it with --inherit-fd).
+    #[arg(long = "external", value_name = "TYPE[ID]")]
+    external: Vec<String>,
+    /// Allow datagram unix sockets connected to a named socket outside the dumped tree:
+    /// restore connects them to that name again.
+    #[arg(short = 'x', long = "ext-unix-sk")]
+    ext_unix_sk: bool,
     /// Pre-copy round: write only memory, read while the process runs on.
     #[arg(long = "pre-dump", conflicts_with_all = ["lazy_pages", "leave_stopped"])]
     pre_dump: bool,
     /// Track the pages written from now on, for the next round (kept between runs).
     #[arg(long = "track-mem")]
     track_mem: bool,
+    /// Queued pre-copy round: send only pages not written since the previous round, hold
+    /// back the others for a later round or the final dump.
+    #[arg(long = "hold-hot-pages", requires_all = ["pre_dump", "track_mem"])]
+    hold_hot_pages: bool,
     /// The previous round's image directory (relative paths are relative to -D); becomes
     /// the `parent` link, and pages unchanged since then refer to it.
     #[arg(long = "prev-images-dir", value_name = "DIR")]
@@ -122,10 +135,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut opts = DumpOptions::new(cli.tree, cli.images_dir.clone());
     opts.final_state = final_state;
     opts.shell_job = cli.shell_job;
+    opts.external = cli.external.clone();
+    opts.ext_unix_sk = cli.ext_unix_sk;
     opts.fault = FaultPoint::from_env()?;
     opts.mode = mode;
     opts.prev_images_dir = cli.prev_images_dir.clone();
     opts.track_mem = cli.track_mem;
+    opts.hold_hot_pages = cli.hold_hot_pages;
     opts.page_server = page_server;
     opts.lazy_listen = lazy_listen;
     opts.lazy_connect_timeout = Duration::from_secs(cli.lazy_connect_timeout);

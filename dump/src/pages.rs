@@ -3,7 +3,10 @@
 //! [`plan`] turns the pages found in each VMA into runs of one kind: saved here
 //! ([`RunKind::Dump`]), left to the parent images ([`RunKind::Parent`], `PE_PARENT`: unchanged
 //! since the previous round, proven by dirty tracking) or left to the page server of a lazy
-//! restore ([`RunKind::Lazy`], `PE_LAZY`, no data). [`stream`] sends the plan, in address order,
+//! restore ([`RunKind::Lazy`], `PE_LAZY`, no data), or, in a queued pre-copy round
+//! (`--hold-hot-pages`), held back for a later round ([`RunKind::Held`]: no pagemap entry at
+//! all, and the tracker remembers them so that no later round calls them `PE_PARENT`).
+//! [`stream`] sends the plan, in address order,
 //! to any [`PageSink`]: local images or a page server. A reader thread fills 4 MiB buffers
 //! with `process_vm_readv` while this thread hands the previous one to the sink, so the
 //! target's memory goes from one buffer straight to the file or socket.
@@ -41,6 +44,9 @@ pub enum RunKind {
     Parent,
     /// Served later by the source to a lazy restore (`PE_LAZY`).
     Lazy,
+    /// Written since the previous round (or never proven clean): held back for a later round
+    /// of a queued pre-copy, absent from these images.
+    Held,
 }
 
 /// A run of pages with one [`RunKind`].
@@ -62,8 +68,17 @@ impl PlannedRun {
 pub enum VmaHistory {
     /// Nothing is proven about the pages: save every one.
     Unknown,
-    /// Tracked the whole interval: only these `[start, end)` ranges were written.
+    /// Tracked the whole interval: only these `[start, end)` ranges differ from the parent
+    /// images (written since, or held back by an earlier round).
     Written(Vec<(u64, u64)>),
+    /// A queued pre-copy round (`--hold-hot-pages`): `hot` ranges were written since the
+    /// previous round (or nothing is proven about them) and are held back; `pending` ones
+    /// were held back by an earlier round and are saved now unless hot again; every other
+    /// page is in the parent images.
+    Queued {
+        hot: Vec<(u64, u64)>,
+        pending: Vec<(u64, u64)>,
+    },
 }
 
 /// How one VMA's pages are to be saved.
@@ -150,6 +165,20 @@ pub fn plan(runs: &[PageRun], vmas: &[VmaPolicy]) -> Vec<PlannedRun> {
                         if kept { RunKind::Dump } else { clean },
                     )
                 }),
+                VmaHistory::Queued { hot, pending } => split_by(at, stop, hot, |s, e, hot| {
+                    if hot {
+                        push(&mut out, from, s, e, RunKind::Held);
+                    } else {
+                        split_by(s, e, pending, |s, e, pending| {
+                            let kind = if pending {
+                                RunKind::Dump
+                            } else {
+                                RunKind::Parent
+                            };
+                            push(&mut out, from, s, e, kind);
+                        });
+                    }
+                }),
                 VmaHistory::Written(written) => split_by(at, stop, written, |s, e, dirty| {
                     if !dirty {
                         push(&mut out, from, s, e, RunKind::Parent);
@@ -182,6 +211,8 @@ pub struct Streamed {
     pub lazy: u64,
     /// Pages that could not be read because the running target unmapped them.
     pub vanished: u64,
+    /// Pages held back for a later round (queued pre-copy).
+    pub held: u64,
     pub read_time: Duration,
     pub write_time: Duration,
 }
@@ -228,6 +259,10 @@ fn batches(plan: &[PlannedRun]) -> Vec<Vec<Item>> {
     let mut bytes = 0u64;
     let mut data_items = 0usize;
     for run in plan {
+        if run.kind == RunKind::Held {
+            // Not in these images at all.
+            continue;
+        }
         if run.kind != RunKind::Dump {
             current.push(Item::Hole {
                 addr: run.start,
@@ -375,7 +410,18 @@ pub fn stream<S: PageSink>(
     fault_at: Option<FaultPoint>,
 ) -> Result<Streamed, StreamError> {
     let batches = batches(plan);
-    let mut out = Streamed::default();
+    let mut out = Streamed {
+        held: plan
+            .iter()
+            .filter(|r| r.kind == RunKind::Held)
+            .map(|r| r.pages)
+            .sum(),
+        ..Streamed::default()
+    };
+    if out.held > 0 {
+        // The figure a queued pre-copy decides its next step by.
+        tracing::info!(%pid, held = out.held, "pages held back for a later round");
+    }
     let (full_tx, full_rx) = mpsc::sync_channel::<Result<(ReadBatch, Duration), StreamError>>(2);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     // Two buffers in flight: one being read from the target, one being sent.
@@ -438,7 +484,7 @@ pub fn stream<S: PageSink>(
                     Item::Hole { addr, pages, kind } => {
                         let flags = match kind {
                             RunKind::Parent => PageFlags::PARENT,
-                            RunKind::Lazy | RunKind::Dump => PageFlags::LAZY,
+                            RunKind::Lazy | RunKind::Dump | RunKind::Held => PageFlags::LAZY,
                         };
                         sink.add_hole(addr, pages, flags)
                             .map_err(sink_err(pid, addr))?;

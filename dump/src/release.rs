@@ -1,8 +1,8 @@
 //! Letting go of the process once its images are safely written: kill it (default), resume it
-//! (`--leave-running`) or leave it in a group-stop (`--leave-stopped`). This is the only place
-//! a dump may kill the process.
+//! (`--leave-running`) or leave it in a group-stop (`--leave-stopped`); for a tree, every
+//! process of it ([`finish_tree`]). This is the only place a dump may kill the process.
 
-use tracee::{Errno, Pid, PtraceError, SeizedProcess};
+use tracee::{Errno, Pid, PtraceError, SeizedProcess, SeizedTree};
 
 use crate::FinalState;
 
@@ -53,6 +53,25 @@ pub fn finish(tree: SeizedProcess, state: FinalState) -> Result<(), ReleaseError
     let pid = tree.pid();
     match state {
         FinalState::Killed => kill(tree),
+        FinalState::Running => tree
+            .resume()
+            .map_err(|source| ReleaseError::Resume { pid, source }),
+        FinalState::Stopped => tree
+            .leave_stopped()
+            .map_err(|source| ReleaseError::LeaveStopped { pid, source }),
+    }
+}
+
+/// Puts every process of the tree in `state` and lets go of every thread. Killing signals
+/// every process before letting any go, so none runs on alone; the real parents collect
+/// the deaths (a parent inside the tree dies too, and its children go to the reaper).
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid(), ?state))]
+pub fn finish_tree(tree: SeizedTree, state: FinalState) -> Result<(), ReleaseError> {
+    let pid = tree.root().pid();
+    match state {
+        FinalState::Killed => tree
+            .kill_all_and_release()
+            .map_err(|(pid, errno)| ReleaseError::Kill { pid, errno }),
         FinalState::Running => tree
             .resume()
             .map_err(|source| ReleaseError::Resume { pid, source }),

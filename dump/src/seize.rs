@@ -1,7 +1,8 @@
 //! Freezing the process: every thread seized with `PTRACE_O_SUSPEND_SECCOMP` and interrupted,
-//! threads born during the freeze included. The result resumes the process when dropped.
+//! threads born during the freeze included; for a tree, every process below the root too
+//! ([`freeze_tree`]). The result resumes everything when dropped.
 
-use tracee::{FreezeError, Pid, SeizeOptions, SeizedProcess};
+use tracee::{FreezeError, Pid, SeizeOptions, SeizedProcess, SeizedTree};
 
 /// The process could not be frozen; nothing of it stays stopped.
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +19,7 @@ pub enum SeizeError {
     },
 }
 
-/// Seizes and interrupts every thread of `pid` (see [`SeizedProcess::freeze`]).
-#[tracing::instrument(skip_all, fields(pid = %pid))]
-pub fn freeze_process(pid: Pid) -> Result<SeizedProcess, SeizeError> {
+fn check_root(pid: Pid) -> Result<(), SeizeError> {
     if u32::try_from(pid.as_raw()).ok() == Some(std::process::id()) {
         return Err(SeizeError::Ourselves { pid });
     }
@@ -33,7 +32,22 @@ pub fn freeze_process(pid: Pid) -> Result<SeizedProcess, SeizeError> {
             });
         }
     }
+    Ok(())
+}
+
+/// Seizes and interrupts every thread of `pid` (see [`SeizedProcess::freeze`]).
+#[tracing::instrument(skip_all, fields(pid = %pid))]
+pub fn freeze_process(pid: Pid) -> Result<SeizedProcess, SeizeError> {
+    check_root(pid)?;
     // Never EXITKILL: if ckpt-dump dies, the target must run on.
     SeizedProcess::freeze(pid, SeizeOptions::DUMP)
         .map_err(|source| SeizeError::Freeze { pid, source })
+}
+
+/// Freezes `pid` and every process below it (see [`SeizedTree::freeze`]); zombies are
+/// listed apart.
+#[tracing::instrument(skip_all, fields(pid = %pid))]
+pub fn freeze_tree(pid: Pid) -> Result<SeizedTree, SeizeError> {
+    check_root(pid)?;
+    SeizedTree::freeze(pid, SeizeOptions::DUMP).map_err(|source| SeizeError::Freeze { pid, source })
 }

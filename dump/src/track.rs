@@ -5,16 +5,25 @@
 //! `--track-mem`), [`Tracking::collect`] reads what was written since the previous round while
 //! the process is frozen, [`policies`] turns that into what to save of each VMA, and
 //! [`Tracking::finish`] keeps the tracking for the next round (commit) or releases it.
+//!
+//! Queued pre-copy (`--hold-hot-pages`, pre-dumps only): [`Tracking::policies`] saves only
+//! pages proven unwritten since the previous round that the destination lacks, holds back
+//! the rest ([`queued_policies`]) and tells the tracker which pages it held. The next round,
+//! queued or not, and the final dump get those pages as `pending` and save them unless they
+//! are held again: nothing held is ever `PE_PARENT`. The first round proves nothing, so it
+//! holds every page and sends none (the thesis's "initial transfer sends only clean pages",
+//! with no dirty bits to tell clean ones yet).
 //! Dropping a [`Tracking`] without finishing (a failed dump) releases it: the process runs
 //! on exactly as before, without write protection.
 
 use images_format::pb::VmaEntry;
 use images_format::vma::{MapFlags, VmaStatus};
 use tracee::dirty::{
-    Attach, BackendChoice, DirtyError, DirtySet, DirtyTracker, HolderOptions, VmaDirty, WholeReason,
+    Attach, BackendChoice, DirtyError, DirtySet, DirtyTracker, HolderOptions, PageRange, VmaDirty,
+    VmaReport, WholeReason,
 };
 use tracee::proc::maps::MapsEntry;
-use tracee::{Pid, SeizedProcess, PAGE_SIZE};
+use tracee::{Pid, RemoteAddr, SeizedProcess, PAGE_SIZE};
 
 use crate::pages::{VmaHistory, VmaPolicy};
 use crate::DumpOptions;
@@ -46,6 +55,8 @@ pub struct Tracking {
     tracker: Option<DirtyTracker>,
     /// A previous round is named (`--prev-images-dir`): lost tracking deserves a warning.
     follows_round: bool,
+    /// A queued pre-copy round: hold back the pages written since the previous round.
+    hold: bool,
 }
 
 impl Tracking {
@@ -55,10 +66,12 @@ impl Tracking {
     pub fn start(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<Tracking, TrackError> {
         let pid = tree.pid();
         let follows_round = opts.prev_images_dir.is_some();
+        let hold = opts.hold_hot_pages && opts.mode == crate::DumpMode::PreDump;
         let untracked = Tracking {
             pid,
             tracker: None,
             follows_round,
+            hold: false,
         };
         if !opts.track_mem {
             return Ok(untracked);
@@ -81,7 +94,37 @@ impl Tracking {
             pid,
             tracker,
             follows_round,
+            hold,
         })
+    }
+
+    /// What to save of each VMA in a pre-dump ([`policies`], or with `--hold-hot-pages`
+    /// [`queued_policies`], whose held pages the tracker then remembers for the next round).
+    /// Without tracking nothing can be held: what is held must be remembered.
+    pub fn policies(
+        &mut self,
+        vmas: &[VmaEntry],
+        set: Option<&DirtySet>,
+        parent: bool,
+    ) -> Vec<VmaPolicy> {
+        match self.tracker.as_mut().filter(|_| self.hold) {
+            Some(tracker) => {
+                let policies = queued_policies(vmas, set, parent);
+                let held = held_ranges(&policies);
+                tracker.hold(&held);
+                tracing::info!(pid = %self.pid, held_in_vmas = tracker.held_pages(),
+                    pending = set.map_or(0, DirtySet::pending_pages),
+                    "queued round: pages written since the previous round are held back");
+                policies
+            }
+            None => {
+                if self.hold {
+                    tracing::warn!(pid = %self.pid,
+                        "--hold-hot-pages without dirty tracking: every page is sent");
+                }
+                policies(vmas, set, parent, None)
+            }
+        }
     }
 
     /// What was written since the previous round, re-protecting it (`None`: untracked).
@@ -185,25 +228,18 @@ pub fn policies(
     parent: bool,
     lazy_keep: Option<&[u64]>,
 ) -> Vec<VmaPolicy> {
-    vmas.iter()
-        .filter(|v| !VmaStatus::from_bits_retain(v.status).contains(VmaStatus::GUARD))
+    dumpable(vmas)
         .map(|v| {
-            let report = set
-                .filter(|_| parent)
-                .and_then(|s| s.find(tracee::RemoteAddr(v.start)))
-                .filter(|r| r.vma.start.get() == v.start && r.vma.end.get() == v.end);
-            let history = match report.map(|r| &r.dirty) {
+            let history = match report_of(v, set, parent) {
                 // Pages written then zapped are not present, so the plan never lists them;
-                // should one be present again, it is saved, never left to the parent.
-                Some(VmaDirty::Pages { written, zeroed }) => {
-                    let mut ranges: Vec<(u64, u64)> = written
-                        .iter()
-                        .chain(zeroed)
-                        .map(|r| (r.start.get(), r.end.get()))
-                        .collect();
-                    ranges.sort_unstable();
-                    VmaHistory::Written(merge(ranges))
-                }
+                // should one be present again, it is saved, never left to the parent. Pages
+                // an earlier queued round held back are not in the parent either.
+                Some(
+                    r @ VmaReport {
+                        dirty: VmaDirty::Pages { written, zeroed },
+                        ..
+                    },
+                ) => VmaHistory::Written(ranges_of(written.iter().chain(zeroed).chain(&r.pending))),
                 _ => VmaHistory::Unknown,
             };
             let lazy = lazy_keep.is_some() && lazy_capable(v);
@@ -232,6 +268,83 @@ pub fn policies(
                 lazy,
                 keep,
             }
+        })
+        .collect()
+}
+
+/// The VMAs whose pages are saved (guard entries are not VMAs of their own).
+fn dumpable(vmas: &[VmaEntry]) -> impl Iterator<Item = &VmaEntry> {
+    vmas.iter()
+        .filter(|v| !VmaStatus::from_bits_retain(v.status).contains(VmaStatus::GUARD))
+}
+
+/// The tracker's report on exactly this VMA, if the parent images may be referred to.
+fn report_of<'a>(v: &VmaEntry, set: Option<&'a DirtySet>, parent: bool) -> Option<&'a VmaReport> {
+    set.filter(|_| parent)
+        .and_then(|s| s.find(RemoteAddr(v.start)))
+        .filter(|r| r.vma.start.get() == v.start && r.vma.end.get() == v.end)
+}
+
+/// Sorted, merged `(start, end)` pairs of page ranges.
+fn ranges_of<'a>(ranges: impl Iterator<Item = &'a PageRange>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = ranges.map(|r| (r.start.get(), r.end.get())).collect();
+    out.sort_unstable();
+    merge(out)
+}
+
+/// What to save of each VMA in a queued pre-copy round: pages proven unwritten since the
+/// previous round and held back by an earlier one are saved, pages written since (and every
+/// page of a VMA nothing is proven about: first round, new, untracked, lost tracking, no
+/// parent at the destination) are held back, the rest is in the parent images.
+pub fn queued_policies(vmas: &[VmaEntry], set: Option<&DirtySet>, parent: bool) -> Vec<VmaPolicy> {
+    dumpable(vmas)
+        .map(|v| {
+            let history = match report_of(v, set, parent) {
+                Some(
+                    r @ VmaReport {
+                        dirty: VmaDirty::Pages { written, zeroed },
+                        ..
+                    },
+                ) => VmaHistory::Queued {
+                    hot: ranges_of(written.iter().chain(zeroed)),
+                    pending: ranges_of(r.pending.iter()),
+                },
+                _ => VmaHistory::Queued {
+                    hot: vec![(v.start, v.end)],
+                    pending: Vec::new(),
+                },
+            };
+            VmaPolicy {
+                start: v.start,
+                end: v.end,
+                history,
+                lazy: false,
+                keep: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// The pages a queued round holds back (present or not: a held page that is absent now is
+/// saved whenever it is present later without being written again), for the tracker.
+pub fn held_ranges(policies: &[VmaPolicy]) -> Vec<PageRange> {
+    let mut held: Vec<(u64, u64)> = policies
+        .iter()
+        .flat_map(|p| match &p.history {
+            VmaHistory::Queued { hot, .. } => hot
+                .iter()
+                .map(|&(s, e)| (s.max(p.start), e.min(p.end)))
+                .filter(|(s, e)| s < e)
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    held.sort_unstable();
+    merge(held)
+        .into_iter()
+        .map(|(s, e)| PageRange {
+            start: RemoteAddr(s),
+            end: RemoteAddr(e),
         })
         .collect()
 }
@@ -292,5 +405,210 @@ mod tests {
             merge(vec![(0, 10), (5, 20), (20, 30), (40, 50)]),
             vec![(0, 30), (40, 50)]
         );
+    }
+}
+
+#[cfg(test)]
+mod queued_tests {
+    use super::*;
+    use crate::collect::PageRun;
+    use crate::pages::{plan, RunKind};
+    use tracee::dirty::{BackendKind, VmaKey, WriteHistory};
+
+    const BASE: u64 = 0x10_0000;
+    const PAGES: u64 = 64;
+
+    fn heap() -> VmaEntry {
+        VmaEntry {
+            start: BASE,
+            end: BASE + PAGES * PAGE_SIZE,
+            status: (VmaStatus::REGULAR | VmaStatus::ANON_PRIVATE).bits(),
+            flags: 0x22,
+            fd: -1,
+            ..VmaEntry::default()
+        }
+    }
+
+    fn range(first: u64, last: u64) -> PageRange {
+        PageRange {
+            start: RemoteAddr(BASE + first * PAGE_SIZE),
+            end: RemoteAddr(BASE + last * PAGE_SIZE),
+        }
+    }
+
+    /// Page indices as ranges.
+    fn ranges(pages: &[u64]) -> Vec<PageRange> {
+        let mut sorted = pages.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut out: Vec<PageRange> = Vec::new();
+        for p in sorted {
+            match out.last_mut() {
+                Some(last) if last.end.get() == BASE + p * PAGE_SIZE => {
+                    last.end = RemoteAddr(last.end.get() + PAGE_SIZE)
+                }
+                _ => out.push(range(p, p + 1)),
+            }
+        }
+        out
+    }
+
+    /// What the tracker reports for the heap: `written` pages, and the ranges held before.
+    fn set(written: &[u64], pending: &[PageRange]) -> DirtySet {
+        let vma = heap();
+        DirtySet {
+            round: 2,
+            backend: BackendKind::UffdWp,
+            vmas: vec![VmaReport {
+                vma: VmaKey {
+                    start: RemoteAddr(vma.start),
+                    end: RemoteAddr(vma.end),
+                    perms: 3,
+                    pgoff: 0,
+                    dev: (0, 0),
+                    inode: 0,
+                },
+                dirty: VmaDirty::Pages {
+                    written: ranges(written),
+                    zeroed: Vec::new(),
+                },
+                history: WriteHistory::default(),
+                pending: pending.to_vec(),
+            }],
+        }
+    }
+
+    fn kinds(policies: &[VmaPolicy]) -> Vec<RunKind> {
+        let runs = [PageRun {
+            start: BASE,
+            pages: PAGES,
+        }];
+        let mut out = Vec::new();
+        for r in plan(&runs, policies) {
+            out.extend(std::iter::repeat_n(r.kind, r.pages as usize));
+        }
+        out
+    }
+
+    #[test]
+    fn the_first_queued_round_holds_everything() {
+        let p = queued_policies(&[heap()], None, false);
+        assert!(kinds(&p).iter().all(|&k| k == RunKind::Held));
+        assert_eq!(held_ranges(&p), vec![range(0, PAGES)]);
+        // Tracked, but the destination lacks the parent: nothing is proven either.
+        let s = set(&[1], &[]);
+        let p = queued_policies(&[heap()], Some(&s), false);
+        assert_eq!(held_ranges(&p), vec![range(0, PAGES)]);
+    }
+
+    #[test]
+    fn hot_pages_are_held_and_cooled_ones_sent() {
+        // Held before: 0..8. Written since: 2, 3 and 20.
+        let s = set(&[2, 3, 20], &[range(0, 8)]);
+        let p = queued_policies(&[heap()], Some(&s), true);
+        let k = kinds(&p);
+        for (i, kind) in k.iter().enumerate() {
+            let want = match i {
+                2 | 3 | 20 => RunKind::Held,
+                0..8 => RunKind::Dump,
+                _ => RunKind::Parent,
+            };
+            assert_eq!(*kind, want, "page {i}");
+        }
+        assert_eq!(held_ranges(&p), vec![range(2, 4), range(20, 21)]);
+    }
+
+    #[test]
+    fn held_pages_are_saved_by_a_round_that_does_not_hold() {
+        // The final dump (or a plain pre-dump) after a queued round.
+        let s = set(&[30], &[range(0, 4)]);
+        let k = kinds(&policies(&[heap()], Some(&s), true, None));
+        for (i, kind) in k.iter().enumerate() {
+            let want = if i < 4 || i == 30 {
+                RunKind::Dump
+            } else {
+                RunKind::Parent
+            };
+            assert_eq!(*kind, want, "page {i}");
+        }
+    }
+
+    /// Image of one round: page -> its version, or in the parent; absent when held.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Slot {
+        Data(u64),
+        Parent,
+    }
+
+    /// Random rounds (queued or plain, in any mix), then the final dump: the chain the
+    /// destination restores from gives every page's last contents, and no `PE_PARENT` points
+    /// at a page its parent lacks (the page server refuses those).
+    #[test]
+    fn any_chain_of_rounds_restores_the_exact_memory() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _trial in 0..200 {
+            let mut mem = vec![0u64; PAGES as usize];
+            let mut version = 0u64;
+            let mut images: Vec<Vec<Option<Slot>>> = Vec::new();
+            let mut held: Vec<PageRange> = Vec::new();
+            let mut written: Vec<u64> = Vec::new();
+            let rounds = 1 + rnd(6);
+            for round in 0..=rounds {
+                let last = round == rounds;
+                let queued = !last && rnd(3) != 0;
+                let s = set(&written, &held);
+                let tracked = round > 0;
+                let s = tracked.then_some(&s);
+                let p = if queued {
+                    queued_policies(&[heap()], s, tracked)
+                } else {
+                    policies(&[heap()], s, tracked, None)
+                };
+                held = if queued { held_ranges(&p) } else { Vec::new() };
+                let image: Vec<Option<Slot>> = kinds(&p)
+                    .iter()
+                    .zip(&mem)
+                    .map(|(k, &v)| match k {
+                        RunKind::Dump => Some(Slot::Data(v)),
+                        RunKind::Parent => Some(Slot::Parent),
+                        RunKind::Held => None,
+                        RunKind::Lazy => panic!("no lazy pages here"),
+                    })
+                    .collect();
+                for (i, slot) in image.iter().enumerate() {
+                    if *slot == Some(Slot::Parent) {
+                        let parent = images.last().and_then(|img| img[i]);
+                        assert!(parent.is_some(), "page {i} PE_PARENT, parent lacks it");
+                    }
+                }
+                images.push(image);
+                if last {
+                    // The final dump is taken frozen: the chain must give the memory now.
+                    for (i, &want) in mem.iter().enumerate() {
+                        let got = images.iter().rev().find_map(|img| match img[i] {
+                            Some(Slot::Data(v)) => Some(Some(v)),
+                            Some(Slot::Parent) => None,
+                            None => Some(None),
+                        });
+                        assert_eq!(got, Some(Some(want)), "page {i} after {rounds} rounds");
+                    }
+                    break;
+                }
+                // The process runs on: a few hot pages often, the others now and then.
+                written.clear();
+                for _ in 0..rnd(12) {
+                    let page = if rnd(2) == 0 { rnd(4) } else { rnd(PAGES) };
+                    version += 1;
+                    mem[page as usize] = version;
+                    written.push(page);
+                }
+            }
+        }
     }
 }

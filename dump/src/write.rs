@@ -81,6 +81,8 @@ pub enum WriteError {
     ThreadPanicked { what: &'static str },
     #[error(transparent)]
     Fault(#[from] InjectedFault),
+    #[error(transparent)]
+    Shmem(#[from] crate::collect::shmem::ShmemError),
 }
 
 /// The images of a dump in progress. Until [`WrittenImages::commit`], dropping it removes
@@ -206,6 +208,7 @@ impl WrittenImages {
                 pages_skipped_parent: stats.pages_skipped_parent,
                 pages_written: stats.pages_written,
                 pages_lazy: stats.pages_lazy,
+                shpages_written: (stats.shpages_written > 0).then_some(stats.shpages_written),
                 ..DumpStatsEntry::default()
             }),
             restore: None,
@@ -349,6 +352,79 @@ fn write_pages(
     Ok(())
 }
 
+/// Writes the shared memory objects (see [`crate::collect::shmem`]): a shmem pagemap and
+/// pages image per object, `memfd.img`, and the SysV segments with their contents.
+fn write_shmem(
+    images: &mut WrittenImages,
+    shmem: &crate::collect::shmem::ShmemState,
+    first_pages_id: u32,
+    stats: &mut DumpStats,
+) -> Result<(), WriteError> {
+    let dir = images.dir.path().to_path_buf();
+    let pages_err = |source| WriteError::Pages {
+        dir: dir.clone(),
+        source,
+    };
+    for (pages_id, object) in (first_pages_id..).zip(&shmem.objects) {
+        let pagemap = images.create(ImageKind::ShmemPagemap, object.shmid)?;
+        // Straight to the disk, as the processes' pages (see `DirectFile`).
+        let pages_name = ImageKind::Pages.file_name(u64::from(pages_id));
+        let pages_path = images.dir.file_path(ImageKind::Pages, u64::from(pages_id));
+        let pages_file = images
+            .dir
+            .create_file(&pages_name)
+            .map_err(images.image_err())?;
+        images.created.push(pages_path.clone());
+        let pages = ImageWriter::new(DirectFile::new(pages_file), ImageKind::Pages, pages_name)
+            .map_err(images.image_err())?;
+        let mut writer = PagemapWriter::new(pagemap, pages, pages_id).map_err(pages_err)?;
+        object
+            .for_each_chunk(|offset, bytes| writer.add_present(offset, bytes).map_err(pages_err))?;
+        let (pagemap, pages, _) = writer.finish().map_err(pages_err)?;
+        stats.shpages_written += object.runs.iter().map(|r| r.1 / PAGE_SIZE).sum::<u64>();
+        images.close(ImageKind::ShmemPagemap, object.shmid, pagemap)?;
+        pages
+            .into_file()
+            .map(drop)
+            .map_err(|source| WriteError::Sync {
+                path: pages_path,
+                source,
+            })?;
+    }
+    if !shmem.memfds.is_empty() {
+        images.write_all(ImageKind::MemfdInode, 0, &shmem.memfds)?;
+    }
+    if !shmem.sysv.is_empty() {
+        let id = u64::from(shmem.ipc_ns_id);
+        let mut writer = images.create(ImageKind::IpcnsShm, id)?;
+        for segment in &shmem.sysv {
+            writer
+                .write_entry(&segment.entry)
+                .map_err(images.image_err())?;
+            segment.contents.for_each_chunk(|_, bytes| {
+                writer.write_payload(bytes).map_err(images.image_err())
+            })?;
+            let size = segment.entry.size;
+            let pad = usize::try_from(size.next_multiple_of(4) - size).unwrap_or(0);
+            writer
+                .write_payload(&[0u8; 4][..pad])
+                .map_err(images.image_err())?;
+        }
+        let buffered = writer.finish().map_err(images.image_err())?;
+        images.close(ImageKind::IpcnsShm, id, buffered)?;
+    }
+    if !shmem.objects.is_empty() || !shmem.sysv.is_empty() {
+        tracing::info!(
+            objects = shmem.objects.len(),
+            memfds = shmem.memfds.len(),
+            sysv = shmem.sysv.len(),
+            pages = stats.shpages_written,
+            "shared memory written"
+        );
+    }
+    Ok(())
+}
+
 /// Copies a deleted file's contents after its ghost entry.
 fn write_ghost(images: &mut WrittenImages, ghost: &Ghost) -> Result<(), WriteError> {
     let id = u64::from(ghost.id);
@@ -373,6 +449,28 @@ fn write_ghost(images: &mut WrittenImages, ghost: &Ghost) -> Result<(), WriteErr
     images.close(ImageKind::GhostFile, id, buffered)
 }
 
+/// Writes the unread bytes of pipes (or FIFOs) as `kind`, each entry followed by its bytes;
+/// nothing when there are none.
+fn write_pipe_data<'a>(
+    images: &mut WrittenImages,
+    kind: ImageKind,
+    data: impl Iterator<Item = &'a crate::collect::PipeData>,
+) -> Result<(), WriteError> {
+    let mut data = data.peekable();
+    if data.peek().is_none() {
+        return Ok(());
+    }
+    let mut writer = images.create(kind, 0)?;
+    for one in data {
+        writer.write_entry(&one.entry).map_err(images.image_err())?;
+        writer
+            .write_payload(&one.bytes)
+            .map_err(images.image_err())?;
+    }
+    let buffered = writer.finish().map_err(images.image_err())?;
+    images.close(kind, 0, buffered)
+}
+
 fn clock(id: rustix::time::ClockId, name: &'static str) -> Result<Timespec, WriteError> {
     let now = rustix::time::clock_gettime(id);
     Ok(Timespec {
@@ -384,10 +482,13 @@ fn clock(id: rustix::time::ClockId, name: &'static str) -> Result<Timespec, Writ
     })
 }
 
+/// Writes the images of one live process. `fdinfo` is false when an earlier process of the
+/// tree shares its fd table and wrote `fdinfo-<files_id>.img` already.
 fn write_process(
     images: &mut WrittenImages,
     process: &ProcessState,
     pages_id: u32,
+    fdinfo: bool,
     to: &mut PagesTo<'_>,
     opts: &DumpOptions,
     stats: &mut DumpStats,
@@ -400,11 +501,13 @@ fn write_process(
     images.write_all(ImageKind::Ids, id, &[process.ids])?;
     images.write_all(ImageKind::Mm, id, std::slice::from_ref(&process.mm))?;
     images.write_all(ImageKind::Fs, id, std::slice::from_ref(&process.files.fs))?;
-    images.write_all(
-        ImageKind::Fdinfo,
-        u64::from(process.ids.files_id),
-        &process.files.fdinfo,
-    )?;
+    if fdinfo {
+        images.write_all(
+            ImageKind::Fdinfo,
+            u64::from(process.ids.files_id),
+            &process.files.fdinfo,
+        )?;
+    }
     stats.pages_scanned += process.pages_scanned;
     let job = PagesJob {
         pid: process.pid,
@@ -427,8 +530,15 @@ pub fn images(
     let mut images = WrittenImages::open(&opts.images_dir)?;
     images.link_parent(opts)?;
     // Each process gets its own pages image, numbered from CRIU's first id.
+    let mut fd_tables = std::collections::HashSet::new();
     for (pages_id, process) in (FIRST_PAGES_ID..).zip(&state.processes) {
-        write_process(&mut images, process, pages_id, to, opts, stats)?;
+        let fdinfo = fd_tables.insert(process.ids.files_id);
+        write_process(&mut images, process, pages_id, fdinfo, to, opts, stats)?;
+    }
+    // A zombie is its core alone (TASK_DEAD and the exit status).
+    for zombie in &state.zombies {
+        let pid = u64::try_from(zombie.pid.as_raw()).unwrap_or(0);
+        images.write_all(ImageKind::Core, pid, std::slice::from_ref(&zombie.core))?;
     }
     let files: Vec<_> = state
         .processes
@@ -441,24 +551,52 @@ pub fn images(
             write_ghost(&mut images, ghost)?;
         }
     }
-    let pipe_data: Vec<_> = state
+    let pipe_data = state
         .processes
         .iter()
-        .flat_map(|p| p.files.pipe_data.iter())
-        .collect();
-    if !pipe_data.is_empty() {
-        let mut writer = images.create(ImageKind::PipesData, 0)?;
-        for data in pipe_data {
+        .flat_map(|p| p.files.pipe_data.iter());
+    write_pipe_data(&mut images, ImageKind::PipesData, pipe_data)?;
+    let fifo_data = state
+        .processes
+        .iter()
+        .flat_map(|p| p.files.fifo_data.iter());
+    write_pipe_data(&mut images, ImageKind::FifoData, fifo_data)?;
+    let mut sk_queues = state
+        .processes
+        .iter()
+        .flat_map(|p| p.files.sk_queues.iter())
+        .peekable();
+    if sk_queues.peek().is_some() {
+        let mut writer = images.create(ImageKind::SkQueues, 0)?;
+        for packet in sk_queues {
             writer
-                .write_entry(&data.entry)
+                .write_entry(&packet.entry)
                 .map_err(images.image_err())?;
             writer
-                .write_payload(&data.bytes)
+                .write_payload(&packet.bytes)
                 .map_err(images.image_err())?;
         }
         let buffered = writer.finish().map_err(images.image_err())?;
-        images.close(ImageKind::PipesData, 0, buffered)?;
+        images.close(ImageKind::SkQueues, 0, buffered)?;
     }
+    let locks: Vec<_> = state
+        .processes
+        .iter()
+        .flat_map(|p| p.files.locks.iter().cloned())
+        .collect();
+    if !locks.is_empty() {
+        images.write_all(ImageKind::FileLocks, 0, &locks)?;
+    }
+    // Shared memory objects: each once, whichever processes map it.
+    let memfds: Vec<_> = state
+        .processes
+        .iter()
+        .flat_map(|p| p.files.memfds.iter().cloned())
+        .collect();
+    let shmem = crate::collect::shmem::collect(&state.processes, &memfds)?;
+    let shmem_pages_id =
+        FIRST_PAGES_ID.saturating_add(u32::try_from(state.processes.len()).unwrap_or(u32::MAX));
+    write_shmem(&mut images, &shmem, shmem_pages_id, stats)?;
     let remaps: Vec<_> = state
         .processes
         .iter()
@@ -481,7 +619,13 @@ pub fn images(
             }],
         )?;
     }
-    let pstree: Vec<_> = state.processes.iter().map(|p| p.pstree.clone()).collect();
+    // Parents before children: zombies have none, and their parents are live processes.
+    let pstree: Vec<_> = state
+        .processes
+        .iter()
+        .map(|p| p.pstree.clone())
+        .chain(state.zombies.iter().map(|z| z.pstree.clone()))
+        .collect();
     images.write_all(ImageKind::Pstree, 0, &pstree)?;
     // Like CRIU without a time namespace of its own: the clocks at dump time, so a restore
     // elsewhere can keep CLOCK_MONOTONIC and CLOCK_BOOTTIME from jumping back.

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const DUMP: &str = env!("CARGO_BIN_EXE_ckpt-dump");
+mod common;
+use common::{assert_ok, dump_command, send};
+
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/busy.c");
 
 /// A started workload; killed and reaped when dropped.
@@ -75,13 +77,8 @@ impl Workload {
     }
 
     fn dump(&self, images: &Path, args: &[&str], fault: Option<&str>) -> Output {
-        let mut cmd = Command::new(DUMP);
-        cmd.arg("-t")
-            .arg(self.pid().to_string())
-            .arg("-D")
-            .arg(images)
-            .args(args)
-            .env_remove("CKPT_FAULT");
+        let mut cmd = dump_command(self.pid(), images);
+        cmd.args(args);
         if let Some(point) = fault {
             cmd.env("CKPT_FAULT", point);
         }
@@ -119,24 +116,6 @@ impl Drop for Workload {
     }
 }
 
-fn send(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "ckpt-dump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Every image crit knows decodes with crit (skipped when crit is absent).
 fn crit_decodes(images: &Path) {
     if Command::new("crit").arg("-h").output().is_err() {
@@ -170,7 +149,7 @@ fn leave_running_dump_keeps_process_intact() {
     };
     let images = w.path("images");
     let out = w.dump(&images, &["--leave-running"], None);
-    assert_ok(&out);
+    assert_ok(&out, "ckpt-dump");
     let pid = w.pid();
     for name in [
         "inventory.img".to_owned(),
@@ -307,7 +286,7 @@ fn default_dump_kills_the_process() {
         return;
     };
     let images = w.path("images");
-    assert_ok(&w.dump(&images, &[], None));
+    assert_ok(&w.dump(&images, &[], None), "ckpt-dump");
     let status = w.wait_exit();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
@@ -320,7 +299,7 @@ fn leave_stopped_dump_leaves_process_stopped() {
         return;
     };
     let images = w.path("images");
-    assert_ok(&w.dump(&images, &["--leave-stopped"], None));
+    assert_ok(&w.dump(&images, &["--leave-stopped"], None), "ckpt-dump");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(w.state(), 'T');
     send(w.pid(), "CONT");
@@ -375,13 +354,7 @@ fn pipe_fd_fails_before_writing_anything() {
         .spawn()
         .expect("sleep");
     let images = dir.path().join("images");
-    let out = Command::new(DUMP)
-        .arg("-t")
-        .arg(child.id().to_string())
-        .arg("-D")
-        .arg(&images)
-        .output()
-        .unwrap();
+    let out = dump_command(child.id(), &images).output().unwrap();
     let running = fs::read_to_string(format!("/proc/{}/stat", child.id())).is_ok();
     let _ = child.kill();
     let _ = child.wait();
@@ -396,44 +369,13 @@ fn pipe_fd_fails_before_writing_anything() {
 }
 
 #[test]
-fn process_with_children_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new("sh")
-        .args(["-c", "sleep 60 & wait"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("sh");
-    std::thread::sleep(Duration::from_millis(200));
-    let out = Command::new(DUMP)
-        .arg("-t")
-        .arg(child.id().to_string())
-        .arg("-D")
-        .arg(dir.path().join("images"))
-        .output()
-        .unwrap();
-    let grandchild =
-        fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
-            .unwrap_or_default();
-    // The sleep is our child's child: kill it first, while its parent can still reap it.
-    for pid in grandchild.split_whitespace() {
-        let _ = Command::new("kill").args(["-KILL", pid]).status();
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("child processes"), "{stderr}");
-}
-
-#[test]
 fn pages_image_matches_process_memory() {
     use images_format::{ImageDir, ImageKind, PagesReader};
     use std::os::unix::fs::FileExt;
     let Some(w) = Workload::start() else { return };
     let images = w.path("images");
     // Stopped afterwards, the memory cannot change while we compare.
-    assert_ok(&w.dump(&images, &["--leave-stopped"], None));
+    assert_ok(&w.dump(&images, &["--leave-stopped"], None), "ckpt-dump");
     let dir = ImageDir::new(&images).unwrap();
     let reader = PagesReader::open(&dir, ImageKind::Pagemap, u64::from(w.pid())).unwrap();
     let mem = fs::File::open(format!("/proc/{}/mem", w.pid())).unwrap();
@@ -462,7 +404,7 @@ fn deleted_binary_is_saved_as_ghost() {
     // As when a program is rebuilt while it runs: its mappings show "(deleted)".
     fs::remove_file(w.path("busy")).unwrap();
     let images = w.path("images");
-    assert_ok(&w.dump(&images, &["--leave-running"], None));
+    assert_ok(&w.dump(&images, &["--leave-running"], None), "ckpt-dump");
     let dir = ImageDir::new(&images).unwrap();
     let remaps: Vec<pb::RemapFilePathEntry> = dir.read_all(ImageKind::RemapFpath, 0).unwrap();
     assert_eq!(remaps.len(), 2, "ghost.txt and the binary");
@@ -488,7 +430,7 @@ fn threads_born_during_the_freeze_are_dumped() {
     };
     for round in 0..3 {
         let images = w.path(&format!("images-{round}"));
-        assert_ok(&w.dump(&images, &["--leave-running"], None));
+        assert_ok(&w.dump(&images, &["--leave-running"], None), "ckpt-dump");
         let dir = ImageDir::new(&images).unwrap();
         let pstree: pb::PstreeEntry = dir.read_one(ImageKind::Pstree, 0).unwrap();
         assert!(

@@ -4,109 +4,25 @@
 //! values in ckpt's extension fields, which `crit` skips and `ckpt-img` prints.
 
 use std::fs;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use images_format::pb::CoreEntry;
 use images_format::{ImageDir, ImageKind};
 
 mod common;
-use common::{assert_ok, proc_state, start_c_workload, tools, DUMP};
+use common::{assert_ok, send, tools, wait_restored, Workload};
 
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/extras.c");
 const IOPRIO_BE_3: u32 = (2 << 13) | 3;
 const IOPRIO_IDLE: u32 = 3 << 13;
 const MDWE_REFUSE_EXEC_GAIN: u32 = 1;
 
-/// The workload; killed and reaped when dropped unless a dump already killed it.
-struct Workload {
-    child: Child,
-    dir: tempfile::TempDir,
-    reaped: bool,
-}
-
-impl Workload {
-    fn start() -> Workload {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = start_c_workload(
-            dir.path(),
-            WORKLOAD_SRC,
-            "extras",
-            &["-O2", "-pthread"],
-            &[],
-        );
-        let mut w = Workload {
-            child,
-            dir,
-            reaped: false,
-        };
-        w.wait_ready();
-        w
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn wait_ready(&mut self) {
-        let start = Instant::now();
-        while fs::read_to_string(self.path("ready")).map_or(true, |t| t.is_empty()) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.reaped = true;
-                let log = fs::read_to_string(self.path("out.log")).unwrap_or_default();
-                panic!("the workload could not set itself up: {status:?}: {log}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the workload never got ready"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The CPUs the workload pinned its main thread and its other thread to.
-    fn cpus(&self) -> (usize, usize) {
-        let text = fs::read_to_string(self.path("ready")).expect("ready");
-        let mut it = text.split_whitespace().map(|n| n.parse().expect("a cpu"));
-        (it.next().expect("main cpu"), it.next().expect("thread cpu"))
-    }
-
-    fn dump(&self, images: &Path) -> Output {
-        Command::new(DUMP)
-            .arg("-t")
-            .arg(self.pid().to_string())
-            .arg("-D")
-            .arg(images)
-            .env_remove("CKPT_FAULT")
-            .output()
-            .expect("run ckpt-dump")
-    }
-
-    /// The original process, killed by the dump, is reaped so that its pid is free again.
-    fn reap_killed(&mut self) {
-        let status = self.child.wait().expect("wait");
-        self.reaped = true;
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(9),
-            "the dump did not kill the process: {status:?}"
-        );
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The CPUs the workload pinned its main thread and its other thread to.
+fn cpus(w: &Workload) -> (usize, usize) {
+    let text = fs::read_to_string(w.path("ready")).expect("ready");
+    let mut it = text.split_whitespace().map(|n| n.parse().expect("a cpu"));
+    (it.next().expect("main cpu"), it.next().expect("thread cpu"))
 }
 
 fn mask(cpu: usize) -> Vec<u64> {
@@ -203,35 +119,16 @@ fn restore_and_check(
         .stderr(Stdio::piped())
         .spawn()
         .expect("run ckpt-restore");
-    let start = Instant::now();
-    let mut pid = image_pid;
-    loop {
+    let pid = wait_restored(&mut restore, "extras", || {
         if new_pid_ns {
-            pid = fs::read_to_string(&pidfile)
+            fs::read_to_string(&pidfile)
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
-                .unwrap_or(0);
+                .unwrap_or(0)
+        } else {
+            image_pid
         }
-        let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        if exe.ends_with("extras") && matches!(proc_state(pid), 'S' | 'R') {
-            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if status.contains("TracerPid:\t0") {
-                break;
-            }
-        }
-        if let Ok(Some(status)) = restore.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = restore.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!("ckpt-restore ended before the process ran: {status:?}: {err}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "restore timed out"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
     let thread_tid: u32 = fs::read_dir(format!("/proc/{pid}/task"))
         .expect("tasks")
         .flatten()
@@ -254,12 +151,7 @@ fn restore_and_check(
         assert_eq!(allowed(thread_tid), cpus.1.to_string());
     }
 
-    let ok = Command::new("kill")
-        .args(["-USR2", &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -USR2 {pid}");
+    send(pid, "USR2");
     let out = restore.wait_with_output().expect("wait for ckpt-restore");
     let verdict = fs::read_to_string(result).unwrap_or_default();
     assert!(
@@ -277,12 +169,11 @@ fn restore_and_check(
 }
 
 fn dump_restore_check(new_pid_ns: bool) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_program(WORKLOAD_SRC, "extras", &["-O2", "-pthread"]);
     let pid = w.pid();
-    let cpus = w.cpus();
-    let images = w.path("images");
-    assert_ok(&w.dump(&images), "ckpt-dump");
-    w.reap_killed();
+    let cpus = cpus(&w);
+    let images = w.images();
+    w.dump_and_reap(&[]);
 
     check_images(&images, pid, cpus);
     check_decoders(&images, pid);

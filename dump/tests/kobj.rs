@@ -5,100 +5,19 @@
 //! checks every object itself. A pipe whose other end lives elsewhere is refused.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use images_format::pb::{FileEntry, PipeDataEntry};
 use images_format::{ImageDir, ImageKind};
 
 mod common;
-use common::{assert_ok, proc_state, send, start_c_workload, tools, DUMP};
+use common::{assert_ok, check_images_and_crit, dump_command, Workload};
 
 const WORKLOAD_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/kobj.c");
 
-/// The workload; killed and reaped when dropped unless it was reaped already.
-struct Workload {
-    child: Child,
-    dir: tempfile::TempDir,
-    reaped: bool,
-}
-
-impl Workload {
-    fn start() -> Workload {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = start_c_workload(dir.path(), WORKLOAD_SRC, "kobj", &["-O2"], &[]);
-        let mut w = Workload {
-            child,
-            dir,
-            reaped: false,
-        };
-        let start = Instant::now();
-        while !w.path("ready").exists() {
-            if let Ok(Some(status)) = w.child.try_wait() {
-                w.reaped = true;
-                panic!("the workload could not set itself up: {status:?}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the workload never got ready"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        w
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn dump(&self, images: &Path, leave_running: bool) -> Output {
-        let mut cmd = Command::new(DUMP);
-        cmd.arg("-t")
-            .arg(self.pid().to_string())
-            .arg("-D")
-            .arg(images)
-            .env_remove("CKPT_FAULT");
-        if leave_running {
-            cmd.arg("--leave-running");
-        }
-        cmd.output().expect("run ckpt-dump")
-    }
-
-    fn reap(&mut self) -> std::process::ExitStatus {
-        let status = self.child.wait().expect("wait");
-        self.reaped = true;
-        status
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn wait_verdict(result: &Path) -> String {
-    let start = Instant::now();
-    loop {
-        let text = fs::read_to_string(result).unwrap_or_default();
-        if text.ends_with('\n') {
-            return text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no verdict in {}",
-            result.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn start() -> Workload {
+    Workload::start_program(WORKLOAD_SRC, "kobj", &["-O2"])
 }
 
 /// The images hold the objects as CRIU's entries, and both decoders accept them.
@@ -171,40 +90,16 @@ fn check_images(images: &Path) {
     sizes.sort_unstable();
     assert_eq!(sizes, vec![0, 3000]);
 
-    let check = Command::new(&tools().img)
-        .arg("check")
-        .arg(images)
-        .output()
-        .expect("run ckpt-img");
-    assert_ok(&check, "ckpt-img check");
-    if !Path::new("/usr/bin/crit").is_file() {
-        eprintln!("skipped the crit check: crit is not installed");
-        return;
-    }
-    for image in ["files.img", "pipes-data.img", "fdinfo-2.img"] {
-        let path = images.join(image);
-        if !path.exists() {
-            continue;
-        }
-        let out = Command::new("/usr/bin/crit")
-            .arg("decode")
-            .arg("-i")
-            .arg(&path)
-            .output()
-            .expect("run crit");
-        assert_ok(&out, &format!("crit decode {image}"));
-    }
+    check_images_and_crit(images, &["files.img", "pipes-data.img", "fdinfo-2.img"]);
 }
 
 #[test]
 fn leave_running_dump_consumes_nothing() {
-    let mut w = Workload::start();
-    let images = w.path("images");
-    assert_ok(&w.dump(&images, true), "ckpt-dump --leave-running");
+    let mut w = start();
+    let images = w.images();
+    assert_ok(&w.dump(&["--leave-running"]), "ckpt-dump --leave-running");
     check_images(&images);
-    send(w.pid(), "USR2");
-    let verdict = wait_verdict(&w.path("result"));
-    assert!(w.reap().success());
+    let verdict = w.verdict_here();
     assert_eq!(
         verdict.trim(),
         "PASS",
@@ -214,50 +109,14 @@ fn leave_running_dump_consumes_nothing() {
 
 #[test]
 fn pipes_eventfds_signalfd_timerfds_epoll_and_inotify_survive_dump_and_restore() {
-    let mut w = Workload::start();
+    let mut w = start();
     let pid = w.pid();
-    let images = w.path("images");
-    assert_ok(&w.dump(&images, false), "ckpt-dump");
-    let status = w.reap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9),
-        "the dump did not kill the process: {status:?}"
-    );
+    let images = w.images();
+    w.dump_and_reap(&[]);
     check_images(&images);
 
     // ckpt-restore waits for the restored process and exits with its status.
-    let mut restore = Command::new(&tools().restore)
-        .arg("-D")
-        .arg(&images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ckpt-restore");
-    let start = Instant::now();
-    loop {
-        let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if exe.ends_with("kobj")
-            && matches!(proc_state(pid), 'S' | 'R')
-            && status.contains("TracerPid:\t0")
-        {
-            break;
-        }
-        if let Ok(Some(status)) = restore.try_wait() {
-            let out = restore.wait_with_output().expect("output");
-            panic!(
-                "ckpt-restore ended before the process ran: {status:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "restore timed out"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let restore = w.restore(&[], Stdio::piped());
     let fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fds")
         .flatten()
@@ -266,15 +125,8 @@ fn pipes_eventfds_signalfd_timerfds_epoll_and_inotify_survive_dump_and_restore()
     for fd in ["30", "40"] {
         assert!(fds.iter().any(|f| f == fd), "pipe end at fd {fd}: {fds:?}");
     }
-    send(pid, "USR2");
-    let out = restore.wait_with_output().expect("wait for ckpt-restore");
-    let verdict = fs::read_to_string(w.path("result")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "ckpt-restore: {:?}: {verdict} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.go();
+    let verdict = w.verdict(restore);
     assert_eq!(verdict.trim(), "PASS", "restored process: {verdict}");
 }
 
@@ -292,12 +144,7 @@ fn pipe_to_another_process_is_refused() {
         .expect("start sleep");
     let pid = child.id();
     // Only the write end is in `sleep` (its stdout); the read end stays with us.
-    let out = Command::new(DUMP)
-        .arg("-t")
-        .arg(child.id().to_string())
-        .arg("-D")
-        .arg(dir.path().join("images"))
-        .env_remove("CKPT_FAULT")
+    let out = dump_command(pid, &dir.path().join("images"))
         .output()
         .expect("run ckpt-dump");
     let alive = child.try_wait().expect("try_wait").is_none();

@@ -33,6 +33,21 @@
 //! nothing for them (CRIU's restore ignores them likewise), and `ckpt-img` prints them as
 //! extra keys beside CRIU's.
 //!
+//! # Shared memory
+//!
+//! Memory shared between processes is saved once per object, whichever processes map it,
+//! in CRIU's own images (no kind of ours is needed):
+//!
+//! | object | its VMAs (`vma_entry`) | contents |
+//! |---|---|---|
+//! | `MAP_SHARED\|MAP_ANONYMOUS` | status `ANON_SHARED`, flags `MAP_SHARED\|MAP_ANONYMOUS`, `shmid` = the shmem inode, `pgoff` = offset in the object | [`ImageKind::ShmemPagemap`] `pagemap-shmem-<shmid>.img` + a `pages-<n>.img` of its own; each entry's `vaddr` is a byte offset in the object, which spans the largest `pgoff` + length of its VMAs |
+//! | memfd | status `MEMFD` with `FILE_SHARED` or `FILE_PRIVATE`, `shmid` = the `files.img` id of a `MEMFD` file entry (`memfd_file_entry.inode_id` names the inode) | [`ImageKind::MemfdInode`] `memfd.img`: one `memfd_inode_entry` per memfd (name, owner, mode, size, seals, `shmid` = its inode), pages in `pagemap-shmem-<shmid>.img` as above over its size; fds are `MEMFD` file entries too |
+//! | SysV segment attached in the tree | status `ANON_SHARED\|SYSVIPC`, `shmid` = the segment id | [`ImageKind::IpcnsShm`] `ipcns-shm-<ipc ns id>.img`: per segment an `ipc_shm_entry` (key, id, owners, mode, size), then its `size` bytes padded to 4 ([`Payload::IpcShm`]) |
+//!
+//! Only the segments attached by the dumped processes are listed, not the whole IPC
+//! namespace. A `MAP_SHARED` mapping of a file has no contents in the images: the file
+//! holds them.
+//!
 //! Writing and reading an image directory:
 //!
 //! ```

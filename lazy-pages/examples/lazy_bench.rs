@@ -199,6 +199,8 @@ fn run(
         page_server,
         cpu: daemon_cpu,
         background_rate: None,
+        // Throughput from the end marker on, not the grace period restore's tree gets.
+        background_delay: std::time::Duration::ZERO,
     };
     let daemon = LazyDaemon::bind(&opts)?;
     let server = std::thread::spawn(move || daemon.run());

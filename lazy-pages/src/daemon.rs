@@ -6,10 +6,14 @@
 //! fork, mremap, munmap and madvise events), then copies one background chunk. Chunks grow
 //! from 64 KiB by 64 KiB per fault-free turn up to 4 MiB, and fall back to 64 KiB on a
 //! fault, so that a faulting thread waits for at most one small chunk. The background
-//! transfer starts once restore has sent its end marker, as CRIU's does: before that,
-//! restore is still building the tree. A remote source learns from the GETs' flags whether the
-//! end marker came (see [`crate::source`]): a page fetched before (restore itself touching
-//! lazy memory) does not count as the destination running.
+//! transfer starts [`DaemonOptions::background_delay`] (10 ms) after restore has sent its
+//! end marker: before the marker restore is still building the tree (CRIU's daemon waits
+//! for it too), and just after it the tree's first steps and restore's last ones need the
+//! CPUs more than a copy loop does. Local pages images are read ahead into the page cache
+//! at the lowest priority from the moment a task is handed over (see [`crate::source`]).
+//! A remote source learns from the GETs' flags whether the end marker came (see
+//! [`crate::source`]): a page fetched before (restore itself touching lazy memory) does not
+//! count as the destination running.
 //!
 //! A process that exits, or execs, leaves its userfaultfd without an address space: the
 //! next copy fails with ESRCH and the process is dropped. The daemon exits once the end
@@ -61,7 +65,14 @@ pub struct DaemonOptions {
     /// Cap the background transfer at this many bytes per second (faults are never
     /// held back), to leave the link or the disk to others.
     pub background_rate: Option<u64>,
+    /// How long after restore's end marker the background transfer waits (faults are
+    /// served at once): the restored tree's first steps, and restore's own last ones, then
+    /// do not share the CPUs with a copy loop. [`BACKGROUND_DELAY`] by default.
+    pub background_delay: Duration,
 }
+
+/// The default [`DaemonOptions::background_delay`].
+pub const BACKGROUND_DELAY: Duration = Duration::from_millis(10);
 
 /// Counts of what the daemon did.
 #[derive(Clone, Debug, Default)]
@@ -131,6 +142,7 @@ pub struct LazyDaemon {
     pages: Pages,
     cpu: Option<u32>,
     background_rate: Option<u64>,
+    background_delay: Duration,
 }
 
 impl LazyDaemon {
@@ -148,6 +160,7 @@ impl LazyDaemon {
             pages: Pages::new(dir, source),
             cpu: opts.cpu,
             background_rate: opts.background_rate.filter(|&r| r > 0),
+            background_delay: opts.background_delay,
         })
     }
 
@@ -179,6 +192,7 @@ impl LazyDaemon {
             finished: false,
             hand_back: false,
             background_rate: self.background_rate,
+            background_delay: self.background_delay,
             xfer_len: MIN_XFER,
             background_key: FIRST_TASK,
             buf: vec![0u8; usize::try_from(MAX_XFER).expect("4 MiB fits usize")],
@@ -248,6 +262,7 @@ struct Server {
     /// Restore keeps watch: fork userfaultfds go back to it, and the final marker.
     hand_back: bool,
     background_rate: Option<u64>,
+    background_delay: Duration,
     xfer_len: u64,
     background_key: u64,
     buf: Vec<u8>,
@@ -275,13 +290,23 @@ impl Server {
             if self.finished && !work_left {
                 break;
             }
-            let background = self.finished && work_left;
+            let waiting = if self.finished && work_left {
+                self.background_wait()
+            } else {
+                None
+            };
+            let background = self.finished && work_left && waiting.is_none();
             let paced = background && self.background_paused();
             // A fault refused with EAGAIN waits for the address space change to end, which
             // the changing thread finishes after we read its event: nothing will wake us
             // for it, so poll again soon.
             let pending = self.tasks.values().any(|t| !t.pending.is_empty());
-            let timeout = if paced {
+            let timeout = if let Some(wait) = waiting {
+                Some(rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: i64::from(wait.subsec_nanos()).max(1),
+                })
+            } else if paced {
                 Some(rustix::time::Timespec {
                     tv_sec: 0,
                     tv_nsec: 1_000_000,
@@ -321,7 +346,8 @@ impl Server {
             self.retry_pending()?;
             if self.faulted {
                 self.xfer_len = MIN_XFER;
-            } else if self.finished && !self.background_paused() {
+            } else if self.finished && self.background_wait().is_none() && !self.background_paused()
+            {
                 self.background_step()?;
             }
         }
@@ -610,6 +636,14 @@ impl Server {
             Fill::Gone => self.drop_task(key),
         }
         Ok(())
+    }
+
+    /// How long the background transfer still waits after the end marker, if at all.
+    fn background_wait(&self) -> Option<Duration> {
+        let since = self.stats.until_finished?;
+        let elapsed = self.started.elapsed().saturating_sub(since);
+        let left = self.background_delay.checked_sub(elapsed)?;
+        (!left.is_zero()).then_some(left.min(Duration::from_millis(999)))
     }
 
     /// Under a rate cap, whether the background transfer is ahead of it.

@@ -44,7 +44,7 @@ pub mod handoff;
 pub mod missing;
 pub mod source;
 
-pub use daemon::{DaemonError, DaemonOptions, DaemonStats, LazyDaemon};
+pub use daemon::{DaemonError, DaemonOptions, DaemonStats, LazyDaemon, BACKGROUND_DELAY};
 pub use handoff::{
     HandoffError, HandoffListener, HandoffMessage, HandoffReceiver, LazyHandoff, END_MARKER,
     SOCKET_NAME,

@@ -52,6 +52,10 @@ struct Cli {
     /// Cap the background transfer at this many KiB per second (faults are not capped)
     #[arg(long = "background-rate", value_name = "KIB_PER_S")]
     background_rate: Option<u64>,
+    /// Start the background transfer this long after restore's end marker (faults are
+    /// served at once), so that the restored tree's first steps have the CPUs
+    #[arg(long = "background-delay", value_name = "MS", default_value_t = 10)]
+    background_delay: u64,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         page_server,
         cpu: cli.cpu,
         background_rate: cli.background_rate.map(|k| k.saturating_mul(1024)),
+        background_delay: std::time::Duration::from_millis(cli.background_delay),
     };
     let daemon = LazyDaemon::bind(&opts).with_context(|| {
         format!(

@@ -244,6 +244,35 @@ fn the_daemon_exits_once_the_background_transfer_is_done() {
 }
 
 #[test]
+fn the_background_transfer_waits_its_delay_after_the_end_marker() {
+    let s = setup(true);
+    let daemon = start_daemon(&s, &["--background-delay".into(), "400".into()]);
+    let mut running = Running(vec![daemon]);
+    let start = Instant::now();
+    running.0.push(start_child(&s, "background"));
+    // A megabyte of pages takes milliseconds; the daemon exits once they are in.
+    let daemon_status = wait_timeout(&mut running.0[0], Duration::from_secs(30), "the daemon");
+    let took = start.elapsed();
+    let daemon_err = stderr_of(&mut running.0[0]);
+    assert!(
+        daemon_status.success(),
+        "daemon {daemon_status}: {daemon_err}"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "every page was in after {took:?}, before the 400 ms delay"
+    );
+    let mut stdin = running.0[1].stdin.take().expect("stdin");
+    stdin.write_all(b"g").expect("tell the workload");
+    let child_status = wait_timeout(&mut running.0[1], Duration::from_secs(30), "lazy_child");
+    let child_err = stderr_of(&mut running.0[1]);
+    assert!(
+        child_status.success(),
+        "workload {child_status}: {child_err}"
+    );
+}
+
+#[test]
 fn restore_going_away_before_the_end_marker_is_an_error() {
     let s = setup(true);
     let daemon = start_daemon(&s, &[]);

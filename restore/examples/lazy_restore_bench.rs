@@ -5,11 +5,14 @@
 //!
 //! ```text
 //! cargo build --release -p ckpt-restore
-//! cargo run --release -p ckpt-restore --example lazy_restore_bench [-- MIB...]
+//! cargo run --release -p ckpt-restore --example lazy_restore_bench \
+//!     [-- [--runs N] [--fault-runs N] [--no-answer] [--no-faults] [--no-tcp]
+//!         [--background-delay MS] [MIB...]]
 //! ```
 //!
-//! Sizes default to 64, 1024 and 4096 MiB. Each size runs twice ("fresh", then "warm":
-//! the images are in the page cache and the kernel has free pages at hand). The dumper
+//! Sizes default to 64, 1024 and 4096 MiB, each restored `--runs` times (10) from local
+//! images and from a lazy dump over loopback; the first run of each finds fresh memory,
+//! the later ones find the images in the page cache and free pages at hand. The dumper
 //! and the daemon are this program (`lazy_restore_bench dump|daemon ...`), built from the
 //! libraries; `ckpt-restore` is the binary beside this example's directory.
 #![forbid(unsafe_code)]
@@ -22,6 +25,63 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use images_format::{ImageDir, ImageKind, PageFlags, PageRange, Pagemap, PagesReader};
 
+/// The daemon's background delay in ms (`--background-delay`), passed down to `daemon`.
+const BG_DELAY_ENV: &str = "LAZY_RESTORE_BENCH_BG_DELAY_MS";
+
+/// What to run: `[--runs N] [--fault-runs N] [--no-answer] [--no-faults] [--no-tcp]
+/// [--background-delay MS] [MIB...]`.
+struct Args {
+    sizes: Vec<u64>,
+    runs: usize,
+    fault_runs: usize,
+    answer: bool,
+    faults: bool,
+    tcp: bool,
+    background_delay: Option<u64>,
+}
+
+fn parse_args(args: &[String]) -> anyhow::Result<Args> {
+    let mut out = Args {
+        sizes: Vec::new(),
+        runs: 10,
+        fault_runs: 3,
+        answer: true,
+        faults: true,
+        tcp: true,
+        background_delay: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => out.runs = it.next().context("--runs N")?.parse()?,
+            "--fault-runs" => out.fault_runs = it.next().context("--fault-runs N")?.parse()?,
+            "--no-answer" => out.answer = false,
+            "--no-faults" => out.faults = false,
+            "--no-tcp" => out.tcp = false,
+            "--background-delay" => {
+                out.background_delay = Some(it.next().context("--background-delay MS")?.parse()?);
+            }
+            size => out.sizes.push(size.parse().context("sizes are MiB")?),
+        }
+    }
+    if out.sizes.is_empty() {
+        out.sizes = vec![64, 1024, 4096];
+    }
+    out.runs = out.runs.max(1);
+    out.fault_runs = out.fault_runs.max(1);
+    Ok(out)
+}
+
+/// Median, min and max.
+fn spread(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    match values {
+        [] => (f64::NAN, f64::NAN, f64::NAN),
+        [only] => (*only, *only, *only),
+        v => (v[v.len() / 2], v[0], v[v.len() - 1]),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -29,52 +89,85 @@ fn main() -> anyhow::Result<()> {
         Some("daemon") => return tool_daemon(&args[1..]),
         _ => {}
     }
-    let sizes: Vec<u64> = if args.is_empty() {
-        vec![64, 1024, 4096]
-    } else {
-        args.iter()
-            .map(|a| a.parse().context("sizes are MiB"))
-            .collect::<anyhow::Result<_>>()?
-    };
+    let args = parse_args(&args)?;
+    if let Some(ms) = args.background_delay {
+        // Read by the `daemon` children; set while this process has one thread.
+        std::env::set_var(BG_DELAY_ENV, ms.to_string());
+    }
     nix::sys::prctl::set_child_subreaper(true).context("subreaper")?;
     let workload = build_workload()?;
-    println!(
-        "{:>6} {:>7} {:>6} {:>12} {:>12} {:>14}",
-        "MiB", "source", "run", "answer_ms", "all_in_ms", "bg_MB/s"
-    );
-    for &mib in &sizes {
-        for remote in [false, true] {
-            for run in ["fresh", "warm"] {
-                let r = one_run(&workload, mib, remote, "idle", 0, false)?;
-                let bg = r.all_in.map(|all_in| {
-                    let secs = all_in.saturating_sub(r.answer).as_secs_f64().max(1e-6);
-                    (mib as f64 * 1048576.0) / secs / 1e6
-                });
+    let result = measure(&args, &workload);
+    let _ = std::fs::remove_file(&workload);
+    result
+}
+
+fn measure(args: &Args, workload: &Path) -> anyhow::Result<()> {
+    let sources: &[bool] = if args.tcp { &[false, true] } else { &[false] };
+    if args.answer {
+        println!(
+            "restore command to first answer, ms ({} runs each: the first on fresh memory, then median/min/max of all):",
+            args.runs
+        );
+        println!(
+            "{:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9}",
+            "MiB", "source", "first", "median", "min", "max", "all_in_ms", "bg_MB/s"
+        );
+        for &mib in &args.sizes {
+            for &remote in sources {
+                let mut answers = Vec::new();
+                let mut all_in = Vec::new();
+                let mut rates = Vec::new();
+                for _ in 0..args.runs {
+                    let r = one_run(workload, mib, remote, "idle", 0, false)?;
+                    answers.push(r.answer.as_secs_f64() * 1e3);
+                    if let Some(t) = r.all_in {
+                        all_in.push(t.as_secs_f64() * 1e3);
+                        let secs = t.saturating_sub(r.answer).as_secs_f64().max(1e-6);
+                        rates.push(mib as f64 * 1048576.0 / secs / 1e6);
+                    }
+                }
+                let first = answers[0];
+                let (median, min, max) = spread(&mut answers);
+                let (all_in, _, _) = spread(&mut all_in);
+                let (rate, _, _) = spread(&mut rates);
                 println!(
-                    "{:>6} {:>7} {:>6} {:>12.2} {:>12} {:>14}",
+                    "{:>6} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>9.0}",
                     mib,
                     if remote { "tcp" } else { "local" },
-                    run,
-                    r.answer.as_secs_f64() * 1e3,
-                    r.all_in
-                        .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
-                        .unwrap_or_else(|| "-".into()),
-                    bg.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into()),
+                    first,
+                    median,
+                    min,
+                    max,
+                    all_in,
+                    rate
                 );
             }
         }
     }
-    println!("\nfault latency (2000 faults spread over 1 GiB, background held back):");
-    for (remote, pinned) in [(false, false), (true, false), (false, true), (true, true)] {
-        let r = one_run(&workload, 1024, remote, "fault", 1, pinned)?;
+    if args.faults {
         println!(
-            "  {:>5} {:>13}: median {} us, p99 {} us, max {} us",
-            if remote { "tcp" } else { "local" },
-            if pinned { "one CPU" } else { "CPUs apart" },
-            r.faults[0] / 1000,
-            r.faults[1] / 1000,
-            r.faults[2] / 1000
+            "\nfault latency, us (2000 faults spread over 1 GiB, background held back; median of {} runs' medians, and the worst p99 and max):",
+            args.fault_runs
         );
+        for pinned in [false, true] {
+            for &remote in sources {
+                let mut medians = Vec::new();
+                let mut p99 = 0;
+                let mut max = 0;
+                for _ in 0..args.fault_runs {
+                    let r = one_run(workload, 1024, remote, "fault", 1, pinned)?;
+                    medians.push(r.faults[0] as f64 / 1e3);
+                    p99 = p99.max(r.faults[1] / 1000);
+                    max = max.max(r.faults[2] / 1000);
+                }
+                let (median, _, _) = spread(&mut medians);
+                println!(
+                    "  {:>5} {:>13}: median {median:.1} us, p99 {p99} us, max {max} us",
+                    if remote { "tcp" } else { "local" },
+                    if pinned { "one CPU" } else { "CPUs apart" },
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -141,7 +234,7 @@ fn one_run(
     let page_server = if remote {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         started.0.push(
-            Command::new(&exe)
+            pinned_command(&exe, pinned)
                 .args(["dump", &pid.to_string()])
                 .arg(&images)
                 .args(["lazy", &port.to_string()])
@@ -170,8 +263,8 @@ fn one_run(
         mark_lazy(&images, i32::try_from(pid)?, addr, addr + len)?;
         None
     };
-    // Pinned: the daemon and the restored process share CPU 0 (ckpt-restore hands its
-    // own affinity to the process it restores).
+    // Pinned: the daemon, the restored process and a lazy dump serving its pages share
+    // CPU 0 (ckpt-restore hands its own affinity to the process it restores).
     let mut daemon = Command::new(&exe);
     daemon
         .arg("daemon")
@@ -211,6 +304,8 @@ fn one_run(
         .arg(&work)
         .arg("-d")
         .args(&restore_args)
+        .arg("--pidfile")
+        .arg(dir.join("restored.pid"))
         .args(
             // CKPT_BENCH_RESTORE_LOG=FILE: ckpt-restore's debug log of the last run.
             std::env::var_os("CKPT_BENCH_RESTORE_LOG")
@@ -250,12 +345,49 @@ fn one_run(
             if Instant::now() > deadline {
                 bail!("the daemon never finished");
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_millis(1));
         }
         result.all_in = Some(start.elapsed());
     }
     std::fs::write(dir.join("quit"), "1")?;
+    // It checks its pages, then exits; it came back to us (the subreaper) when
+    // ckpt-restore returned. It must be gone before its directory is.
+    let restored = std::fs::read_to_string(dir.join("restored.pid"))?;
+    let restored = nix::unistd::Pid::from_raw(restored.trim().parse()?);
+    reap(restored, Duration::from_secs(60));
     Ok(result)
+}
+
+/// Waits for `pid` to exit (reaping whatever else comes back to us), kills it after
+/// `limit`.
+fn reap(pid: nix::unistd::Pid, limit: Duration) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let deadline = Instant::now() + limit;
+    loop {
+        while let Ok(status) = waitpid(None::<nix::unistd::Pid>, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `program`, under `taskset -c 0` if `pinned`.
+fn pinned_command(program: &Path, pinned: bool) -> Command {
+    if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
 }
 
 fn wait_file(path: &Path, limit: Duration) -> anyhow::Result<String> {
@@ -269,7 +401,7 @@ fn wait_file(path: &Path, limit: Duration) -> anyhow::Result<String> {
         if Instant::now() > deadline {
             bail!("{} never appeared", path.display());
         }
-        std::thread::sleep(Duration::from_micros(50));
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -351,6 +483,10 @@ fn tool_daemon(args: &[String]) -> anyhow::Result<()> {
         page_server,
         cpu,
         background_rate: (rate > 0).then_some(rate),
+        background_delay: std::env::var(BG_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(ckpt_lazy_pages::BACKGROUND_DELAY, Duration::from_millis),
     };
     ckpt_lazy_pages::LazyDaemon::bind(&opts)?.run()?;
     Ok(())

@@ -1,74 +1,65 @@
-//! What the forked child does before it stops for our tracer.
+//! What a forked process does with its own code before it waits for our tracer (the
+//! order is [`crate::fork`]'s).
 //!
-//! The child is a fork of single-threaded `ckpt-restore`, so it may run ordinary code.
-//! It puts its fd table, cwd, root, umask, session and process group in the dumped
-//! shape, then stops itself. Credentials stay ours: injected syscalls that open images,
-//! `set_tid` and `PR_SET_MM_MAP` with an exe fd all need them.
+//! Each is a fork of single-threaded `ckpt-restore` (or of a restored parent, itself
+//! such a fork), so it may run ordinary code. It sets its session or group, and, once
+//! its children are forked, dups its fds from the table of open file descriptions into
+//! place, adds the epoll targets, closes everything else, and sets cwd, root and umask.
+//! Credentials stay ours: injected syscalls that open images, `set_tid` and
+//! `PR_SET_MM_MAP` with an exe fd all need them.
 //!
-//! A failure is written as text to the status pipe and the child exits with
-//! [`CHILD_FAILED`]; the parent reads the pipe once it sees the exit.
+//! A failure is reported as text through the status pipe and the process exits with
+//! [`CHILD_FAILED`].
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::Mode;
 use rustix::io::FdFlags;
 
 use crate::files::FdSource;
+use crate::objects::{kobj_name, Objects};
 use crate::plan::{ChildPlan, FdOpen, SessionPlan};
 
 /// Exit status of a child whose preparation failed (its reason is on the status pipe).
 pub const CHILD_FAILED: i32 = 121;
-
-/// Runs in the forked child: prepares everything, then returns so the caller stops.
-///
-/// On error, returns the status pipe (moved to a high fd) and the reason, for the
-/// caller to report before it exits.
-pub fn prepare(plan: &ChildPlan, status: &OwnedFd) -> Result<(), (Option<OwnedFd>, String)> {
-    // The status pipe must not sit on a number the image wants.
-    let above = plan.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
-    let status = match rustix::io::fcntl_dupfd_cloexec(status, above) {
-        Ok(moved) => moved,
-        Err(e) => {
-            return Err((
-                status.try_clone().ok(),
-                format!("move status pipe above fd {above}: {e}"),
-            ))
-        }
-    };
-    if let Err(msg) = close_foreign_fds(status.as_raw_fd()) {
-        return Err((Some(status), msg));
-    }
-    if let Err(msg) = open_fds(&plan.fds) {
-        return Err((Some(status), msg));
-    }
-    if let Err(msg) = set_fs(plan) {
-        return Err((Some(status), msg));
-    }
-    if let Err(msg) = set_session(&plan.session) {
-        return Err((Some(status), msg));
-    }
-    Ok(())
-}
-
-/// Writes the failure reason to the parent.
-pub fn report_failure(status: &OwnedFd, msg: &str) {
-    let mut file = std::fs::File::from(match status.try_clone() {
-        Ok(fd) => fd,
-        Err(_) => return,
-    });
-    // Nothing more can be done if the parent is gone; the exit status still says it.
-    let _ = file.write_all(msg.as_bytes());
-}
 
 /// Closes every fd we inherited from `ckpt-restore` (stdio, log file) but the status pipe.
 pub(crate) fn close_foreign_fds(keep: RawFd) -> Result<(), String> {
     close_fds_except(&[keep])
 }
 
-/// Closes every fd of ours but those in `keep`.
+/// Closes every fd of ours but those in `keep`: one `close_range` per gap between kept
+/// numbers (the table of open files alone may hold thousands), or one by one from
+/// /proc/self/fd where the kernel has no `close_range`.
 pub(crate) fn close_fds_except(keep: &[RawFd]) -> Result<(), String> {
+    let mut kept: Vec<u32> = keep.iter().filter_map(|&k| u32::try_from(k).ok()).collect();
+    kept.sort_unstable();
+    kept.dedup();
+    // Fd numbers are below 2^31: `k + 1` cannot overflow.
+    let mut gaps: Vec<(u32, u32)> = Vec::with_capacity(kept.len() + 1);
+    let mut from = 0u32;
+    for &k in &kept {
+        if k > from {
+            gaps.push((from, k - 1));
+        }
+        from = k + 1;
+    }
+    gaps.push((from, u32::MAX));
+    let mut ranged = true;
+    for (first, last) in gaps {
+        match tracee::spawn::close_range(first, last) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOSYS) => {
+                ranged = false;
+                break;
+            }
+            Err(e) => return Err(format!("close fds {first}..={last}: {e}")),
+        }
+    }
+    if ranged {
+        return Ok(());
+    }
     let mut open = BTreeSet::new();
     let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("list /proc/self/fd: {e}"))?;
     for entry in dir {
@@ -91,74 +82,52 @@ pub(crate) fn close_fds_except(keep: &[RawFd]) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens each dumped file and places it at its fd number. Fds that shared one open
-/// file description (same file id: dup'ed, or inherited) share one again, offset
-/// included.
-fn open_fds(fds: &[FdOpen]) -> Result<(), String> {
-    let mut placed: HashMap<u32, OwnedFd> = HashMap::new();
-    let mut extra: Vec<OwnedFd> = Vec::new();
-    // New objects are parked above every planned number, so that placing one never lands on
-    // a number another still needs.
-    let above = fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
-    let mut kobjs = Kobjs::new(above);
+/// Dups each fd of the table from `objects` to its number and adds the epoll targets.
+/// Fds sharing a file id share the description, offset included, with every other
+/// process holding that id. Every number planned is below the table's floor: placing
+/// one never hits an entry. Returns the placed fds, which the caller must never close
+/// (they are the restored program's): see [`release_placed`].
+pub fn place_fds(fds: &[FdOpen], objects: &Objects) -> Result<Vec<OwnedFd>, String> {
+    let mut placed = Vec::with_capacity(fds.len());
     for f in fds {
-        let path = f.open_path();
-        let fd = match placed.get(&f.file_id) {
-            Some(first) => {
-                let dup = rustix::io::fcntl_dupfd_cloexec(first, f.fd)
-                    .map_err(|e| format!("fd {}: dup of {}: {e}", f.fd, path.display()))?;
-                place_at(dup, f.fd, f.cloexec)
-                    .map_err(|e| format!("fd {}: place {}: {e}", f.fd, path.display()))?
-            }
-            None if f.source != FdSource::Path => {
-                let made = kobjs
-                    .create(f)
-                    .map_err(|e| format!("fd {}: create {}: {e}", f.fd, kobj_name(&f.source)))?;
-                place_at(made, f.fd, f.cloexec)
-                    .map_err(|e| format!("fd {}: place {}: {e}", f.fd, kobj_name(&f.source)))?
-            }
-            None => {
-                let flags = OFlags::from_bits_retain(f.flags)
-                    & !(OFlags::CREATE | OFlags::EXCL | OFlags::TRUNC);
-                let opened = rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| format!("fd {}: open {}: {e}", f.fd, path.display()))?;
-                if f.pos != 0 {
-                    rustix::fs::seek(&opened, rustix::fs::SeekFrom::Start(f.pos)).map_err(|e| {
-                        format!("fd {}: seek {} to {}: {e}", f.fd, path.display(), f.pos)
-                    })?;
-                }
-                place_at(opened, f.fd, f.cloexec)
-                    .map_err(|e| format!("fd {}: place {}: {e}", f.fd, path.display()))?
-            }
+        let name = || match f.source {
+            FdSource::Path => f.open_path().display().to_string(),
+            ref other => kobj_name(other).to_string(),
         };
-        match placed.entry(f.file_id) {
-            std::collections::hash_map::Entry::Occupied(_) => extra.push(fd),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(fd);
-            }
+        let object = objects
+            .get(f.file_id)
+            .ok_or_else(|| format!("fd {}: file id {} was not created", f.fd, f.file_id))?;
+        let fd = place_at(object, f.fd, f.cloexec)
+            .map_err(|e| format!("fd {}: place {}: {e}", f.fd, name()))?;
+        placed.push(fd);
+    }
+    match add_epoll_targets(fds, placed.iter()) {
+        Ok(()) => Ok(placed),
+        Err(e) => {
+            release_placed(placed);
+            Err(e)
         }
     }
-    add_epoll_targets(fds, placed.values().chain(&extra))?;
-    // The fds now belong to the image's program, not to us: never close them.
-    for fd in placed.into_values().chain(extra) {
-        std::mem::forget(fd);
-    }
-    Ok(())
 }
 
-/// Moves `fd` to number `target`, which is free: everything else not yet placed is closed.
-fn place_at(fd: OwnedFd, target: RawFd, cloexec: bool) -> rustix::io::Result<OwnedFd> {
-    let placed = if fd.as_raw_fd() == target {
-        fd
-    } else {
-        let moved = rustix::io::fcntl_dupfd_cloexec(fd.as_fd(), target)?;
-        drop(fd);
-        if moved.as_raw_fd() != target {
-            // Someone holds `target`: only a bug in the fd plan can cause this.
-            return Err(rustix::io::Errno::BADF);
-        }
-        moved
-    };
+/// The fds now belong to the image's program, not to us: forgotten, never closed.
+pub fn release_placed(placed: Vec<OwnedFd>) {
+    for fd in placed {
+        std::mem::forget(fd);
+    }
+}
+
+/// Dups `fd` to number `target`, closing whatever we inherited there (stdio).
+fn place_at(fd: &OwnedFd, target: RawFd, cloexec: bool) -> rustix::io::Result<OwnedFd> {
+    match nix::unistd::close(target) {
+        Ok(()) | Err(nix::errno::Errno::EBADF) => {}
+        Err(e) => return Err(rustix::io::Errno::from_raw_os_error(e as i32)),
+    }
+    let placed = rustix::io::fcntl_dupfd_cloexec(fd.as_fd(), target)?;
+    if placed.as_raw_fd() != target {
+        // Someone holds `target`: only a bug in the fd plan can cause this.
+        return Err(rustix::io::Errno::BADF);
+    }
     let flags = if cloexec {
         FdFlags::CLOEXEC
     } else {
@@ -168,7 +137,7 @@ fn place_at(fd: OwnedFd, target: RawFd, cloexec: bool) -> rustix::io::Result<Own
     Ok(placed)
 }
 
-fn set_fs(plan: &ChildPlan) -> Result<(), String> {
+pub fn set_fs(plan: &ChildPlan) -> Result<(), String> {
     if let Some(root) = &plan.root {
         if root.as_os_str() != "/" {
             rustix::process::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
@@ -181,7 +150,7 @@ fn set_fs(plan: &ChildPlan) -> Result<(), String> {
     Ok(())
 }
 
-fn set_session(session: &SessionPlan) -> Result<(), String> {
+pub fn set_session(session: &SessionPlan) -> Result<(), String> {
     match session {
         SessionPlan::Inherit => Ok(()),
         SessionPlan::NewSession => rustix::process::setsid()
@@ -191,185 +160,6 @@ fn set_session(session: &SessionPlan) -> Result<(), String> {
             rustix::process::setpgid(None, None).map_err(|e| format!("setpgid: {e}"))
         }
     }
-}
-
-fn kobj_name(source: &FdSource) -> &'static str {
-    match source {
-        FdSource::Path => "file",
-        FdSource::Pipe { write: false, .. } => "pipe read end",
-        FdSource::Pipe { write: true, .. } => "pipe write end",
-        FdSource::Eventfd { .. } => "eventfd",
-        FdSource::Signalfd { .. } => "signalfd",
-        FdSource::Timerfd { .. } => "timerfd",
-        FdSource::Epoll { .. } => "epoll",
-        FdSource::Inotify { .. } => "inotify",
-    }
-}
-
-/// The kernel objects the child creates: pipes are made once, at their first end, and
-/// filled with their unread data; each end is handed out as its fd comes.
-struct Kobjs {
-    above: RawFd,
-    /// Pipe id to its (read, write) ends, parked high until placed.
-    pipes: Vec<(u32, Option<OwnedFd>, Option<OwnedFd>)>,
-}
-
-/// File status flags that `F_SETFL` can change and that a restored object keeps.
-fn status_flags(flags: u32) -> OFlags {
-    OFlags::from_bits_retain(flags) & (OFlags::NONBLOCK | OFlags::APPEND | OFlags::ASYNC)
-}
-
-impl Kobjs {
-    fn new(above: RawFd) -> Self {
-        Self {
-            above,
-            pipes: Vec::new(),
-        }
-    }
-
-    fn park(&self, fd: OwnedFd) -> rustix::io::Result<OwnedFd> {
-        rustix::io::fcntl_dupfd_cloexec(&fd, self.above)
-    }
-
-    fn create(&mut self, f: &FdOpen) -> Result<OwnedFd, String> {
-        let made = match &f.source {
-            FdSource::Path => return Err("not a kernel object".into()),
-            FdSource::Pipe {
-                pipe_id,
-                write,
-                size,
-                data,
-            } => return self.pipe_end(*pipe_id, *write, *size, data, f.flags),
-            FdSource::Eventfd { counter, semaphore } => {
-                let mut flags = rustix::event::EventfdFlags::CLOEXEC;
-                if *semaphore {
-                    flags |= rustix::event::EventfdFlags::SEMAPHORE;
-                }
-                let efd = rustix::event::eventfd(0, flags).map_err(|e| format!("eventfd: {e}"))?;
-                if *counter != 0 {
-                    rustix::io::write(&efd, &counter.to_ne_bytes())
-                        .map_err(|e| format!("set counter {counter}: {e}"))?;
-                }
-                efd
-            }
-            FdSource::Signalfd { sigmask } => {
-                let mut set = nix::sys::signal::SigSet::empty();
-                for bit in 0..64 {
-                    if sigmask & (1u64 << bit) == 0 {
-                        continue;
-                    }
-                    let signo: i32 = bit + 1;
-                    let signal = nix::sys::signal::Signal::try_from(signo)
-                        .map_err(|_| format!("signal {signo} in the mask cannot be set here"))?;
-                    set.add(signal);
-                }
-                let sfd = nix::sys::signalfd::SignalFd::with_flags(
-                    &set,
-                    nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
-                )
-                .map_err(|e| format!("signalfd: {e}"))?;
-                OwnedFd::from(sfd)
-            }
-            FdSource::Timerfd {
-                clockid,
-                ticks,
-                value,
-                interval,
-            } => timerfd(*clockid, *ticks, *value, *interval)?,
-            FdSource::Epoll { .. } => {
-                rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)
-                    .map_err(|e| format!("epoll_create: {e}"))?
-            }
-            FdSource::Inotify { watches } => inotify(watches)?,
-        };
-        rustix::fs::fcntl_setfl(&made, status_flags(f.flags))
-            .map_err(|e| format!("set flags {:#o}: {e}", f.flags))?;
-        self.park(made).map_err(|e| format!("move: {e}"))
-    }
-
-    fn pipe_end(
-        &mut self,
-        pipe_id: u32,
-        write: bool,
-        size: Option<u32>,
-        data: &[u8],
-        flags: u32,
-    ) -> Result<OwnedFd, String> {
-        if !self.pipes.iter().any(|p| p.0 == pipe_id) {
-            // Non-blocking while refilled: data larger than the pipe fails instead of
-            // hanging the child. Each end gets its dumped flags when placed.
-            let (r, w) = rustix::pipe::pipe_with(
-                rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-            )
-            .map_err(|e| format!("pipe: {e}"))?;
-            if let Some(size) = size {
-                let size = usize::try_from(size).unwrap_or(usize::MAX);
-                if size > rustix::pipe::fcntl_getpipe_size(&w).unwrap_or(0) {
-                    rustix::pipe::fcntl_setpipe_size(&w, size)
-                        .map_err(|e| format!("F_SETPIPE_SZ {size}: {e}"))?;
-                }
-            }
-            let mut left = data;
-            while !left.is_empty() {
-                let n = rustix::io::write(&w, left).map_err(|e| format!("refill: {e}"))?;
-                left = left.get(n..).unwrap_or_default();
-            }
-            let r = self.park(r).map_err(|e| format!("move: {e}"))?;
-            let w = self.park(w).map_err(|e| format!("move: {e}"))?;
-            self.pipes.push((pipe_id, Some(r), Some(w)));
-        }
-        let slot = self
-            .pipes
-            .iter_mut()
-            .find(|p| p.0 == pipe_id)
-            .ok_or_else(|| "pipe vanished".to_string())?;
-        let end = if write { slot.2.take() } else { slot.1.take() };
-        // A second open file description of the same end (a reopen through /proc) would
-        // need a reopen here too; it is refused rather than merged with the first.
-        let end = end.ok_or_else(|| "a second open file of this pipe end".to_string())?;
-        rustix::fs::fcntl_setfl(&end, status_flags(flags))
-            .map_err(|e| format!("set flags {flags:#o}: {e}"))?;
-        Ok(end)
-    }
-}
-
-fn timespec((sec, nsec): (u64, u64)) -> rustix::time::Timespec {
-    rustix::time::Timespec {
-        tv_sec: i64::try_from(sec).unwrap_or(i64::MAX),
-        tv_nsec: i64::try_from(nsec).unwrap_or(0),
-    }
-}
-
-fn timerfd(
-    clockid: u32,
-    ticks: u64,
-    value: (u64, u64),
-    interval: (u64, u64),
-) -> Result<OwnedFd, String> {
-    use rustix::time::{TimerfdClockId as Clock, TimerfdFlags, TimerfdTimerFlags};
-    let clock = match clockid {
-        0 => Clock::Realtime,
-        1 => Clock::Monotonic,
-        7 => Clock::Boottime,
-        8 => Clock::RealtimeAlarm,
-        9 => Clock::BoottimeAlarm,
-        other => return Err(format!("clock {other} is not one a timerfd uses")),
-    };
-    let tfd = rustix::time::timerfd_create(clock, TimerfdFlags::CLOEXEC)
-        .map_err(|e| format!("timerfd_create: {e}"))?;
-    if value != (0, 0) {
-        let spec = rustix::time::Itimerspec {
-            it_interval: timespec(interval),
-            it_value: timespec(value),
-        };
-        rustix::time::timerfd_settime(&tfd, TimerfdTimerFlags::empty(), &spec)
-            .map_err(|e| format!("timerfd_settime: {e}"))?;
-    }
-    if ticks != 0 {
-        tracee::kobj::timerfd_set_ticks(&tfd, ticks)
-            .map_err(|e| format!("set {ticks} pending expirations: {e}"))?;
-    }
-    Ok(tfd)
 }
 
 /// Adds every epoll target through the fd number it was added with, now that all of them
@@ -405,46 +195,4 @@ fn add_epoll_targets<'a>(
         }
     }
     Ok(())
-}
-
-/// An inotify instance whose watches get their dumped wds. The kernel hands out wds in
-/// increasing order, so a gap (a watch removed before the dump) is skipped by adding and
-/// removing a watch; a wd lower than the next one handed out cannot be had.
-fn inotify(watches: &[(i32, std::path::PathBuf, u32)]) -> Result<OwnedFd, String> {
-    use rustix::fs::inotify;
-    /// Enough for any gap a real program leaves, small enough to fail fast.
-    const MAX_SKIPPED: u32 = 1 << 16;
-    let ify =
-        inotify::init(inotify::CreateFlags::CLOEXEC).map_err(|e| format!("inotify_init: {e}"))?;
-    let mut skipped = 0;
-    for (wd, path, mask) in watches {
-        let flags = inotify::WatchFlags::from_bits_retain(*mask);
-        loop {
-            let got = inotify::add_watch(&ify, path, flags)
-                .map_err(|e| format!("watch {}: {e}", path.display()))?;
-            if got == *wd {
-                break;
-            }
-            if got > *wd {
-                return Err(format!(
-                    "watch {} got wd {got}, but the dumped one was {wd}",
-                    path.display()
-                ));
-            }
-            skipped += 1;
-            if skipped > MAX_SKIPPED {
-                return Err(format!("wd {wd} for {} is too far ahead", path.display()));
-            }
-            inotify::remove_watch(&ify, got).map_err(|e| format!("skip wd {got}: {e}"))?;
-        }
-    }
-    if skipped > 0 {
-        // Each skipped wd queued an IN_IGNORED the program never caused: drop them (and
-        // with them anything that happened on the watched files in these microseconds).
-        rustix::fs::fcntl_setfl(&ify, OFlags::NONBLOCK).map_err(|e| format!("inotify: {e}"))?;
-        let mut buf = [0u8; 4096];
-        while matches!(rustix::io::read(&ify, &mut buf), Ok(n) if n > 0) {}
-        rustix::fs::fcntl_setfl(&ify, OFlags::empty()).map_err(|e| format!("inotify: {e}"))?;
-    }
-    Ok(ify)
 }

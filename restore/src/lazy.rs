@@ -21,6 +21,33 @@
 //! any) that exits when the daemon does. A fork's userfaultfd exists only in the daemon
 //! between the daemon reading the fork event and the watch receiving it: a daemon dying
 //! in that window leaves that child on its own until the watch kills it.
+//!
+//! # A tree: one [`LazySession`] per restore
+//!
+//! One connection to the daemon carries every process of the tree, in the order of
+//! `pstree.img` (parents before children), then the end marker once:
+//!
+//! ```text
+//! let mut lazy = LazySession::open(work_dir)?;          // before the first process
+//! // per process, in pstree order, in its rebuild, before anything runs in it
+//! // (after its VMAs are mapped, before its threads and credentials):
+//! let vmas = lazy_vmas(host_pid, &plan.memory, &lazy_ranges_of_this_process)?;
+//! let uffd = lazy.add(&mut tracee, image_pid, &vmas)?;  // -> &Userfaultfd
+//! prefetch_hot(uffd, ...)?;                              // optional (--lazy-prefetch-hot)
+//! lazy.add_zombie(image_pid)?;                           // per zombie: -pid, no fd
+//! // once every process is rebuilt, just before the tree resumes:
+//! let watch = lazy.finish()?;                            // end marker; -> LazyWatch
+//! // then, as for one process: watch.run(victim) in a thread, or
+//! // watch.spawn_watchdog(root, victim) with -d.
+//! ```
+//!
+//! A process with no lazy page still goes through `add` (with empty `vmas`): CRIU's
+//! daemon expects a userfaultfd for every live task of pstree. The watch
+//! holds a pidfd of every process added: if the daemon dies with pages missing it stops
+//! and kills each of them and every descendant it finds from them and from the root
+//! (`Victim::Tree`), or the namespace's init (`Victim::Namespace`, which takes all). A
+//! dropped session (restore failed) closes the connection without the end marker: the
+//! daemon stops with an error, and restore kills what it built.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -62,6 +89,23 @@ pub enum LazyError {
         #[source]
         source: HandoffError,
     },
+    #[error("open the lazy hand-off to ckpt-lazy-pages in {work_dir} (is `ckpt-lazy-pages -D DIR` running?)")]
+    Session {
+        work_dir: std::path::PathBuf,
+        #[source]
+        source: HandoffError,
+    },
+    #[error("image pid {image_pid}: telling ckpt-lazy-pages it is a zombie")]
+    Zombie {
+        image_pid: i32,
+        #[source]
+        source: HandoffError,
+    },
+    #[error("sending ckpt-lazy-pages the end marker")]
+    Finish {
+        #[source]
+        source: HandoffError,
+    },
     #[error("pid {pid}: lazy pages at {addr:#x} are not in a private anonymous vma")]
     NotAnonymous { pid: Pid, addr: u64 },
     #[error("pid {pid}: starting the watchdog that kills the tree if ckpt-lazy-pages dies")]
@@ -72,24 +116,83 @@ pub enum LazyError {
     },
 }
 
-/// The process's userfaultfd as handed over; the duplicate we keep, and the open
-/// connection that still owes the daemon its end marker.
+/// The hand-off of a whole tree: one connection to the daemon, every process's
+/// userfaultfd (our duplicates kept), and a pidfd of each process for the watch.
 #[derive(Debug)]
-pub struct LazyRestore {
-    pub uffd: Userfaultfd,
+pub struct LazySession {
     handoff: LazyHandoff,
+    uffds: Vec<Userfaultfd>,
+    processes: Vec<PidFd>,
 }
 
-impl LazyRestore {
-    /// Tells the daemon that every task is restored, just before they resume, and keeps
-    /// watch over it from then on.
-    pub fn finish(mut self, pid: Pid) -> Result<LazyWatch, LazyError> {
-        let handoff_error = |source| LazyError::Handoff { pid, source };
-        self.handoff.watch().map_err(handoff_error)?;
-        let back = self.handoff.finish_and_watch().map_err(handoff_error)?;
+impl LazySession {
+    /// Connects to the daemon listening in `work_dir` and asks it to hand the fork
+    /// userfaultfds back (the watch). Call before the first process is added.
+    pub fn open(work_dir: &Path) -> Result<LazySession, LazyError> {
+        let session_error = |source| LazyError::Session {
+            work_dir: work_dir.to_path_buf(),
+            source,
+        };
+        let mut handoff = LazyHandoff::connect(work_dir).map_err(session_error)?;
+        handoff.watch().map_err(session_error)?;
+        Ok(LazySession {
+            handoff,
+            uffds: Vec::new(),
+            processes: Vec::new(),
+        })
+    }
+
+    /// Creates the userfaultfd of the stopped process `t` (task `image_pid` of the
+    /// images), registers `vmas` for missing faults and hands it to the daemon, which
+    /// serves its faults from now on. Returns our duplicate, for [`prefetch_hot`].
+    pub fn add(
+        &mut self,
+        t: &mut Tracee,
+        image_pid: i32,
+        vmas: &[Range],
+    ) -> Result<&Userfaultfd, LazyError> {
+        let pid = t.pid();
+        let started = std::time::Instant::now();
+        let process = PidFd::open(pid).map_err(|source| LazyError::Take { pid, source })?;
+        let uffd = create_registered(t, &process, vmas)?;
+        self.handoff
+            .send_uffd(image_pid, uffd.as_fd())
+            .map_err(|source| LazyError::Handoff { pid, source })?;
+        tracing::debug!(
+            %pid,
+            image_pid,
+            vmas = vmas.len(),
+            us = started.elapsed().as_micros(),
+            "userfaultfd handed over"
+        );
+        self.processes.push(process);
+        self.uffds.push(uffd);
+        Ok(self.uffds.last().expect("pushed just now"))
+    }
+
+    /// Tells the daemon that task `image_pid` is a zombie: no memory, no fd.
+    pub fn add_zombie(&mut self, image_pid: i32) -> Result<(), LazyError> {
+        self.handoff
+            .send_zombie(image_pid)
+            .map_err(|source| LazyError::Zombie { image_pid, source })
+    }
+
+    /// The userfaultfds handed over so far, in the order they were added.
+    pub fn uffds(&self) -> &[Userfaultfd] {
+        &self.uffds
+    }
+
+    /// Sends the end marker (every process is restored and about to resume) and keeps
+    /// watch from then on: see [`LazyWatch`].
+    pub fn finish(self) -> Result<LazyWatch, LazyError> {
+        let back = self
+            .handoff
+            .finish_and_watch()
+            .map_err(|source| LazyError::Finish { source })?;
         Ok(LazyWatch {
             back,
-            held: vec![OwnedFd::from(self.uffd)],
+            held: self.uffds.into_iter().map(OwnedFd::from).collect(),
+            processes: self.processes,
         })
     }
 }
@@ -187,6 +290,8 @@ pub enum WatchEnd {
 pub struct LazyWatch {
     back: HandoffReceiver,
     held: Vec<OwnedFd>,
+    /// Every process handed over: killed with the victim, by pidfd (no pid reuse).
+    processes: Vec<PidFd>,
 }
 
 impl LazyWatch {
@@ -205,7 +310,7 @@ impl LazyWatch {
                         ?victim,
                         "ckpt-lazy-pages died with pages missing: killing the restored tree"
                     );
-                    kill_victim(victim);
+                    kill_victim(victim, &self.processes);
                     // Only now may the userfaultfds close.
                     drop(self.held);
                     return WatchEnd::DaemonGone;
@@ -219,6 +324,7 @@ impl LazyWatch {
     pub fn spawn_watchdog(self, pid: Pid, victim: Victim) -> Result<Pid, LazyError> {
         let mut keep: Vec<RawFd> = self.held.iter().map(AsRawFd::as_raw_fd).collect();
         keep.push(self.back.as_fd().as_raw_fd());
+        keep.extend(self.processes.iter().map(|p| p.as_fd().as_raw_fd()));
         tracee::spawn::fork_any(move || {
             // Nothing else of ours may stay open in a process that outlives us (whoever
             // reads our output would wait for it), and no terminal signal should reach it.
@@ -234,11 +340,16 @@ impl LazyWatch {
     }
 }
 
-fn kill_victim(victim: Victim) {
+fn kill_victim(victim: Victim, processes: &[PidFd]) {
     match victim {
         Victim::Namespace(reaper) => signal(reaper, nix::sys::signal::Signal::SIGKILL),
-        Victim::Tree(root) => kill_tree(root),
+        Victim::Tree(root) => kill_tree(root, processes),
     }
+}
+
+fn signal_pidfd(process: &PidFd, sig: rustix::process::Signal) {
+    // ESRCH: gone already, which is what we want.
+    let _ = rustix::process::pidfd_send_signal(process, sig);
 }
 
 fn signal(pid: Pid, sig: nix::sys::signal::Signal) {
@@ -247,10 +358,18 @@ fn signal(pid: Pid, sig: nix::sys::signal::Signal) {
 }
 
 /// Stops the tree until no new process appears in it, then kills all of it: a stopped
-/// process cannot fork a child we would miss.
-fn kill_tree(root: Pid) {
+/// process cannot fork a child we would miss. The processes handed over are stopped
+/// first through their pidfds (one whose parent exited is no longer below the root),
+/// and their descendants are looked for as well.
+fn kill_tree(root: Pid, processes: &[PidFd]) {
+    for p in processes {
+        signal_pidfd(p, rustix::process::Signal::STOP);
+    }
     let mut seen: Vec<Pid> = Vec::new();
     let mut todo = vec![root];
+    // A pid is only looked up while its pidfd says the process runs: once it exited,
+    // the pid may be someone else's.
+    todo.extend(processes.iter().filter(|p| still_alive(p)).map(PidFd::pid));
     while let Some(pid) = todo.pop() {
         if seen.contains(&pid) {
             continue;
@@ -259,9 +378,22 @@ fn kill_tree(root: Pid) {
         seen.push(pid);
         todo.extend(children_of(pid));
     }
+    for p in processes {
+        signal_pidfd(p, rustix::process::Signal::KILL);
+    }
     for pid in seen {
         signal(pid, nix::sys::signal::Signal::SIGKILL);
     }
+}
+
+/// A pidfd polls readable once its process has exited; until then its pid is its own.
+fn still_alive(p: &PidFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(p, rustix::event::PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
 }
 
 /// The children of every thread of `pid`, from /proc.
@@ -308,20 +440,19 @@ pub fn lazy_vmas(pid: Pid, memory: &MemoryPlan, lazy: &[Range]) -> Result<Vec<Ra
     Ok(out)
 }
 
-/// Creates the target's userfaultfd, registers `vmas` for missing faults and hands
-/// it to the daemon listening in `work_dir`, as task `image_pid` of the images.
-pub fn hand_over(
+/// Creates the target's userfaultfd (injected: the kernel ties it to the target's mm),
+/// takes it out with `pidfd_getfd`, and sets it up from here.
+fn create_registered(
     t: &mut Tracee,
-    image_pid: i32,
+    process: &PidFd,
     vmas: &[Range],
-    work_dir: &Path,
-) -> Result<LazyRestore, LazyError> {
+) -> Result<Userfaultfd, LazyError> {
     let pid = t.pid();
     let target_fd = t
         .inject_userfaultfd(0)
         .map_err(|source| LazyError::Create { pid, source })?;
-    let taken = PidFd::open(pid)
-        .and_then(|p| p.getfd(target_fd))
+    let taken = process
+        .getfd(target_fd)
         .map_err(|source| LazyError::Take { pid, source });
     // The process never had this fd: close its copy whatever happened.
     remote::call(
@@ -341,12 +472,7 @@ pub fn hand_over(
         uffd.register(RemoteAddr(v.start), v.len(), RegisterMode::MISSING)
             .map_err(|source| LazyError::Setup { pid, source })?;
     }
-    let mut handoff =
-        LazyHandoff::connect(work_dir).map_err(|source| LazyError::Handoff { pid, source })?;
-    handoff
-        .send_uffd(image_pid, uffd.as_fd())
-        .map_err(|source| LazyError::Handoff { pid, source })?;
-    Ok(LazyRestore { uffd, handoff })
+    Ok(uffd)
 }
 
 #[cfg(test)]

@@ -1,7 +1,18 @@
-//! Restore a process from CRIU-format images, with no code injected into it.
+//! Restore a process tree from CRIU-format images, with no code injected into it.
 //!
-//! read → plan → fork → rebuild → resume. [`plan::plan`] is a pure function from
-//! images to operations; everything after it follows the plan through `tracee`.
+//! read → plan → objects → fork → rebuild → resume. [`plan::plan_tree`] is a pure
+//! function from images to operations (one [`plan::Plan`] per live process, parent
+//! links, sessions, groups, shared tables, zombies); everything after it follows the plan
+//! through `tracee`:
+//! - [`objects`]: every open file description of the tree is created here, in
+//!   ckpt-restore, before anything is forked, so that descriptions shared between
+//!   processes come out shared;
+//! - [`fork`]: ckpt-restore forks the root; each process sets its session or group,
+//!   forks its children (with `CLONE_FILES`/`CLONE_FS` where shared), places its fds
+//!   ([`child`]) and waits for our tracer;
+//! - rebuild: ckpt-restore seizes every process and rebuilds each in tree order
+//!   (memory, threads, state), joins the groups led by others, lets the zombies die with
+//!   their status, then resumes everything at once.
 #![forbid(unsafe_code)]
 
 pub mod child;
@@ -11,24 +22,28 @@ pub mod extras;
 pub mod files;
 pub mod fork;
 pub mod lazy;
+pub mod locks;
 pub mod memory;
+pub mod objects;
 pub mod plan;
 pub mod read;
 pub mod remote;
 pub mod resume;
+pub mod shmem;
 pub mod signals;
+pub mod sockets;
 pub mod stats;
 pub mod threads;
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use images_format::dir::ImageDir;
 use images_format::error::ImageError;
-use tracee::{Pid, Tracee};
+use tracee::{Pid, SeizeOptions, Tracee};
 
 pub use crate::memory::FillMethod;
-use crate::plan::SessionPlan;
 
 /// What to restore and how.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +66,8 @@ pub struct RestoreOptions {
     /// With `lazy_pages`: install the pages each thread touches first (instruction and
     /// stack pointers, what registers point to) before the tree resumes.
     pub lazy_prefetch_hot: bool,
+    /// `--inherit-fd fd[N]:ID`: our fd N stands for object ID of the images.
+    pub inherit_fds: Vec<files::InheritFd>,
 }
 
 /// How a restore ended.
@@ -78,6 +95,20 @@ pub enum RestoreError {
     Read(#[from] read::ReadError),
     #[error("planning the restore")]
     Plan(#[from] plan::PlanError),
+    #[error("planning the restore of the tree")]
+    TreePlan(#[from] plan::TreePlanError),
+    #[error("creating the open files of the tree")]
+    Objects(#[from] objects::ObjectsError),
+    #[error("restoring file locks")]
+    Locks(#[from] locks::LockError),
+    #[error("image pid {pid}: death signal and process group")]
+    Links {
+        pid: i32,
+        #[source]
+        source: remote::RemoteError,
+    },
+    #[error("pid {pid}: the zombie did not die when told to")]
+    Zombie { pid: Pid },
     #[error("recreating deleted files")]
     Files(#[from] files::FilesError),
     #[error("restore")]
@@ -114,11 +145,15 @@ pub enum RestoreError {
     },
 }
 
-/// Restores the process in `opts.images_dir`.
+/// Restores the process tree in `opts.images_dir`.
+///
+/// read → plan (the whole tree) → create every open file description here → fork the
+/// root, which forks the tree (each process its children) and places its fds → seize
+/// every process → rebuild each in tree order → zombies die → resume everything.
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     let started = Instant::now();
-    // Every step reads the new process through /proc by its pid: a /proc of another PID
-    // namespace would show someone else's process, or none.
+    // Every step reads the new processes through /proc by their pid: a /proc of
+    // another PID namespace would show someone else's processes, or none.
     let pid = std::process::id();
     let proc_pid = std::fs::read_link("/proc/self")
         .map(|p| p.to_string_lossy().into_owned())
@@ -134,110 +169,272 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         })?;
     let dir = ImageDir::new(path)?;
     let images = read::images(&dir)?;
-    let (pages, lazy_ranges) = read::page_sources(&dir, images.root.pstree.pid, opts.lazy_pages)?;
-    let mut plan = plan::plan(&images)?;
-    if opts.shell_job {
-        plan.child.session = SessionPlan::Inherit;
+    let mut tree = plan::plan_tree(&images, opts.shell_job)?;
+    // Per process, in tree order (`None` for a zombie): its pages and lazy ranges.
+    let mut pages_of: Vec<Option<(memory::PagesToFill, Vec<plan::Range>)>> = Vec::new();
+    for p in tree.procs.iter_mut() {
+        let plan::ProcKind::Live(plan) = &mut p.kind else {
+            pages_of.push(None);
+            continue;
+        };
+        let image_pid = p.pid.unsigned_abs();
+        let (sources, lazy_ranges) = read::page_sources(&dir, image_pid, opts.lazy_pages)?;
+        let pages = memory::pages_to_fill(&plan.memory, &sources)?;
+        let mut saved: Vec<plan::Range> = pages
+            .fill
+            .iter()
+            .map(|s| plan::Range {
+                start: s.vaddr,
+                end: s.vaddr + s.len,
+            })
+            .collect();
+        saved.extend(lazy_ranges.iter().copied());
+        plan::mark_accounting(&mut plan.memory, &saved);
+        pages_of.push(Some((pages, lazy_ranges)));
     }
-    let pages = memory::pages_to_fill(&plan.memory, &pages)?;
-    let mut saved: Vec<plan::Range> = pages
-        .fill
-        .iter()
-        .map(|s| plan::Range {
-            start: s.vaddr,
-            end: s.vaddr + s.len,
-        })
-        .collect();
-    saved.extend(lazy_ranges.iter().copied());
-    plan::mark_accounting(&mut plan.memory, &saved);
     let work_dir = opts
         .work_dir
         .clone()
         .unwrap_or_else(|| dir.path().to_path_buf());
-    let lazy = opts.lazy_pages.then_some(LazyPlan {
-        ranges: &lazy_ranges,
-        work_dir: &work_dir,
-        prefetch_from: opts.lazy_prefetch_hot.then_some(&dir),
-    });
     tracing::info!(
-        pid = plan.pid,
-        threads = plan.threads.len(),
-        vmas = plan.memory.vmas.len(),
-        fds = plan.child.fds.len(),
+        root = tree.root().map_or(0, |r| r.pid),
+        processes = tree.procs.len(),
         "planned"
     );
+    for p in tree.live() {
+        tracing::debug!(
+            pid = p.pid,
+            threads = p.threads.len(),
+            vmas = p.memory.vmas.len(),
+            fds = p.child.fds.len(),
+            "planned process"
+        );
+    }
 
     // Injection round trips cost 5-8 µs on one CPU and ~100 µs across CPUs here:
-    // pin ourselves, and the child inherits the pin until it is given back.
+    // pin ourselves, and the children inherit the pin until it is given back.
     let affinity = rustix::thread::sched_getaffinity(None).ok();
     let _pin = pin_here();
 
     if !opts.new_pid_ns {
-        fork::check_tids_free(plan.pid, plan.threads.iter().map(|t| t.tid))?;
+        for p in &tree.procs {
+            let tids: Vec<i32> = match &p.kind {
+                plan::ProcKind::Live(plan) => plan.threads.iter().map(|t| t.tid).collect(),
+                plan::ProcKind::Zombie { .. } => Vec::new(),
+            };
+            if p.parent.is_some() && std::path::Path::new(&format!("/proc/{}", p.pid)).exists() {
+                let pid = Pid::from_raw(p.pid).ok_or(fork::ForkError::BadPid { pid: p.pid })?;
+                return Err(fork::ForkError::PidInUse { pid }.into());
+            }
+            fork::check_tids_free(p.pid, tids)?;
+        }
     }
-    let ghosts = files::create_ghosts(&dir, &plan.ghosts)?;
-    ghosts.point_plan_at_copies(&mut plan);
-    files::load_pipe_data(&dir, &mut plan)?;
+    // Ghost files, pipe data and memfds belong to the tree: each is made once.
+    let mut ghost_plans: Vec<plan::GhostPlan> = Vec::new();
+    for p in tree.live() {
+        for g in &p.ghosts {
+            if !ghost_plans.iter().any(|h| h.file_id == g.file_id) {
+                ghost_plans.push(g.clone());
+            }
+        }
+    }
+    let ghosts = files::create_ghosts(&dir, &ghost_plans)?;
+    let mut shared = shmem::SharedMaps::load(&dir).map_err(memory::MemoryRestoreError::from)?;
+    let no_files = std::collections::HashMap::new();
+    let all_files = images.root().map_or(&no_files, |r| &r.files);
+    let unix =
+        sockets::unix::UnixImages::read(&dir, all_files).map_err(objects::ObjectsError::from)?;
+    for p in tree.live_mut() {
+        ghosts.point_plan_at_copies(p);
+        files::load_pipe_data(&dir, p)?;
+        unix.fill(&mut p.child.fds);
+        shared.point_plan_at_memfds(p);
+    }
+    let live: Vec<&plan::Plan> = tree.live().collect();
+    let inherited_fds = files::inherited(
+        live.iter().flat_map(|p| p.child.fds.iter()),
+        &opts.inherit_fds,
+    )?;
+    let objects = objects::create(&live, inherited_fds)?;
+    drop(live);
+    // flock and OFD locks belong to the descriptions: set once, here.
+    let file_locks = locks::load(&dir)?;
+    locks::apply_on_descriptions(&file_locks, |pid, fd| {
+        let p = tree.live().find(|p| p.pid == pid)?;
+        let id = p.child.fds.iter().find(|f| f.fd == fd)?.file_id;
+        objects.get(id).map(|o| o.as_fd())
+    })?;
+    tracing::debug!(
+        objects = objects.len(),
+        floor = objects.floor(),
+        "open files created"
+    );
+    let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
+    let (status_r, status_w) = pipe().map_err(fork::ForkError::Pipe)?;
+    let status_w = objects.park_own(status_w).map_err(fork::ForkError::Pipe)?;
+    let (go_r, go_w) = pipe().map_err(fork::ForkError::Pipe)?;
+    let go_r = objects.park_own(go_r).map_err(fork::ForkError::Pipe)?;
+    // Orphans of a failed restore come to us to be reaped.
+    let subreaper = Subreaper::set();
+
     let fork_start = Instant::now();
     let namespace = if opts.new_pid_ns {
         Some(fork::PidNamespace::create()?)
     } else {
         None
     };
-    let (forked, leader) = fork::fork_root(plan.pid, &plan.child, namespace.is_some())?;
+    let inherited = fork::Inherited {
+        tree: &tree,
+        objects: &objects,
+        status: &status_w,
+        zombies_go: &go_r,
+        locks: &file_locks,
+    };
+    // Tracees are declared before the guards: on an early return the guards kill the
+    // half-built tree before the tracees are dropped (which detaches them).
+    let mut tracees: Vec<Option<Tracee>> = Vec::with_capacity(tree.procs.len());
+    let root_host = fork::fork_tree(inherited, namespace.is_some())?;
+    let root_guard = fork::KillOnDrop::new(root_host);
     // From here the reaper lives as long as the namespace has a process.
     let reaper = namespace.map(fork::PidNamespace::start);
+    let reaper_guard = reaper.map(fork::KillOnDrop::new);
+    // Only the tree holds these now: a process that dies closes its copies.
+    drop(objects);
+    drop(status_w);
+    drop(go_r);
+    let mut guard = fork::TreeGuard::new();
+    let hosts = fork::wait_ready(&status_r, &tree, &mut guard, READY_TIMEOUT)?;
+    tracing::debug!(
+        us = micros(fork_start.elapsed()),
+        "every process forked and prepared"
+    );
+    for (i, p) in tree.procs.iter().enumerate() {
+        let host = hosts
+            .get(i)
+            .copied()
+            .ok_or(fork::ForkError::NotReady { pid: p.pid })?;
+        let t = match &p.kind {
+            plan::ProcKind::Zombie { .. } => None,
+            plan::ProcKind::Live(_) if i == 0 => Some(
+                Tracee::from_stopped_child(host, SeizeOptions::RESTORE)
+                    .map_err(|source| fork::ForkError::Attach { pid: host, source })?,
+            ),
+            plan::ProcKind::Live(_) => Some(
+                Tracee::seize_paused(host, SeizeOptions::RESTORE, SEIZE_TIMEOUT)
+                    .map_err(|source| fork::ForkError::Attach { pid: host, source })?,
+            ),
+        };
+        tracees.push(t);
+    }
     let forking_time = fork_start.elapsed();
-    let mut leader = leader;
-    // Declared after the leader so that, on an early return, it kills the half-built
-    // process before the leader's Tracee is dropped (which detaches it).
-    let forked = forked;
-    let pid = forked.pid;
-    tracing::info!(%pid, us = micros(forking_time), "forked");
+    tracing::info!(pid = %root_host, processes = tree.procs.len(), us = micros(forking_time), "forked");
 
     let restore_start = Instant::now();
-    let how = Rebuild {
-        fill: opts.fill,
-        cpus: affinity.as_ref(),
-        lazy,
-        nested: opts.new_pid_ns,
+    let mut lazy = if opts.lazy_pages {
+        Some(lazy::LazySession::open(&work_dir)?)
+    } else {
+        None
     };
-    let (pages_restored, lazy) = rebuild(&mut leader, &plan, &pages, &how)?;
+    let mut pages_restored = 0;
+    for (i, p) in tree.procs.iter().enumerate() {
+        let t = tracees.get_mut(i).and_then(Option::as_mut);
+        let (plan, t) = match (&p.kind, t) {
+            (plan::ProcKind::Live(plan), Some(t)) => (plan, t),
+            (plan::ProcKind::Zombie { .. }, _) => {
+                if let Some(l) = lazy.as_mut() {
+                    l.add_zombie(p.pid)?;
+                }
+                continue;
+            }
+            (plan::ProcKind::Live(_), None) => {
+                return Err(RestoreError::NoThreads {
+                    pid: hosts.get(i).copied().unwrap_or(root_host),
+                })
+            }
+        };
+        // While our own code still runs in it: every process exists, so every group
+        // leader is in its group.
+        set_process_links(t, p, plan)?;
+        let (pages, lazy_ranges) = pages_of
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or(RestoreError::NoThreads { pid: t.pid() })?;
+        let how = Rebuild {
+            fill: opts.fill,
+            cpus: affinity.as_ref(),
+            lazy: lazy.as_mut().map(|session| LazyPlan {
+                session,
+                ranges: lazy_ranges,
+                prefetch_from: opts.lazy_prefetch_hot.then_some(&dir),
+            }),
+            nested: opts.new_pid_ns,
+        };
+        pages_restored += rebuild(t, plan, pages, how, &mut shared)?;
+    }
+    // Every mapping of the tree's memfds is back: their seals against writing may go on.
+    shared.finish().map_err(memory::MemoryRestoreError::from)?;
     // Opened and mapped by now: unlinked, as they were at dump time.
     drop(ghosts);
     let restore_time = restore_start.elapsed();
     stats::write(&dir, forking_time, restore_time, pages_restored);
     if let Some(path) = &opts.pidfile {
-        std::fs::write(path, format!("{pid}\n")).map_err(|source| RestoreError::Pidfile {
+        std::fs::write(path, format!("{root_host}\n")).map_err(|source| RestoreError::Pidfile {
             path: path.clone(),
             source,
         })?;
     }
-    if let Some(set) = &affinity {
-        give_back_affinity(pid, set);
+    for (i, t) in tracees.iter_mut().enumerate() {
+        let Some(t) = t.as_mut() else { continue };
+        if let Some(set) = &affinity {
+            give_back_affinity(t.pid(), set);
+        }
+        if let Some(images) = images.processes.get(i) {
+            extras::restore(t, images)?;
+        }
     }
-    extras::restore(&mut leader, &images.root)?;
+    // Last: every group is joined, every parent is stopped and cannot reap them yet.
+    drop(go_w);
+    for (i, p) in tree.procs.iter().enumerate() {
+        if let (plan::ProcKind::Zombie { .. }, Some(host)) = (&p.kind, hosts.get(i)) {
+            wait_zombie(*host)?;
+        }
+    }
     // The daemon learns that every task is restored just before they resume. From then
     // on a watch holds references to the tree's userfaultfds until every page is in, and
     // kills the tree if the daemon dies first.
     let victim = match reaper {
         Some(reaper) => lazy::Victim::Namespace(reaper),
-        None => lazy::Victim::Tree(pid),
+        None => lazy::Victim::Tree(root_host),
     };
     let watch = match lazy {
-        Some(l) => Some(l.finish(pid)?),
+        Some(l) => Some(l.finish()?),
         None => None,
     };
     let watch = match watch {
-        Some(w) if opts.detached => start_watchdog(w, pid, victim, reaper.is_some())?,
+        Some(w) if opts.detached => start_watchdog(w, root_host, victim, reaper.is_some())?,
         other => other,
     };
-    let pid = forked.release();
-    if plan.task.stopped {
-        resume::detach_stopped(leader)?;
-    } else {
-        resume::detach(leader)?;
+    // From here the restore stands: the SysV segments it created are the tree's.
+    shared.keep_segments();
+    guard.release();
+    root_guard.disarm();
+    if let Some(g) = reaper_guard {
+        g.disarm();
     }
+    // Children first: a parent that runs finds its children running.
+    for (i, t) in tracees.into_iter().enumerate().rev() {
+        let (Some(t), Some(p)) = (t, tree.procs.get(i)) else {
+            continue;
+        };
+        let stopped = matches!(&p.kind, plan::ProcKind::Live(plan) if plan.task.stopped);
+        match (stopped, i) {
+            (false, _) => resume::detach(t)?,
+            (true, 0) => resume::detach_stopped(t)?,
+            (true, _) => resume::detach_into_stop(t)?,
+        }
+    }
+    drop(subreaper);
+    let pid = root_host;
     tracing::info!(%pid, us = micros(started.elapsed()), restore_us = micros(restore_time), "restored");
     // Held here only if the watch thread could not start: the references then last as
     // long as we wait, without the kill on the daemon's death.
@@ -277,6 +474,85 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(reaper.as_raw()), None);
     }
     outcome
+}
+
+/// How long the forked tree may take to get ready (each process forks its children and
+/// places its fds: milliseconds, unless something hangs).
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a process that reported ready may take to reach its `pause()`.
+const SEIZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a zombie may take to die once told to.
+const ZOMBIE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+const PR_SET_PDEATHSIG: u64 = 1;
+const SYS_SETPGID: i64 = 109;
+
+/// What the forked process set up for ckpt-restore's sake, put back as dumped (its
+/// death signal), and the group it joins now that every process exists.
+fn set_process_links(
+    t: &mut Tracee,
+    p: &plan::ProcPlan,
+    plan: &plan::Plan,
+) -> Result<(), RestoreError> {
+    let sig = plan.threads.first().map_or(0, |l| l.pdeath_sig);
+    let links = |source| RestoreError::Links { pid: p.pid, source };
+    remote::call(
+        t,
+        "prctl(PR_SET_PDEATHSIG)",
+        memory::libc_nr::PRCTL,
+        [PR_SET_PDEATHSIG, u64::from(sig), 0, 0, 0, 0],
+    )
+    .map_err(links)?;
+    if let Some(pgid) = p.join_group {
+        remote::call(
+            t,
+            format!("setpgid(0, {pgid})"),
+            SYS_SETPGID,
+            [0, u64::from(pgid.unsigned_abs()), 0, 0, 0, 0],
+        )
+        .map_err(links)?;
+    }
+    Ok(())
+}
+
+/// Waits until zombie `host` has died (its parent, stopped, cannot reap it; a parent
+/// that ignores SIGCHLD lets the kernel reap it at once).
+fn wait_zombie(host: Pid) -> Result<(), RestoreError> {
+    let start = Instant::now();
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{host}/stat"))
+            .ok()
+            .and_then(|s| {
+                let after = s.rfind(')')?;
+                s.get(after + 2..)?.chars().next()
+            });
+        match state {
+            None | Some('Z') | Some('X') => return Ok(()),
+            Some(_) if start.elapsed() > ZOMBIE_TIMEOUT => {
+                return Err(RestoreError::Zombie { pid: host })
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_micros(200)),
+        }
+    }
+}
+
+/// We are the subreaper of what we fork while restoring; put back as it was on drop.
+struct Subreaper {
+    was: Option<rustix::process::Pid>,
+}
+
+impl Subreaper {
+    fn set() -> Option<Subreaper> {
+        let was = rustix::process::child_subreaper().ok()?;
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid())).ok()?;
+        Some(Subreaper { was })
+    }
+}
+
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        let _ = rustix::process::set_child_subreaper(self.was);
+    }
 }
 
 /// With `-d` we return while pages are missing: a forked watchdog keeps watch. Returns
@@ -331,9 +607,6 @@ fn micros(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Rebuilds the stopped child into the dumped process, all threads included, and
-/// leaves only the leader attached, with its final registers loaded. Returns the
-/// number of pages written.
 /// How [`rebuild`] fills memory.
 struct Rebuild<'a> {
     fill: FillMethod,
@@ -344,20 +617,24 @@ struct Rebuild<'a> {
     nested: bool,
 }
 
-/// Post-copy: the lazy ranges of the image and where the daemon listens.
+/// Post-copy: the tree's hand-off to the daemon and this process's lazy ranges.
 struct LazyPlan<'a> {
+    session: &'a mut lazy::LazySession,
     ranges: &'a [plan::Range],
-    work_dir: &'a std::path::Path,
     /// Install the threads' hot pages from these images before resume.
     prefetch_from: Option<&'a ImageDir>,
 }
 
+/// Rebuilds the stopped child into the dumped process, all threads included, and
+/// leaves only the leader attached, with its final registers loaded. Returns the
+/// number of pages written.
 fn rebuild(
     leader: &mut Tracee,
     plan: &plan::Plan,
     pages: &memory::PagesToFill,
-    how: &Rebuild<'_>,
-) -> Result<(u64, Option<lazy::LazyRestore>), RestoreError> {
+    how: Rebuild<'_>,
+    shared: &mut shmem::SharedMaps,
+) -> Result<u64, RestoreError> {
     let fill = how.fill;
     let cpus = how.cpus;
     let pid = leader.pid();
@@ -368,7 +645,7 @@ fn rebuild(
     memory::clear_and_move_vdso(leader, &plan.memory, &helper, &pages.vdso_image)?;
     tracing::debug!(%pid, us = micros(step.elapsed()), "old layout cleared");
     let step = Instant::now();
-    memory::map_vmas(leader, &plan.memory, &helper)?;
+    memory::map_vmas(leader, &plan.memory, &helper, shared)?;
     tracing::debug!(%pid, us = micros(step.elapsed()), vmas = plan.memory.vmas.len(), "vmas mapped");
     // A chrooted target cannot see the images: we write its pages ourselves.
     let chrooted = plan
@@ -396,21 +673,16 @@ fn rebuild(
     memory::advise(leader, &plan.memory)?;
     // Before anything else runs in the target: from now on the kernel may touch lazy
     // memory (rseq updates at each return to user mode), and the daemon serves it.
-    let lazy = match &how.lazy {
-        Some(l) => {
-            let vmas = lazy::lazy_vmas(pid, &plan.memory, l.ranges)?;
-            let image_pid = plan.pid;
-            let handed = lazy::hand_over(leader, image_pid, &vmas, l.work_dir)?;
-            if let Some(dir) = l.prefetch_from {
-                let step = Instant::now();
-                let pages =
-                    lazy::prefetch_hot(&handed.uffd, pid, dir, image_pid, l.ranges, &plan.threads)?;
-                tracing::info!(%pid, pages, us = micros(step.elapsed()), "hot lazy pages prefetched");
-            }
-            Some(handed)
+    if let Some(l) = how.lazy {
+        let vmas = lazy::lazy_vmas(pid, &plan.memory, l.ranges)?;
+        let image_pid = plan.pid;
+        let uffd = l.session.add(leader, image_pid, &vmas)?;
+        if let Some(dir) = l.prefetch_from {
+            let step = Instant::now();
+            let pages = lazy::prefetch_hot(uffd, pid, dir, image_pid, l.ranges, &plan.threads)?;
+            tracing::info!(%pid, pages, us = micros(step.elapsed()), "hot lazy pages prefetched");
         }
-        None => None,
-    };
+    }
     // After the old executable is gone: a new exe_fd is refused while it is mapped.
     memory::set_mm(leader, &plan.mm, &helper)?;
 
@@ -455,7 +727,7 @@ fn rebuild(
     for t in others {
         resume::detach(t)?;
     }
-    Ok((fill.pages_restored, lazy))
+    Ok(fill.pages_restored)
 }
 
 /// Per-thread state, credentials last: injected syscalls run with the thread's

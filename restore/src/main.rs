@@ -50,6 +50,10 @@ struct Cli {
     /// Directory of `lazy-pages.socket` (default: the images directory).
     #[arg(short = 'W', long = "work-dir", value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// Use our fd N for the object ID of the images (a pipe `pipe:[INODE]` or a file path),
+    /// as CRIU's option: typically the other end of a pipe outside the dumped tree.
+    #[arg(long = "inherit-fd", value_name = "fd[N]:ID")]
+    inherit_fd: Vec<ckpt_restore::files::InheritFd>,
     /// How pages are written: parallel (default), preadv (by the target), writev or mem.
     #[arg(
         long = "fill-method",
@@ -84,6 +88,7 @@ fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
         detached: cli.detached,
         pidfile: cli.pidfile.clone(),
         shell_job: cli.shell_job,
+        inherit_fds: cli.inherit_fd.clone(),
     };
     restore(&opts).with_context(|| format!("restore from {}", cli.images_dir.display()))
 }

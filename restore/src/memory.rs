@@ -15,6 +15,9 @@
 //!   write-protected after the fill, so the kernel accounts it as before (`ac`);
 //! - `PR_SET_MM_MAP` with the exe fd comes after the old executable is unmapped
 //!   (EBUSY otherwise).
+//! - shared memory objects (`MAP_SHARED|MAP_ANONYMOUS`, memfds, SysV segments) are mapped
+//!   in address order with the rest, through [`crate::shmem::SharedMaps`]: the first
+//!   mapping in the tree creates and fills an object, later ones map the same object.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,6 +30,7 @@ use tracee::memory::{MemoryError, RemoteMem};
 use tracee::{Pid, RemoteAddr, Tracee};
 
 use crate::remote::{self, RemoteError};
+use crate::shmem::SharedMaps;
 
 use crate::plan::{self, MemoryPlan, MmPlan, Range, VmaPlan, PAGE_SIZE};
 
@@ -37,9 +41,9 @@ const HELPER_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
 const HELPER_PAGES: u64 = 10;
 const HELPER_DATA: u64 = PAGE_SIZE;
 /// Lowest address tried for the helper and the temporary vdso spot.
-const HOLE_FROM: u64 = 0x1_0000_0000;
+pub(crate) const HOLE_FROM: u64 = 0x1_0000_0000;
 /// Highest user address on x86_64 with 4-level paging.
-const USER_END: u64 = 0x7fff_ffff_f000;
+pub(crate) const USER_END: u64 = 0x7fff_ffff_f000;
 
 const PROT_READ: u64 = 1;
 const PROT_WRITE: u64 = 2;
@@ -132,6 +136,8 @@ pub enum MemoryRestoreError {
     },
     #[error("pid {pid}: path {path} is too long to pass to the target")]
     PathTooLong { pid: Pid, path: PathBuf },
+    #[error("shared memory")]
+    Shmem(#[from] crate::shmem::ShmemError),
 }
 
 /// Where the bytes of a run of dumped pages are.
@@ -588,16 +594,27 @@ pub fn split_sources(
     Ok((fill, vdso))
 }
 
-/// Maps every dumped VMA at its place with its protection.
+/// Maps every dumped VMA at its place with its protection. Shared memory objects come
+/// from `shared`, which creates each object at its first mapping in the tree (see
+/// [`crate::shmem`]).
 pub fn map_vmas(
     t: &mut Tracee,
     memory: &MemoryPlan,
     helper: &Helper,
+    shared: &mut SharedMaps,
 ) -> Result<(), MemoryRestoreError> {
     let pid = t.pid();
     let mut opened: HashMap<(u32, u64), i64> = HashMap::new();
     let mut checked: std::collections::HashSet<u32> = std::collections::HashSet::new();
     for vma in &memory.vmas {
+        if let Some(object) = memory
+            .shmem
+            .iter()
+            .find(|s| s.range.start == vma.range.start)
+        {
+            shared.map(t, helper, memory, object, vma.write_then_protect)?;
+            continue;
+        }
         // Once per file: reading an ELF for its build-id costs far more than a mapping.
         if let Some(f) = &vma.file {
             if checked.insert(f.file_id) {

@@ -56,14 +56,15 @@ pub struct ChildPlan {
     pub session: SessionPlan,
 }
 
-/// How the root gets its session and process group.
+/// What a process does about its session and process group before forking its children.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SessionPlan {
     /// It led its own session: `setsid`.
     NewSession,
     /// It led its own group inside another session: `setpgid(0, 0)`.
     NewGroup,
-    /// It belonged to the session and group of its parent (a shell job): keep ours.
+    /// It stays in the session and group it was forked into (the root of a shell job:
+    /// ckpt-restore's).
     #[default]
     Inherit,
 }
@@ -126,6 +127,8 @@ pub struct MemoryPlan {
     /// Everything the dumped process had mapped, vsyscall and the vDSO block included:
     /// the helper page must avoid all of it.
     pub occupied: Vec<Range>,
+    /// The VMAs of shared memory objects (mapped through [`crate::shmem`]).
+    pub shmem: Vec<crate::shmem::SharedVma>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -294,9 +297,301 @@ pub enum PlanError {
     SeccompLoop { pid: u32, tid: u32 },
 }
 
-/// Decides every operation of the restore of `images`.
-pub fn plan(images: &TreeImages) -> Result<Plan, PlanError> {
-    let p = &images.root;
+/// The restore of a whole tree, decided before anything is created.
+///
+/// Ordering rules, all decided here:
+/// - a process is forked by its restored parent, parents before children, in
+///   `pstree.img` order;
+/// - a process leading its session calls `setsid`, one leading its group in its parent's
+///   session `setpgid(0, 0)`, both before forking its children, who inherit them;
+/// - a process in a group led by another process (neither its own nor the one it
+///   inherits at fork) joins it once every process exists;
+/// - a child forked with `CLONE_FILES` (its fd table is its parent's) leaves placing the
+///   fds to the first process of that table, which waits for it; `CLONE_FS` likewise for
+///   cwd, root and umask;
+/// - zombies are forked like the others, and exit with their status last of all, once
+///   every group is joined; nothing can be below them.
+#[derive(Debug, Clone)]
+pub struct TreePlan {
+    /// In `pstree.img` order: every parent before its children, the root first.
+    pub procs: Vec<ProcPlan>,
+}
+
+impl TreePlan {
+    pub fn root(&self) -> Option<&ProcPlan> {
+        self.procs.first()
+    }
+
+    /// Every live process's plan, in tree order.
+    pub fn live(&self) -> impl Iterator<Item = &Plan> {
+        self.procs.iter().filter_map(|p| match &p.kind {
+            ProcKind::Live(plan) => Some(plan.as_ref()),
+            ProcKind::Zombie { .. } => None,
+        })
+    }
+
+    pub fn live_mut(&mut self) -> impl Iterator<Item = &mut Plan> {
+        self.procs.iter_mut().filter_map(|p| match &mut p.kind {
+            ProcKind::Live(plan) => Some(plan.as_mut()),
+            ProcKind::Zombie { .. } => None,
+        })
+    }
+}
+
+/// One process of the tree and its place in it.
+#[derive(Debug, Clone)]
+pub struct ProcPlan {
+    pub pid: i32,
+    /// Index of the parent in [`TreePlan::procs`]; `None` for the root.
+    pub parent: Option<usize>,
+    /// Indexes of the children, in the order they are forked.
+    pub children: Vec<usize>,
+    pub pgid: i32,
+    pub sid: i32,
+    /// What it does about its session and group before forking its children.
+    pub session: SessionPlan,
+    /// The group it joins once every process exists.
+    pub join_group: Option<i32>,
+    /// Forked with `CLONE_FILES`: its fd table is its parent's.
+    pub shares_files: bool,
+    /// Forked with `CLONE_FS`: its cwd, root and umask are its parent's.
+    pub shares_fs: bool,
+    pub kind: ProcKind,
+}
+
+impl ProcPlan {
+    /// It places the fds of its table (it is the first process holding it).
+    pub fn places_fds(&self) -> bool {
+        !self.shares_files && matches!(self.kind, ProcKind::Live(_))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum ProcKind {
+    Live(Box<Plan>),
+    /// Exits with `status` (a raw wait status: exit code, or the killing signal).
+    Zombie {
+        status: u32,
+    },
+}
+
+/// Why a tree cannot be restored as dumped.
+#[derive(Debug, thiserror::Error)]
+pub enum TreePlanError {
+    #[error("pstree.img has no process")]
+    Empty,
+    #[error("pid {pid}: its parent {ppid} is not listed before it in pstree.img")]
+    Orphan { pid: u32, ppid: u32 },
+    #[error("pid {pid}: the root of the tree is a zombie")]
+    ZombieRoot { pid: u32 },
+    #[error("pid {pid}: a zombie with children in pstree.img (child {child})")]
+    ZombieParent { pid: u32, child: u32 },
+    #[error("pid {pid}: shares its address space with pid {other} (CLONE_VM without CLONE_THREAD is not supported)")]
+    SharedVm { pid: u32, other: u32 },
+    #[error("pid {pid}: shares its signal handlers with pid {other} (CLONE_SIGHAND needs CLONE_VM, which is not supported)")]
+    SharedSighand { pid: u32, other: u32 },
+    #[error("pid {pid}: shares its {what} with pid {other}, which is not its parent (only tables shared since fork can be restored)")]
+    SharedNotFromParent {
+        pid: u32,
+        other: u32,
+        what: &'static str,
+    },
+    #[error("pid {pid}: its session {sid} is neither its own nor its parent's (a session whose leader is gone is not supported)")]
+    Session { pid: u32, sid: u32 },
+    #[error("pid {pid}: leads session {pid} but is in process group {pgid}")]
+    LeaderGroup { pid: u32, pgid: u32 },
+    #[error("pid {pid}: its process group {pgid} has no leader in session {sid} of the tree")]
+    NoGroupLeader { pid: u32, pgid: u32, sid: u32 },
+    #[error("pid {pid}: a fork is refused at the limit of kernel pid numbers (pid {pid} is not a valid pid)")]
+    BadPid { pid: u32 },
+    #[error(transparent)]
+    Process(#[from] PlanError),
+}
+
+/// `task_core_entry.task_state` of a zombie (CRIU's TASK_DEAD).
+const TASK_DEAD: u32 = 2;
+
+/// Decides the restore of the whole tree: each live process's [`Plan`], who forks whom
+/// with which shared tables, sessions, groups and zombies. `shell_job`: the root keeps
+/// ckpt-restore's session and group.
+pub fn plan_tree(images: &TreeImages, shell_job: bool) -> Result<TreePlan, TreePlanError> {
+    let procs_in = &images.processes;
+    if procs_in.is_empty() {
+        return Err(TreePlanError::Empty);
+    }
+    let mut index: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    let mut procs: Vec<ProcPlan> = Vec::with_capacity(procs_in.len());
+    // Per process: the group it is in once forked and its own setsid/setpgid are done.
+    let mut early_pgid: Vec<u32> = Vec::with_capacity(procs_in.len());
+    for (i, p) in procs_in.iter().enumerate() {
+        let e = &p.pstree;
+        let pid = i32::try_from(e.pid)
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or(TreePlanError::BadPid { pid: e.pid })?;
+        let parent = if i == 0 {
+            None
+        } else {
+            Some(*index.get(&e.ppid).ok_or(TreePlanError::Orphan {
+                pid: e.pid,
+                ppid: e.ppid,
+            })?)
+        };
+        let tc = p.cores.first().and_then(|c| c.tc.as_ref());
+        let zombie = tc.is_some_and(|tc| tc.task_state == TASK_DEAD);
+        if let Some(pi) = parent {
+            let pp: &ProcPlan = &procs[pi];
+            if matches!(pp.kind, ProcKind::Zombie { .. }) {
+                return Err(TreePlanError::ZombieParent {
+                    pid: pp.pid.unsigned_abs(),
+                    child: e.pid,
+                });
+            }
+        } else if zombie {
+            return Err(TreePlanError::ZombieRoot { pid: e.pid });
+        }
+        let (session, early, join) = match parent {
+            None => {
+                let session = if shell_job {
+                    SessionPlan::Inherit
+                } else if e.sid == e.pid {
+                    SessionPlan::NewSession
+                } else if e.pgid == e.pid {
+                    SessionPlan::NewGroup
+                } else {
+                    SessionPlan::Inherit
+                };
+                (session, e.pgid, None)
+            }
+            Some(pi) => {
+                let parent_sid = procs_in[pi].pstree.sid;
+                let inherited = early_pgid[pi];
+                if e.sid == e.pid {
+                    if e.pgid != e.pid {
+                        return Err(TreePlanError::LeaderGroup {
+                            pid: e.pid,
+                            pgid: e.pgid,
+                        });
+                    }
+                    (SessionPlan::NewSession, e.pid, None)
+                } else if e.sid != parent_sid {
+                    return Err(TreePlanError::Session {
+                        pid: e.pid,
+                        sid: e.sid,
+                    });
+                } else if e.pgid == e.pid {
+                    (SessionPlan::NewGroup, e.pid, None)
+                } else if e.pgid == inherited {
+                    (SessionPlan::Inherit, inherited, None)
+                } else {
+                    let led = procs_in.iter().any(|o| {
+                        o.pstree.pid == e.pgid && o.pstree.pgid == e.pgid && o.pstree.sid == e.sid
+                    });
+                    if !led {
+                        return Err(TreePlanError::NoGroupLeader {
+                            pid: e.pid,
+                            pgid: e.pgid,
+                            sid: e.sid,
+                        });
+                    }
+                    let pgid =
+                        i32::try_from(e.pgid).map_err(|_| TreePlanError::BadPid { pid: e.pgid })?;
+                    (SessionPlan::Inherit, inherited, Some(pgid))
+                }
+            }
+        };
+        let (shares_files, shares_fs) = if zombie {
+            (false, false)
+        } else {
+            shared_with_parent(procs_in, i, parent)?
+        };
+        let kind = if zombie {
+            ProcKind::Zombie {
+                status: tc.map(|tc| tc.exit_code).unwrap_or(0),
+            }
+        } else {
+            let mut plan = plan_process(p)?;
+            plan.child.session = session;
+            ProcKind::Live(Box::new(plan))
+        };
+        index.insert(e.pid, i);
+        early_pgid.push(early);
+        if let Some(pi) = parent {
+            procs[pi].children.push(i);
+        }
+        procs.push(ProcPlan {
+            pid,
+            parent,
+            children: Vec::new(),
+            pgid: i32::try_from(e.pgid).unwrap_or(0),
+            sid: i32::try_from(e.sid).unwrap_or(0),
+            session,
+            join_group: join,
+            shares_files,
+            shares_fs,
+            kind,
+        });
+    }
+    Ok(TreePlan { procs })
+}
+
+/// Which of its parent's tables process `i` shares (`CLONE_FILES`, `CLONE_FS`), from
+/// the kernel object ids of `ids-PID.img`. Sharing with anyone but the parent, and
+/// sharing memory or signal handlers, cannot be made by a fork.
+fn shared_with_parent(
+    procs: &[ProcessImages],
+    i: usize,
+    parent: Option<usize>,
+) -> Result<(bool, bool), TreePlanError> {
+    let me = &procs[i];
+    let pid = me.pstree.pid;
+    let Some(ids) = me.ids else {
+        return Ok((false, false));
+    };
+    let parent_ids = parent.and_then(|pi| procs.get(pi)).and_then(|p| p.ids);
+    let mut files = false;
+    let mut fs = false;
+    for (j, other) in procs.iter().enumerate().take(i) {
+        let Some(o) = other.ids else { continue };
+        if other.is_zombie() {
+            continue;
+        }
+        let opid = other.pstree.pid;
+        if o.vm_id == ids.vm_id {
+            return Err(TreePlanError::SharedVm { pid, other: opid });
+        }
+        if o.sighand_id == ids.sighand_id {
+            return Err(TreePlanError::SharedSighand { pid, other: opid });
+        }
+        let is_parent = Some(j) == parent;
+        if o.files_id == ids.files_id {
+            if !is_parent && parent_ids.map(|p| p.files_id) != Some(ids.files_id) {
+                return Err(TreePlanError::SharedNotFromParent {
+                    pid,
+                    other: opid,
+                    what: "fd table",
+                });
+            }
+            files = true;
+        }
+        if o.fs_id == ids.fs_id {
+            if !is_parent && parent_ids.map(|p| p.fs_id) != Some(ids.fs_id) {
+                return Err(TreePlanError::SharedNotFromParent {
+                    pid,
+                    other: opid,
+                    what: "cwd and root (fs)",
+                });
+            }
+            fs = true;
+        }
+    }
+    let files = files && parent_ids.is_some_and(|p| p.files_id == ids.files_id);
+    let fs = fs && parent_ids.is_some_and(|p| p.fs_id == ids.fs_id);
+    Ok((files, fs))
+}
+
+/// Decides every operation of the restore of one live process.
+pub fn plan_process(p: &ProcessImages) -> Result<Plan, PlanError> {
     let pid = p.pstree.pid;
     if p.cores.is_empty() || p.pstree.threads.is_empty() {
         return Err(PlanError::NoThreads { pid });
@@ -463,11 +758,8 @@ fn plan_memory(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<MemoryPlan, Pl
             vdso_parts.push((v.status, range));
             continue;
         }
-        let unsupported = VmaStatus::SYSVIPC
-            | VmaStatus::SOCKET
-            | VmaStatus::AIORING
-            | VmaStatus::SHSTK
-            | VmaStatus::UPROBES;
+        let unsupported =
+            VmaStatus::SOCKET | VmaStatus::AIORING | VmaStatus::SHSTK | VmaStatus::UPROBES;
         if status.intersects(unsupported) {
             return Err(PlanError::UnsupportedVma {
                 pid,
@@ -475,7 +767,8 @@ fn plan_memory(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<MemoryPlan, Pl
                 status: v.status,
             });
         }
-        let file = if status.maps_file() {
+        // A memfd's mapping is mapped through `crate::shmem`, like shared memory.
+        let file = if status.maps_file() && !status.contains(VmaStatus::MEMFD) {
             let id = u32::try_from(v.shmid).map_err(|_| PlanError::MissingMappedFile {
                 pid,
                 start: v.start,
@@ -560,6 +853,7 @@ fn plan_memory(p: &ProcessImages, ghosts: &[GhostPlan]) -> Result<MemoryPlan, Pl
         vdso_block,
         guards,
         occupied,
+        shmem: crate::shmem::plan_vmas(pid, &p.mm.vmas, &p.files)?,
     })
 }
 
@@ -907,7 +1201,16 @@ mod tests {
         }
     }
 
-    fn images() -> TreeImages {
+    /// One process, planned as the tree's root.
+    struct Im {
+        root: ProcessImages,
+    }
+
+    fn plan(im: &Im) -> Result<Plan, PlanError> {
+        plan_process(&im.root)
+    }
+
+    fn images() -> Im {
         let mut files = std::collections::HashMap::new();
         for f in [
             reg(1, "/bin/demo", 0, 0),
@@ -929,8 +1232,7 @@ mod tests {
                 path: "/img/ghost-file-9.img".into(),
             },
         );
-        TreeImages {
-            dir: "/img".into(),
+        Im {
             root: ProcessImages {
                 pstree: pb::PstreeEntry {
                     pid: PID,
@@ -1023,8 +1325,8 @@ mod tests {
                         ..Default::default()
                     },
                 ],
-                files,
-                ghosts,
+                files: std::sync::Arc::new(files),
+                ghosts: std::sync::Arc::new(ghosts),
                 fs: Some(pb::FsEntry {
                     cwd_id: 3,
                     root_id: 3,
@@ -1150,7 +1452,7 @@ mod tests {
     #[test]
     fn seccomp_chain_is_installed_oldest_first_and_loops_are_refused() {
         let mut im = images();
-        im.root.seccomp_filters = vec![
+        im.root.seccomp_filters = std::sync::Arc::new(vec![
             pb::SeccompFilter {
                 filter: vec![1; 8],
                 prev: None,
@@ -1161,14 +1463,14 @@ mod tests {
                 prev: Some(0),
                 flags: None,
             },
-        ];
+        ]);
         if let Some(tc) = im.root.cores[0].thread_core.as_mut() {
             tc.seccomp_mode = Some(pb::SeccompMode::Filter as i32);
             tc.seccomp_filter = Some(1);
         }
         let p = plan(&im).expect("plan");
         assert_eq!(p.threads[0].seccomp, vec![vec![1; 8], vec![2; 8]]);
-        im.root.seccomp_filters[0].prev = Some(1);
+        std::sync::Arc::make_mut(&mut im.root.seccomp_filters)[0].prev = Some(1);
         assert!(matches!(plan(&im), Err(PlanError::SeccompLoop { .. })));
     }
 
@@ -1257,6 +1559,232 @@ mod tests {
                 mark_accounting(&mut p.memory, &saved);
                 let _ = pick_hole(&p.memory.occupied, 0x3000, 0x1_0000_0000, 0x7fff_ffff_f000);
             }
+        }
+    }
+    /// A live process of a constructed tree: one thread, nothing mapped, no fds.
+    fn live(pid: u32, ppid: u32, pgid: u32, sid: u32, ids: (u32, u32, u32)) -> ProcessImages {
+        let (vm_id, files_id, fs_id) = ids;
+        ProcessImages {
+            pstree: pb::PstreeEntry {
+                pid,
+                ppid,
+                pgid,
+                sid,
+                threads: vec![pid],
+            },
+            cores: vec![core(true, regs(0x401000, 0, -1))],
+            ids: Some(pb::TaskKobjIdsEntry {
+                vm_id,
+                files_id,
+                fs_id,
+                sighand_id: vm_id,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn zombie(pid: u32, ppid: u32, pgid: u32, sid: u32, status: u32) -> ProcessImages {
+        ProcessImages {
+            pstree: pb::PstreeEntry {
+                pid,
+                ppid,
+                pgid,
+                sid,
+                threads: vec![pid],
+            },
+            cores: vec![pb::CoreEntry {
+                mtype: pb::core_entry::March::X8664 as i32,
+                tc: Some(pb::TaskCoreEntry {
+                    task_state: TASK_DEAD,
+                    exit_code: status,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn tree(processes: Vec<ProcessImages>) -> TreeImages {
+        TreeImages {
+            dir: "/img".into(),
+            processes,
+        }
+    }
+
+    #[test]
+    fn tree_links_sessions_and_groups_follow_the_ordering_rules() {
+        // 10 leads session and group; 11 leads its own group; 12 (child of 11) called
+        // setsid; 13 (child of 11) is in 11's group by inheritance; 14 (child of 10) is in
+        // 11's group, which it must join once 11 exists; 15 is a zombie in 10's group.
+        let im = tree(vec![
+            live(10, 0, 10, 10, (1, 101, 201)),
+            live(11, 10, 11, 10, (2, 102, 202)),
+            live(12, 11, 12, 12, (3, 103, 203)),
+            live(13, 11, 11, 10, (4, 104, 204)),
+            live(14, 10, 11, 10, (5, 105, 205)),
+            zombie(15, 10, 10, 10, 7 << 8),
+        ]);
+        let t = plan_tree(&im, false).expect("plan");
+        let pids: Vec<i32> = t.procs.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [10, 11, 12, 13, 14, 15]);
+        assert_eq!(t.procs[0].children, [1, 4, 5]);
+        assert_eq!(t.procs[1].children, [2, 3]);
+        assert_eq!(t.procs[3].parent, Some(1));
+        let sessions: Vec<SessionPlan> = t.procs.iter().map(|p| p.session).collect();
+        assert_eq!(
+            sessions,
+            [
+                SessionPlan::NewSession,
+                SessionPlan::NewGroup,
+                SessionPlan::NewSession,
+                SessionPlan::Inherit,
+                SessionPlan::Inherit,
+                SessionPlan::Inherit,
+            ]
+        );
+        let joins: Vec<Option<i32>> = t.procs.iter().map(|p| p.join_group).collect();
+        assert_eq!(joins, [None, None, None, None, Some(11), None]);
+        assert!(matches!(t.procs[5].kind, ProcKind::Zombie { status } if status == 7 << 8));
+        assert_eq!(t.live().count(), 5);
+        // The process's own plan does what the tree decided.
+        assert!(t.live().all(|p| {
+            let node = t.procs.iter().find(|n| n.pid == p.pid);
+            node.is_some_and(|n| n.session == p.child.session)
+        }));
+        // A shell job's root keeps our session; its children still do their own.
+        let t = plan_tree(&im, true).expect("plan");
+        assert_eq!(t.procs[0].session, SessionPlan::Inherit);
+        assert_eq!(t.procs[1].session, SessionPlan::NewGroup);
+    }
+
+    #[test]
+    fn tables_shared_since_fork_are_cloned_and_others_refused() {
+        // 21 shares 20's fd table and fs; 22 shares 21's (so 20's) fd table only.
+        let ok = tree(vec![
+            live(20, 0, 20, 20, (1, 100, 200)),
+            live(21, 20, 20, 20, (2, 100, 200)),
+            live(22, 21, 20, 20, (3, 100, 203)),
+            live(23, 20, 20, 20, (4, 104, 204)),
+        ]);
+        let t = plan_tree(&ok, false).expect("plan");
+        let shared: Vec<(bool, bool)> = t
+            .procs
+            .iter()
+            .map(|p| (p.shares_files, p.shares_fs))
+            .collect();
+        assert_eq!(
+            shared,
+            [(false, false), (true, true), (true, false), (false, false)]
+        );
+        let placers: Vec<bool> = t.procs.iter().map(ProcPlan::places_fds).collect();
+        assert_eq!(placers, [true, false, false, true]);
+        // Siblings sharing a table their parent does not have: no fork makes that.
+        let siblings = refused(vec![
+            live(20, 0, 20, 20, (1, 100, 200)),
+            live(21, 20, 20, 20, (2, 109, 201)),
+            live(22, 20, 20, 20, (3, 109, 202)),
+        ]);
+        assert!(
+            matches!(
+                siblings,
+                TreePlanError::SharedNotFromParent {
+                    pid: 22,
+                    other: 21,
+                    ..
+                }
+            ),
+            "{siblings:?}"
+        );
+        let vm = refused(vec![
+            live(20, 0, 20, 20, (1, 100, 200)),
+            live(21, 20, 20, 20, (1, 101, 201)),
+        ]);
+        assert!(
+            matches!(vm, TreePlanError::SharedVm { pid: 21, other: 20 }),
+            "{vm:?}"
+        );
+    }
+
+    /// Plans `processes`, which must be refused.
+    fn refused(processes: Vec<ProcessImages>) -> TreePlanError {
+        match plan_tree(&tree(processes), false) {
+            Ok(t) => panic!("planned a tree no fork can make: {t:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// [`refused`] for `rest` under a live root 30 that leads session and group 30.
+    fn refused_under_root(rest: Vec<ProcessImages>) -> TreePlanError {
+        let mut processes = vec![live(30, 0, 30, 30, (1, 101, 201))];
+        processes.extend(rest);
+        refused(processes)
+    }
+
+    #[test]
+    fn trees_no_fork_can_make_are_refused_by_pid() {
+        use TreePlanError as E;
+        type Case = (&'static str, TreePlanError, fn(&TreePlanError) -> bool);
+        let cases: [Case; 8] = [
+            (
+                "orphan",
+                refused_under_root(vec![live(31, 99, 30, 30, (2, 102, 202))]),
+                |e| matches!(e, E::Orphan { pid: 31, ppid: 99 }),
+            ),
+            // A child listed before its parent is an orphan too.
+            (
+                "order",
+                refused_under_root(vec![
+                    live(32, 31, 30, 30, (3, 103, 203)),
+                    live(31, 30, 30, 30, (2, 102, 202)),
+                ]),
+                |e| matches!(e, E::Orphan { pid: 32, .. }),
+            ),
+            (
+                "zombie parent",
+                refused_under_root(vec![
+                    zombie(31, 30, 30, 30, 0),
+                    live(32, 31, 30, 30, (3, 103, 203)),
+                ]),
+                |e| matches!(e, E::ZombieParent { pid: 31, child: 32 }),
+            ),
+            (
+                "zombie root",
+                refused(vec![zombie(30, 0, 30, 30, 0)]),
+                |e| matches!(e, E::ZombieRoot { pid: 30 }),
+            ),
+            // In a session that is neither its own nor its parent's (its leader is gone).
+            (
+                "session",
+                refused_under_root(vec![live(31, 30, 31, 77, (2, 102, 202))]),
+                |e| matches!(e, E::Session { pid: 31, sid: 77 }),
+            ),
+            // In a group whose leader is not in the tree.
+            (
+                "group",
+                refused_under_root(vec![live(31, 30, 88, 30, (2, 102, 202))]),
+                |e| {
+                    matches!(
+                        e,
+                        E::NoGroupLeader {
+                            pid: 31,
+                            pgid: 88,
+                            ..
+                        }
+                    )
+                },
+            ),
+            // A session leader outside its own group cannot exist.
+            (
+                "leader",
+                refused_under_root(vec![live(31, 30, 30, 31, (2, 102, 202))]),
+                |e| matches!(e, E::LeaderGroup { pid: 31, pgid: 30 }),
+            ),
+            ("empty", refused(Vec::new()), |e| matches!(e, E::Empty)),
+        ];
+        for (what, err, expected) in cases {
+            assert!(expected(&err), "{what}: {err:?}");
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use images_format::dir::ImageDir;
 use images_format::error::{ImageError, PagesError};
@@ -23,15 +24,30 @@ pub struct ProcessImages {
     /// One core entry per thread, in `pstree.threads` order; the leader's first.
     pub cores: Vec<pb::CoreEntry>,
     pub ids: Option<pb::TaskKobjIdsEntry>,
+    /// Empty for a zombie.
     pub mm: pb::MmEntry,
+    /// The fd table (`fdinfo-<files_id>.img`), the same for processes sharing it.
     pub fdinfo: Vec<pb::FdinfoEntry>,
-    /// `files.img` by file id.
-    pub files: HashMap<u32, pb::FileEntry>,
-    /// Files that were deleted but open, by original file id.
-    pub ghosts: HashMap<u32, GhostImage>,
+    /// `files.img` by file id: one table for the whole tree (file ids are global).
+    pub files: Arc<HashMap<u32, pb::FileEntry>>,
+    /// Files that were deleted but open, by original file id (the whole tree's).
+    pub ghosts: Arc<HashMap<u32, GhostImage>>,
     pub fs: Option<pb::FsEntry>,
     /// `seccomp.img` filters, indexed as `thread_core.seccomp_filter` refers to them.
-    pub seccomp_filters: Vec<pb::SeccompFilter>,
+    pub seccomp_filters: Arc<Vec<pb::SeccompFilter>>,
+}
+
+/// `task_core_entry.task_state` of a zombie (CRIU's TASK_DEAD).
+pub const TASK_DEAD: u32 = 2;
+
+impl ProcessImages {
+    /// The process had exited and was not yet reaped when dumped.
+    pub fn is_zombie(&self) -> bool {
+        self.cores
+            .first()
+            .and_then(|c| c.tc.as_ref())
+            .is_some_and(|tc| tc.task_state == TASK_DEAD)
+    }
 }
 
 /// A ghost file's metadata and the image holding its contents.
@@ -42,11 +58,19 @@ pub struct GhostImage {
     pub path: PathBuf,
 }
 
-/// Images of the tree to restore; a single process for now.
+/// Images of the tree to restore, in `pstree.img` order (every parent before its
+/// children; the root first).
 #[derive(Debug, Clone, Default)]
 pub struct TreeImages {
     pub dir: PathBuf,
-    pub root: ProcessImages,
+    pub processes: Vec<ProcessImages>,
+}
+
+impl TreeImages {
+    /// The root of the tree (`images` refuses an empty tree).
+    pub fn root(&self) -> Option<&ProcessImages> {
+        self.processes.first()
+    }
 }
 
 /// `inventory_entry.img_version` of the image format we read (CRIU's CRTOOLS_IMAGES_V1_1).
@@ -64,8 +88,8 @@ pub enum ReadError {
     Pages(#[from] PagesError),
     #[error("pstree.img has no process")]
     NoProcess,
-    #[error("pstree.img has {count} processes; restoring process trees is not supported yet")]
-    Tree { count: usize },
+    #[error("pstree.img lists pid {pid} twice")]
+    DuplicatePid { pid: u32 },
     #[error("pid {pid}: pages image of parent layer {layer} is missing")]
     MissingLayer { pid: u32, layer: usize },
     #[error("pid {pid}: pages {vaddr:#x}+{len:#x} are lazy and not in the images; restore with --lazy-pages and ckpt-lazy-pages")]
@@ -81,35 +105,129 @@ pub fn images(dir: &ImageDir) -> Result<TreeImages, ReadError> {
         });
     }
     let pstree: Vec<pb::PstreeEntry> = dir.read_all(ImageKind::Pstree, 0)?;
-    let root = match pstree.as_slice() {
-        [] => return Err(ReadError::NoProcess),
-        [one] => one.clone(),
-        more => return Err(ReadError::Tree { count: more.len() }),
+    if pstree.is_empty() {
+        return Err(ReadError::NoProcess);
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = pstree.iter().find(|e| !seen.insert(e.pid)) {
+        return Err(ReadError::DuplicatePid { pid: twice.pid });
+    }
+    let files: HashMap<u32, pb::FileEntry> = dir
+        .read_all::<pb::FileEntry>(ImageKind::Files, 0)?
+        .into_iter()
+        .map(|f| (f.id, f))
+        .collect();
+    let files = Arc::new(files);
+    let ghosts = Arc::new(read_ghosts(dir)?);
+    let seccomp_filters = Arc::new(
+        dir.read_all::<pb::SeccompEntry>(ImageKind::Seccomp, 0)?
+            .into_iter()
+            .next()
+            .map(|s| s.seccomp_filters)
+            .unwrap_or_default(),
+    );
+    let shared = Shared {
+        per_id: inventory.fdinfo_per_id == Some(true),
+        files,
+        ghosts,
+        seccomp_filters,
     };
-    let pid = u64::from(root.pid);
-    let threads = if root.threads.is_empty() {
-        vec![root.pid]
+    // Processes sharing an fd table share its image: read once.
+    let mut tables: HashMap<u64, Vec<pb::FdinfoEntry>> = HashMap::new();
+    let processes = pstree
+        .into_iter()
+        .map(|entry| process(dir, entry, &shared, &mut tables))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TreeImages {
+        dir: dir.path().to_path_buf(),
+        processes,
+    })
+}
+
+/// What every process of the tree refers to.
+struct Shared {
+    /// `inventory.fdinfo_per_id`: fd tables are named by their id, not by a pid.
+    per_id: bool,
+    files: Arc<HashMap<u32, pb::FileEntry>>,
+    ghosts: Arc<HashMap<u32, GhostImage>>,
+    seccomp_filters: Arc<Vec<pb::SeccompFilter>>,
+}
+
+fn process(
+    dir: &ImageDir,
+    entry: pb::PstreeEntry,
+    shared: &Shared,
+    tables: &mut HashMap<u64, Vec<pb::FdinfoEntry>>,
+) -> Result<ProcessImages, ReadError> {
+    let pid = u64::from(entry.pid);
+    let threads = if entry.threads.is_empty() {
+        vec![entry.pid]
     } else {
-        root.threads.clone()
+        entry.threads.clone()
     };
+    let leader = dir.read_one::<pb::CoreEntry>(ImageKind::Core, pid)?;
+    let zombie = leader
+        .tc
+        .as_ref()
+        .is_some_and(|tc| tc.task_state == TASK_DEAD);
+    let mut images = ProcessImages {
+        files: Arc::clone(&shared.files),
+        ghosts: Arc::clone(&shared.ghosts),
+        seccomp_filters: Arc::clone(&shared.seccomp_filters),
+        ..ProcessImages::default()
+    };
+    if zombie {
+        // A zombie has nothing left but its exit status: no memory, files or threads.
+        images.ids = leader.ids;
+        images.cores = vec![leader];
+        images.pstree = pb::PstreeEntry {
+            threads: vec![entry.pid],
+            ..entry
+        };
+        return Ok(images);
+    }
     let mut cores = Vec::with_capacity(threads.len());
-    for tid in &threads {
+    cores.push(leader);
+    for tid in threads.iter().filter(|&&t| t != entry.pid) {
         cores.push(dir.read_one::<pb::CoreEntry>(ImageKind::Core, u64::from(*tid))?);
+    }
+    // The leader's core must come first, as `threads` lists it.
+    if threads.first() != Some(&entry.pid) {
+        if let Some(at) = threads.iter().position(|&t| t == entry.pid) {
+            let leader = cores.remove(0);
+            cores.insert(at, leader);
+        }
     }
     let ids: Option<pb::TaskKobjIdsEntry> = dir.read_all(ImageKind::Ids, pid)?.into_iter().next();
     let ids = ids.or_else(|| cores.first().and_then(|c| c.ids));
     let mm = dir.read_one::<pb::MmEntry>(ImageKind::Mm, pid)?;
     // Old images name fd tables by pid; current ones by the fd table's id.
-    let files_id = match (inventory.fdinfo_per_id, ids) {
-        (Some(true), Some(i)) => u64::from(i.files_id),
+    let table = match (shared.per_id, ids) {
+        (true, Some(i)) => u64::from(i.files_id),
         _ => pid,
     };
-    let fdinfo = dir.read_all(ImageKind::Fdinfo, files_id)?;
-    let files = dir
-        .read_all::<pb::FileEntry>(ImageKind::Files, 0)?
+    let fdinfo = match tables.get(&table) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Vec<pb::FdinfoEntry> = dir.read_all(ImageKind::Fdinfo, table)?;
+            tables.insert(table, t.clone());
+            t
+        }
+    };
+    let fs = dir
+        .read_all::<pb::FsEntry>(ImageKind::Fs, pid)?
         .into_iter()
-        .map(|f| (f.id, f))
-        .collect();
+        .next();
+    images.pstree = pb::PstreeEntry { threads, ..entry };
+    images.cores = cores;
+    images.ids = ids;
+    images.mm = mm;
+    images.fdinfo = fdinfo;
+    images.fs = fs;
+    Ok(images)
+}
+
+fn read_ghosts(dir: &ImageDir) -> Result<HashMap<u32, GhostImage>, ReadError> {
     let mut ghosts = HashMap::new();
     for remap in dir.read_all::<pb::RemapFilePathEntry>(ImageKind::RemapFpath, 0)? {
         if remap.remap_type != Some(pb::RemapType::Ghost as i32) {
@@ -129,31 +247,7 @@ pub fn images(dir: &ImageDir) -> Result<TreeImages, ReadError> {
             },
         );
     }
-    let fs = dir
-        .read_all::<pb::FsEntry>(ImageKind::Fs, pid)?
-        .into_iter()
-        .next();
-    let seccomp_filters = dir
-        .read_all::<pb::SeccompEntry>(ImageKind::Seccomp, 0)?
-        .into_iter()
-        .next()
-        .map(|s| s.seccomp_filters)
-        .unwrap_or_default();
-    let pstree = pb::PstreeEntry { threads, ..root };
-    Ok(TreeImages {
-        dir: dir.path().to_path_buf(),
-        root: ProcessImages {
-            pstree,
-            cores,
-            ids,
-            mm,
-            fdinfo,
-            files,
-            ghosts,
-            fs,
-            seccomp_filters,
-        },
-    })
+    Ok(ghosts)
 }
 
 /// Where every dumped page of `pid` is, following `parent` links for pages an

@@ -96,4 +96,24 @@ pub fn detach_stopped(t: Tracee) -> Result<(), ResumeError> {
         })
 }
 
+/// Lets a seized process go into a group stop, as it was when dumped. Unlike
+/// [`detach_stopped`] this works from any ptrace stop: the SIGSTOP is queued first
+/// and taken by the process once it runs untraced.
+pub fn detach_into_stop(t: Tracee) -> Result<(), ResumeError> {
+    let tid = t.tid();
+    let pid = nix::unistd::Pid::from_raw(t.pid().as_raw());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).map_err(|errno| {
+        ResumeError::Ptrace {
+            tid,
+            step: "queueing SIGSTOP",
+            source: PtraceError::Ptrace {
+                tid,
+                op: "kill SIGSTOP",
+                errno: rustix::io::Errno::from_raw_os_error(errno as i32),
+            },
+        }
+    })?;
+    detach(t)
+}
+
 const SIGSTOP: i32 = 19;

@@ -2,7 +2,8 @@
 //! `ckpt-restore --lazy-pages` while `ckpt-lazy-pages` serves its memory, and checks
 //! every word of it (after forking, munmap/mremap, read() into missing pages), from
 //! local images or pulled from a lazy `ckpt-dump`; a daemon killed midway must take
-//! the restored tree with it.
+//! the restored tree with it. The `session_` scenarios drive the library's hand-off of
+//! several processes ([`ckpt_restore::lazy::LazySession`]) on a small live tree.
 //!
 //! No test harness: scenarios run one after the other in this single-threaded process,
 //! which also plays the dumper and the daemon (`lazy_e2e dump ...`, `lazy_e2e daemon
@@ -127,6 +128,12 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
             "new_pid_ns_threads_restored_twice_at_once",
             twice_in_namespaces,
         ),
+        ("session_tree_of_three_every_page_checked", || {
+            session_tree(Daemon::Runs)
+        }),
+        ("session_daemon_killed_kills_orphaned_processes", || {
+            session_tree(Daemon::Killed)
+        }),
         ("remote_every_page_checked", remote_every_page),
         ("remote_on_a_pre_dump_chain", || {
             remote_check(true, &["--new-pid-ns"])
@@ -221,6 +228,7 @@ fn tool_daemon(args: &[String]) -> ExitCode {
         page_server: args.get(3).and_then(|a| a.parse().ok()),
         cpu: None,
         background_rate: (rate > 0).then_some(rate),
+        background_delay: ckpt_lazy_pages::BACKGROUND_DELAY,
     };
     let result = ckpt_lazy_pages::LazyDaemon::bind(&opts).and_then(|d| d.run());
     match result {
@@ -1207,4 +1215,207 @@ fn remote_broken_after() -> Result<(), String> {
         "the dump",
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Several processes over one hand-off session (the library API a tree restore uses).
+
+const SESSION_REGION: u64 = 0x5000_0000_0000;
+const SESSION_PAGES: u64 = 1024;
+
+/// Process `n` of lazy_session.c has image pid 4000 + n and this in its region.
+fn session_pattern(n: u64) -> Vec<u8> {
+    (0..SESSION_PAGES * 4096 / 8)
+        .flat_map(|i| {
+            let addr = SESSION_REGION + i * 8;
+            (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n).to_ne_bytes()
+        })
+        .collect()
+}
+
+fn session_binary() -> Result<PathBuf, String> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workload/lazy_session.c");
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lazy_session");
+            let status = Command::new("cc")
+                .args(["-O1", "-Wall", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .status()
+                .map_err(|e| format!("run cc: {e}"))?;
+            if !status.success() {
+                return Err(format!("cc {} failed", src.display()));
+            }
+            Ok(out)
+        })
+        .clone()
+}
+
+/// Two live processes (a parent and its child) seized and handed over on one session,
+/// a zombie announced, the end marker sent; the child forks while pages are missing.
+/// With the daemon killed midway, the parent has exited first: the watch must still kill
+/// the orphaned child and grandchild, which are no longer below the root.
+fn session_tree(daemon: Daemon) -> Result<(), String> {
+    use ckpt_restore::lazy::{LazySession, Victim, WatchEnd};
+    use ckpt_restore::plan::Range;
+
+    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = tmp.path();
+    let images = dir.join("images");
+    let work = dir.join("work");
+    std::fs::create_dir(&work).map_err(|e| e.to_string())?;
+    let image_dir = ImageDir::create_dir(&images).map_err(|e| e.to_string())?;
+    for n in [1u64, 2] {
+        let mut w = image_dir
+            .pagemap_writer(ImageKind::Pagemap, 4000 + n, u32::try_from(n).unwrap_or(1))
+            .map_err(|e| format!("pagemap writer: {e}"))?;
+        w.add_with_data(
+            SESSION_REGION,
+            PageFlags::LAZY | PageFlags::PRESENT,
+            &session_pattern(n),
+        )
+        .map_err(|e| format!("lazy pages: {e}"))?;
+        w.finish().map_err(|e| format!("finish images: {e}"))?;
+    }
+    let mut started = Started {
+        children: Vec::new(),
+        pids: Vec::new(),
+    };
+    let mode = if daemon == Daemon::Killed {
+        "slow"
+    } else {
+        "check"
+    };
+    let child = Command::new(session_binary()?)
+        .arg(dir)
+        .arg(mode)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn lazy_session: {e}"))?;
+    started.children.push(child);
+    let text = wait_for_file(&dir.join("ready"), Duration::from_secs(20))?;
+    let pids: Vec<i32> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [one, two] = pids[..] else {
+        return Err(format!("bad ready file: {text:?}"));
+    };
+    started.pids.push(Pid::from_raw(two));
+    // A killed daemon must still have pages to serve.
+    let rate = if daemon == Daemon::Killed { 4096 } else { 0 };
+    let d = start_daemon(&images, &work, rate, None, &mut started)?;
+
+    let region = [Range {
+        start: SESSION_REGION,
+        end: SESSION_REGION + SESSION_PAGES * 4096,
+    }];
+    let mut session = LazySession::open(&work).map_err(|e| format!("open: {e:#}"))?;
+    let mut seized = Vec::new();
+    for (n, pid) in [(1, one), (2, two)] {
+        let pid = tracee::Pid::from_raw(pid).ok_or("pid 0")?;
+        let mut t =
+            tracee::Tracee::seize_and_interrupt(pid, pid.leader(), tracee::SeizeOptions::empty())
+                .map_err(|e| format!("seize {pid}: {e}"))?;
+        session
+            .add(&mut t, 4000 + n, &region)
+            .map_err(|e| format!("add {pid}: {}", chain(&e)))?;
+        seized.push(t);
+    }
+    session
+        .add_zombie(4003)
+        .map_err(|e| format!("zombie: {e}"))?;
+    if session.uffds().len() != 2 {
+        return Err(format!("{} userfaultfds held", session.uffds().len()));
+    }
+    let watch = session.finish().map_err(|e| format!("finish: {e}"))?;
+    // Detached: they run on.
+    drop(seized);
+    let root = tracee::Pid::from_raw(one).ok_or("pid 0")?;
+    let watcher = std::thread::spawn(move || watch.run(Victim::Tree(root)));
+    std::fs::write(dir.join("go"), "1").map_err(|e| e.to_string())?;
+
+    if daemon == Daemon::Runs {
+        let status = wait_child(
+            &mut started.children[0],
+            Duration::from_secs(30),
+            "lazy_session",
+        )?;
+        for n in 1..=3 {
+            read_result(dir, &format!("result-{n}"))?;
+        }
+        if !status.success() {
+            return Err(format!("lazy_session: {status}"));
+        }
+        let status = wait_child(
+            &mut started.children[d],
+            Duration::from_secs(30),
+            "the daemon",
+        )?;
+        if !status.success() {
+            return Err(format!(
+                "daemon: {status}: {}",
+                stderr_of(&mut started.children[d])
+            ));
+        }
+        return match watcher.join() {
+            Ok(WatchEnd::AllIn) => Ok(()),
+            Ok(end) => Err(format!("the watch ended with {end:?}")),
+            Err(_) => Err("the watch panicked".into()),
+        };
+    }
+
+    // Process 1 exits once its page came; 2 forks 3 and both go on faulting.
+    let status = wait_child(
+        &mut started.children[0],
+        Duration::from_secs(20),
+        "process 1",
+    )?;
+    if !status.success() {
+        return Err(format!("process 1: {status}"));
+    }
+    let text = wait_for_file(&dir.join("pids"), Duration::from_secs(20))?;
+    let three: i32 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| format!("bad pids file: {text:?}"))?;
+    started.pids.push(Pid::from_raw(three));
+    // Let process 3's fork reach the watch (the daemon hands its userfaultfd back as it
+    // reads the fork event), and a few faults be served.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = started.children[d].kill();
+    let _ = started.children[d].wait();
+    match watcher.join() {
+        Ok(WatchEnd::DaemonGone) => {}
+        Ok(end) => return Err(format!("the watch ended with {end:?}")),
+        Err(_) => return Err("the watch panicked".into()),
+    }
+    // Both were re-parented to us (the subreaper) when 1 exited.
+    for pid in [two, three] {
+        match wait_pid(Pid::from_raw(pid), Duration::from_secs(10))? {
+            WaitStatus::Signaled(_, Signal::SIGKILL, _) => {}
+            other => return Err(format!("pid {pid}: {other:?}, not killed")),
+        }
+    }
+    for n in 2..=3 {
+        if let Ok(text) = std::fs::read_to_string(dir.join(format!("result-{n}"))) {
+            return Err(format!("process {n} ran on with missing pages: {text}"));
+        }
+    }
+    Ok(())
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }

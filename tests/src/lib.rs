@@ -286,6 +286,15 @@ impl Workload {
         fs::read_to_string(&self.ready).unwrap_or_default()
     }
 
+    /// The number `N` of the word `KEY=N` of the ready file (a pid, an id), which must be there.
+    pub fn ready_field(&self, key: &str) -> i32 {
+        let text = self.ready_text();
+        text.split_whitespace()
+            .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= in the ready file: {text:?}"))
+    }
+
     fn wait_ready(&mut self, timeout: Duration) {
         let start = Instant::now();
         while !self.ready.exists() {
@@ -560,31 +569,9 @@ impl Workload {
     /// line of a log, then its last lines.
     pub fn logs(&self) -> String {
         let mut text = String::new();
-        let mut add = |label: &str, path: &Path| {
-            let Ok(content) = fs::read_to_string(path) else {
-                return;
-            };
-            text.push_str(&format!("\n--- {label} ({}) ---\n", path.display()));
-            let lines: Vec<&str> = content.lines().collect();
-            let tail_from = lines.len().saturating_sub(12);
-            let notable = lines[..tail_from]
-                .iter()
-                .filter(|l| l.contains("ERROR") || l.contains("WARN"))
-                .take(20);
-            for line in notable
-                .chain(["..."].iter())
-                .chain(lines[tail_from..].iter())
-            {
-                text.push_str(line);
-                text.push('\n');
-            }
-        };
-        add("workload stderr", &self.dir.path().join("stderr.log"));
-        for n in 1..=self.dumps {
-            let images = self.dir.path().join(format!("images-{n}"));
-            add("dump log", &images.with_extension("dump.log"));
-            add("restore log", &images.with_extension("restore.log"));
-        }
+        let dir = self.dir.path();
+        log_excerpt(&mut text, "workload stderr", &dir.join("stderr.log"), 12);
+        tool_logs(&mut text, dir, self.dumps, 12);
         text
     }
 }
@@ -593,6 +580,63 @@ impl Drop for Workload {
     fn drop(&mut self) {
         self.kill_and_reap();
     }
+}
+
+/// Appends the log at `path` (if there is one) under a `label` header to `text`, for failure
+/// messages: its warning and error lines (20 at most), then its last `tail` lines.
+pub fn log_excerpt(text: &mut String, label: &str, path: &Path, tail: usize) {
+    let Ok(content) = fs::read_to_string(path) else {
+        return;
+    };
+    text.push_str(&format!("\n--- {label} ({}) ---\n", path.display()));
+    let lines: Vec<&str> = content.lines().collect();
+    let tail_from = lines.len().saturating_sub(tail);
+    let notable = lines[..tail_from]
+        .iter()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .take(20);
+    for line in notable
+        .chain(["..."].iter())
+        .chain(lines[tail_from..].iter())
+    {
+        text.push_str(line);
+        text.push('\n');
+    }
+}
+
+/// Appends [`log_excerpt`]s of the logs of the `dumps` dumps and restores made with images
+/// `dir/images-N` (numbered from 1) to `text`.
+pub fn tool_logs(text: &mut String, dir: &Path, dumps: usize, tail: usize) {
+    for n in 1..=dumps {
+        let images = dir.join(format!("images-{n}"));
+        for (label, ext) in [("dump log", "dump.log"), ("restore log", "restore.log")] {
+            log_excerpt(text, label, &images.with_extension(ext), tail);
+        }
+    }
+}
+
+/// Reaps a process of a tree the dump killed, waiting up to 10 s for it to go: its parent
+/// died with it, so it came to us (the tests are subreapers).
+pub fn reap_killed(pid: Pid) {
+    let start = Instant::now();
+    while proc_state(pid).is_some() {
+        let _ = waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "pid {pid} of the dumped tree does not go away"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The real python3 interpreter (not a launcher script that would exec it), if installed.
+pub fn python3() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    path.is_file().then_some(path)
 }
 
 /// The pid a daemon wrote to `pidfile`, waiting up to 5 s for it to appear (a daemon may return

@@ -49,13 +49,13 @@ fn decode(w: &Workload, file: &Path) -> serde_json::Value {
 
 /// The private anonymous VMAs that may be restored lazily (not the stack, vDSO or vvar), as
 /// (start, end), from the mm image.
-fn lazy_candidates(w: &Workload, images: &Path) -> Vec<(u64, u64)> {
+fn lazy_candidates(w: &Workload, mm_image: &Path) -> Vec<(u64, u64)> {
     const MAP_PRIVATE: u64 = 0x02;
     const MAP_ANONYMOUS: u64 = 0x20;
     const MAP_GROWSDOWN: u64 = 0x100;
     // CRIU's VMA_AREA_* status bits a lazy VMA must not have: stack, vsyscall, vdso, vvar.
     const SPECIAL: u64 = 0x2 | 0x4 | 0x8 | (1 << 12);
-    let mm = decode(w, &image(images, "mm-"));
+    let mm = decode(w, mm_image);
     let vmas = mm["entries"][0]["vmas"]
         .as_array()
         .cloned()
@@ -75,9 +75,51 @@ fn lazy_candidates(w: &Workload, images: &Path) -> Vec<(u64, u64)> {
 /// Marks the pagemap entries of at least `min_pages` pages that lie in lazy-capable VMAs as
 /// PE_LAZY (their pages stay in the pages image, for the daemon to serve).
 fn mark_lazy(w: &Workload, images: &Path, min_pages: u64) {
-    let candidates = lazy_candidates(w, images);
-    let pagemap = image(images, "pagemap-");
-    let mut doc = decode(w, &pagemap);
+    let candidates = lazy_candidates(w, &image(images, "mm-"));
+    let marked = mark_lazy_in(
+        w,
+        images,
+        &image(images, "pagemap-"),
+        &candidates,
+        min_pages,
+    );
+    assert!(
+        marked > 0,
+        "no pagemap entry of {min_pages} pages or more to mark lazy"
+    );
+}
+
+/// [`mark_lazy`] for every process of a tree dump (each `pagemap-N.img` with its
+/// `mm-N.img`); returns how many processes got lazy pages.
+fn mark_lazy_tree(w: &Workload, images: &Path, min_pages: u64) -> usize {
+    let mut processes = 0;
+    for pagemap in ckpt_tests::image_files(images) {
+        let Some(pid) = pagemap
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("pagemap-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let candidates = lazy_candidates(w, &images.join(format!("mm-{pid}.img")));
+        if mark_lazy_in(w, images, &pagemap, &candidates, min_pages) > 0 {
+            processes += 1;
+        }
+    }
+    processes
+}
+
+/// Marks the entries of one pagemap; returns how many it marked.
+fn mark_lazy_in(
+    w: &Workload,
+    images: &Path,
+    pagemap: &Path,
+    candidates: &[(u64, u64)],
+    min_pages: u64,
+) -> usize {
+    let mut doc = decode(w, pagemap);
     const PE_LAZY: u64 = 1 << 1;
     let mut marked = 0;
     for entry in doc["entries"]
@@ -100,10 +142,9 @@ fn mark_lazy(w: &Workload, images: &Path, min_pages: u64) {
             marked += 1;
         }
     }
-    assert!(
-        marked > 0,
-        "no pagemap entry of {min_pages} pages or more to mark lazy"
-    );
+    if marked == 0 {
+        return 0;
+    }
     let json = images.with_extension("pagemap.json");
     std::fs::write(&json, doc.to_string()).expect("write json");
     let args = [
@@ -115,6 +156,7 @@ fn mark_lazy(w: &Workload, images: &Path, min_pages: u64) {
     ];
     let run = run_tool(&w.tools().img, &args.map(String::from), &[]);
     assert!(run.success(), "ckpt-img encode: {}", run.stderr);
+    marked
 }
 
 /// How many bytes the daemon reported as lazy once the restore finished (its log's
@@ -267,4 +309,52 @@ fn lazy_restore_leaves_no_extra_fd_behind() {
 #[test]
 fn threads_of_a_lazily_restored_process_run_intact() {
     lazy_round_trip("threads", &["--threads", "16"]);
+}
+
+/// A whole tree restored lazily: one hand-off session carries every process (zombies
+/// included), each served from its own pagemap, and every process checks itself.
+#[test]
+fn a_lazily_restored_tree_runs_intact() {
+    let mut w = Workload::start("family", &[]);
+    let pids: Vec<Pid> = w
+        .ready_text()
+        .split_whitespace()
+        .filter_map(|item| Some(Pid::from_raw(item.split_once('=')?.1.parse().ok()?)))
+        .collect();
+    let images = w.dump(&[]);
+    // The dump killed the tree; its children came to us (a subreaper).
+    for pid in pids {
+        let start = Instant::now();
+        while ckpt_tests::proc_state(pid).is_some() {
+            let _ = waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "pid {pid} of the dumped tree does not go away"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let processes = mark_lazy_tree(&w, &images, 1);
+    assert!(
+        processes >= 2,
+        "only {processes} process(es) of the tree have lazy pages"
+    );
+    let mut daemon = start_lazy_pages(&w, &images);
+    w.restore_with(&images, &["--lazy-pages"]);
+    w.assert_pass();
+    assert!(
+        daemon.finish(Duration::from_secs(30)),
+        "ckpt-lazy-pages does not finish{}",
+        w.logs()
+    );
+    let log = std::fs::read_to_string(images.with_extension("lazy-pages.log")).unwrap_or_default();
+    let tasks = log
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("tasks="))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max();
+    assert!(
+        tasks.is_some_and(|n| n >= processes as u64),
+        "the daemon served {tasks:?} tasks, {processes} processes had lazy pages"
+    );
 }

@@ -133,6 +133,12 @@ fn precopy_through_an_ssh_tunnel_moves_the_process_and_leaves_nothing_at_the_sou
 }
 
 #[test]
+fn queued_precopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
+    // Rounds hold back what was written since the round before; the final dump sends them.
+    migrate_over_ssh(&["-a", "queued", "--rounds", "4", "--port", "27301"]);
+}
+
+#[test]
 fn postcopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
     migrate_over_ssh(&["-a", "postcopy", "--port", "27201"]);
 }

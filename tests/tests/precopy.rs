@@ -278,3 +278,48 @@ fn precopy_through_the_page_server_loses_no_dirty_page() {
     w.restore(&last);
     w.assert_pass();
 }
+
+/// Queued pre-copy (`--hold-hot-pages`): each round sends only pages not written since the
+/// round before and holds the others back; the first round proves nothing and sends nothing.
+/// The page server refuses any `PE_PARENT` page its parent lacks, and the final dump must
+/// send every page still held: the restored workload checks every page against its journal.
+#[test]
+fn queued_precopy_holds_hot_pages_and_loses_none() {
+    let mut w = Workload::start("precopy", &["--mib", "16", "--batch", "8"]);
+    let queued = ["--pre-dump", "--track-mem", "--hold-hot-pages"];
+    let first = round_through_page_server(&mut w, None, &queued);
+    assert_eq!(
+        pages_bytes(&first),
+        0,
+        "the first queued round sent pages it could not know to be cold"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let second = round_through_page_server(&mut w, Some(&first), &queued);
+    // The writer touches a few thousand pages a second: most of the 16 MiB was cold.
+    let second_bytes = pages_bytes(&second);
+    assert!(
+        second_bytes > 8 << 20,
+        "the second queued round sent only {} KiB: cold pages were held",
+        second_bytes >> 10
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let third = round_through_page_server(&mut w, Some(&second), &queued);
+    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
+    let quiet = w.dir().join("quiet");
+    let start = Instant::now();
+    while !quiet.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the workload's writers do not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let last = round_through_page_server(&mut w, Some(&third), &["--track-mem"]);
+    assert!(
+        w.wait_exit(Duration::from_secs(10)).is_some(),
+        "the process still runs after the final dump"
+    );
+    ckpt_tests::check_images(w.tools(), &last);
+    w.restore(&last);
+    w.assert_pass();
+}

@@ -48,6 +48,25 @@ pub enum FreezeError {
     /// The process created threads faster than we could stop them.
     #[error("pid {pid}: thread set still changing after {rounds} rescans")]
     Unstable { pid: Pid, rounds: usize },
+    /// The process waits in `vfork` for a child that shares its memory to exec or exit; a
+    /// thread in that wait does not stop for ptrace until then.
+    #[error(
+        "pid {pid} waits for its vfork child {child} to exec or exit, and cannot be frozen \
+         until it does"
+    )]
+    Vfork { pid: Pid, child: Pid },
+}
+
+/// A child of `pid` that shares its address space: `pid` is then (or is about to be)
+/// blocked in `vfork` until that child execs or exits, where an interrupt would wait for
+/// ever. A process that vforks after this check still can; the window is the child's run
+/// up to exec.
+fn vfork_child(pid: Pid) -> Option<Pid> {
+    let children = proc::task::children(pid).ok()?;
+    children.into_iter().find(|child| {
+        crate::pidfd::kcmp(pid, *child, crate::pidfd::KcmpType::Vm, 0, 0)
+            .is_ok_and(|order| order == std::cmp::Ordering::Equal)
+    })
 }
 
 /// Every thread of one process, stopped under ptrace. Dropping it detaches
@@ -76,6 +95,9 @@ impl SeizedProcess {
             }
             Ok(_) => {}
             Err(source) => return Err(FreezeError::ListThreads { pid, source }),
+        }
+        if let Some(child) = vfork_child(pid) {
+            return Err(FreezeError::Vfork { pid, child });
         }
         let mut known: BTreeSet<Tid> = BTreeSet::new();
         for _round in 0..MAX_ROUNDS {
@@ -231,11 +253,26 @@ pub struct SeizedTree {
     zombies: Vec<(Pid, Pid)>,
 }
 
+/// Whether `pid` is a zombie process: exited, every thread gone, not yet reaped.
+/// A leader that called `pthread_exit` also shows `Z`, but its other threads
+/// still list under `/proc/PID/task`.
+fn is_zombie_process(pid: Pid) -> bool {
+    if !is_zombie(pid, pid.leader()) {
+        return false;
+    }
+    match proc::task::list_tids(pid) {
+        Ok(tids) => tids.iter().all(|t| *t == pid.leader()),
+        Err(e) => !e.is_gone(),
+    }
+}
+
 impl SeizedTree {
     /// Freezes `root`, then its children, then theirs. Each process is frozen
-    /// before its children are listed, so the list cannot change under us.
-    /// Children that exit before we reach them are left out; zombies are
-    /// listed apart (they cannot be seized).
+    /// before its children are listed, so its list cannot change under us;
+    /// once every process is frozen, every list is read again (a process that
+    /// ran until we reached it may have made a sibling with `CLONE_PARENT`), until
+    /// a pass finds nothing new. Children that exit before we reach them are
+    /// left out; zombies are listed apart (they cannot be seized).
     pub fn freeze(root: Pid, options: SeizeOptions) -> Result<SeizedTree, FreezeError> {
         let mut tree = SeizedTree {
             processes: Vec::new(),
@@ -244,30 +281,58 @@ impl SeizedTree {
         tree.processes
             .push((None, SeizedProcess::freeze(root, options)?));
         let mut next = 0;
-        while next < tree.processes.len() {
-            let pid = tree.processes[next].1.pid();
-            next += 1;
-            let children = proc::task::children(pid)
-                .map_err(|source| FreezeError::ListThreads { pid, source })?;
-            for child in children {
-                if is_zombie(child, child.leader()) {
-                    tree.zombies.push((pid, child));
-                    continue;
-                }
-                match SeizedProcess::freeze(child, options) {
-                    Ok(p) => tree.processes.push((Some(pid), p)),
-                    // It exited (or became a zombie) between the listing and now.
-                    Err(FreezeError::Gone { .. }) => {
-                        if is_zombie(child, child.leader()) {
-                            tree.zombies.push((pid, child));
-                        }
-                    }
-                    Err(FreezeError::ListThreads { source, .. }) if source.is_gone() => {}
-                    Err(e) => return Err(e),
-                }
+        for _round in 0..MAX_ROUNDS {
+            while next < tree.processes.len() {
+                let pid = tree.processes[next].1.pid();
+                next += 1;
+                tree.add_children(pid, options)?;
+            }
+            // The verification pass: with every process stopped, the lists are final.
+            let before = tree.processes.len() + tree.zombies.len();
+            let known: Vec<Pid> = tree.processes.iter().map(|(_, p)| p.pid()).collect();
+            for pid in known {
+                tree.add_children(pid, options)?;
+            }
+            if tree.processes.len() + tree.zombies.len() == before {
+                return Ok(tree);
             }
         }
-        Ok(tree)
+        Err(FreezeError::Unstable {
+            pid: root,
+            rounds: MAX_ROUNDS,
+        })
+    }
+
+    fn knows(&self, pid: Pid) -> bool {
+        self.processes.iter().any(|(_, p)| p.pid() == pid)
+            || self.zombies.iter().any(|(_, z)| *z == pid)
+    }
+
+    /// Freezes the children of the frozen process `pid` not in the tree yet.
+    fn add_children(&mut self, pid: Pid, options: SeizeOptions) -> Result<(), FreezeError> {
+        let children =
+            proc::task::children(pid).map_err(|source| FreezeError::ListThreads { pid, source })?;
+        for child in children {
+            if self.knows(child) {
+                continue;
+            }
+            if is_zombie_process(child) {
+                self.zombies.push((pid, child));
+                continue;
+            }
+            match SeizedProcess::freeze(child, options) {
+                Ok(p) => self.processes.push((Some(pid), p)),
+                // It exited (or became a zombie) between the listing and now.
+                Err(FreezeError::Gone { .. }) => {
+                    if is_zombie_process(child) {
+                        self.zombies.push((pid, child));
+                    }
+                }
+                Err(FreezeError::ListThreads { source, .. }) if source.is_gone() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The root process.
@@ -275,9 +340,32 @@ impl SeizedTree {
         &self.processes[0].1
     }
 
+    /// Whether the tree is its root alone (no live or zombie descendant).
+    pub fn is_single(&self) -> bool {
+        self.processes.len() == 1 && self.zombies.is_empty()
+    }
+
+    /// The root alone, if the tree is nothing more (see [`SeizedTree::is_single`]);
+    /// otherwise the tree back.
+    pub fn into_single(mut self) -> Result<SeizedProcess, SeizedTree> {
+        if !self.is_single() {
+            return Err(self);
+        }
+        match self.processes.pop() {
+            Some((_, p)) => Ok(p),
+            None => Err(self),
+        }
+    }
+
     /// Every live process, parents before children.
     pub fn processes(&self) -> impl Iterator<Item = &SeizedProcess> {
         self.processes.iter().map(|(_, p)| p)
+    }
+
+    /// Every live process with its parent's pid (`None` for the root), parents
+    /// before children.
+    pub fn with_parents(&self) -> impl Iterator<Item = (Option<Pid>, &SeizedProcess)> {
+        self.processes.iter().map(|(parent, p)| (*parent, p))
     }
 
     /// Every live process, for injection.
@@ -330,6 +418,28 @@ impl SeizedTree {
         for (_, p) in self.processes.into_iter().rev() {
             if let Err(e) = p.kill() {
                 first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// SIGKILL to every live process first (none runs on while others die),
+    /// then every thread let go; the deaths are left to the real parents to
+    /// collect. Returns the first process that refused the signal, after all
+    /// were tried.
+    pub fn kill_all_and_release(self) -> Result<(), (Pid, Errno)> {
+        let mut first_err = None;
+        for (_, p) in &self.processes {
+            if let Err(e) =
+                rustix::process::kill_process(to_rustix(p.pid()), rustix::process::Signal::KILL)
+            {
+                first_err.get_or_insert((p.pid(), e));
+            }
+        }
+        for (_, p) in self.processes.into_iter().rev() {
+            // Threads already dying refuse the detach (ESRCH): the expected outcome.
+            if let Err(err) = p.resume() {
+                tracing::debug!(error = %err, "detach after SIGKILL");
             }
         }
         first_err.map_or(Ok(()), Err)

@@ -37,12 +37,15 @@
 //! |---|---|
 //! | [`ptrace`] | `PTRACE_SEIZE`/`INTERRUPT`, registers, xsave, signal mask, pending signals, rseq, seccomp filters; [`SeizedProcess`] freezes a thread group, [`SeizedTree`] a process tree |
 //! | [`inject`] | syscalls run in a stopped thread by single-stepping a `syscall` instruction; [`RemoteScratch`] pages |
+//! | [`ipc`] | SysV IPC from our side: `shmctl(IPC_RMID)` |
 //! | [`memory`] | `process_vm_readv`/`writev`, `/proc/PID/mem` |
 //! | [`proc`] | `/proc` parsers: maps, smaps, stat, status, auxv, tasks, children, fds, fdinfo, limits, timers, mountinfo |
 //! | [`procmap`] | the `PROCMAP_QUERY` ioctl (6.11+) |
 //! | [`pagemap_scan`] | `PAGEMAP_SCAN` (6.7+) and raw pagemap entries |
 //! | [`spawn`] | `clone3` with `set_tid`: processes from here, threads by injection |
 //! | [`pidfd`] | `pidfd_open`, `pidfd_getfd`, `kcmp` |
+//! | [`sockdiag`] | `NETLINK_SOCK_DIAG` `unix_diag`, socket options, `SIOCUNIXFILE` |
+//! | [`inetdiag`] | `NETLINK_SOCK_DIAG` `inet_diag`: TCP listeners' backlog and accept queue |
 //! | [`taskinfo`] | robust list, scheduling, affinity, I/O priority, rlimits, from outside |
 //! | [`uffd`] | userfaultfd: lazy pages and async write-protect tracking |
 //! | [`vdso`] | the vDSO's symbols and ELF build-ids |
@@ -54,7 +57,9 @@ pub mod cpu;
 pub mod dirty;
 mod freeze;
 pub mod ids;
+pub mod inetdiag;
 pub mod inject;
+pub mod ipc;
 pub mod kernel;
 pub mod kobj;
 pub mod memory;
@@ -64,6 +69,7 @@ pub mod proc;
 pub mod procmap;
 pub mod ptrace;
 mod regs;
+pub mod sockdiag;
 pub mod spawn;
 pub mod taskinfo;
 pub mod uffd;

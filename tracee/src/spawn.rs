@@ -344,6 +344,43 @@ pub fn pause_for_tracer() -> Infallible {
     }
 }
 
+/// `close_range(first, last, 0)`: closes every fd numbered `first..=last`.
+///
+/// Warning: like `close(2)` on a raw number, this closes fds that `OwnedFd`s of this
+/// process may still own. It is meant for a process forked for restore, just before it
+/// becomes the restored program, whose only fds worth keeping are outside the range.
+pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: close_range takes only integers; closing fds has no memory effect.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    if ret < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
+/// Dies by signal `sig` as a process whose default action for it is to terminate
+/// (a restored zombie replaying its death): the disposition goes back to `SIG_DFL`,
+/// the signal is unblocked and raised. Exits with `128 + sig` if that did not kill.
+pub fn die_by_signal(sig: i32) -> ! {
+    // SAFETY: SIG_DFL installs no handler; the previous disposition is not asked for.
+    let _ = unsafe { libc::signal(sig, libc::SIG_DFL) };
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: `set` is a valid sigset_t-sized buffer, initialised by sigemptyset.
+    let _ = unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: `set` was initialised just above; the signal number is only read.
+    let _ = unsafe { libc::sigaddset(set.as_mut_ptr(), sig) };
+    // SAFETY: `set` is initialised; no old mask is asked for (null).
+    let _ = unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, set.as_ptr(), std::ptr::null_mut()) };
+    let pid = rustix::process::getpid().as_raw_nonzero().get();
+    let tid = rustix::thread::gettid().as_raw_nonzero().get();
+    // SAFETY: tgkill takes only integers.
+    let _ = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+    std::process::exit(128 + (sig & 0x7f))
+}
+
 /// A thread to create in a restored process by injected `clone3`.
 #[derive(Debug, Clone, Copy)]
 pub struct ThreadCloneRequest {

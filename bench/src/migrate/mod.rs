@@ -15,6 +15,7 @@
 //! time the same iterations took before the migration.
 
 mod chart;
+mod downtime;
 mod pipeline;
 mod report;
 mod testbed;
@@ -68,6 +69,29 @@ pub struct MigrateArgs {
     /// Keep the images and logs of every cell under DIR/cells.
     #[arg(long)]
     pub keep: bool,
+    /// Compress the images on the wire (zlib, fastest level, as `ssh -C`): `auto` on links of
+    /// 100 Mbit/s or less, where the wire costs more than the CPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub compress_images: Compress,
+}
+
+/// When the images are compressed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Compress {
+    /// Whether to compress on a link of `bandwidth` Mbit/s (`None`: unlimited).
+    pub fn on(self, bandwidth: Option<u32>) -> bool {
+        match self {
+            Compress::Always => true,
+            Compress::Never => false,
+            Compress::Auto => bandwidth.is_some_and(|mbit| mbit <= 100),
+        }
+    }
 }
 
 /// One measured migration (or a failed attempt).
@@ -86,6 +110,12 @@ pub struct Run {
     pub verified: bool,
     pub verdict: String,
     pub round_pages: Vec<u64>,
+    /// Queued pre-copy: pages each round held back.
+    pub round_held: Vec<u64>,
+    /// The images crossed the link compressed.
+    pub images_compressed: bool,
+    /// The down time cut into what happened meanwhile, ms (see `downtime`).
+    pub downtime_parts: Vec<(String, f64)>,
     pub final_pages: u64,
     pub pages_resent: Option<u64>,
     pub stop_reason: Option<String>,
@@ -179,6 +209,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
                 repetition,
                 precopy,
                 dirty_rate: args.dirty_rate,
+                compress: args.compress_images,
             };
             let run = cell.measure(&mut port);
             println!(
@@ -322,6 +353,7 @@ struct Cell<'a> {
     repetition: u32,
     precopy: PrecopyOptions,
     dirty_rate: u64,
+    compress: Compress,
 }
 
 /// The workload at the source: our child, killed and reaped when dropped.
@@ -356,6 +388,9 @@ impl Cell<'_> {
             verified: false,
             verdict: String::new(),
             round_pages: Vec::new(),
+            round_held: Vec::new(),
+            downtime_parts: Vec::new(),
+            images_compressed: self.compress.on(self.bandwidth),
             final_pages: 0,
             pages_resent: None,
             stop_reason: None,
@@ -435,6 +470,7 @@ impl Cell<'_> {
             step_timeout: self.step_timeout(),
             next_port: *port,
             move_service: udp,
+            compress_images: self.compress.on(self.bandwidth),
             outcome: Default::default(),
         };
         let result = migration.run(self.algorithm);
@@ -442,6 +478,7 @@ impl Cell<'_> {
         let outcome = std::mem::take(&mut migration.outcome);
         run.steps = outcome.steps.clone();
         run.round_pages = outcome.round_pages.clone();
+        run.round_held = outcome.round_held.clone();
         run.final_pages = outcome.final_pages;
         run.stop_reason = outcome.stop_reason.clone();
         let restored = match result {
@@ -468,7 +505,11 @@ impl Cell<'_> {
         let ms = |ns: u64| ns as f64 / 1e6;
         let t0 = outcome.t_request;
         run.preparation_ms = ms(outcome.t_freeze.saturating_sub(t0));
-        run.downtime_ms = ms(after.longest_gap(t0, outcome.t_done.max(outcome.t_resumed)));
+        let window_end = outcome.t_done.max(outcome.t_resumed);
+        run.downtime_ms = ms(after.longest_gap(t0, window_end));
+        if let Some(gap) = after.longest_gap_bounds(t0, window_end) {
+            run.downtime_parts = downtime::split(gap, &outcome.all_marks());
+        }
         run.postprocessing_ms = ms(outcome.t_done.saturating_sub(outcome.t_resumed));
         run.total_ms = ms(outcome.t_done.saturating_sub(t0));
         run.bytes = bytes_after.saturating_sub(bytes_before);
@@ -488,8 +529,12 @@ impl Cell<'_> {
                     },
             ),
             Algorithm::TotalCopy | Algorithm::PostCopy | Algorithm::FreezeFree => Some(0),
-            // Held-back pages are sent once; which later ones repeat is the dump's to say.
-            Algorithm::QueuedPreCopy => None,
+            // The first round held every page: whatever was sent beyond that count was sent
+            // again (pages mapped during the migration count as resent too).
+            Algorithm::QueuedPreCopy => Some(
+                (run.round_pages.iter().sum::<u64>() + run.final_pages)
+                    .saturating_sub(run.round_held.first().copied().unwrap_or(0)),
+            ),
         };
 
         workload::request_verify(&stamps)?;

@@ -3,11 +3,19 @@
 //! namespace, destination-side ones in the destination's, and the restore in a fresh PID (and
 //! mount, for its /proc) namespace, so the restored pid cannot collide with the frozen source.
 //!
+//! What can be made ready before the freeze is, so that it is not down time: the destination's
+//! PID namespace and the shell that will run `ckpt-restore` (it waits on a FIFO for the
+//! images), the connection the images take, and for post-copy the lazy-pages daemon (it
+//! connects to the dump, which listens before it freezes, and reads the images only when
+//! restore hands it the process). `downtime` then cuts the measured down time at the moments
+//! the tools log, so each run says where its down time went.
+//!
 //! The contract every pipeline keeps: it ends with the process running at the destination and
 //! the source gone, or, when a step fails before the destination runs, with the source running
 //! as before (dumps that freeze it leave it stopped until the destination runs; a failure sends
 //! it SIGCONT).
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -17,6 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use super::downtime::{self, Mark};
 use super::testbed::{Side, Testbed, DST_ADDR, SRC_ADDR};
 use super::transfer;
 use super::workload::Stamps;
@@ -110,6 +119,14 @@ impl Tools {
 
 /// Pre-copy's stop rule: the thesis's at most `rounds` rounds and `max_dirty_percent` of the
 /// address space, plus ours: stop when a round did not shrink the dirty set by a tenth.
+///
+/// Queued pre-copy applies it to the pages held back (the thesis's "delayed" pages, which the
+/// final dump will send), from the third round on: the first round proves nothing and holds
+/// every page (its count is the address space), and the second follows it so closely that few
+/// pages were written in between, while the second's own transfer, the long one, is seen by
+/// the third. The shrink rule compares two such rounds, so it starts at the fourth. One rule
+/// looks at the second round: if even that short interval wrote more than the limit, the
+/// write-hot set is larger than the limit and rounds cannot bring it under: stop there.
 #[derive(Debug, Clone, Copy)]
 pub struct PrecopyOptions {
     pub rounds: u32,
@@ -128,12 +145,35 @@ pub struct Outcome {
     pub t_done: u64,
     /// Pages each pre-copy round sent, in order.
     pub round_pages: Vec<u64>,
+    /// Queued pre-copy: pages each round held back, in order.
+    pub round_held: Vec<u64>,
     /// Why pre-copy stopped.
     pub stop_reason: Option<String>,
     /// Pages sent by the final dump through the page server (pre-copy variants).
     pub final_pages: u64,
     /// Every tool command line run, in order.
     pub steps: Vec<String>,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC at the request: converts the tools' log stamps.
+    pub clock_offset: i128,
+    /// The harness's own moments inside the down time (see `downtime`).
+    pub marks: Vec<Mark>,
+    /// The final images: where they were written and where they were restored from.
+    pub final_images: Option<(PathBuf, PathBuf)>,
+}
+
+impl Outcome {
+    /// Every mark of the down time: the harness's and those the final dump and restore logged.
+    pub fn all_marks(&self) -> Vec<Mark> {
+        let mut marks = self.marks.clone();
+        if let Some((src, dst)) = &self.final_images {
+            marks.extend(downtime::tool_marks(
+                &src.join("dump.log"),
+                &dst.join("restore.log"),
+                self.clock_offset,
+            ));
+        }
+        marks
+    }
 }
 
 /// A process the harness started; killed and reaped when dropped unless already reaped.
@@ -145,6 +185,8 @@ pub struct Proc {
     pub out: PathBuf,
     /// The tool's own log (`-o`), when it has one apart from `out`.
     pub log: Option<PathBuf>,
+    /// A restore made ready before the freeze: the FIFO that lets it go.
+    go: Option<PathBuf>,
     reaped: Option<ExitStatus>,
 }
 
@@ -249,6 +291,8 @@ pub struct Migration<'a> {
     pub next_port: u16,
     /// Move the service address to the destination as soon as it runs (the UDP server).
     pub move_service: bool,
+    /// Compress the images on the wire (zlib, fastest level), as `ssh -C` on a slow link.
+    pub compress_images: bool,
     pub outcome: Outcome,
 }
 
@@ -258,6 +302,7 @@ pub type Restored = Proc;
 
 impl Migration<'_> {
     pub fn run(&mut self, algorithm: Algorithm) -> Result<Restored> {
+        self.outcome.clock_offset = downtime::clock_offset_ns();
         self.outcome.t_request = now_ns();
         let result = match algorithm {
             Algorithm::TotalCopy => self.total_copy(),
@@ -279,6 +324,9 @@ impl Migration<'_> {
     /// Freeze, dump, transfer, restore.
     fn total_copy(&mut self) -> Result<Restored> {
         let (src, dst) = (self.dir.join("src/img"), self.dir.join("dst/img"));
+        self.outcome.final_images = Some((src.clone(), dst.clone()));
+        let mut restored = self.prepare_restore(&dst, &[])?;
+        let link = self.open_transfer(&dst)?;
         self.outcome.t_freeze = now_ns();
         let pid = self.pid.to_string();
         self.tool(
@@ -297,8 +345,8 @@ impl Migration<'_> {
         )?
         .wait_ok(self.step_timeout)?;
         let frozen = Stamps::read(self.stamps)?.iterations;
-        self.transfer(&src, &dst)?;
-        let mut restored = self.restore(&dst, &[])?;
+        self.transfer(link, &src, &dst)?;
+        self.start_restore(&mut restored)?;
         self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
         self.outcome.t_done = self.outcome.t_resumed;
         Ok(restored)
@@ -308,7 +356,6 @@ impl Migration<'_> {
     fn pre_copy(&mut self, queued: bool) -> Result<Restored> {
         let mut round = 0u32;
         let mut prev: Option<String> = None;
-        let mut first_pages = 0u64;
         loop {
             round += 1;
             let name = format!("pre{round}");
@@ -316,33 +363,26 @@ impl Migration<'_> {
             if queued {
                 args.push("--hold-hot-pages");
             }
-            let pages = self.dump_through_page_server(&name, prev.as_deref(), &args)?;
-            self.outcome.round_pages.push(pages);
-            if round == 1 {
-                first_pages = pages.max(1);
-            }
-            let limit = first_pages * u64::from(self.precopy.max_dirty_percent) / 100;
-            let previous = self.outcome.round_pages.iter().rev().nth(1).copied();
-            prev = Some(format!("../{name}"));
-            let stop = if round > 1 && pages <= limit {
-                Some(format!(
-                    "dirty set of {pages} pages within the limit of {limit}"
-                ))
-            } else if round >= self.precopy.rounds {
-                Some(format!("{round} rounds, the maximum"))
-            } else if previous.is_some_and(|p| round > 1 && pages * 10 > p * 9) {
-                Some(format!(
-                    "not converging: {pages} pages dirty after {} the round before",
-                    previous.unwrap_or(0)
-                ))
+            let sent = self.dump_through_page_server(&name, prev.as_deref(), &args)?;
+            self.outcome.round_pages.push(sent);
+            // What the final dump would have to send: the dirty set, or the held pages.
+            let series = if queued {
+                let held = held_pages(&self.dir.join("src").join(&name).join("dump.log"));
+                self.outcome.round_held.push(held);
+                &self.outcome.round_held
             } else {
-                None
+                &self.outcome.round_pages
             };
-            if let Some(reason) = stop {
+            prev = Some(format!("../{name}"));
+            if let Some(reason) = stop_rounds(&self.precopy, queued, series) {
                 self.outcome.stop_reason = Some(reason);
                 break;
             }
         }
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        self.outcome.final_images = Some((src.clone(), dst.clone()));
+        let mut restored = self.prepare_restore(&dst, &[])?;
+        let link = self.open_transfer(&dst)?;
         self.outcome.t_freeze = now_ns();
         let prev_dir = prev.unwrap_or_default();
         self.outcome.final_pages = self.dump_through_page_server(
@@ -351,9 +391,8 @@ impl Migration<'_> {
             &["--track-mem", "--leave-stopped"],
         )?;
         let frozen = Stamps::read(self.stamps)?.iterations;
-        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
-        self.transfer(&src, &dst)?;
-        let mut restored = self.restore(&dst, &[])?;
+        self.transfer(link, &src, &dst)?;
+        self.start_restore(&mut restored)?;
         self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
         self.outcome.t_done = self.outcome.t_resumed;
         Ok(restored)
@@ -414,6 +453,7 @@ impl Migration<'_> {
             prev = Some("../pre1".to_string());
         }
         let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        self.outcome.final_images = Some((src.clone(), dst.clone()));
         let port = self.port();
         let (pid, port_s, src_s) = (self.pid.to_string(), port.to_string(), s(&src));
         let mut args = vec![
@@ -434,15 +474,39 @@ impl Migration<'_> {
         if let Some(prev) = &prev {
             args.extend(["--track-mem", "--prev-images-dir", prev]);
         }
+        // The destination is made ready before the freeze: its PID namespace and restore's
+        // init wait for the images, so none of that is down time.
+        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
+        let mut restore_args = vec!["--lazy-pages"];
+        restore_args.extend(restore_extra);
+        let mut restored = self.prepare_restore(&dst, &restore_args)?;
+        let link = self.open_transfer(&dst)?;
         self.outcome.t_freeze = now_ns();
         let dump = self.tools.dump.clone();
         let mut server = self.tool(Side::Source, "ckpt-dump --lazy-pages", &dump, &args)?;
         wait_listening(&mut server, port, self.step_timeout)?;
-        // It serves once its images are written; the inventory says they are.
-        wait_for_file(&src.join("inventory.img"), &mut server, self.step_timeout)?;
-        let frozen = Stamps::read(self.stamps)?.iterations;
-        match self.lazy_destination(&src, &dst, &port_s, frozen, restore_extra) {
-            Ok((restored, mut daemon)) => {
+        // The dump listens before it freezes and accepts once its images are written: the
+        // daemon starts and connects meanwhile, and reads the pagemap only when restore hands
+        // it the process.
+        let daemon = self.start_daemon(&dst, &port_s);
+        let result = daemon.and_then(|mut daemon| {
+            // It serves once its images are written; the inventory, written last (and at
+            // once, but into a file created empty), says they are.
+            wait_for_images(&src.join("inventory.img"), &mut server, self.step_timeout)?;
+            let frozen = Stamps::read(self.stamps)?.iterations;
+            self.transfer(link, &src, &dst)?;
+            // Started long ago, it is normally listening by now.
+            wait_for_file(
+                &dst.join("lazy-pages.socket"),
+                &mut daemon,
+                self.step_timeout,
+            )?;
+            self.start_restore(&mut restored)?;
+            self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
+            Ok(daemon)
+        });
+        match result {
+            Ok(mut daemon) => {
                 // Post-processing: until the daemon holds every page and the source let go.
                 daemon.wait_ok(self.step_timeout)?;
                 server.wait_ok(self.step_timeout)?;
@@ -450,27 +514,21 @@ impl Migration<'_> {
                 Ok(restored)
             }
             Err(e) => {
-                // The destination's processes are gone: the dump sees its peer leave and
-                // resumes the source itself; give it the time to before it is killed.
+                // The destination's processes go: the dump sees its peer leave (or never
+                // come) and resumes the source itself; give it the time to before it is killed.
+                drop(restored);
                 let _ = server.wait_timeout(Duration::from_secs(10));
                 Err(e.context(format!("ckpt-dump --lazy-pages said: {}", server.tail())))
             }
         }
     }
 
-    /// The destination half of post-copy: state in, daemon up, restore, running.
-    fn lazy_destination(
-        &mut self,
-        src: &Path,
-        dst: &Path,
-        port: &str,
-        frozen: u64,
-        restore_extra: &[&str],
-    ) -> Result<(Restored, Proc)> {
-        self.transfer(src, dst)?;
+    /// Starts the destination's `ckpt-lazy-pages` for the images that will be in `dst`,
+    /// pulling pages from the lazy dump at the source.
+    fn start_daemon(&mut self, dst: &Path, port: &str) -> Result<Proc> {
         let (dst_s, log) = (s(dst), s(&dst.join("lazy-pages.log")));
         let lazy = self.tools.lazy_pages.clone();
-        let mut daemon = self.tool(
+        self.tool(
             Side::Destination,
             "ckpt-lazy-pages",
             &lazy,
@@ -485,17 +543,7 @@ impl Migration<'_> {
                 "--port",
                 port,
             ],
-        )?;
-        wait_for_file(
-            &dst.join("lazy-pages.socket"),
-            &mut daemon,
-            self.step_timeout,
-        )?;
-        let mut restore_args = vec!["--lazy-pages"];
-        restore_args.extend(restore_extra);
-        let mut restored = self.restore(dst, &restore_args)?;
-        self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
-        Ok((restored, daemon))
+        )
     }
 
     /// Records a step with its start, in ms after the request: the run's timeline.
@@ -509,35 +557,60 @@ impl Migration<'_> {
         self.next_port
     }
 
-    fn transfer(&mut self, from: &Path, to: &Path) -> Result<()> {
+    /// Opens the connection the images will take to `to`, before they exist (as a script
+    /// keeps its ssh connection open): connecting is not down time.
+    fn open_transfer(&mut self, to: &Path) -> Result<transfer::Link> {
         let port = self.port();
         let addr: SocketAddr = format!("{DST_ADDR}:{port}").parse().context("address")?;
-        self.note(format!(
-            "transfer {} -> {} (tar | ssh)",
-            from.display(),
-            to.display()
-        ));
-        transfer::copy_dir(
+        transfer::Link::open(
             &self.bed.ns_path(Side::Source),
             &self.bed.ns_path(Side::Destination),
-            from,
             to,
             addr,
+            self.compress_images,
         )
-        .with_context(|| format!("transfer {} to the destination", from.display()))?;
+        .context("connect to the destination for the images")
+    }
+
+    fn transfer(&mut self, link: transfer::Link, from: &Path, to: &Path) -> Result<()> {
+        self.note(format!(
+            "transfer {} -> {} (tar | ssh{})",
+            from.display(),
+            to.display(),
+            if self.compress_images { " -C" } else { "" }
+        ));
+        link.send(from)
+            .with_context(|| format!("transfer {} to the destination", from.display()))?;
+        self.outcome.marks.push(Mark {
+            part: "wait for the images, transfer them",
+            at: now_ns(),
+        });
         Ok(())
     }
 
-    /// Starts `ckpt-restore` as init of a new PID namespace in the destination.
-    fn restore(&mut self, dir: &Path, extra: &[&str]) -> Result<Restored> {
+    /// Makes the destination ready before the freeze: a new PID namespace (in the
+    /// destination's network namespace) whose init waits on a FIFO for the images, then runs
+    /// `ckpt-restore -d -D dir EXTRA` and stays; [`Migration::start_restore`] lets it go.
+    fn prepare_restore(&mut self, dir: &Path, extra: &[&str]) -> Result<Restored> {
         let log = dir.join("restore.log");
+        let go = self
+            .dir
+            .join(format!("restore-{}.go", self.outcome.steps.len()));
+        let _ = std::fs::remove_file(&go);
+        nix::unistd::mkfifo(&go, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("mkfifo {}", go.display()))?;
         let mut cmd = Command::new("unshare");
-        // The namespace's init is a shell that runs `ckpt-restore -d` and then waits: the
-        // restored process is not the child of a restorer that waits for it, as it is on a
-        // destination host. --kill-child: if unshare dies, so does the init and with it the
-        // namespace.
+        // The namespace's init is a shell that waits for the word, runs `ckpt-restore -d` and
+        // then waits: the restored process is not the child of a restorer that waits for it,
+        // as it is on a destination host. --kill-child: if unshare dies, so does the init and
+        // with it the namespace.
         cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
-            .args(["sh", "-c", r#""$@" && exec sleep 1000000"#, "sh"])
+            .args([
+                "sh",
+                "-c",
+                r#"read -r go < "$0" && "$@" && exec sleep 1000000"#,
+            ])
+            .arg(&go)
             .arg(&self.tools.restore)
             .arg("-d")
             .arg("-D")
@@ -547,12 +620,57 @@ impl Migration<'_> {
             .args(extra);
         let mut restore = self.spawn(
             Side::Destination,
-            "ckpt-restore",
+            "ckpt-restore (waiting for the images)",
             &cmd,
-            dir.join("restore.out"),
+            self.dir
+                .join(format!("restore-{}.out", self.outcome.steps.len())),
         )?;
         restore.log = Some(log);
+        restore.go = Some(go);
         Ok(restore)
+    }
+
+    /// The images are in place: the waiting init runs `ckpt-restore`.
+    fn start_restore(&mut self, restore: &mut Restored) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let go = restore
+            .go
+            .take()
+            .ok_or_else(|| anyhow!("{} was started already", restore.name))?;
+        self.note("ckpt-restore goes".to_string());
+        let start = Instant::now();
+        // Non-blocking: opening a FIFO no one reads fails (ENXIO) instead of waiting forever;
+        // the init may still be on its way to its `read`.
+        let mut fifo = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&go)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+                    if let Some(status) = restore.try_status()? {
+                        bail!(
+                            "{} exited ({status}) before restoring: {}",
+                            restore.name,
+                            restore.tail()
+                        );
+                    }
+                    if start.elapsed() > self.step_timeout {
+                        bail!("{} never waited for the images", restore.name);
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(e) => return Err(e).with_context(|| format!("open {}", go.display())),
+            }
+        };
+        fifo.write_all(b"go\n")
+            .with_context(|| format!("write {}", go.display()))?;
+        self.outcome.marks.push(Mark {
+            part: "let restore go",
+            at: now_ns(),
+        });
+        Ok(())
     }
 
     /// Waits until the stamps move again after `frozen` iterations: the destination runs.
@@ -626,6 +744,7 @@ impl Migration<'_> {
             child,
             out,
             log: None,
+            go: None,
             reaped: None,
         })
     }
@@ -643,6 +762,52 @@ pub fn now_ns() -> u64 {
                 + u64::try_from(t.tv_nsec()).unwrap_or(0)
         })
         .unwrap_or(0)
+}
+
+/// Whether pre-copy stops after the rounds so far, and why (see [`PrecopyOptions`]).
+/// `series`: per round, what the final dump would have to send if it came now: the dirty
+/// pages the round sent, or for queued pre-copy the pages it held back.
+pub fn stop_rounds(opts: &PrecopyOptions, queued: bool, series: &[u64]) -> Option<String> {
+    let round = u32::try_from(series.len()).unwrap_or(u32::MAX);
+    let pages = *series.last()?;
+    let first = series.first().copied().unwrap_or(0).max(1);
+    let previous = series.iter().rev().nth(1).copied();
+    let limit = first * u64::from(opts.max_dirty_percent) / 100;
+    // The first round the limit applies to, and the first that may compare with the round
+    // before.
+    let (judged_from, compared_from) = if queued { (3, 4) } else { (2, 2) };
+    let what = if queued { "held back" } else { "dirty" };
+    if round >= judged_from && pages <= limit {
+        Some(format!("{pages} pages {what}, within the limit of {limit}"))
+    } else if queued && round == 2 && pages > limit {
+        Some(format!(
+            "not converging: {pages} pages written within the short second round, above the \
+             limit of {limit}"
+        ))
+    } else if round >= opts.rounds {
+        Some(format!("{round} rounds, the maximum"))
+    } else {
+        previous
+            .filter(|&p| round >= compared_from && pages * 10 > p * 9)
+            .map(|p| format!("not converging: {pages} pages {what} after {p} the round before"))
+    }
+}
+
+/// Pages a queued pre-dump held back, from its log (`ckpt-dump` says how many when there
+/// are any; a round that held none says nothing).
+fn held_pages(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|line| line.contains("pages held back"))
+        .filter_map(|line| {
+            let at = line.find(" held=")? + " held=".len();
+            let digits: String = line[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// Bytes of page data in an image directory (`pages-*.img`).
@@ -689,7 +854,22 @@ fn wait_listening(proc: &mut Proc, port: u16, timeout: Duration) -> Result<()> {
                 proc.name
             );
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Waits until `path` exists and is not empty.
+fn wait_for_images(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        wait_for_file(path, proc, timeout.saturating_sub(start.elapsed()))?;
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("{} stayed empty for {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -707,7 +887,52 @@ fn wait_for_file(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> 
         if start.elapsed() > timeout {
             bail!("{} not created within {timeout:?}", path.display());
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(200));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const THESIS: PrecopyOptions = PrecopyOptions {
+        rounds: 6,
+        max_dirty_percent: 30,
+    };
+
+    #[test]
+    fn pre_copy_stops_within_the_limit_at_the_maximum_or_when_not_converging() {
+        assert_eq!(stop_rounds(&THESIS, false, &[]), None);
+        assert_eq!(stop_rounds(&THESIS, false, &[1000]), None);
+        // Shrinking, still above 30 %.
+        assert_eq!(stop_rounds(&THESIS, false, &[1000, 600]), None);
+        assert!(stop_rounds(&THESIS, false, &[1000, 600, 300])
+            .is_some_and(|r| r.contains("within the limit of 300")));
+        // The random-memory-access process: the second round sends it all again.
+        assert!(stop_rounds(&THESIS, false, &[1039, 1031])
+            .is_some_and(|r| r.starts_with("not converging")));
+        // Shrinking by less than a tenth is not converging either.
+        assert!(stop_rounds(&THESIS, false, &[1000, 800, 750])
+            .is_some_and(|r| r.starts_with("not converging")));
+        let six = [1000, 800, 640, 510, 400, 320];
+        assert!(stop_rounds(&THESIS, false, &six).is_some_and(|r| r.contains("maximum")));
+        assert_eq!(stop_rounds(&THESIS, false, &six[..5]), None);
+    }
+
+    #[test]
+    fn queued_pre_copy_judges_from_the_third_round() {
+        // Round 1 holds everything; round 2 came too soon after it to tell.
+        assert_eq!(stop_rounds(&THESIS, true, &[1000]), None);
+        assert_eq!(stop_rounds(&THESIS, true, &[1000, 20]), None);
+        assert!(stop_rounds(&THESIS, true, &[1000, 20, 250])
+            .is_some_and(|r| r.contains("within the limit")));
+        // Growing from round 2 to 3 is the long transfer seen, not divergence.
+        assert_eq!(stop_rounds(&THESIS, true, &[1000, 20, 600]), None);
+        assert!(stop_rounds(&THESIS, true, &[1000, 20, 600, 590])
+            .is_some_and(|r| r.starts_with("not converging")));
+        // Everything written again within the short round: nothing to gain.
+        assert!(stop_rounds(&THESIS, true, &[1039, 1031])
+            .is_some_and(|r| r.contains("short second round")));
+    }
 }

@@ -101,6 +101,9 @@ fn run_json(run: &Run) -> Value {
         "repetition": run.repetition,
         "verdict": run.verdict,
         "pages_per_round": run.round_pages,
+        "held_per_round": run.round_held,
+        "images_compressed": run.images_compressed,
+        "downtime_parts_ms": run.downtime_parts.iter().map(|(part, ms)| json!([part, ms])).collect::<Vec<_>>(),
         "final_pages": run.final_pages,
         "pages_resent": run.pages_resent,
         "precopy_stop": run.stop_reason,
@@ -172,7 +175,17 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
     let _ = writeln!(md, "Kernel: {}\n", kernel_release());
     for ((bw, kind), group) in &groups {
         let bandwidth = (*bw != u32::MAX).then_some(*bw);
-        let _ = writeln!(md, "## {} at {}\n", kind.name(), bw_name(bandwidth));
+        let compressed = if group.iter().any(|r| r.images_compressed) {
+            " (images compressed on the wire, as `ssh -C`)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            md,
+            "## {} at {}{compressed}\n",
+            kind.name(),
+            bw_name(bandwidth)
+        );
         let _ = writeln!(
             md,
             "| algorithm | preparation | down | post-processing | total | bytes | execution delay | verified | client timeouts (10/30/50 ms) |"
@@ -241,6 +254,58 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                 ok.len(),
                 timeouts,
             );
+        }
+        let rounds: Vec<String> = group
+            .iter()
+            .filter(|r| r.error.is_none() && r.stop_reason.is_some())
+            .map(|r| {
+                let held = if r.round_held.is_empty() {
+                    String::new()
+                } else {
+                    format!(", held back {:?}", r.round_held)
+                };
+                format!(
+                    "- {} (repetition {}): pages sent per round {:?}{held}, final {}; stopped: {}",
+                    r.algorithm.name(),
+                    r.repetition,
+                    r.round_pages,
+                    r.final_pages,
+                    r.stop_reason.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        let parts: Vec<String> = group
+            .iter()
+            .filter(|r| r.error.is_none() && !r.downtime_parts.is_empty())
+            .map(|r| {
+                let cut: Vec<String> = r
+                    .downtime_parts
+                    .iter()
+                    .map(|(part, ms)| format!("{part} {ms:.1}"))
+                    .collect();
+                format!(
+                    "- {} (repetition {}), {:.1} ms: {}",
+                    r.algorithm.name(),
+                    r.repetition,
+                    r.downtime_ms,
+                    cut.join(", ")
+                )
+            })
+            .collect();
+        if !parts.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nWhere the down time went (ms; each part ends when the step named finished):\n"
+            );
+            for line in parts {
+                let _ = writeln!(md, "{line}");
+            }
+        }
+        if !rounds.is_empty() {
+            let _ = writeln!(md, "\nPre-copy rounds:\n");
+            for line in rounds {
+                let _ = writeln!(md, "{line}");
+            }
         }
         if !failures.is_empty() {
             let _ = writeln!(md, "\nFailed runs:\n");

@@ -30,47 +30,117 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
-/// Copies the files and symlinks of `from` (flat, as image directories are) into `to`, over
-/// `addr` (the destination's address), and returns the payload bytes.
-pub fn copy_dir(
-    src_ns: &Path,
-    dst_ns: &Path,
-    from: &Path,
-    to: &Path,
-    addr: SocketAddr,
-) -> Result<u64> {
-    std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
-    let to = to.to_path_buf();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let receiver = in_netns(dst_ns, move || {
-        let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"));
-        let _ = ready_tx.send(listener.is_ok());
-        receive(&listener?, &to)
-    });
-    if !ready_rx.recv().unwrap_or(false) {
-        receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
-        bail!("the receiver stopped before listening");
-    }
-    let from = from.to_path_buf();
-    let sender = in_netns(src_ns, move || send(&from, addr));
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
-    let received = receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
-    let sent = sent.context("send images")?;
-    received.context("receive images")?;
-    Ok(sent)
+/// A connection from the source to the destination, opened before it is needed (as an ssh
+/// connection a user's script keeps open), waiting for the directory to send: it copies the
+/// files and symlinks of that directory (flat, as image directories are) to the destination's
+/// directory.
+pub struct Link {
+    go: std::sync::mpsc::Sender<PathBuf>,
+    sender: std::thread::JoinHandle<Result<u64>>,
+    receiver: std::thread::JoinHandle<Result<()>>,
 }
 
-fn send(from: &Path, addr: SocketAddr) -> Result<u64> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("connect to {addr}"))?;
-    stream.set_nodelay(true).context("TCP_NODELAY")?;
-    let mut out = BufWriter::with_capacity(1 << 20, &stream);
+impl Link {
+    /// Connects; the destination will write into `to`. Dropping the link unsent ends both
+    /// sides (the sender gives up, the receiver sees the connection close).
+    /// `compress`: zlib at its fastest level on the wire, as `ssh -C` on a slow link.
+    pub fn open(
+        src_ns: &Path,
+        dst_ns: &Path,
+        to: &Path,
+        addr: SocketAddr,
+        compress: bool,
+    ) -> Result<Link> {
+        std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
+        let to = to.to_path_buf();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let receiver = in_netns(dst_ns, move || {
+            let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"));
+            let _ = ready_tx.send(listener.is_ok());
+            receive(&listener?, &to, compress)
+        });
+        if !ready_rx.recv().unwrap_or(false) {
+            receiver
+                .join()
+                .map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
+            bail!("the receiver stopped before listening");
+        }
+        let (go, go_rx) = std::sync::mpsc::channel::<PathBuf>();
+        let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+        let sender = in_netns(src_ns, move || {
+            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .with_context(|| format!("connect to {addr}"));
+            let _ = connected_tx.send(stream.is_ok());
+            let stream = stream?;
+            stream.set_nodelay(true).context("TCP_NODELAY")?;
+            let from = go_rx
+                .recv()
+                .context("the transfer was called off before it began")?;
+            send(&stream, &from, compress)
+        });
+        if !connected_rx.recv().unwrap_or(false) {
+            let sent = sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
+            sent.context("connect for the transfer")?;
+            bail!("the sender stopped before connecting");
+        }
+        Ok(Link {
+            go,
+            sender,
+            receiver,
+        })
+    }
+
+    /// Sends `from` and waits until the destination has all of it on its disk.
+    pub fn send(self, from: &Path) -> Result<u64> {
+        self.go
+            .send(from.to_path_buf())
+            .map_err(|_| anyhow::anyhow!("the sender is gone"))?;
+        let sent = self
+            .sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
+        let received = self
+            .receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
+        let sent = sent.context("send images")?;
+        received.context("receive images")?;
+        Ok(sent)
+    }
+}
+
+fn send(stream: &TcpStream, from: &Path, compress: bool) -> Result<u64> {
+    let out = BufWriter::with_capacity(1 << 20, stream);
+    let total = if compress {
+        let mut z = flate2::write::ZlibEncoder::new(out, flate2::Compression::fast());
+        let total = send_entries(&mut z, from)?;
+        z.finish()
+            .and_then(|mut out| out.flush())
+            .context("send images")?;
+        total
+    } else {
+        let mut out = out;
+        let total = send_entries(&mut out, from)?;
+        out.flush().context("send images")?;
+        total
+    };
+    // The end of our half: a decompressing receiver may hold decoded bytes back until it
+    // sees that no more input comes.
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .context("end the image stream")?;
+    let mut ack = [0u8; 1];
+    let mut stream = stream;
+    stream
+        .read_exact(&mut ack)
+        .context("wait for the receiver's acknowledgement")?;
+    Ok(total)
+}
+
+/// Writes the frames of every file and symlink of `from`; returns the payload bytes.
+fn send_entries(out: &mut impl Write, from: &Path) -> Result<u64> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(from)
         .with_context(|| format!("list {}", from.display()))?
         .map(|e| e.map(|e| e.path()))
@@ -105,7 +175,7 @@ fn send(from: &Path, addr: SocketAddr) -> Result<u64> {
             out.write_all(&[0])?;
             out.write_all(&meta.len().to_le_bytes())?;
             let mut file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-            let copied = std::io::copy(&mut (&mut file).take(meta.len()), &mut out)
+            let copied = std::io::copy(&mut (&mut file).take(meta.len()), out)
                 .with_context(|| format!("send {}", path.display()))?;
             if copied != meta.len() {
                 bail!("{} shrank while being sent", path.display());
@@ -114,18 +184,23 @@ fn send(from: &Path, addr: SocketAddr) -> Result<u64> {
         }
     }
     out.write_all(&0u32.to_le_bytes())?;
-    out.flush().context("send images")?;
-    drop(out);
-    let mut ack = [0u8; 1];
-    (&stream)
-        .read_exact(&mut ack)
-        .context("wait for the receiver's acknowledgement")?;
     Ok(total)
 }
 
-fn receive(listener: &TcpListener, to: &Path) -> Result<()> {
+fn receive(listener: &TcpListener, to: &Path, compress: bool) -> Result<()> {
     let (stream, _) = listener.accept().context("accept")?;
-    let mut input = BufReader::with_capacity(1 << 20, &stream);
+    let input = BufReader::with_capacity(1 << 20, &stream);
+    if compress {
+        receive_entries(&mut flate2::bufread::ZlibDecoder::new(input), to)?;
+    } else {
+        receive_entries(&mut { input }, to)?;
+    }
+    (&stream).write_all(&[1]).context("acknowledge")?;
+    Ok(())
+}
+
+/// Reads frames into `to` until the end frame.
+fn receive_entries(input: &mut impl Read, to: &Path) -> Result<()> {
     loop {
         let mut word = [0u8; 4];
         input.read_exact(&mut word).context("read frame")?;
@@ -152,7 +227,7 @@ fn receive(listener: &TcpListener, to: &Path) -> Result<()> {
             0 => {
                 let mut file =
                     File::create(&path).with_context(|| format!("create {}", path.display()))?;
-                let copied = std::io::copy(&mut (&mut input).take(len), &mut file)
+                let copied = std::io::copy(&mut input.by_ref().take(len), &mut file)
                     .with_context(|| format!("write {}", path.display()))?;
                 if copied != len {
                     bail!("{name}: stream ended after {copied} of {len} bytes");
@@ -173,6 +248,52 @@ fn receive(listener: &TcpListener, to: &Path) -> Result<()> {
             other => bail!("unknown entry kind {other}"),
         }
     }
-    (&stream).write_all(&[1]).context("acknowledge")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frames and the acknowledgement, plain and compressed, over a loopback connection.
+    #[test]
+    fn a_directory_crosses_intact() {
+        for compress in [false, true] {
+            let from = std::env::temp_dir().join(format!(
+                "ckb-transfer-{}-{compress}-from",
+                std::process::id()
+            ));
+            let to =
+                from.with_file_name(format!("ckb-transfer-{}-{compress}-to", std::process::id()));
+            let _ = std::fs::remove_dir_all(&from);
+            let _ = std::fs::remove_dir_all(&to);
+            std::fs::create_dir_all(&from).expect("mkdir");
+            std::fs::create_dir_all(&to).expect("mkdir");
+            let mut big = vec![0u8; 139_264];
+            for (i, b) in big.iter_mut().enumerate().step_by(7) {
+                *b = (i % 251) as u8;
+            }
+            std::fs::write(from.join("pages-1.img"), &big).expect("write");
+            std::fs::write(from.join("pstree.img"), b"tree").expect("write");
+            std::fs::write(from.join("dump.log"), b"stays").expect("write");
+            std::os::unix::fs::symlink("../pre1", from.join("parent")).expect("symlink");
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let dest = to.clone();
+            let receiver = std::thread::spawn(move || receive(&listener, &dest, compress));
+            let stream = TcpStream::connect(addr).expect("connect");
+            let sent = send(&stream, &from, compress).expect("send");
+            receiver.join().expect("join").expect("receive");
+            assert_eq!(sent, big.len() as u64 + 4);
+            assert_eq!(std::fs::read(to.join("pages-1.img")).expect("read"), big);
+            assert_eq!(std::fs::read(to.join("pstree.img")).expect("read"), b"tree");
+            assert!(!to.join("dump.log").exists());
+            assert_eq!(
+                std::fs::read_link(to.join("parent")).expect("link"),
+                Path::new("../pre1")
+            );
+            let _ = std::fs::remove_dir_all(&from);
+            let _ = std::fs::remove_dir_all(&to);
+        }
+    }
 }

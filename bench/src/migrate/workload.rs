@@ -213,6 +213,15 @@ impl Stamps {
             .unwrap_or(0)
     }
 
+    /// The longest gap inside `[from, to)`, clipped to it: `(start, end)`.
+    pub fn longest_gap_bounds(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        self.gaps
+            .iter()
+            .map(|&(s, e)| (s.max(from), e.min(to)))
+            .filter(|(s, e)| s < e)
+            .max_by_key(|(s, e)| e - s)
+    }
+
     /// The end of the longest gap ending after `after`: when the process ran again.
     pub fn resumed_at(&self, after: u64) -> Option<u64> {
         self.gaps

@@ -2,6 +2,12 @@
 //! madvise bits), guard regions as extra `VMA_AREA_GUARD` entries, and the page ranges that
 //! must be saved: present or swapped pages of private mappings that are neither the zero page
 //! nor still the file's own page (`PAGEMAP_SCAN`), plus the whole `[vdso]`.
+//!
+//! Shared memory objects (`MAP_SHARED|MAP_ANONYMOUS`, SysV segments, memfds) are listed in
+//! [`MemoryState::shmem`]: their contents belong to the object, not to one process, and are
+//! saved once for the tree by [`super::shmem`]. Their VMAs name the object as CRIU's do:
+//! `shmid` is the shmem inode (for SysV, which is the segment id), or for a memfd the
+//! `files.img` id of a memfd file entry.
 
 use images_format::pb::VmaEntry;
 use images_format::vma::{MapFlags, VmaStatus};
@@ -61,6 +67,32 @@ pub struct MappedFile {
     pub map_files: String,
 }
 
+/// What kind of shared memory object a VMA maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShmemKind {
+    /// `MAP_SHARED|MAP_ANONYMOUS` (or a shared mapping of `/dev/zero`): a shmem inode of
+    /// its own, `/dev/zero (deleted)` in maps.
+    Anon,
+    /// A SysV segment attached with `shmat` (`/SYSV<key> (deleted)`).
+    Sysv,
+    /// A memfd (`/memfd:<name> (deleted)`), mapped shared or private.
+    Memfd,
+}
+
+/// A VMA of a shared memory object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmemVma {
+    /// Index into [`MemoryState::vmas`].
+    pub vma_index: usize,
+    pub kind: ShmemKind,
+    /// The shmem inode number (for SysV, the segment id).
+    pub inode: u64,
+    /// `/proc/PID/map_files/START-END`, which opens the object itself.
+    pub map_files: String,
+    /// The name the kernel shows (a memfd's name after `memfd:`, a SysV segment's key).
+    pub name: String,
+}
+
 /// The collected address space.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryState {
@@ -68,6 +100,8 @@ pub struct MemoryState {
     pub vmas: Vec<VmaEntry>,
     /// File-backed VMAs whose file must be described in `files.img`.
     pub mapped_files: Vec<MappedFile>,
+    /// VMAs of shared memory objects.
+    pub shmem: Vec<ShmemVma>,
     /// The pages to save.
     pub pages: Vec<PageRun>,
     /// Pages of the VMAs whose contents were looked at.
@@ -98,8 +132,34 @@ fn unsupported(pid: Pid, v: &SmapsEntry, why: &'static str) -> CollectError {
     }
 }
 
+/// One VMA as the images describe it.
+#[derive(Debug, Clone, PartialEq)]
+struct Classified {
+    entry: VmaEntry,
+    contents: Contents,
+    shmem: Option<ShmemKind>,
+}
+
+/// Which shared memory object a file-like VMA is, from the name the kernel shows.
+fn shmem_kind(m: &tracee::proc::maps::MapsEntry) -> Option<ShmemKind> {
+    let path = m.path.as_deref()?;
+    if path.starts_with("/memfd:") && m.deleted {
+        return Some(ShmemKind::Memfd);
+    }
+    if !m.perms.shared {
+        return None;
+    }
+    if path.starts_with("/SYSV") && m.deleted {
+        Some(ShmemKind::Sysv)
+    } else if (path == "/dev/zero" && m.deleted) || path.starts_with("[anon_shmem:") {
+        Some(ShmemKind::Anon)
+    } else {
+        None
+    }
+}
+
 /// Classifies one VMA the way CRIU's smaps parser does.
-fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, CollectError> {
+fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<Classified>, CollectError> {
     let m = &v.vma;
     // The kernel's own `[vvar]` pages are PFN mappings too; any other is a device's.
     if !m.is_kernel_special() && (v.has_flag("io") || v.has_flag("pf")) {
@@ -139,6 +199,7 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
         fdflags: None,
     };
     let path = m.path.as_deref().unwrap_or("");
+    let shmem = shmem_kind(m);
     let contents = match m.special_name() {
         Some("[uprobes]") => return Ok(None),
         Some("[vsyscall]") => {
@@ -157,18 +218,16 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
             entry.status = (VmaStatus::REGULAR | VmaStatus::HEAP | VmaStatus::ANON_PRIVATE).bits();
             Contents::Scanned
         }
-        _ if m.is_file() => {
-            if path.starts_with("/SYSV")
-                || path.starts_with("/memfd:")
-                || (path == "/dev/zero" && m.deleted)
-                || (m.perms.shared && m.dev_major == 0)
-            {
-                return Err(unsupported(
-                    pid,
-                    v,
-                    "shared memory mappings are not supported yet",
-                ));
+        _ if shmem == Some(ShmemKind::Anon) || shmem == Some(ShmemKind::Sysv) => {
+            // The object's inode names it across processes (for SysV it is the segment id).
+            entry.shmid = m.inode;
+            entry.status = (VmaStatus::REGULAR | VmaStatus::ANON_SHARED).bits();
+            if shmem == Some(ShmemKind::Sysv) {
+                entry.status |= VmaStatus::SYSVIPC.bits();
             }
+            Contents::None
+        }
+        _ if m.is_file() => {
             if m.deleted && path.starts_with("/[aio]") {
                 return Err(unsupported(pid, v, "AIO rings are not supported yet"));
             }
@@ -178,6 +237,9 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
                 VmaStatus::FILE_PRIVATE
             };
             entry.status = (VmaStatus::REGULAR | kind).bits();
+            if shmem == Some(ShmemKind::Memfd) {
+                entry.status |= VmaStatus::MEMFD.bits();
+            }
             entry.fdflags = Some(if m.perms.shared && m.perms.write {
                 O_RDWR
             } else {
@@ -193,7 +255,7 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
             return Err(unsupported(
                 pid,
                 v,
-                "shared anonymous memory is not supported yet",
+                "shared mapping of an unknown kind of anonymous memory",
             ));
         }
         _ => {
@@ -205,7 +267,11 @@ fn classify(pid: Pid, v: &SmapsEntry) -> Result<Option<(VmaEntry, Contents)>, Co
     if VmaStatus::from_bits_retain(entry.status).is_anon() {
         entry.flags |= MapFlags::ANONYMOUS.bits();
     }
-    Ok(Some((entry, contents)))
+    Ok(Some(Classified {
+        entry,
+        contents,
+        shmem,
+    }))
 }
 
 /// Every page of `[start, end)` that exists (present or swapped) or is a guard marker,
@@ -355,7 +421,12 @@ pub fn collect(pid: Pid, source: VmaSource) -> Result<MemoryState, CollectError>
     };
     let mut guards = Vec::new();
     for v in &maps {
-        let Some((entry, contents)) = classify(pid, v)? else {
+        let Some(Classified {
+            entry,
+            contents,
+            shmem,
+        }) = classify(pid, v)?
+        else {
             continue;
         };
         let (start, end) = (v.vma.start, v.vma.end);
@@ -399,11 +470,26 @@ pub fn collect(pid: Pid, source: VmaSource) -> Result<MemoryState, CollectError>
                 .map_err(|source| CollectError::Pagemap { pid, source })?;
             guards.extend(found.into_iter().map(|r| guard_entry(r.start, r.end)));
         }
-        if status.maps_file() {
+        let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", start.get(), end.get());
+        if let Some(kind) = shmem {
+            let shown = v.vma.path.as_deref().unwrap_or("");
+            let name = match kind {
+                ShmemKind::Memfd => shown.strip_prefix("/memfd:").unwrap_or(shown),
+                ShmemKind::Sysv => shown.strip_prefix("/SYSV").unwrap_or(shown),
+                ShmemKind::Anon => shown,
+            };
+            state.shmem.push(ShmemVma {
+                vma_index: state.vmas.len(),
+                kind,
+                inode: v.vma.inode,
+                map_files,
+                name: name.to_owned(),
+            });
+        } else if status.maps_file() {
             state.mapped_files.push(MappedFile {
                 vma_index: state.vmas.len(),
                 path: v.vma.path.clone().unwrap_or_default(),
-                map_files: format!("/proc/{pid}/map_files/{:x}-{:x}", start.get(), end.get()),
+                map_files,
             });
         }
         tracing::debug!(
@@ -463,7 +549,11 @@ mod tests {
             "55d0c000-55d2d000 rw-p 00000000 00:00 0                                  [heap]\n\
              Size:                132 kB\nVmFlags: rd wr mr mw me ac \n",
         );
-        let (e, c) = classify(pid, &heap).unwrap().unwrap();
+        let Classified {
+            entry: e,
+            contents: c,
+            ..
+        } = classify(pid, &heap).unwrap().unwrap();
         assert_eq!(
             e.status,
             (VmaStatus::REGULAR | VmaStatus::HEAP | VmaStatus::ANON_PRIVATE).bits()
@@ -476,7 +566,7 @@ mod tests {
             "7ffc0000-7ffc2000 rw-p 00000000 00:00 0                          [stack]\n\
              Size:                8 kB\nVmFlags: rd wr mr mw me gd ac hg dd \n",
         );
-        let (e, _) = classify(pid, &stack).unwrap().unwrap();
+        let e = classify(pid, &stack).unwrap().unwrap().entry;
         assert_eq!(
             e.flags,
             (MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::GROWSDOWN).bits()
@@ -487,7 +577,11 @@ mod tests {
             "7f00000000-7f00001000 r--p 00002000 08:01 1234   /usr/lib/libc.so.6\n\
              Size:                4 kB\nVmFlags: rd mr mw me \n",
         );
-        let (e, c) = classify(pid, &lib).unwrap().unwrap();
+        let Classified {
+            entry: e,
+            contents: c,
+            ..
+        } = classify(pid, &lib).unwrap().unwrap();
         assert_eq!(
             e.status,
             (VmaStatus::REGULAR | VmaStatus::FILE_PRIVATE).bits()
@@ -499,7 +593,11 @@ mod tests {
         let vvar = smaps_of(
             "7f1000-7f2000 r--p 00000000 00:00 0    [vvar_vclock]\nVmFlags: rd mr pf io de dd \n",
         );
-        let (e, c) = classify(pid, &vvar).unwrap().unwrap();
+        let Classified {
+            entry: e,
+            contents: c,
+            ..
+        } = classify(pid, &vvar).unwrap().unwrap();
         assert_eq!(
             e.status,
             (VmaStatus::REGULAR | VmaStatus::VVAR | VmaStatus::ANON_PRIVATE).bits()
@@ -510,6 +608,65 @@ mod tests {
         assert!(
             classify(pid, &device).is_err(),
             "device mappings are refused"
+        );
+    }
+
+    #[test]
+    fn shared_memory_objects_are_named_by_their_inode() {
+        let pid = Pid::from_raw(1).unwrap();
+        let anon = smaps_of(
+            "7f10000000-7f10040000 rw-s 00000000 00:01 4711    /dev/zero (deleted)\n\
+             VmFlags: rd wr sh mr mw me ms \n",
+        );
+        let c = classify(pid, &anon).unwrap().unwrap();
+        assert_eq!(c.shmem, Some(ShmemKind::Anon));
+        assert_eq!(c.entry.shmid, 4711);
+        assert_eq!(
+            c.entry.status,
+            (VmaStatus::REGULAR | VmaStatus::ANON_SHARED).bits()
+        );
+        assert_eq!(
+            c.entry.flags,
+            (MapFlags::SHARED | MapFlags::ANONYMOUS).bits()
+        );
+        assert_eq!(c.contents, Contents::None);
+
+        let sysv = smaps_of(
+            "7f20000000-7f20002000 r--s 00000000 00:01 32769   /SYSV0000abcd (deleted)\n\
+             VmFlags: rd sh mr me ms \n",
+        );
+        let c = classify(pid, &sysv).unwrap().unwrap();
+        assert_eq!(c.shmem, Some(ShmemKind::Sysv));
+        assert_eq!(c.entry.shmid, 32769);
+        assert_eq!(
+            c.entry.status,
+            (VmaStatus::REGULAR | VmaStatus::ANON_SHARED | VmaStatus::SYSVIPC).bits()
+        );
+
+        let memfd = smaps_of(
+            "7f30000000-7f30001000 rw-s 00000000 00:01 99      /memfd:cfg (deleted)\n\
+             VmFlags: rd wr sh mr mw me ms \n",
+        );
+        let c = classify(pid, &memfd).unwrap().unwrap();
+        assert_eq!(c.shmem, Some(ShmemKind::Memfd));
+        assert_eq!(
+            c.entry.status,
+            (VmaStatus::REGULAR | VmaStatus::FILE_SHARED | VmaStatus::MEMFD).bits()
+        );
+        assert_eq!(c.contents, Contents::None);
+
+        let tmpfs_file = smaps_of(
+            "7f40000000-7f40001000 rw-s 00000000 00:2a 12      /dev/shm/data\n\
+             VmFlags: rd wr sh mr mw me ms \n",
+        );
+        let c = classify(pid, &tmpfs_file).unwrap().unwrap();
+        assert_eq!(
+            c.shmem, None,
+            "a tmpfs file is a file, not an object of ours"
+        );
+        assert_eq!(
+            c.entry.status,
+            (VmaStatus::REGULAR | VmaStatus::FILE_SHARED).bits()
         );
     }
 }

@@ -1,32 +1,41 @@
-//! Reading the whole state of a frozen process. Nothing here writes an image; the process is
-//! left exactly as it was (the scratch page used for injected syscalls is unmapped again).
-//! Everything a dump cannot save is found here, so an unsupported process fails before any
-//! image exists.
+//! Reading the whole state of a frozen process tree. Nothing here writes an image; every
+//! process is left exactly as it was (the scratch page used for injected syscalls is unmapped
+//! again). Everything a dump cannot save is found here, so an unsupported process fails
+//! before any image exists.
+//!
+//! A tree ([`tree`]) is read process by process, parents first, with one file table and one
+//! table of kernel object ids for all of them: an open file description inherited through
+//! fork is one `files.img` object whichever processes hold it, and processes sharing an fd
+//! table (`CLONE_FILES`) get one `fdinfo` image. Zombies are only their exit status.
 
 mod extras;
 mod files;
 mod inject;
 mod kobj;
 mod memory;
+pub mod shmem;
 mod signals;
 mod threads;
 
 use std::path::PathBuf;
 
 use images_format::pb::{
-    MmEntry, PstreeEntry, RlimitEntry, TaskCoreEntry, TaskKobjIdsEntry, TaskRlimitsEntry,
+    self, CoreEntry, MmEntry, PstreeEntry, RlimitEntry, TaskCoreEntry, TaskKobjIdsEntry,
+    TaskRlimitsEntry,
 };
 use images_format::xsave::XsaveError;
 use tracee::memory::MemoryError;
 use tracee::pagemap_scan::PagemapError;
 use tracee::pidfd::PidfdError;
 use tracee::proc::{self, ProcError};
-use tracee::{InjectError, Pid, PtraceError, RemoteAddr, SeizedProcess, TargetFd, Tid};
+use tracee::{
+    InjectError, Pid, PtraceError, RemoteAddr, SeizedProcess, SeizedTree, TargetFd, Tid, PAGE_SIZE,
+};
 
 use crate::fault::{self, FaultPoint, InjectedFault};
 use crate::DumpOptions;
 
-pub use files::{FilesState, Ghost};
+pub use files::{FilesState, Ghost, PipeData};
 pub use memory::{MemoryState, PageRun, VmaSource};
 pub use threads::{SeccompTable, ThreadState};
 
@@ -34,7 +43,12 @@ const PR_GET_DUMPABLE: u64 = 3;
 const PR_GET_CHILD_SUBREAPER: u64 = 37;
 const PR_GET_THP_DISABLE: u64 = 42;
 const TASK_ALIVE: u32 = 1;
+const TASK_DEAD: u32 = 2;
 const TASK_STOPPED: u32 = 3;
+/// pagemap entry bits: the page is present, is file-backed or shared, is mapped only here.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_FILE: u64 = 1 << 61;
+const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
 /// `membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS)` (Linux 6.3+) lists the registered commands.
 const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
 /// `personality(0xffffffff)` reads the persona without changing it.
@@ -155,8 +169,31 @@ pub enum CollectError {
         #[source]
         source: PidfdError,
     },
+    #[error("dump: pid {pid}: compare its {what} with pid {with}'s")]
+    KcmpObject {
+        pid: Pid,
+        with: Pid,
+        what: &'static str,
+        #[source]
+        source: PidfdError,
+    },
+    #[error(
+        "dump: pid {pid} shares its address space with pid {with} (CLONE_VM, e.g. a vfork \
+         child that has not called exec yet): such a tree cannot be dumped yet"
+    )]
+    SharedVm { pid: Pid, with: Pid },
     #[error(transparent)]
     Fault(#[from] InjectedFault),
+    #[error(transparent)]
+    Shmem(#[from] shmem::ShmemError),
+    #[error(transparent)]
+    Inet(#[from] files::InetError),
+    #[error(transparent)]
+    Lock(#[from] files::LockError),
+    #[error(transparent)]
+    PipeOutside(#[from] files::PipePeerError),
+    #[error(transparent)]
+    Unix(#[from] files::UnixError),
 }
 
 /// Everything the images of one process hold, as plain data.
@@ -181,10 +218,32 @@ pub struct ProcessState {
     pub seccomp: SeccompTable,
 }
 
-/// All the state of every process of the tree (one process for now: a `pstree` of one).
+/// A zombie of the tree: exited, not yet reaped by its parent. Only its exit status and
+/// its place in the tree are saved (`pstree.img` and `core-PID.img` with `TASK_DEAD`).
+#[derive(Debug, Clone)]
+pub struct ZombieState {
+    pub pid: Pid,
+    pub pstree: PstreeEntry,
+    pub core: CoreEntry,
+}
+
+/// All the state of every process of the tree.
 #[derive(Debug, Clone)]
 pub struct TreeState {
+    /// Live processes, parents before children, the root first.
     pub processes: Vec<ProcessState>,
+    /// Zombies; their parents are in `processes`.
+    pub zombies: Vec<ZombieState>,
+    /// Private anonymous memory present in more than one process (copy-on-write after
+    /// fork) at dump time: restore makes one copy per process of it.
+    pub cow_shared_bytes: u64,
+}
+
+/// What every process of a tree is read with: one file table and one id table.
+#[derive(Default)]
+struct TreeTables {
+    files: files::FileTable,
+    ids: kobj::TreeIds,
 }
 
 fn proc_err(pid: Pid, what: &'static str) -> impl FnOnce(ProcError) -> CollectError {
@@ -309,7 +368,8 @@ pub fn process(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<TreeState
     process_with(tree, opts, VmaSource::Smaps)
 }
 
-/// [`process`], with the VMA list taken from `vmas`.
+/// [`process`], with the VMA list taken from `vmas`. A process with children is refused:
+/// they are not frozen (see [`tree`]).
 pub fn process_with(
     tree: &mut SeizedProcess,
     opts: &DumpOptions,
@@ -320,6 +380,160 @@ pub fn process_with(
     if !children.is_empty() {
         return Err(CollectError::Children { pid, children });
     }
+    let mut tables = TreeTables::default();
+    let ends = files::precheck(&mut tables.files, pid, opts.shell_job)?;
+    files::check_pipe_peers(&ends, &opts.external)?;
+    let mut process = collect_one(tree, None, &mut tables, opts, vmas)?;
+    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
+    process.files.files.extend(outside);
+    Ok(TreeState {
+        processes: vec![process],
+        zombies: Vec::new(),
+        cow_shared_bytes: 0,
+    })
+}
+
+/// Reads the whole state of every process of the frozen `tree`, parents first; `root_vmas`
+/// says where the root's VMA list comes from (the others read smaps).
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+pub fn tree(
+    tree: &mut SeizedTree,
+    opts: &DumpOptions,
+    root_vmas: VmaSource,
+) -> Result<TreeState, CollectError> {
+    let root = tree.root().pid();
+    let mut tables = TreeTables::default();
+    // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
+    let mut ends = Vec::new();
+    for process in tree.processes() {
+        ends.extend(files::precheck(
+            &mut tables.files,
+            process.pid(),
+            opts.shell_job,
+        )?);
+    }
+    files::check_pipe_peers(&ends, &opts.external)?;
+    let parents: Vec<(Pid, Option<Pid>)> = tree
+        .with_parents()
+        .map(|(parent, p)| (p.pid(), parent))
+        .collect();
+    let mut processes = Vec::with_capacity(parents.len());
+    let mut root_vmas = Some(root_vmas);
+    for (pid, parent) in parents {
+        let Some(process) = tree.process_mut(pid) else {
+            continue;
+        };
+        let vmas = match root_vmas.take() {
+            Some(v) if pid == root => v,
+            _ => VmaSource::Smaps,
+        };
+        processes.push(collect_one(process, parent, &mut tables, opts, vmas)?);
+    }
+    // Unix socket peers are known once every process was read.
+    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
+    if let Some(root) = processes.first_mut() {
+        root.files.files.extend(outside);
+    }
+    let zombies = tree
+        .zombies()
+        .iter()
+        .map(|(parent, pid)| zombie(*pid, *parent))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cow_shared_bytes = if processes.len() > 1 {
+        cow_shared(&processes)?
+    } else {
+        0
+    };
+    tracing::info!(
+        processes = processes.len(),
+        zombies = zombies.len(),
+        files = processes.iter().map(|p| p.files.files.len()).sum::<usize>(),
+        "restore duplicates {cow_shared_bytes} bytes of private memory shared copy-on-write \
+         between processes at dump time"
+    );
+    Ok(TreeState {
+        processes,
+        zombies,
+        cow_shared_bytes,
+    })
+}
+
+/// A zombie's exit status, from `/proc/PID/stat` (field 52: the raw wait status).
+fn zombie(pid: Pid, parent: Pid) -> Result<ZombieState, CollectError> {
+    let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
+    let raw = |v: i32| u32::from_ne_bytes(v.to_ne_bytes());
+    let tc = TaskCoreEntry {
+        task_state: TASK_DEAD,
+        exit_code: raw(stat.exit_code),
+        flags: stat.flags,
+        comm: stat.comm.clone(),
+        ..TaskCoreEntry::default()
+    };
+    tracing::debug!(%pid, %parent, status = stat.exit_code, "zombie");
+    Ok(ZombieState {
+        pid,
+        pstree: PstreeEntry {
+            pid: raw(pid.as_raw()),
+            ppid: raw(parent.as_raw()),
+            pgid: raw(stat.pgrp),
+            sid: raw(stat.session),
+            threads: vec![raw(pid.as_raw())],
+        },
+        core: CoreEntry {
+            mtype: pb::core_entry::March::X8664 as i32,
+            tc: Some(tc),
+            ..CoreEntry::default()
+        },
+    })
+}
+
+/// Bytes of private anonymous memory that restore duplicates: pages present in several
+/// processes of the tree at once (a parent and child still sharing them copy-on-write after
+/// fork; the pagemap entry lacks `PM_MMAP_EXCLUSIVE`), each counted once per process but the
+/// first. The page frame number tells which mappings are one page; where it is hidden (no
+/// CAP_SYS_ADMIN), every shared mapping counts, an upper bound. Only the present runs
+/// already found are read.
+fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
+    const PFN_MASK: u64 = (1 << 55) - 1;
+    let mut frames: Vec<u64> = Vec::new();
+    let mut hidden = 0u64;
+    for process in processes {
+        let pid = process.pid;
+        let map = tracee::pagemap_scan::Pagemap::open(pid)
+            .map_err(|source| CollectError::Pagemap { pid, source })?;
+        for run in &process.pages {
+            let n = usize::try_from(run.pages).unwrap_or(usize::MAX);
+            let entries = map
+                .read_entries(RemoteAddr(run.start), n)
+                .map_err(|source| CollectError::Pagemap { pid, source })?;
+            for e in entries {
+                if e & PM_PRESENT == 0 || e & PM_FILE != 0 || e & PM_MMAP_EXCLUSIVE != 0 {
+                    continue;
+                }
+                match e & PFN_MASK {
+                    0 => hidden += 1,
+                    pfn => frames.push(pfn),
+                }
+            }
+        }
+    }
+    let mappings = frames.len() as u64;
+    frames.sort_unstable();
+    frames.dedup();
+    let duplicated = mappings - frames.len() as u64 + hidden;
+    Ok(duplicated * PAGE_SIZE)
+}
+
+/// Reads the state of one frozen process of a tree (`parent`: its parent, `None` for the
+/// root), with the tree's tables.
+fn collect_one(
+    tree: &mut SeizedProcess,
+    parent: Option<Pid>,
+    tables: &mut TreeTables,
+    opts: &DumpOptions,
+    vmas: VmaSource,
+) -> Result<ProcessState, CollectError> {
+    let pid = tree.pid();
     let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
     let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
     // The memory and files of the process are only reachable through a live leader's /proc.
@@ -347,8 +561,11 @@ pub fn process_with(
             source,
         })?;
 
-    // Refuse what cannot be saved before spending any time on the rest.
-    files::precheck(pid, opts.shell_job)?;
+    let (ids, shared) = tables.ids.ids(pid)?;
+    if let Some(with) = shared.vm {
+        return Err(CollectError::SharedVm { pid, with });
+    }
+    let root_ids = tables.ids.root_ids();
     // Memory first: the scratch page we map next must not show up in the dump.
     let mut memory = memory::collect(pid, vmas)?;
     let mut seccomp = SeccompTable::default();
@@ -357,7 +574,7 @@ pub fn process_with(
         let pin = pin_next_to(pid, leader.tid());
         let values = leader_values(leader, scratch)?;
         fault::check(opts.fault, FaultPoint::AfterInject)?;
-        let sigactions = signals::sigactions(leader, scratch)?;
+        let sigactions = signals::sigactions(leader, scratch, status.sig_cgt | status.sig_ign)?;
         let timers = signals::timers(pid, leader, scratch)?;
         drop(pin);
         let mut threads = Vec::new();
@@ -368,12 +585,13 @@ pub fn process_with(
         Ok((threads, sigactions, timers, values))
     })?;
     let files = files::collect(
+        &mut tables.files,
         pid,
         status.umask.unwrap_or(0o022),
         &mut memory,
         opts.shell_job,
+        !shared.files,
     )?;
-    let (ids, root_ids) = kobj::ids(pid)?;
 
     let auxv = proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?;
     let mm = MmEntry {
@@ -420,7 +638,7 @@ pub fn process_with(
     let pstree = PstreeEntry {
         pid: u32::try_from(pid.as_raw()).unwrap_or(0),
         // The root of the dumped tree has no parent in the images.
-        ppid: 0,
+        ppid: parent.map_or(0, |p| u32::try_from(p.as_raw()).unwrap_or(0)),
         pgid: u32::try_from(stat.pgrp).unwrap_or(0),
         sid: u32::try_from(stat.session).unwrap_or(0),
         threads: threads
@@ -428,20 +646,18 @@ pub fn process_with(
             .map(|t| u32::try_from(t.tid.as_raw()).unwrap_or(0))
             .collect(),
     };
-    Ok(TreeState {
-        processes: vec![ProcessState {
-            pid,
-            pstree,
-            ids,
-            root_ids,
-            threads,
-            mm,
-            plan: crate::pages::plan(&memory.pages, &[]),
-            pages: memory.pages,
-            maps: memory.maps,
-            pages_scanned: memory.pages_scanned,
-            files,
-            seccomp,
-        }],
+    Ok(ProcessState {
+        pid,
+        pstree,
+        ids,
+        root_ids,
+        threads,
+        mm,
+        plan: crate::pages::plan(&memory.pages, &[]),
+        pages: memory.pages,
+        maps: memory.maps,
+        pages_scanned: memory.pages_scanned,
+        files,
+        seccomp,
     })
 }

@@ -41,17 +41,24 @@ pub fn signal_queue(pending: &[[u8; 128]]) -> SignalQueueEntry {
     }
 }
 
-/// Reads every disposition with `rt_sigaction(sig, NULL, &old, 8)`.
+/// Reads the dispositions with `rt_sigaction(sig, NULL, &old, 8)`: those of the signals in
+/// `handled` (caught or ignored, from `/proc/PID/status` `SigCgt | SigIgn`) and SIGCHLD's.
+/// Every other signal has the default action, saved as all zero without asking: an injected
+/// syscall each would be most of the cost of a small process. What that leaves out, flags
+/// or a mask stored along with `SIG_DFL`, changes no behaviour (no handler runs); SIGCHLD is
+/// the exception (`SA_NOCLDWAIT` reaps children even with `SIG_DFL`), so it is always read.
 pub fn sigactions(
     leader: &mut Tracee,
     scratch: &Scratch<'_>,
+    handled: u64,
 ) -> Result<Vec<SaEntry>, CollectError> {
+    const SIGCHLD: u64 = 17;
     let tid = leader.tid();
-    let mut out = Vec::with_capacity(62);
-    for sig in 1..=SIGMAX {
-        if sig == SIGKILL || sig == SIGSTOP {
-            continue;
-        }
+    let signals = || (1..=SIGMAX).filter(|sig| *sig != SIGKILL && *sig != SIGSTOP);
+    let asked = |sig: u64| sig == SIGCHLD || handled & (1 << (sig - 1)) != 0;
+    scratch.clear(tid, 0, (SIGMAX * SIGACTION_SIZE) as usize)?;
+    // Each answer has its own slot: one read of the area afterwards, not one per signal.
+    for sig in signals().filter(|sig| asked(*sig)) {
         let off = (sig - 1) * SIGACTION_SIZE;
         syscall(
             leader,
@@ -59,12 +66,18 @@ pub fn sigactions(
             libc::SYS_rt_sigaction,
             [sig, 0, scratch.at(off), 8, 0, 0],
         )?;
-        let raw = scratch.read::<32>(tid, off)?;
+    }
+    const ALL: usize = (SIGMAX * SIGACTION_SIZE) as usize;
+    let all = scratch.read::<ALL>(tid, 0)?;
+    let mut out = Vec::with_capacity(62);
+    for sig in signals() {
+        let off = usize::try_from((sig - 1) * SIGACTION_SIZE).unwrap_or(0);
+        let raw = &all[off..off + SIGACTION_SIZE as usize];
         out.push(SaEntry {
-            sigaction: word(&raw, 0),
-            flags: word(&raw, 1),
-            restorer: word(&raw, 2),
-            mask: word(&raw, 3),
+            sigaction: word(raw, 0),
+            flags: word(raw, 1),
+            restorer: word(raw, 2),
+            mask: word(raw, 3),
             compat_sigaction: Some(false),
             mask_extended: None,
         });

@@ -58,6 +58,11 @@
 //!   written but not present: they are listed in `zeroed`.
 //! - Each VMA carries a [`WriteHistory`]: per page, in how many collects it was
 //!   written, for the queued pre-copy algorithm (write-hot pages go last).
+//! - Queued pre-copy: a round may hold pages back instead of sending them
+//!   ([`DirtyTracker::hold`], before commit). The next collect reports them
+//!   in [`VmaReport::pending`] (the destination lacks them: never `PE_PARENT`)
+//!   and forgets them; a round that holds again says so again. Held pages are
+//!   carried by address like the write history.
 //! - `PE_PARENT` only for pages the parent images hold: a page that became
 //!   present without a write (the zero page after a read, a file page of a
 //!   private file mapping) is not reported written, yet the parent has no
@@ -159,6 +164,22 @@ impl PageRange {
     }
 }
 
+/// The parts of sorted, disjoint `ranges` inside `[start, end)`.
+pub(crate) fn clip(ranges: &[PageRange], start: RemoteAddr, end: RemoteAddr) -> Vec<PageRange> {
+    let first = ranges.partition_point(|r| r.end <= start);
+    ranges
+        .get(first..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|r| r.start < end)
+        .map(|r| PageRange {
+            start: r.start.max(start),
+            end: r.end.min(end),
+        })
+        .filter(|r| r.start < r.end)
+        .collect()
+}
+
 /// Why tracking was lost and everything is dumped whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostReason {
@@ -249,6 +270,10 @@ pub struct VmaReport {
     pub dirty: VmaDirty,
     /// Write counts per page over the rounds this VMA was tracked.
     pub history: WriteHistory,
+    /// Pages an earlier round held back ([`DirtyTracker::hold`]) and no round
+    /// sent since: the parent images lack them, so they are saved whatever
+    /// `dirty` says. Only in `Pages` VMAs (a `Whole` one is saved whole).
+    pub pending: Vec<PageRange>,
 }
 
 /// The result of one collect: one report per VMA of the list given, in order.
@@ -275,6 +300,15 @@ impl DirtySet {
         self.vmas
             .iter()
             .find(|v| v.vma.start <= addr && addr < v.vma.end)
+    }
+
+    /// Pages held back by an earlier round and not sent since, over all VMAs.
+    pub fn pending_pages(&self) -> u64 {
+        self.vmas
+            .iter()
+            .flat_map(|v| &v.pending)
+            .map(PageRange::pages)
+            .sum()
     }
 
     /// Written and present pages over all `Pages` VMAs.
@@ -396,6 +430,24 @@ mod tests {
             }],
         );
         assert_eq!(h.counts, vec![0, 1, 2, 1]);
+    }
+
+    #[test]
+    fn clipping_keeps_the_parts_inside() {
+        let r = |s: u64, e: u64| PageRange {
+            start: RemoteAddr(s),
+            end: RemoteAddr(e),
+        };
+        let ranges = [r(0x1000, 0x3000), r(0x5000, 0x8000), r(0x9000, 0xa000)];
+        assert_eq!(
+            clip(&ranges, RemoteAddr(0x2000), RemoteAddr(0x6000)),
+            vec![r(0x2000, 0x3000), r(0x5000, 0x6000)]
+        );
+        assert!(clip(&ranges, RemoteAddr(0x3000), RemoteAddr(0x5000)).is_empty());
+        assert_eq!(
+            clip(&ranges, RemoteAddr(0), RemoteAddr(0x10000)),
+            ranges.to_vec()
+        );
     }
 
     #[test]

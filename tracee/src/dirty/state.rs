@@ -4,13 +4,14 @@
 //! `i32`, start time `u64`, fingerprint 5 × `u64`, round `u32`, VMA count
 //! `u32`, then per VMA: start, end `u64`, perms `u8`, pgoff `u64`, dev major
 //! and minor `u32`, inode `u64`, tracked `u8`, history rounds `u32`, counts
-//! length `u64` + bytes, hash count `u64` + `u64`s.
+//! length `u64` + bytes, hash count `u64` + `u64`s, held range count `u64` +
+//! (start, end) `u64` pairs.
 
-use super::{BackendKind, VmaKey, WriteHistory};
+use super::{BackendKind, PageRange, VmaKey, WriteHistory};
 use crate::ids::{Pid, RemoteAddr};
 
 const MAGIC: u32 = 0x636b_6474; // "ckdt"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// More VMAs than any process can have (`vm.max_map_count` is 65530 by default).
 const MAX_VMAS: u32 = 1 << 20;
 
@@ -56,6 +57,8 @@ pub(crate) struct TrackedVma {
     pub history: WriteHistory,
     /// Page hashes (PageHash only; 0: page absent).
     pub hashes: Vec<u64>,
+    /// Pages the last round held back (queued pre-copy): sorted, disjoint, inside `key`.
+    pub held: Vec<PageRange>,
 }
 
 impl TrackedVma {
@@ -65,6 +68,7 @@ impl TrackedVma {
             tracked: false,
             history: WriteHistory::new(key.pages()),
             hashes: Vec::new(),
+            held: Vec::new(),
         }
     }
 }
@@ -180,6 +184,11 @@ impl TrackState {
             for h in &v.hashes {
                 o.extend_from_slice(&h.to_le_bytes());
             }
+            o.extend_from_slice(&(v.held.len() as u64).to_le_bytes());
+            for r in &v.held {
+                o.extend_from_slice(&r.start.get().to_le_bytes());
+                o.extend_from_slice(&r.end.get().to_le_bytes());
+            }
         }
         o
     }
@@ -238,11 +247,30 @@ impl TrackState {
             for _ in 0..nh {
                 hashes.push(r.u64()?);
             }
+            let nr = r.len(16)?;
+            let mut held: Vec<PageRange> = Vec::with_capacity(nr);
+            for _ in 0..nr {
+                let at = r.at;
+                let range = PageRange {
+                    start: RemoteAddr(r.u64()?),
+                    end: RemoteAddr(r.u64()?),
+                };
+                let in_order = held.last().is_none_or(|p| p.end <= range.start);
+                if range.end <= range.start
+                    || range.start < key.start
+                    || range.end > key.end
+                    || !in_order
+                {
+                    return Err(bad("held range", at));
+                }
+                held.push(range);
+            }
             vmas.push(TrackedVma {
                 key,
                 tracked,
                 history: WriteHistory { rounds, counts },
                 hashes,
+                held,
             });
         }
         if r.at != b.len() {
@@ -277,6 +305,10 @@ mod tests {
         v.history.counts[1] = 4;
         v.history.rounds = 5;
         v.hashes = vec![1, 0, 99];
+        v.held = vec![PageRange {
+            start: RemoteAddr(0x2000),
+            end: RemoteAddr(0x4000),
+        }];
         TrackState {
             backend: BackendKind::PageHash,
             pid: Pid::from_raw(42).expect("pid"),
@@ -316,5 +348,26 @@ mod tests {
         let off = 4 + 4 + 1 + 4 + 8 + 40 + 4 + 4 + 8 + 8 + 1 + 8 + 4 + 4 + 8 + 1 + 4;
         huge[off..off + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(TrackState::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn held_ranges_outside_the_vma_or_out_of_order_are_refused() {
+        let mut s = sample();
+        s.vmas[0].held = vec![PageRange {
+            start: RemoteAddr(0x3000),
+            end: RemoteAddr(0x5000),
+        }];
+        assert!(TrackState::decode(&s.encode()).is_err());
+        s.vmas[0].held = vec![
+            PageRange {
+                start: RemoteAddr(0x3000),
+                end: RemoteAddr(0x4000),
+            },
+            PageRange {
+                start: RemoteAddr(0x1000),
+                end: RemoteAddr(0x2000),
+            },
+        ];
+        assert!(TrackState::decode(&s.encode()).is_err());
     }
 }

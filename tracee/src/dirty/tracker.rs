@@ -10,7 +10,7 @@ use super::soft_dirty::{soft_dirty_available, SoftDirty};
 use super::state::{MmFingerprint, TrackState, TrackedVma};
 use super::uffd_wp::{self, Start, UffdWp};
 use super::{
-    BackendKind, DirtyError, DirtySet, LostReason, PageRange, VmaDirty, VmaKey, VmaReport,
+    clip, BackendKind, DirtyError, DirtySet, LostReason, PageRange, VmaDirty, VmaKey, VmaReport,
     WholeReason,
 };
 use crate::ids::{Pid, RemoteAddr};
@@ -184,6 +184,7 @@ fn carry(prev: &[TrackedVma], key: VmaKey) -> Option<Carried> {
             }
         }
         rounds = rounds.min(p.history.rounds);
+        tv.held.extend(clip(&p.held, start, end));
         covered.push(PageRange { start, end });
     }
     if covered.is_empty() {
@@ -417,11 +418,18 @@ impl DirtyTracker {
         for e in maps {
             let key = VmaKey::of(e);
             let old = carry(&prev, key);
-            let (tv, dirty) = self.collect_one(e, key, old, full, &mut dead)?;
+            let (mut tv, dirty) = self.collect_one(e, key, old, full, &mut dead)?;
+            // Held pages are forgotten here: the round that holds again says so (`hold`).
+            let held = std::mem::take(&mut tv.held);
+            let pending = match dirty {
+                VmaDirty::Pages { .. } => held,
+                VmaDirty::Whole(_) => Vec::new(),
+            };
             reports.push(VmaReport {
                 vma: key,
                 dirty,
                 history: tv.history.clone(),
+                pending,
             });
             next.push(tv);
         }
@@ -433,6 +441,7 @@ impl DirtyTracker {
             // reported by it can be trusted.
             for r in &mut reports {
                 r.dirty = VmaDirty::Whole(WholeReason::Lost(LostReason::UffdDead));
+                r.pending.clear();
             }
             for v in &mut next {
                 v.tracked = false;
@@ -522,6 +531,26 @@ impl DirtyTracker {
                 None => false,
             }),
         }
+    }
+
+    /// Records the pages this round holds back (queued pre-copy: sorted,
+    /// disjoint ranges; pages outside the current VMAs are ignored). The next
+    /// collect reports them as [`VmaReport::pending`]. Without a call, nothing
+    /// is held: the round saved every page the parent images lack.
+    pub fn hold(&mut self, ranges: &[PageRange]) {
+        for v in &mut self.state.vmas {
+            v.held = clip(ranges, v.key.start, v.key.end);
+        }
+    }
+
+    /// Pages currently recorded as held back.
+    pub fn held_pages(&self) -> u64 {
+        self.state
+            .vmas
+            .iter()
+            .flat_map(|v| &v.held)
+            .map(PageRange::pages)
+            .sum()
     }
 
     /// Keeps tracking for the next round: hands the state to the holder
@@ -722,6 +751,22 @@ mod tests {
         let c = carry(&[a, b], key(0x11000, 0x15000, 3)).expect("carried");
         assert_eq!(c.tv.hashes, vec![12, 21, 22, 0]);
         assert_eq!(c.untracked, vec![range(0x14000, 0x15000)]);
+    }
+
+    #[test]
+    fn held_pages_are_carried_by_address() {
+        let mut a = tracked(key(0x10000, 0x14000, 3));
+        a.held = vec![range(0x11000, 0x14000)];
+        let mut b = tracked(key(0x14000, 0x18000, 3));
+        b.held = vec![range(0x14000, 0x15000), range(0x17000, 0x18000)];
+        let exact = carry(std::slice::from_ref(&a), a.key).expect("carried");
+        assert_eq!(exact.tv.held, a.held);
+        // Joined, shrunk at both ends.
+        let c = carry(&[a, b], key(0x12000, 0x17000, 3)).expect("carried");
+        assert_eq!(
+            c.tv.held,
+            vec![range(0x12000, 0x14000), range(0x14000, 0x15000)]
+        );
     }
 
     #[test]

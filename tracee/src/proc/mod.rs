@@ -76,10 +76,23 @@ impl ProcError {
 }
 
 pub(crate) fn read_text(path: &Path) -> Result<String, ProcError> {
-    let bytes = std::fs::read(path).map_err(|source| ProcError::Read {
+    let err = |source| ProcError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    // Read in plain chunks: `std::fs::read` first asks the size (a statx, always 0 for
+    // /proc), which costs a syscall per file for nothing, thousands of times per tree dump.
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    let mut bytes = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match std::io::Read::read(&mut file, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
     // /proc text is bytes: file names need not be UTF-8. Keep what we can.
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

@@ -3,13 +3,14 @@
 //! description. Whatever is read through the duplicate is read without consuming it (`tee`
 //! for pipe contents).
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 
 use images_format::pb::{
-    EventfdFileEntry, EventpollFileEntry, EventpollTfdEntry, FdTypes, FhEntry, FileEntry,
-    FownEntry, InotifyFileEntry, InotifyWdEntry, PipeDataEntry, PipeEntry, SignalfdEntry,
-    TimerfdEntry,
+    EventfdFileEntry, EventpollFileEntry, EventpollTfdEntry, FdTypes, FhEntry, FifoEntry,
+    FileEntry, FownEntry, InotifyFileEntry, InotifyWdEntry, PipeDataEntry, PipeEntry,
+    SignalfdEntry, TimerfdEntry,
 };
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tracee::pidfd::PidFd;
@@ -74,7 +75,152 @@ pub fn pipe_entry(id: u32, inode: u64, flags: u32) -> FileEntry {
     }
 }
 
-fn duplicate(pid: Pid, fd: TargetFd) -> Result<OwnedFd, CollectError> {
+/// A FIFO (named pipe) opened through `fd`: the path, flags and position go in the regular
+/// file entry `regf_id`, as CRIU has it; the FIFO entry `id` (the one fdinfo names) links it
+/// to the pipe, whose data goes into `fifo-data.img` under `pipe_id`.
+pub fn fifo_entry(id: u32, regf_id: u32, inode: u64) -> FileEntry {
+    FileEntry {
+        r#type: FdTypes::Fifo as i32,
+        id,
+        fifo: Some(FifoEntry {
+            id,
+            pipe_id: inode as u32,
+            regf_id: Some(regf_id),
+        }),
+        ..FileEntry::default()
+    }
+}
+
+/// The unread bytes and the capacity of the FIFO open at the target's `fd`. A readable end
+/// is used as it is; a write-only end is reopened for reading through `/proc` (without
+/// blocking: the FIFO has a writer, the target itself), and `tee` consumes nothing either way.
+pub fn fifo_data(
+    pid: Pid,
+    fd: TargetFd,
+    inode: u64,
+    info: &FdInfo,
+) -> Result<PipeData, CollectError> {
+    let reader = if is_write_end(info) {
+        rustix::fs::open(
+            format!("/proc/{pid}/fd/{}", fd.as_raw()),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(kobj_err(pid, fd, "reopen the FIFO for reading"))?
+    } else {
+        duplicate(pid, fd)?
+    };
+    data_of(pid, fd, inode, &reader)
+}
+
+/// `--external pipe:[INODE]` (also CRIU's `file[MNT_ID:INODE]`, whose mount id is not
+/// checked): the inode of a pipe whose other end is outside the dumped tree on purpose, to
+/// be given back at restore with `--inherit-fd fd[N]:pipe:[INODE]`.
+pub fn external_pipe_inode(spec: &str) -> Option<u64> {
+    if let Some(inode) = pipe_inode(spec) {
+        return Some(inode);
+    }
+    let inner = spec.strip_prefix("file[")?.strip_suffix(']')?;
+    inner.split_once(':')?.1.parse().ok()
+}
+
+/// A pipe end of the tree whose other end is held outside it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "dump: pid {pid}: fd {fd} is a pipe (pipe:[{inode}]) whose {missing} end is outside the \
+     dumped tree, held by {holders} (if that is intended, dump with --external pipe:[{inode}] \
+     and restore with --inherit-fd fd[N]:pipe:[{inode}])"
+)]
+pub struct PipePeerError {
+    pub pid: Pid,
+    pub fd: TargetFd,
+    pub inode: u64,
+    pub missing: &'static str,
+    /// `pid P fd F` of each outside holder.
+    pub holders: String,
+}
+
+/// Every `(pid, fd)` outside `tree` whose fd is one of the pipes `inodes`, by inode, from
+/// one walk of `/proc/*/fd`. Processes and fds that vanish or cannot be read meanwhile are
+/// skipped.
+pub fn outside_holders(inodes: &[u64], tree: &[Pid]) -> HashMap<u64, Vec<(u32, i32)>> {
+    let mut found: HashMap<u64, Vec<(u32, i32)>> = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if tree
+            .iter()
+            .any(|p| u32::try_from(p.as_raw()).ok() == Some(pid))
+        {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(number) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(inode) = target.to_str().and_then(pipe_inode) else {
+                continue;
+            };
+            if inodes.contains(&inode) {
+                found.entry(inode).or_default().push((pid, number));
+            }
+        }
+    }
+    found
+}
+
+/// Checks a pipe that lacks its `missing` end in the tree (`end` is the end it has), given
+/// the `holders` outside the tree of each such pipe. Fine if nobody holds that end any more
+/// (restore closes it again) or if the user declared the pipe external; an error naming
+/// the outside holders otherwise.
+pub fn check_outside_peer(
+    end: super::PipeEnd,
+    missing: &'static str,
+    holders: &HashMap<u64, Vec<(u32, i32)>>,
+    external: &[String],
+) -> Result<(), PipePeerError> {
+    let (pid, fd, inode) = (end.pid, end.fd, end.inode);
+    if external
+        .iter()
+        .any(|spec| external_pipe_inode(spec) == Some(inode))
+    {
+        tracing::info!(pid = %pid, fd = fd.as_raw(), inode,
+            "pipe declared external: restore must pass its other end with --inherit-fd");
+        return Ok(());
+    }
+    let Some(held) = holders.get(&inode).filter(|h| !h.is_empty()) else {
+        tracing::debug!(pid = %pid, fd = fd.as_raw(), inode, missing,
+            "pipe end closed everywhere: restored closed");
+        return Ok(());
+    };
+    Err(PipePeerError {
+        pid,
+        fd,
+        inode,
+        missing,
+        holders: held
+            .iter()
+            .map(|(p, f)| format!("pid {p} fd {f}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+pub(super) fn duplicate(pid: Pid, fd: TargetFd) -> Result<OwnedFd, CollectError> {
     let pidfd = PidFd::open(pid).map_err(|source| CollectError::Kcmp { pid, fd, source })?;
     pidfd
         .getfd(fd)
@@ -85,9 +231,14 @@ fn duplicate(pid: Pid, fd: TargetFd) -> Result<OwnedFd, CollectError> {
 /// in the pipe, and its capacity.
 pub fn pipe_data(pid: Pid, fd: TargetFd, inode: u64) -> Result<PipeData, CollectError> {
     let dup = duplicate(pid, fd)?;
+    data_of(pid, fd, inode, &dup)
+}
+
+/// The unread bytes and capacity of a pipe, through `dup`, a readable fd of it.
+fn data_of(pid: Pid, fd: TargetFd, inode: u64, dup: &OwnedFd) -> Result<PipeData, CollectError> {
     let capacity =
-        rustix::pipe::fcntl_getpipe_size(&dup).map_err(kobj_err(pid, fd, "F_GETPIPE_SZ"))?;
-    let queued = rustix::io::ioctl_fionread(&dup).map_err(kobj_err(pid, fd, "FIONREAD"))?;
+        rustix::pipe::fcntl_getpipe_size(dup).map_err(kobj_err(pid, fd, "F_GETPIPE_SZ"))?;
+    let queued = rustix::io::ioctl_fionread(dup).map_err(kobj_err(pid, fd, "FIONREAD"))?;
     let queued = usize::try_from(queued).unwrap_or(usize::MAX);
     let mut bytes = Vec::new();
     if queued > 0 {
@@ -99,7 +250,7 @@ pub fn pipe_data(pid: Pid, fd: TargetFd, inode: u64) -> Result<PipeData, Collect
             fd,
             "F_SETPIPE_SZ on our copy",
         ))?;
-        let copied = rustix::pipe::tee(&dup, &our_w, queued, SpliceFlags::NONBLOCK)
+        let copied = rustix::pipe::tee(dup, &our_w, queued, SpliceFlags::NONBLOCK)
             .map_err(kobj_err(pid, fd, "tee"))?;
         if copied != queued {
             return Err(CollectError::Kobj {
@@ -463,6 +614,58 @@ pub fn timerfd_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_pipe_end_is_fine_when_closed_or_external_and_named_when_held() {
+        let end = super::super::PipeEnd {
+            pid: Pid::try_from(10u32).expect("pid"),
+            fd: TargetFd(1),
+            inode: 77,
+            write: true,
+        };
+        let nobody = HashMap::new();
+        assert!(check_outside_peer(end, "read", &nobody, &[]).is_ok());
+        let held = HashMap::from([(77, vec![(500, 4), (501, 9)])]);
+        let err = check_outside_peer(end, "read", &held, &[]).expect_err("held outside");
+        let text = err.to_string();
+        assert!(
+            text.contains("pid 10: fd 1 is a pipe (pipe:[77]) whose read end")
+                && text.contains("held by pid 500 fd 4, pid 501 fd 9"),
+            "{text}"
+        );
+        let external = ["pipe:[77]".to_owned()];
+        assert!(check_outside_peer(end, "read", &held, &external).is_ok());
+        let other = ["pipe:[78]".to_owned()];
+        assert!(check_outside_peer(end, "read", &held, &other).is_err());
+    }
+
+    #[test]
+    fn outside_holders_finds_our_own_pipe() {
+        let (r, _w) = rustix::pipe::pipe().expect("pipe");
+        let inode = rustix::fs::fstat(&r).expect("fstat").st_ino;
+        let found = outside_holders(&[inode], &[]);
+        let ours = std::process::id();
+        let fds: Vec<i32> = found
+            .get(&inode)
+            .map(|h| {
+                h.iter()
+                    .filter(|(p, _)| *p == ours)
+                    .map(|(_, f)| *f)
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(fds.len(), 2, "both ends, in this process: {found:?}");
+        let me = Pid::try_from(ours).expect("pid");
+        assert!(!outside_holders(&[inode], &[me]).contains_key(&inode));
+    }
+
+    #[test]
+    fn external_pipe_specs() {
+        assert_eq!(external_pipe_inode("pipe:[4242]"), Some(4242));
+        assert_eq!(external_pipe_inode("file[13:4242]"), Some(4242));
+        assert_eq!(external_pipe_inode("unix[4242]"), None);
+        assert_eq!(external_pipe_inode("file[4242]"), None);
+    }
 
     #[test]
     fn pipe_inode_from_link() {

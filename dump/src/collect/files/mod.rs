@@ -1,12 +1,21 @@
 //! Open files: every fd of the process (`fdinfo-<files_id>.img`), the file objects behind them
 //! and behind the executable, cwd, root and file mappings (`files.img`), deleted files kept as
 //! ghost images, and `fs-PID.img`. Regular files, directories, character devices reopened by
-//! path, pipes with both ends in the process, eventfds, signalfds, timerfds, epoll sets
-//! and inotify instances are supported; anything else fails the dump before a single image is written.
+//! path, pipes (an end held outside the tree only when declared `--external`), FIFOs
+//! (reopened by path, their data in `fifo-data.img`), eventfds, signalfds, timerfds, epoll
+//! sets, inotify instances, unix sockets (`unix`, with their queues for `sk-queues.img`, and
+//! the files in flight in them described like any fd: [`in_flight_file`]) and
+//! UDP and listening TCP sockets (`inet`) are supported, with the file locks held through
+//! them (`locks`, for `filelocks.img`); anything else fails the dump before a single image
+//! is written.
 
+mod inet;
 mod kobj;
+mod locks;
 mod reg;
+pub mod unix;
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -18,12 +27,17 @@ use tracee::{Pid, TargetFd};
 use super::memory::MemoryState;
 use super::CollectError;
 
-pub use kobj::PipeData;
+pub use inet::InetError;
+pub use kobj::{PipeData, PipePeerError};
+pub use locks::LockError;
 pub use reg::Ghost;
+pub use unix::{SkPacket, UnixError};
 
 /// `O_CLOEXEC` as fdinfo shows it: it belongs to the fd, not to the file.
 const O_CLOEXEC: u32 = 0o2_000_000;
 const FD_CLOEXEC: u32 = 1;
+/// Set in the keys of FIFOs among the pipe inodes whose data is saved: no real inode has it.
+const FIFO_TAG: u64 = 1 << 63;
 
 /// What the images say about files.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +56,14 @@ pub struct FilesState {
     pub exe_file_id: u32,
     /// Unread bytes of each pipe, for `pipes-data.img`.
     pub pipe_data: Vec<PipeData>,
+    /// Unread bytes of each FIFO, for `fifo-data.img`.
+    pub fifo_data: Vec<PipeData>,
+    /// flock, OFD and POSIX locks, for `filelocks.img`.
+    pub locks: Vec<images_format::pb::FileLockEntry>,
+    /// The memfds behind fds and mappings, for `memfd.img` (see `collect::shmem`).
+    pub memfds: Vec<super::shmem::MemfdInode>,
+    /// Unread data of unix sockets, for `sk-queues.img`.
+    pub sk_queues: Vec<SkPacket>,
 }
 
 /// What one fd refers to, as far as the dump is concerned.
@@ -55,6 +77,14 @@ enum FdKind {
     Timerfd,
     Epoll,
     Inotify,
+    /// A named pipe, reopened by path at restore.
+    Fifo,
+    /// An IPv4 or IPv6 socket (UDP, or TCP closed or listening).
+    Inet,
+    /// A unix socket, described by `unix`.
+    UnixSocket,
+    /// A memfd: its inode goes to `memfd.img`, its contents to a shmem pagemap.
+    Memfd,
     Unsupported(&'static str),
 }
 
@@ -115,9 +145,9 @@ fn classify(target: &str, mode: u32, rdev: u64) -> FdKind {
         });
     }
     // A memfd looks like a deleted regular file, but it has seals and is shared by
-    // mappings: restoring it as a plain file would be wrong, so it is refused for now.
+    // mappings: its inode is saved once for the tree (`collect::shmem`).
     if target.starts_with("/memfd:") {
-        return FdKind::Unsupported("memfd");
+        return FdKind::Memfd;
     }
     if !target.starts_with('/') {
         return FdKind::Unsupported("special file");
@@ -128,30 +158,102 @@ fn classify(target: &str, mode: u32, rdev: u64) -> FdKind {
         0o020_000 if is_mem_device(rdev) => FdKind::Regular,
         0o020_000 if major(rdev) == 5 && minor(rdev) == 2 => FdKind::Unsupported("pty master"),
         0o020_000 => FdKind::Unsupported("character device"),
-        0o010_000 => FdKind::Unsupported("fifo"),
+        0o010_000 => FdKind::Fifo,
         0o060_000 => FdKind::Unsupported("block device"),
         _ => FdKind::Unsupported("special file"),
     }
 }
 
-/// File objects known so far, with CRIU's single counter of file ids.
+/// What two fds sharing an open file description must have in common: device and inode,
+/// offset, status flags, and for an eventfd its kernel id. Fds that differ in any are
+/// different descriptions without asking `kcmp`.
+type FdKey = (u64, u64, u64, u32, u64);
+
+fn fd_key(meta: &std::fs::Metadata, info: &fd::FdInfo) -> FdKey {
+    let eventfd_id = info
+        .get("eventfd-id")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (
+        meta.dev(),
+        meta.ino(),
+        info.pos,
+        info.flags & !O_CLOEXEC,
+        eventfd_id,
+    )
+}
+
+/// File objects known so far in the whole tree, with CRIU's single counter of file ids:
+/// ids are global, so an open file description shared by several processes (inherited
+/// through fork, passed over a socket) is one object. One table serves every process of a
+/// dump, in tree order.
 #[derive(Default)]
-struct FileTable {
-    /// Fds already described, with their inode and file id: a dup shares the id.
-    by_fd: Vec<(TargetFd, (u64, u64), u32)>,
+pub struct FileTable {
+    /// Fds already described, bucketed by [`FdKey`] and kept in the kernel's `kcmp` order
+    /// within a bucket: finding the description of a new fd costs a binary search of kcmp
+    /// calls, even with thousands of separate opens of one file.
+    by_fd: HashMap<FdKey, Vec<(Pid, TargetFd, u32)>>,
     /// Files reached by a path (exe, cwd, root, mappings), one id per inode.
-    by_inode: Vec<((u64, u64), u32)>,
+    by_inode: HashMap<(u64, u64), u32>,
     next_id: u32,
     next_ghost: u32,
     /// Pipes (by inode) whose data is saved already.
-    pipes_read: Vec<u64>,
+    pipes_read: std::collections::HashSet<u64>,
+    /// The fds [`precheck`] listed and stat'ed, per process, so that [`collect`] need not
+    /// list and stat them again (the tree is frozen: they cannot change).
+    prechecked: HashMap<Pid, Vec<(FdLink, std::fs::Metadata)>>,
+    /// What the process being collected adds; taken by [`collect`].
     state: FilesState,
+    /// The unix sockets of the tree, checked for outside peers by [`check_unix_peers`].
+    unix: unix::UnixTable,
+    /// Our copies of files in flight in unix socket queues: `by_fd` names them by our pid
+    /// and their fd numbers here, so they stay open as long as the table.
+    in_flight: Vec<std::os::fd::OwnedFd>,
 }
 
 impl FileTable {
     fn fresh_id(&mut self) -> u32 {
         self.next_id += 1;
         self.next_id
+    }
+
+    /// The id of the open file description behind `fd` of `pid` if an earlier fd (of any
+    /// process) shares it; otherwise where to insert it in its bucket.
+    fn find_shared(
+        &self,
+        key: FdKey,
+        pid: Pid,
+        fd: TargetFd,
+    ) -> Result<Result<u32, usize>, CollectError> {
+        let Some(bucket) = self.by_fd.get(&key) else {
+            return Ok(Err(0));
+        };
+        let mut failed = None;
+        let idx = |fd: TargetFd| u64::try_from(fd.as_raw()).unwrap_or(u64::MAX);
+        let found = bucket.binary_search_by(|(other_pid, other_fd, _)| {
+            match pidfd::kcmp(
+                *other_pid,
+                pid,
+                pidfd::KcmpType::File,
+                idx(*other_fd),
+                idx(fd),
+            ) {
+                Ok(order) => order,
+                Err(source) => {
+                    failed.get_or_insert(source);
+                    std::cmp::Ordering::Less
+                }
+            }
+        });
+        if let Some(source) = failed {
+            return Err(CollectError::Kcmp { pid, fd, source });
+        }
+        Ok(found.map(|i| bucket[i].2))
+    }
+
+    fn remember_fd(&mut self, key: FdKey, at: usize, pid: Pid, fd: TargetFd, id: u32) {
+        let bucket = self.by_fd.entry(key).or_default();
+        bucket.insert(at.min(bucket.len()), (pid, fd, id));
     }
 }
 
@@ -175,7 +277,7 @@ fn path_file(
 ) -> Result<u32, CollectError> {
     let meta = meta_of(pid, proc_link, None)?;
     let key = (meta.dev(), meta.ino());
-    if let Some((_, id)) = table.by_inode.iter().find(|(k, _)| *k == key) {
+    if let Some(id) = table.by_inode.get(&key) {
         return Ok(*id);
     }
     let id = table.fresh_id();
@@ -183,7 +285,7 @@ fn path_file(
     let name = shown.strip_suffix(" (deleted)").unwrap_or(shown);
     let reg = reg::describe(id, name, 0, 0, &meta, Some(proc_link));
     table.state.files.push(reg::file_entry(reg));
-    table.by_inode.push((key, id));
+    table.by_inode.insert(key, id);
     if deleted {
         add_ghost(table, id, proc_link, &meta, name);
     }
@@ -214,19 +316,80 @@ fn readlink(pid: Pid, path: &Path) -> Result<String, CollectError> {
         })
 }
 
-/// Fails on the first fd the dump cannot save, before anything else is collected.
-pub fn precheck(pid: Pid, shell_job: bool) -> Result<(), CollectError> {
+/// One end of a pipe held by a process of the tree.
+#[derive(Debug, Clone, Copy)]
+pub struct PipeEnd {
+    pub pid: Pid,
+    pub fd: TargetFd,
+    pub inode: u64,
+    pub write: bool,
+}
+
+/// Once every process of the tree is collected: the peer of each unix socket must be a
+/// socket of the tree too ([`unix::check_peers`]). Returns the `files.img` entries of the
+/// outside peers that `--ext-unix-sk` lets restore reach by name.
+pub fn check_unix_peers(
+    table: &mut FileTable,
+    ext_unix_sk: bool,
+) -> Result<Vec<FileEntry>, CollectError> {
+    let FileTable { unix, next_id, .. } = table;
+    let fresh_id = || {
+        *next_id += 1;
+        *next_id
+    };
+    Ok(unix::check_peers(unix, fresh_id, ext_unix_sk)?)
+}
+
+/// Restore recreates a pipe from its two ends: with one end held outside the dumped tree,
+/// the peer could not be rebuilt, unless the user declared the pipe `external` (CRIU's
+/// `--external pipe:[INODE]`) and passes that end to restore with `--inherit-fd`. An end
+/// that nobody holds any more is fine: restore closes it again. `ends` are the pipe ends of
+/// every process.
+pub fn check_pipe_peers(ends: &[PipeEnd], external: &[String]) -> Result<(), CollectError> {
+    // Pipe inode to (an end of it, has a read end, has a write end).
+    let mut pipes: HashMap<u64, (PipeEnd, bool, bool)> = HashMap::new();
+    for end in ends {
+        let entry = pipes.entry(end.inode).or_insert((*end, false, false));
+        if end.write {
+            entry.2 = true;
+        } else {
+            entry.1 = true;
+        }
+    }
+    let mut broken: Vec<_> = pipes.values().filter(|p| !(p.1 && p.2)).collect();
+    broken.sort_by_key(|p| (p.0.pid, p.0.fd.as_raw()));
+    if broken.is_empty() {
+        return Ok(());
+    }
+    let mut tree: Vec<Pid> = ends.iter().map(|e| e.pid).collect();
+    tree.dedup();
+    let inodes: Vec<u64> = broken.iter().map(|p| p.0.inode).collect();
+    let holders = kobj::outside_holders(&inodes, &tree);
+    for &&(end, read, _) in &broken {
+        let missing = if read { "write" } else { "read" };
+        kobj::check_outside_peer(end, missing, &holders, external)?;
+    }
+    Ok(())
+}
+
+/// Fails on the first fd the dump cannot save, before anything else is collected. Returns
+/// the pipe ends, for [`check_pipe_peers`] once every process of the tree was looked at.
+pub fn precheck(
+    table: &mut FileTable,
+    pid: Pid,
+    shell_job: bool,
+) -> Result<Vec<PipeEnd>, CollectError> {
     let links = fd::list(pid).map_err(|source| CollectError::Proc {
         pid,
         what: "fd list",
         source,
     })?;
-    // Pipe inode to (an fd of it, has a read end, has a write end).
-    let mut pipes: Vec<(u64, TargetFd, bool, bool)> = Vec::new();
-    for link in &links {
+    let mut pipes = Vec::new();
+    let mut seen = Vec::with_capacity(links.len());
+    for link in links {
         let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", link.fd.as_raw()));
         let meta = meta_of(pid, &proc_link, Some(link.fd))?;
-        check_kind(pid, link, &meta, shell_job)?;
+        check_kind(pid, &link, &meta, shell_job)?;
         let target = link.target.to_string_lossy();
         if let Some(inode) = kobj::pipe_inode(&target) {
             let info = fd::read_fdinfo(pid, link.fd).map_err(|source| CollectError::Proc {
@@ -234,43 +397,60 @@ pub fn precheck(pid: Pid, shell_job: bool) -> Result<(), CollectError> {
                 what: "fdinfo",
                 source,
             })?;
-            let write = kobj::is_write_end(&info);
-            match pipes.iter_mut().find(|p| p.0 == inode) {
-                Some(p) if write => p.3 = true,
-                Some(p) => p.2 = true,
-                None => pipes.push((inode, link.fd, !write, write)),
-            }
+            pipes.push(PipeEnd {
+                pid,
+                fd: link.fd,
+                inode,
+                write: kobj::is_write_end(&info),
+            });
         }
+        seen.push((link, meta));
     }
-    // Restore recreates a pipe from its two ends: with one end elsewhere, the data and
-    // the peer could not be rebuilt.
-    if let Some(&(inode, fd, read, _)) = pipes.iter().find(|p| !(p.2 && p.3)) {
-        return Err(CollectError::PipePeer {
-            pid,
-            fd,
-            inode,
-            missing: if read { "write" } else { "read" },
-        });
-    }
-    Ok(())
+    table.prechecked.insert(pid, seen);
+    Ok(pipes)
 }
 
+/// [`classify`], with IPv4 and IPv6 sockets told apart from the other sockets by asking a
+/// duplicate of the socket for its family.
+fn kind_of(
+    pid: Pid,
+    fd: TargetFd,
+    target: &str,
+    meta: &std::fs::Metadata,
+) -> Result<FdKind, CollectError> {
+    let kind = classify(target, meta.mode(), meta.rdev());
+    // Unix first: its test reads fdinfo only, where the others duplicate the socket.
+    if target.starts_with("socket:") && unix::is_unix(pid, fd, target)? {
+        return Ok(FdKind::UnixSocket);
+    }
+    if inet::socket_inode(target).is_some() && inet::is_inet(pid, fd)? {
+        return Ok(FdKind::Inet);
+    }
+    Ok(kind)
+}
+
+/// What `link` is, or why it cannot be dumped.
 fn check_kind(
     pid: Pid,
     link: &FdLink,
     meta: &std::fs::Metadata,
     shell_job: bool,
-) -> Result<(), CollectError> {
+) -> Result<FdKind, CollectError> {
     let target = link.target.to_string_lossy().into_owned();
-    match classify(&target, meta.mode(), meta.rdev()) {
+    let kind = kind_of(pid, link.fd, &target, meta)?;
+    match kind {
         FdKind::Regular
+        | FdKind::Memfd
+        | FdKind::Fifo
+        | FdKind::Inet
+        | FdKind::UnixSocket
         | FdKind::Pipe
         | FdKind::Eventfd
         | FdKind::Signalfd
         | FdKind::Timerfd
         | FdKind::Epoll
-        | FdKind::Inotify => Ok(()),
-        FdKind::Tty if shell_job => Ok(()),
+        | FdKind::Inotify => Ok(kind),
+        FdKind::Tty if shell_job => Ok(kind),
         FdKind::Tty => Err(CollectError::Tty {
             pid,
             fd: link.fd,
@@ -290,14 +470,90 @@ fn open_fd(
     table: &mut FileTable,
     pid: Pid,
     link: &FdLink,
+    meta: Option<std::fs::Metadata>,
     shell_job: bool,
 ) -> Result<(), CollectError> {
     let fd = link.fd;
+    let (id, kind, info, new_description) = file_of(table, pid, link, meta, shell_job)?;
+    let fd_number = u32::try_from(fd.as_raw()).unwrap_or(0);
+    let fd_flags = if info.flags & O_CLOEXEC != 0 {
+        FD_CLOEXEC
+    } else {
+        0
+    };
+    let held = locks::from_fdinfo(pid, fd, &info)?;
+    locks::add(
+        &mut table.state.locks,
+        &table.state.fdinfo,
+        id,
+        new_description,
+        held,
+    );
+    let fd_type = match kind {
+        FdKind::Fifo => FdTypes::Fifo,
+        FdKind::Memfd => FdTypes::Memfd,
+        FdKind::Inet => FdTypes::Inetsk,
+        FdKind::UnixSocket => FdTypes::Unixsk,
+        FdKind::Pipe => FdTypes::Pipe,
+        FdKind::Eventfd => FdTypes::Eventfd,
+        FdKind::Signalfd => FdTypes::Signalfd,
+        FdKind::Timerfd => FdTypes::Timerfd,
+        FdKind::Epoll => FdTypes::Eventpoll,
+        FdKind::Inotify => FdTypes::Inotify,
+        _ => FdTypes::Reg,
+    };
+    table.state.fdinfo.push(FdinfoEntry {
+        id,
+        flags: fd_flags,
+        r#type: fd_type as i32,
+        fd: fd_number,
+        xattr_security_selinux: None,
+    });
+    Ok(())
+}
+
+/// A file in flight in a unix socket's queue, of which the peek installed `ours` in our own
+/// fd table: described like any fd, as an fd of ours, so that it gets the id of a
+/// process's fd on the same description (by `kcmp`) or a new `files.img` entry. Our copy
+/// stays open with the table, which may compare later fds with it.
+fn in_flight_file(
+    table: &mut FileTable,
+    ours: std::os::fd::OwnedFd,
+    shell_job: bool,
+) -> Result<u32, CollectError> {
+    use std::os::fd::AsRawFd;
+    let me = unix::our_pid()?;
+    let fd = TargetFd(ours.as_raw_fd());
+    let proc_link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw()));
+    let target = std::fs::read_link(&proc_link).map_err(|source| CollectError::Stat {
+        pid: me,
+        fd: Some(fd),
+        path: proc_link.clone(),
+        source,
+    })?;
+    table.in_flight.push(ours);
+    let link = FdLink { fd, target };
+    let (id, ..) = file_of(table, me, &link, None, shell_job)?;
+    Ok(id)
+}
+
+/// The file object behind `link` of `pid` (shared with earlier fds on the same open file
+/// description, or new), its kind, its fdinfo, and whether it is new.
+fn file_of(
+    table: &mut FileTable,
+    pid: Pid,
+    link: &FdLink,
+    meta: Option<std::fs::Metadata>,
+    shell_job: bool,
+) -> Result<(u32, FdKind, fd::FdInfo, bool), CollectError> {
+    let fd = link.fd;
     let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", fd.as_raw()));
-    let meta = meta_of(pid, &proc_link, Some(fd))?;
+    let meta = match meta {
+        Some(meta) => meta,
+        None => meta_of(pid, &proc_link, Some(fd))?,
+    };
     let target = link.target.to_string_lossy().into_owned();
-    check_kind(pid, link, &meta, shell_job)?;
-    let kind = classify(&target, meta.mode(), meta.rdev());
+    let kind = check_kind(pid, link, &meta, shell_job)?;
     if kind == FdKind::Tty {
         tracing::info!(fd = fd.as_raw(), path = %target,
             "terminal recorded by path (--shell-job): restore reopens it");
@@ -307,29 +563,82 @@ fn open_fd(
         what: "fdinfo",
         source,
     })?;
-    let fd_number = u32::try_from(fd.as_raw()).unwrap_or(0);
-    let fd_flags = if info.flags & O_CLOEXEC != 0 {
-        FD_CLOEXEC
-    } else {
-        0
-    };
-    let key = (meta.dev(), meta.ino());
-    // A dup'ed fd (or one inherited twice) is the same open file description: one object.
-    let mut shared = None;
-    for (other, other_key, id) in &table.by_fd {
-        if *other_key == key
-            && pidfd::same_file(pid, *other, pid, fd).map_err(|source| CollectError::Kcmp {
-                pid,
-                fd,
-                source,
-            })?
-        {
-            shared = Some(*id);
-            break;
-        }
-    }
-    let id = match shared {
+    let key = fd_key(&meta, &info);
+    // A dup'ed fd (or one inherited through fork) is the same open file description: one
+    // object, whichever process of the tree holds it.
+    let found = table.find_shared(key, pid, fd)?;
+    let insert_at = found.err().unwrap_or(0);
+    let new_description = found.is_err();
+    let id = match found.ok() {
         Some(id) => id,
+        None if kind == FdKind::Fifo => {
+            // Restore reopens a FIFO by its path: one unlinked since cannot be reached.
+            if meta.nlink() == 0 {
+                return Err(CollectError::UnsupportedFd {
+                    pid,
+                    fd,
+                    kind: "deleted FIFO",
+                    target,
+                });
+            }
+            let regf_id = table.fresh_id();
+            let reg = reg::describe(regf_id, &target, info.flags & !O_CLOEXEC, 0, &meta, None);
+            table.state.files.push(reg::file_entry(reg));
+            let id = table.fresh_id();
+            let inode = meta.ino();
+            // Tagged: a FIFO's inode (on its filesystem) may equal a pipe's (on pipefs).
+            if table.pipes_read.insert(inode | FIFO_TAG) {
+                let data = kobj::fifo_data(pid, fd, inode, &info)?;
+                table.state.fifo_data.push(data);
+            }
+            table.state.files.push(kobj::fifo_entry(id, regf_id, inode));
+            table.remember_fd(key, insert_at, pid, fd, id);
+            id
+        }
+        None if kind == FdKind::Memfd => {
+            let id = table.fresh_id();
+            let flags = info.flags & !O_CLOEXEC;
+            let (entry, inode) =
+                super::shmem::memfd_file(pid, proc_link.clone(), &target, id, flags, info.pos)?;
+            table.state.files.push(entry);
+            table.state.memfds.push(inode);
+            table.remember_fd(key, insert_at, pid, fd, id);
+            id
+        }
+        None if kind == FdKind::Inet => {
+            let id = table.fresh_id();
+            let entry = inet::entry(pid, fd, id, info.flags & !O_CLOEXEC, meta.ino())?;
+            table.state.files.push(entry);
+            table.remember_fd(key, insert_at, pid, fd, id);
+            id
+        }
+        None if kind == FdKind::UnixSocket => {
+            let id = table.fresh_id();
+            let flags = info.flags & !O_CLOEXEC;
+            let queues = &mut table.state.sk_queues;
+            let (entry, carried) =
+                unix::describe(&mut table.unix, pid, fd, id, flags, meta.ino(), queues)?;
+            table.state.files.push(entry);
+            table.remember_fd(key, insert_at, pid, fd, id);
+            // Remembered first: a socket in flight in its own queue is found again.
+            for unix::InFlight { packet, fds } in carried {
+                let rights = fds
+                    .into_iter()
+                    .map(|ours| in_flight_file(table, ours, shell_job))
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(|source| unix::UnixError::InFlight {
+                        pid,
+                        fd,
+                        ino: meta.ino(),
+                        source: Box::new(source),
+                    })?;
+                tracing::debug!(fd = fd.as_raw(), ?rights, "file descriptors in flight");
+                if let Some(p) = table.state.sk_queues.get_mut(packet) {
+                    unix::set_rights(p, rights);
+                }
+            }
+            id
+        }
         None if kind.is_kobj() => {
             let id = table.fresh_id();
             let flags = info.flags & !O_CLOEXEC;
@@ -344,13 +653,13 @@ fn open_fd(
                     if !kobj::is_write_end(&info) && !table.pipes_read.contains(&inode) {
                         let data = kobj::pipe_data(pid, fd, inode)?;
                         table.state.pipe_data.push(data);
-                        table.pipes_read.push(inode);
+                        table.pipes_read.insert(inode);
                     }
                     kobj::pipe_entry(id, inode, flags)
                 }
             };
             table.state.files.push(entry);
-            table.by_fd.push((fd, key, id));
+            table.remember_fd(key, insert_at, pid, fd, id);
             id
         }
         None => {
@@ -373,28 +682,12 @@ fn open_fd(
             if deleted {
                 add_ghost(table, id, &proc_link, &meta, &name);
             }
-            table.by_fd.push((fd, key, id));
+            table.remember_fd(key, insert_at, pid, fd, id);
             id
         }
     };
     tracing::debug!(fd = fd.as_raw(), id, path = %target, pos = info.pos, "fd");
-    let fd_type = match kind {
-        FdKind::Pipe => FdTypes::Pipe,
-        FdKind::Eventfd => FdTypes::Eventfd,
-        FdKind::Signalfd => FdTypes::Signalfd,
-        FdKind::Timerfd => FdTypes::Timerfd,
-        FdKind::Epoll => FdTypes::Eventpoll,
-        FdKind::Inotify => FdTypes::Inotify,
-        _ => FdTypes::Reg,
-    };
-    table.state.fdinfo.push(FdinfoEntry {
-        id,
-        flags: fd_flags,
-        r#type: fd_type as i32,
-        fd: fd_number,
-        xattr_security_selinux: None,
-    });
-    Ok(())
+    Ok((id, kind, info, new_description))
 }
 
 /// `O_RDONLY`, `O_WRONLY` or `O_RDWR` from the owner bits of a `map_files` link.
@@ -408,31 +701,46 @@ fn open_mode(link_mode: u32) -> u32 {
     }
 }
 
-/// Collects every fd, the executable, cwd, root and mapped files. File-mapped VMAs get
-/// their file id in `shmid`, as CRIU's `vma_entry` has it.
+/// Collects every fd, the executable, cwd, root and mapped files of `pid` into the tree's
+/// `table`. File-mapped VMAs get their file id in `shmid`, as CRIU's `vma_entry` has it.
+/// The result holds the fdinfo of the process and only the file objects, ghosts and pipe
+/// data this process adds to the tree: objects met earlier keep their id and are not
+/// repeated. `with_fds: false` skips the fds: the process shares its fd table with one
+/// collected before (`CLONE_FILES`).
 #[tracing::instrument(skip_all, fields(pid = %pid))]
 pub fn collect(
+    table: &mut FileTable,
     pid: Pid,
     umask: u32,
     memory: &mut MemoryState,
     shell_job: bool,
+    with_fds: bool,
 ) -> Result<FilesState, CollectError> {
-    let mut table = FileTable::default();
-    let links = fd::list(pid).map_err(|source| CollectError::Proc {
-        pid,
-        what: "fd list",
-        source,
-    })?;
-    for link in &links {
-        open_fd(&mut table, pid, link, shell_job)?;
+    table.state = FilesState::default();
+    let prechecked = table.prechecked.remove(&pid);
+    let links: Vec<(FdLink, Option<std::fs::Metadata>)> = match prechecked {
+        _ if !with_fds => Vec::new(),
+        Some(seen) => seen.into_iter().map(|(l, m)| (l, Some(m))).collect(),
+        None => fd::list(pid)
+            .map_err(|source| CollectError::Proc {
+                pid,
+                what: "fd list",
+                source,
+            })?
+            .into_iter()
+            .map(|l| (l, None))
+            .collect(),
+    };
+    for (link, meta) in links {
+        open_fd(table, pid, &link, meta, shell_job)?;
     }
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
     let exe_shown = readlink(pid, &exe)?;
-    table.state.exe_file_id = path_file(&mut table, pid, &exe, &exe_shown)?;
+    table.state.exe_file_id = path_file(table, pid, &exe, &exe_shown)?;
     for which in ["cwd", "root"] {
         let link = PathBuf::from(format!("/proc/{pid}/{which}"));
         let shown = readlink(pid, &link)?;
-        let id = path_file(&mut table, pid, &link, &shown)?;
+        let id = path_file(table, pid, &link, &shown)?;
         if which == "cwd" {
             table.state.fs.cwd_id = id;
         } else {
@@ -442,7 +750,7 @@ pub fn collect(
     table.state.fs.umask = Some(umask);
     for mapped in &memory.mapped_files {
         let link = Path::new(&mapped.map_files);
-        let id = path_file(&mut table, pid, link, &mapped.path)?;
+        let id = path_file(table, pid, link, &mapped.path)?;
         if let Some(vma) = memory.vmas.get_mut(mapped.vma_index) {
             vma.shmid = u64::from(id);
             // The map_files link's own mode shows how the mapped file was opened, which
@@ -452,13 +760,41 @@ pub fn collect(
             }
         }
     }
+    // A memfd mapping names a memfd file object, one per memfd inode of the tree.
+    for m in memory
+        .shmem
+        .iter()
+        .filter(|m| m.kind == super::memory::ShmemKind::Memfd)
+    {
+        let link = PathBuf::from(&m.map_files);
+        let meta = meta_of(pid, &link, None)?;
+        let key = (meta.dev(), meta.ino());
+        let id = match table.by_inode.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = table.fresh_id();
+                let flags = std::fs::symlink_metadata(&link)
+                    .map(|l| open_mode(l.mode()))
+                    .unwrap_or(0);
+                let shown = format!("/memfd:{}", m.name);
+                let (entry, inode) = super::shmem::memfd_file(pid, link, &shown, id, flags, 0)?;
+                table.state.files.push(entry);
+                table.state.memfds.push(inode);
+                table.by_inode.insert(key, id);
+                id
+            }
+        };
+        if let Some(vma) = memory.vmas.get_mut(m.vma_index) {
+            vma.shmid = u64::from(id);
+        }
+    }
     tracing::info!(
         fds = table.state.fdinfo.len(),
         files = table.state.files.len(),
         ghosts = table.state.ghosts.len(),
         "files collected"
     );
-    Ok(table.state)
+    Ok(std::mem::take(&mut table.state))
 }
 
 #[cfg(test)]
@@ -499,9 +835,6 @@ mod tests {
             classify("/dev/net/tun", 0o020_666, (10 << 8) | 200),
             FdKind::Unsupported("character device")
         );
-        assert_eq!(
-            classify("/tmp/fifo", 0o010_644, 0),
-            FdKind::Unsupported("fifo")
-        );
+        assert_eq!(classify("/tmp/fifo", 0o010_644, 0), FdKind::Fifo);
     }
 }

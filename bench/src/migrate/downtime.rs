@@ -1,0 +1,157 @@
+//! Where the down time goes: the workload's longest gap, cut at the moments the tools log
+//! (the final dump's freeze, collect and write, restore's plan and its end) and the harness
+//! notes (images transferred, restore let go).
+//!
+//! The tools stamp their logs with the wall clock (RFC 3339, UTC); the workloads and the
+//! harness use CLOCK_MONOTONIC. One reading of both clocks at the request converts them.
+//! A mark that is missing (a log line that changed, a step that did not happen) merges its
+//! part into the next one; the parts always add up to the gap.
+
+use std::path::Path;
+
+/// A moment of the migration, CLOCK_MONOTONIC ns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// What ends at this moment (the part before it).
+    pub part: &'static str,
+    pub at: u64,
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC, ns, now.
+pub fn clock_offset_ns() -> i128 {
+    let read = |id| {
+        nix::time::clock_gettime(id)
+            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+            .unwrap_or(0)
+    };
+    read(nix::time::ClockId::CLOCK_REALTIME) - read(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The wall-clock time (ns since the epoch) at the start of a log line
+/// `2026-11-22T03:24:10.627543Z ...`.
+fn wall_ns(line: &str) -> Option<i128> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, s) = (t.next()??, t.next()??, t.next()??);
+    let digits: String = frac.chars().take(9).collect();
+    let scale = 10i128.pow(9 - u32::try_from(digits.len()).ok()?);
+    let nanos = digits.parse::<i128>().ok()? * scale;
+    let secs = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + s;
+    Some(i128::from(secs) * 1_000_000_000 + nanos)
+}
+
+/// The monotonic time of the first line of `log` containing `needle`.
+fn logged_at(log: &str, needle: &str, offset: i128) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    u64::try_from(wall_ns(line)? - offset).ok()
+}
+
+/// The marks the tools logged: the final dump's (in `dump_log`) and restore's.
+pub fn tool_marks(dump_log: &Path, restore_log: &Path, offset: i128) -> Vec<Mark> {
+    let dump = std::fs::read_to_string(dump_log).unwrap_or_default();
+    let restore = std::fs::read_to_string(restore_log).unwrap_or_default();
+    let mut marks = Vec::new();
+    for (part, text, needle) in [
+        ("freeze", &dump, "}: frozen "),
+        ("collect", &dump, "}: collected us="),
+        ("write images", &dump, "}: written us="),
+        ("restore: start, read images", &restore, " planned "),
+        ("restore", &restore, " restored "),
+    ] {
+        if let Some(at) = logged_at(text, needle, offset) {
+            marks.push(Mark { part, at });
+        }
+    }
+    marks
+}
+
+/// Cuts the gap `[start, end)` at the marks (in any order; those outside the gap count for
+/// nothing) into named parts in time order; the last part, up to the end of the gap, is
+/// "resume, first iteration (faults)". Zero-length parts are left out.
+pub fn split(gap: (u64, u64), marks: &[Mark]) -> Vec<(String, f64)> {
+    let (start, end) = gap;
+    let mut sorted: Vec<&Mark> = marks.iter().collect();
+    sorted.sort_by_key(|m| m.at);
+    let mut parts = Vec::new();
+    let mut at = start;
+    for mark in sorted {
+        let cut = mark.at.clamp(start, end);
+        if cut > at {
+            parts.push((mark.part.to_string(), (cut - at) as f64 / 1e6));
+            at = cut;
+        }
+    }
+    if end > at {
+        parts.push((
+            "resume, first iteration (faults)".to_string(),
+            (end - at) as f64 / 1e6,
+        ));
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_stamps_convert_to_nanoseconds() {
+        let ns = wall_ns("2026-11-22T03:24:10.627543Z  INFO x").expect("stamp");
+        // 2026-11-22 is day 20779 since the epoch.
+        assert_eq!(
+            ns,
+            (20779i128 * 86_400 + 3 * 3600 + 24 * 60 + 10) * 1_000_000_000 + 627_543_000
+        );
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert!(wall_ns("not a stamp").is_none());
+    }
+
+    #[test]
+    fn parts_add_up_to_the_gap() {
+        let marks = [
+            Mark {
+                part: "collect",
+                at: 130,
+            },
+            Mark {
+                part: "freeze",
+                at: 110,
+            },
+            // Before the gap: counts for nothing.
+            Mark {
+                part: "early",
+                at: 50,
+            },
+            Mark {
+                part: "restore",
+                at: 400,
+            },
+        ];
+        let parts = split((100, 300), &marks);
+        let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["freeze", "collect", "restore"]);
+        let total: f64 = parts.iter().map(|(_, ms)| ms).sum();
+        assert!((total - 200.0 / 1e6).abs() < 1e-12);
+        let parts = split((100, 300), &marks[..2]);
+        assert_eq!(
+            parts.last().map(|(n, _)| n.as_str()),
+            Some("resume, first iteration (faults)")
+        );
+    }
+}
