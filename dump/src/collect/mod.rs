@@ -404,14 +404,8 @@ pub fn tree(
     let root = tree.root().pid();
     let mut tables = TreeTables::default();
     // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
-    let mut ends = Vec::new();
-    for process in tree.processes() {
-        ends.extend(files::precheck(
-            &mut tables.files,
-            process.pid(),
-            opts.shell_job,
-        )?);
-    }
+    let pids: Vec<Pid> = tree.processes().map(|p| p.pid()).collect();
+    let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
     files::check_pipe_peers(&ends, &opts.external)?;
     let parents: Vec<(Pid, Option<Pid>)> = tree
         .with_parents()
@@ -569,21 +563,26 @@ fn collect_one(
     // Memory first: the scratch page we map next must not show up in the dump.
     let mut memory = memory::collect(pid, vmas)?;
     let mut seccomp = SeccompTable::default();
+    // Pinned from the scratch mapping on (the first injection) to its unmapping: unpinned,
+    // each wakeup of the tracee may wait for another CPU's time slice, milliseconds under load.
+    let leader_tid = tree.leader_mut().map(|l| l.tid());
+    let leader_pin = leader_tid.and_then(|tid| pin_next_to(pid, tid));
     let (mut threads, sigactions, timers, values) = inject::with_scratch(tree, |tree, scratch| {
         let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
-        let pin = pin_next_to(pid, leader.tid());
         let values = leader_values(leader, scratch)?;
         fault::check(opts.fault, FaultPoint::AfterInject)?;
         let sigactions = signals::sigactions(leader, scratch, status.sig_cgt | status.sig_ign)?;
         let timers = signals::timers(pid, leader, scratch)?;
-        drop(pin);
         let mut threads = Vec::new();
         for thread in tree.threads_mut() {
-            let _pin = pin_next_to(pid, thread.tid());
+            let _pin = (Some(thread.tid()) != leader_tid)
+                .then(|| pin_next_to(pid, thread.tid()))
+                .flatten();
             threads.push(threads::collect(thread, scratch, &mut seccomp)?);
         }
         Ok((threads, sigactions, timers, values))
     })?;
+    drop(leader_pin);
     let files = files::collect(
         &mut tables.files,
         pid,

@@ -19,7 +19,6 @@ use super::CollectError;
 const PR_GET_PDEATHSIG: u64 = 2;
 const PR_GET_SECUREBITS: u64 = 27;
 const PR_GET_TID_ADDRESS: u64 = 40;
-const PRIO_PROCESS: u64 = 0;
 const SCHED_FIFO: u32 = 1;
 const SCHED_RR: u32 = 2;
 const SCHED_RESET_ON_FORK: u32 = 0x4000_0000;
@@ -29,9 +28,6 @@ const SECCOMP_MODE_FILTER: u32 = 2;
 const OFF_SAS: u64 = 0;
 const OFF_TID_ADDRESS: u64 = 64;
 const OFF_PDEATHSIG: u64 = 72;
-const OFF_ROBUST_HEAD: u64 = 80;
-const OFF_ROBUST_LEN: u64 = 88;
-const OFF_SCHED_PARAM: u64 = 96;
 
 /// One thread's image: everything but the process-wide part of the core.
 #[derive(Debug, Clone)]
@@ -148,61 +144,31 @@ fn sigaltstack(thread: &mut Tracee, scratch: &Scratch<'_>) -> Result<ThreadSasEn
     })
 }
 
-fn sched(
-    thread: &mut Tracee,
-    scratch: &Scratch<'_>,
-    tc: &mut ThreadCoreEntry,
-) -> Result<(), CollectError> {
-    let tid = thread.tid();
-    let policy = syscall_u64(
-        thread,
-        "sched_getscheduler",
-        libc::SYS_sched_getscheduler,
-        [0; 6],
-    )?;
-    let policy = u32::try_from(policy).unwrap_or(0);
+fn task_info(
+    tid: Tid,
+    what: &'static str,
+) -> impl FnOnce(tracee::taskinfo::TaskInfoError) -> CollectError {
+    move |source| CollectError::TaskInfo { tid, what, source }
+}
+
+/// Scheduling policy, real-time priority and nice, asked from outside: the kernel answers
+/// them for any thread, without an injection round trip each.
+fn sched(tid: Tid, tc: &mut ThreadCoreEntry) -> Result<(), CollectError> {
+    let sched = tracee::taskinfo::sched(tid).map_err(task_info(tid, "scheduling"))?;
+    let policy = u32::try_from(sched.policy).unwrap_or(0);
     tc.sched_policy = Some(policy);
     if matches!(policy & !SCHED_RESET_ON_FORK, SCHED_FIFO | SCHED_RR) {
-        scratch.clear(tid, OFF_SCHED_PARAM, 4)?;
-        syscall(
-            thread,
-            "sched_getparam",
-            libc::SYS_sched_getparam,
-            [0, scratch.at(OFF_SCHED_PARAM), 0, 0, 0, 0],
-        )?;
-        let prio = scratch.read_i32(tid, OFF_SCHED_PARAM)?;
-        tc.sched_prio = Some(u32::try_from(prio).unwrap_or(0));
+        tc.sched_prio = Some(u32::try_from(sched.priority).unwrap_or(0));
     }
-    // The raw syscall answers 20 - nice, so that success is never negative.
-    let raw = syscall(
-        thread,
-        "getpriority",
-        libc::SYS_getpriority,
-        [PRIO_PROCESS, 0, 0, 0, 0, 0],
-    )?;
-    tc.sched_nice = Some(20 - i32::try_from(raw).unwrap_or(20));
+    tc.sched_nice = Some(sched.nice);
     Ok(())
 }
 
-fn robust_list(thread: &mut Tracee, scratch: &Scratch<'_>) -> Result<(u64, u32), CollectError> {
-    let tid = thread.tid();
-    scratch.clear(tid, OFF_ROBUST_HEAD, 16)?;
-    syscall(
-        thread,
-        "get_robust_list",
-        libc::SYS_get_robust_list,
-        [
-            0,
-            scratch.at(OFF_ROBUST_HEAD),
-            scratch.at(OFF_ROBUST_LEN),
-            0,
-            0,
-            0,
-        ],
-    )?;
-    let head = scratch.read_u64(tid, OFF_ROBUST_HEAD)?;
-    let len = scratch.read_u64(tid, OFF_ROBUST_LEN)?;
-    Ok((head, u32::try_from(len).unwrap_or(u32::MAX)))
+/// The robust futex list, asked from outside (`get_robust_list` takes a tid).
+fn robust_list(tid: Tid) -> Result<(u64, u32), CollectError> {
+    let (head, len) =
+        tracee::taskinfo::robust_list(tid).map_err(task_info(tid, "robust futex list"))?;
+    Ok((head.get(), u32::try_from(len).unwrap_or(u32::MAX)))
 }
 
 fn rseq(thread: &Tracee) -> Result<Option<RseqEntry>, CollectError> {
@@ -305,10 +271,10 @@ pub fn collect(
         rseq_entry: rseq(thread)?,
         ..ThreadCoreEntry::default()
     };
-    let (head, len) = robust_list(thread, scratch)?;
+    let (head, len) = robust_list(tid)?;
     tc.futex_rla = head;
     tc.futex_rla_len = len;
-    sched(thread, scratch, &mut tc)?;
+    sched(tid, &mut tc)?;
     super::extras::thread(thread, &mut tc)?;
     tc.sas = Some(sigaltstack(thread, scratch)?);
     scratch.clear(tid, OFF_PDEATHSIG, 4)?;

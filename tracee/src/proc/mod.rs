@@ -80,9 +80,18 @@ pub(crate) fn read_text(path: &Path) -> Result<String, ProcError> {
         path: path.to_path_buf(),
         source,
     };
+    let file = std::fs::File::open(path).map_err(err)?;
+    read_open(file, path)
+}
+
+/// The text of `file`, already open (`path` names it in errors).
+pub(crate) fn read_open(mut file: std::fs::File, path: &Path) -> Result<String, ProcError> {
+    let err = |source| ProcError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     // Read in plain chunks: `std::fs::read` first asks the size (a statx, always 0 for
     // /proc), which costs a syscall per file for nothing, thousands of times per tree dump.
-    let mut file = std::fs::File::open(path).map_err(err)?;
     let mut bytes = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {

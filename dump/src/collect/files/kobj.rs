@@ -229,8 +229,12 @@ pub(super) fn duplicate(pid: Pid, fd: TargetFd) -> Result<OwnedFd, CollectError>
 
 /// Copies the unread bytes of the pipe whose read end is `fd` with `tee`, which leaves them
 /// in the pipe, and its capacity.
-pub fn pipe_data(pid: Pid, fd: TargetFd, inode: u64) -> Result<PipeData, CollectError> {
-    let dup = duplicate(pid, fd)?;
+/// `pidfd` is a pidfd of `pid`, kept from one pipe to the next.
+pub fn pipe_data(pidfd: &PidFd, fd: TargetFd, inode: u64) -> Result<PipeData, CollectError> {
+    let pid = pidfd.pid();
+    let dup = pidfd
+        .getfd(fd)
+        .map_err(|source| CollectError::Kcmp { pid, fd, source })?;
     data_of(pid, fd, inode, &dup)
 }
 

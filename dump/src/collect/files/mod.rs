@@ -197,11 +197,16 @@ pub struct FileTable {
     by_inode: HashMap<(u64, u64), u32>,
     next_id: u32,
     next_ghost: u32,
+    /// Build-ids of the regular files met so far.
+    build_ids: reg::BuildIds,
+    /// A pidfd of the process being read, kept for its next fd to duplicate.
+    pidfd: Option<pidfd::PidFd>,
     /// Pipes (by inode) whose data is saved already.
     pipes_read: std::collections::HashSet<u64>,
-    /// The fds [`precheck`] listed and stat'ed, per process, so that [`collect`] need not
-    /// list and stat them again (the tree is frozen: they cannot change).
-    prechecked: HashMap<Pid, Vec<(FdLink, std::fs::Metadata)>>,
+    /// The fds [`precheck`] listed, stat'ed, classified and read the fdinfo of, per
+    /// process, so that [`collect`] need not do any of it again (the tree is frozen: they
+    /// cannot change).
+    prechecked: HashMap<Pid, Vec<(FdLink, Seen)>>,
     /// What the process being collected adds; taken by [`collect`].
     state: FilesState,
     /// The unix sockets of the tree, checked for outside peers by [`check_unix_peers`].
@@ -251,6 +256,19 @@ impl FileTable {
         Ok(found.map(|i| bucket[i].2))
     }
 
+    /// A pidfd of `pid` (whose `fd` needs it): the one kept if it is `pid`'s, else a new
+    /// one, kept in its place. Kept only for the dump, while the tree is frozen: the pid
+    /// stays that process's.
+    fn pidfd_of(&mut self, pid: Pid, fd: TargetFd) -> Result<&pidfd::PidFd, CollectError> {
+        let pidfd = match self.pidfd.take() {
+            Some(kept) if kept.pid() == pid => kept,
+            _ => {
+                pidfd::PidFd::open(pid).map_err(|source| CollectError::Kcmp { pid, fd, source })?
+            }
+        };
+        Ok(self.pidfd.insert(pidfd))
+    }
+
     fn remember_fd(&mut self, key: FdKey, at: usize, pid: Pid, fd: TargetFd, id: u32) {
         let bucket = self.by_fd.entry(key).or_default();
         bucket.insert(at.min(bucket.len()), (pid, fd, id));
@@ -283,7 +301,14 @@ fn path_file(
     let id = table.fresh_id();
     let deleted = meta.nlink() == 0 && meta.is_file();
     let name = shown.strip_suffix(" (deleted)").unwrap_or(shown);
-    let reg = reg::describe(id, name, 0, 0, &meta, Some(proc_link));
+    let reg = reg::describe(
+        id,
+        name,
+        0,
+        0,
+        &meta,
+        Some((proc_link, &mut table.build_ids)),
+    );
     table.state.files.push(reg::file_entry(reg));
     table.by_inode.insert(key, id);
     if deleted {
@@ -314,6 +339,13 @@ fn readlink(pid: Pid, path: &Path) -> Result<String, CollectError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// What [`precheck`] learnt of one fd: its `stat`, its kind and its fdinfo.
+struct Seen {
+    meta: std::fs::Metadata,
+    kind: FdKind,
+    info: fd::FdInfo,
 }
 
 /// One end of a pipe held by a process of the tree.
@@ -379,7 +411,58 @@ pub fn precheck(
     pid: Pid,
     shell_job: bool,
 ) -> Result<Vec<PipeEnd>, CollectError> {
-    let links = fd::list(pid).map_err(|source| CollectError::Proc {
+    let (seen, pipes) = scan(pid, shell_job)?;
+    table.prechecked.insert(pid, seen);
+    Ok(pipes)
+}
+
+/// [`precheck`] of every process of a tree, in two threads (the fds are only read from
+/// `/proc` and duplicated, which needs no ptrace: any thread of ours may do it). The error
+/// is the one of the first process in `pids` order that has one, as one by one.
+pub fn precheck_all(
+    table: &mut FileTable,
+    pids: &[Pid],
+    shell_job: bool,
+) -> Result<Vec<PipeEnd>, CollectError> {
+    type Scanned = Result<(Vec<(FdLink, Seen)>, Vec<PipeEnd>), CollectError>;
+    let scan_every = |first: usize| -> Vec<(Pid, Scanned)> {
+        pids.iter()
+            .skip(first)
+            .step_by(2)
+            .map(|&pid| (pid, scan(pid, shell_job)))
+            .collect()
+    };
+    let (even, odd) = std::thread::scope(|scope| {
+        let odd = scope.spawn(|| scan_every(1));
+        let even = scan_every(0);
+        // A panic in the helper is a bug of ours: read those processes again here.
+        (even, odd.join().unwrap_or_else(|_| scan_every(1)))
+    });
+    let mut even = even.into_iter();
+    let mut odd = odd.into_iter();
+    let mut ends = Vec::new();
+    for i in 0..pids.len() {
+        let next = if i % 2 == 0 { even.next() } else { odd.next() };
+        let Some((pid, scanned)) = next else {
+            break;
+        };
+        let (seen, pipes) = scanned?;
+        table.prechecked.insert(pid, seen);
+        ends.extend(pipes);
+    }
+    Ok(ends)
+}
+
+/// Lists, stats, reads the fdinfo of and classifies every fd of `pid`; fails on the first
+/// one the dump cannot save. Also returns its pipe ends.
+#[allow(clippy::type_complexity)]
+fn scan(pid: Pid, shell_job: bool) -> Result<(Vec<(FdLink, Seen)>, Vec<PipeEnd>), CollectError> {
+    let dir = fd::FdDir::open(pid).map_err(|source| CollectError::Proc {
+        pid,
+        what: "fd directory",
+        source,
+    })?;
+    let links = dir.list().map_err(|source| CollectError::Proc {
         pid,
         what: "fd list",
         source,
@@ -389,14 +472,16 @@ pub fn precheck(
     for link in links {
         let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", link.fd.as_raw()));
         let meta = meta_of(pid, &proc_link, Some(link.fd))?;
-        check_kind(pid, &link, &meta, shell_job)?;
-        let target = link.target.to_string_lossy();
-        if let Some(inode) = kobj::pipe_inode(&target) {
-            let info = fd::read_fdinfo(pid, link.fd).map_err(|source| CollectError::Proc {
+        let info = dir
+            .read_fdinfo(link.fd)
+            .map_err(|source| CollectError::Proc {
                 pid,
                 what: "fdinfo",
                 source,
             })?;
+        let kind = check_kind(pid, &link, &meta, Some(&info), shell_job)?;
+        let target = link.target.to_string_lossy();
+        if let Some(inode) = kobj::pipe_inode(&target) {
             pipes.push(PipeEnd {
                 pid,
                 fd: link.fd,
@@ -404,10 +489,9 @@ pub fn precheck(
                 write: kobj::is_write_end(&info),
             });
         }
-        seen.push((link, meta));
+        seen.push((link, Seen { meta, kind, info }));
     }
-    table.prechecked.insert(pid, seen);
-    Ok(pipes)
+    Ok((seen, pipes))
 }
 
 /// [`classify`], with IPv4 and IPv6 sockets told apart from the other sockets by asking a
@@ -417,8 +501,14 @@ fn kind_of(
     fd: TargetFd,
     target: &str,
     meta: &std::fs::Metadata,
+    info: Option<&fd::FdInfo>,
 ) -> Result<FdKind, CollectError> {
     let kind = classify(target, meta.mode(), meta.rdev());
+    // Only unix sockets show `scm_fds` in their fdinfo: with the fdinfo at hand, that
+    // settles it without reading it again or duplicating the socket.
+    if target.starts_with("socket:") && info.is_some_and(|i| i.get("scm_fds").is_some()) {
+        return Ok(FdKind::UnixSocket);
+    }
     // Unix first: its test reads fdinfo only, where the others duplicate the socket.
     if target.starts_with("socket:") && unix::is_unix(pid, fd, target)? {
         return Ok(FdKind::UnixSocket);
@@ -434,10 +524,11 @@ fn check_kind(
     pid: Pid,
     link: &FdLink,
     meta: &std::fs::Metadata,
+    info: Option<&fd::FdInfo>,
     shell_job: bool,
 ) -> Result<FdKind, CollectError> {
     let target = link.target.to_string_lossy().into_owned();
-    let kind = kind_of(pid, link.fd, &target, meta)?;
+    let kind = kind_of(pid, link.fd, &target, meta, info)?;
     match kind {
         FdKind::Regular
         | FdKind::Memfd
@@ -470,11 +561,11 @@ fn open_fd(
     table: &mut FileTable,
     pid: Pid,
     link: &FdLink,
-    meta: Option<std::fs::Metadata>,
+    seen: Option<Seen>,
     shell_job: bool,
 ) -> Result<(), CollectError> {
     let fd = link.fd;
-    let (id, kind, info, new_description) = file_of(table, pid, link, meta, shell_job)?;
+    let (id, kind, info, new_description) = file_of(table, pid, link, seen, shell_job)?;
     let fd_number = u32::try_from(fd.as_raw()).unwrap_or(0);
     let fd_flags = if info.flags & O_CLOEXEC != 0 {
         FD_CLOEXEC
@@ -543,26 +634,29 @@ fn file_of(
     table: &mut FileTable,
     pid: Pid,
     link: &FdLink,
-    meta: Option<std::fs::Metadata>,
+    seen: Option<Seen>,
     shell_job: bool,
 ) -> Result<(u32, FdKind, fd::FdInfo, bool), CollectError> {
     let fd = link.fd;
     let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", fd.as_raw()));
-    let meta = match meta {
-        Some(meta) => meta,
-        None => meta_of(pid, &proc_link, Some(fd))?,
-    };
     let target = link.target.to_string_lossy().into_owned();
-    let kind = check_kind(pid, link, &meta, shell_job)?;
+    let Seen { meta, kind, info } = match seen {
+        Some(seen) => seen,
+        None => {
+            let meta = meta_of(pid, &proc_link, Some(fd))?;
+            let info = fd::read_fdinfo(pid, fd).map_err(|source| CollectError::Proc {
+                pid,
+                what: "fdinfo",
+                source,
+            })?;
+            let kind = check_kind(pid, link, &meta, Some(&info), shell_job)?;
+            Seen { meta, kind, info }
+        }
+    };
     if kind == FdKind::Tty {
         tracing::info!(fd = fd.as_raw(), path = %target,
             "terminal recorded by path (--shell-job): restore reopens it");
     }
-    let info = fd::read_fdinfo(pid, fd).map_err(|source| CollectError::Proc {
-        pid,
-        what: "fdinfo",
-        source,
-    })?;
     let key = fd_key(&meta, &info);
     // A dup'ed fd (or one inherited through fork) is the same open file description: one
     // object, whichever process of the tree holds it.
@@ -651,7 +745,7 @@ fn file_of(
                 _ => {
                     let inode = meta.ino();
                     if !kobj::is_write_end(&info) && !table.pipes_read.contains(&inode) {
-                        let data = kobj::pipe_data(pid, fd, inode)?;
+                        let data = kobj::pipe_data(table.pidfd_of(pid, fd)?, fd, inode)?;
                         table.state.pipe_data.push(data);
                         table.pipes_read.insert(inode);
                     }
@@ -676,7 +770,7 @@ fn file_of(
                 info.flags & !O_CLOEXEC,
                 info.pos,
                 &meta,
-                (meta.is_file() && !deleted).then_some(proc_link.as_path()),
+                (meta.is_file() && !deleted).then_some((proc_link.as_path(), &mut table.build_ids)),
             );
             table.state.files.push(reg::file_entry(reg));
             if deleted {
@@ -718,9 +812,9 @@ pub fn collect(
 ) -> Result<FilesState, CollectError> {
     table.state = FilesState::default();
     let prechecked = table.prechecked.remove(&pid);
-    let links: Vec<(FdLink, Option<std::fs::Metadata>)> = match prechecked {
+    let links: Vec<(FdLink, Option<Seen>)> = match prechecked {
         _ if !with_fds => Vec::new(),
-        Some(seen) => seen.into_iter().map(|(l, m)| (l, Some(m))).collect(),
+        Some(seen) => seen.into_iter().map(|(l, s)| (l, Some(s))).collect(),
         None => fd::list(pid)
             .map_err(|source| CollectError::Proc {
                 pid,
@@ -731,8 +825,8 @@ pub fn collect(
             .map(|l| (l, None))
             .collect(),
     };
-    for (link, meta) in links {
-        open_fd(table, pid, &link, meta, shell_job)?;
+    for (link, seen) in links {
+        open_fd(table, pid, &link, seen, shell_job)?;
     }
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
     let exe_shown = readlink(pid, &exe)?;

@@ -28,25 +28,40 @@ fn build_id_words(bytes: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-/// Describes a file. `elf` is where to read a build-id from, for regular files.
+/// Build-ids already read, by device and inode: a file opened many times in a tree (each
+/// open its own description) is read once per dump, not once per open.
+#[derive(Debug, Default)]
+pub struct BuildIds(std::collections::HashMap<(u64, u64), Vec<u32>>);
+
+impl BuildIds {
+    fn of(&mut self, meta: &std::fs::Metadata, path: &Path) -> Vec<u32> {
+        self.0
+            .entry((meta.dev(), meta.ino()))
+            .or_insert_with(|| match tracee::vdso::build_id(path) {
+                Ok(Some(bytes)) => build_id_words(&bytes),
+                Ok(None) => Vec::new(),
+                Err(err) => {
+                    // Not an ELF file, or unreadable: the size alone validates it.
+                    tracing::trace!(path = %path.display(), error = %err, "no build-id");
+                    Vec::new()
+                }
+            })
+            .clone()
+    }
+}
+
+/// Describes a file. `elf` is where to read a build-id from, for regular files, with the
+/// build-ids read so far.
 pub fn describe(
     id: u32,
     name: &str,
     flags: u32,
     pos: u64,
     meta: &std::fs::Metadata,
-    elf: Option<&Path>,
+    elf: Option<(&Path, &mut BuildIds)>,
 ) -> RegFileEntry {
     let build_id = match elf {
-        Some(path) if meta.is_file() => match tracee::vdso::build_id(path) {
-            Ok(Some(bytes)) => build_id_words(&bytes),
-            Ok(None) => Vec::new(),
-            Err(err) => {
-                // Not an ELF file, or unreadable: the size alone validates it.
-                tracing::trace!(path = %path.display(), error = %err, "no build-id");
-                Vec::new()
-            }
-        },
+        Some((path, known)) if meta.is_file() => known.of(meta, path),
         _ => Vec::new(),
     };
     RegFileEntry {
