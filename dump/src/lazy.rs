@@ -41,7 +41,16 @@
 //!   session is accepted only from the host of the first one). Taking the last page alone does
 //!   not kill it: two threads faulting on one page may make the daemon ask for it again. Two
 //!   running copies never exist.
+//!
+//! Trees: every live process of the dumped tree stays frozen, and each GET is answered from
+//! the memory of the process its `pid` (`dst_id`) names: the image pid, which is the
+//! source's pid (a process the destination forked after resume asks with its restored
+//! ancestor's image pid, whose pages its copy misses). A pid outside the tree, or an address
+//! that is not a lazy page of that process, gets no pages. Resuming, stopping and killing
+//! apply to the whole tree at once: a failure before the destination resumed lets every
+//! process run on, and none survives once the destination has run.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -51,7 +60,7 @@ use ckpt_page_server::protocol::FRAME_LEN;
 use ckpt_page_server::server::MAX_GET_PAGES;
 use ckpt_page_server::{Command, Frame, PageFlags};
 use tracee::memory::{self, MemoryError, RemoteRange};
-use tracee::{Pid, RemoteAddr, SeizedProcess, PAGE_SIZE};
+use tracee::{Pid, RemoteAddr, SeizedProcess, SeizedTree, PAGE_SIZE};
 
 use crate::pages::{PlannedRun, RunKind};
 use crate::release::{self, ReleaseError};
@@ -216,20 +225,36 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// The state of the source while it serves.
-struct Source<'a> {
+/// The lazy pages of one process of the tree, by the pid the daemon asks with.
+struct ProcessPages {
     pid: Pid,
-    /// The frozen process; `None` once it has been killed.
-    tree: Option<SeizedProcess>,
-    lazy: &'a [(u64, u64)],
+    lazy: Vec<(u64, u64)>,
     untaken: Untaken,
+}
+
+/// The state of the source while it serves.
+struct Source {
+    /// The root of the tree (for messages).
+    pid: Pid,
+    /// The frozen tree; `None` once it has been killed.
+    tree: Option<SeizedTree>,
+    /// Per `dst_id` (the image pid, the source pid): what may be served.
+    processes: BTreeMap<u64, ProcessPages>,
     all_taken_logged: bool,
     /// The destination runs: never resume the source again.
     resumed: bool,
     buf: Vec<u8>,
 }
 
-impl Source<'_> {
+impl Source {
+    fn untaken_pages(&self) -> u64 {
+        self.processes.values().map(|p| p.untaken.pages()).sum()
+    }
+
+    fn all_taken(&self) -> bool {
+        self.processes.values().all(|p| p.untaken.is_empty())
+    }
+
     /// The destination runs: from now on the source must never run again, even if we die.
     fn destination_resumed(&mut self, kind: GetKind) {
         self.resumed = true;
@@ -238,17 +263,26 @@ impl Source<'_> {
             _ => "first page request of a daemon that does not say when restore finished",
         };
         tracing::info!(pid = %self.pid, why, "the destination runs; the source stays stopped");
-        if let Some(target) = rustix::process::Pid::from_raw(self.pid.as_raw()) {
+        let pids: Vec<Pid> = self
+            .tree
+            .iter()
+            .flat_map(|tree| tree.processes().map(SeizedProcess::pid))
+            .collect();
+        for pid in pids {
+            let Some(target) = rustix::process::Pid::from_raw(pid.as_raw()) else {
+                continue;
+            };
             if let Err(errno) = rustix::process::kill_process(target, rustix::process::Signal::STOP)
             {
-                tracing::warn!(pid = %self.pid, %errno, "cannot queue SIGSTOP on the source");
+                tracing::warn!(%pid, %errno, "cannot queue SIGSTOP on the source");
             }
         }
     }
 
+    /// Kills every process of the tree (none runs on while the others die).
     fn kill(&mut self) -> Result<(), LazyError> {
         if let Some(tree) = self.tree.take() {
-            release::finish(tree, FinalState::Killed)?;
+            release::finish_tree(tree, FinalState::Killed)?;
             tracing::info!(pid = %self.pid, "source killed");
         }
         Ok(())
@@ -256,12 +290,11 @@ impl Source<'_> {
 
     /// Answers one GET: the frame, then the pages, in one write.
     fn answer_get(&mut self, stream: &mut TcpStream, frame: &Frame) -> Result<(), SessionEnd> {
-        let own = u64::try_from(self.pid.as_raw()).ok() == Some(frame.dst_id);
-        let n = if own && self.tree.is_some() {
-            servable(self.lazy, frame.vaddr, frame.nr_pages)
-        } else {
-            0
-        };
+        let alive = self.tree.is_some();
+        let target = self.processes.get_mut(&frame.dst_id).filter(|_| alive);
+        let n = target
+            .as_ref()
+            .map_or(0, |p| servable(&p.lazy, frame.vaddr, frame.nr_pages));
         if n == 0 {
             tracing::warn!(
                 vaddr = format_args!("{:#x}", frame.vaddr),
@@ -272,30 +305,35 @@ impl Source<'_> {
         let len = usize::try_from(n * PAGE_SIZE).unwrap_or(0);
         let header = Frame::add_f(frame.dst_id, frame.vaddr, n, PRESENT_BITS).encode();
         self.buf[..FRAME_LEN].copy_from_slice(&header);
-        if len > 0 {
-            let range = RemoteRange {
-                addr: RemoteAddr(frame.vaddr),
-                len,
-            };
-            let dst = &mut self.buf[FRAME_LEN..FRAME_LEN + len];
-            memory::read_remote_vectored(self.pid, std::slice::from_ref(&range), dst).map_err(
-                |source| {
-                    SessionEnd::Lost(
-                        LazyError::Read {
-                            pid: self.pid,
-                            vaddr: frame.vaddr,
-                            source,
-                        }
-                        .to_string(),
-                    )
-                },
-            )?;
-        }
+        let target = match target {
+            Some(process) if len > 0 => {
+                let range = RemoteRange {
+                    addr: RemoteAddr(frame.vaddr),
+                    len,
+                };
+                let dst = &mut self.buf[FRAME_LEN..FRAME_LEN + len];
+                memory::read_remote_vectored(process.pid, std::slice::from_ref(&range), dst)
+                    .map_err(|source| {
+                        SessionEnd::Lost(
+                            LazyError::Read {
+                                pid: process.pid,
+                                vaddr: frame.vaddr,
+                                source,
+                            }
+                            .to_string(),
+                        )
+                    })?;
+                Some(process)
+            }
+            _ => None,
+        };
         stream
             .write_all(&self.buf[..FRAME_LEN + len])
             .map_err(|e| SessionEnd::Lost(format!("send pages: {e}")))?;
-        if n > 0 {
-            self.untaken.take(frame.vaddr, frame.vaddr + n * PAGE_SIZE);
+        if let Some(process) = target {
+            process
+                .untaken
+                .take(frame.vaddr, frame.vaddr + n * PAGE_SIZE);
         }
         Ok(())
     }
@@ -325,7 +363,7 @@ impl Source<'_> {
                     }
                     // The source stays frozen, not killed, until the daemon closes: a
                     // page two threads faulted on at once may be asked for again.
-                    if self.untaken.is_empty() && self.resumed && !self.all_taken_logged {
+                    if self.resumed && !self.all_taken_logged && self.all_taken() {
                         self.all_taken_logged = true;
                         tracing::info!(pid = %self.pid, "every lazy page has been taken");
                     }
@@ -381,31 +419,44 @@ const PRESENT_BITS: u16 = {
     bits as u16
 };
 
-/// Serves the lazy pages `lazy` of the frozen process `tree` until the destination has them
-/// all (see the module documentation for when the source is resumed or killed).
-#[tracing::instrument(skip_all, fields(pid = %tree.pid()))]
+/// Serves the lazy pages of every process of the frozen `tree` (`lazy`: per process, the
+/// ranges [`lazy_ranges`] gives) until the destination has them all (see the module
+/// documentation for when the tree is resumed or killed).
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
 pub fn serve(
-    tree: SeizedProcess,
+    tree: SeizedTree,
     listener: TcpListener,
-    lazy: Vec<(u64, u64)>,
+    lazy: Vec<(Pid, Vec<(u64, u64)>)>,
     opts: &DumpOptions,
 ) -> Result<LazyOutcome, LazyError> {
-    let pid = tree.pid();
+    let pid = tree.root().pid();
     let addr = listener
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let processes = lazy
+        .into_iter()
+        .filter_map(|(pid, ranges)| {
+            let id = u64::try_from(pid.as_raw()).ok()?;
+            let pages = ProcessPages {
+                pid,
+                untaken: Untaken {
+                    ranges: ranges.clone(),
+                },
+                lazy: ranges,
+            };
+            Some((id, pages))
+        })
+        .collect();
     let mut source = Source {
         pid,
         tree: Some(tree),
-        untaken: Untaken {
-            ranges: lazy.clone(),
-        },
-        lazy: &lazy,
+        processes,
         resumed: false,
         all_taken_logged: false,
         buf: vec![0u8; FRAME_LEN + usize::try_from(MAX_GET_PAGES * PAGE_SIZE).unwrap_or(0)],
     };
-    tracing::info!(%addr, pages = source.untaken.pages(), "serving lazy pages");
+    tracing::info!(%addr, processes = source.processes.len(), pages = source.untaken_pages(),
+        "serving lazy pages");
     let mut peer: Option<IpAddr> = None;
     loop {
         let wait = if source.resumed {
@@ -448,9 +499,9 @@ pub fn serve(
             opts.lazy_connect_timeout
         };
         match source.session(stream, idle)? {
-            SessionEnd::Closed if source.resumed || source.untaken.is_empty() => {
+            SessionEnd::Closed if source.resumed || source.all_taken() => {
                 source.kill()?;
-                return Ok(if source.untaken.is_empty() {
+                return Ok(if source.all_taken() {
                     LazyOutcome::AllTaken
                 } else {
                     LazyOutcome::Closed
@@ -466,7 +517,7 @@ pub fn serve(
                 return Err(LazyError::EndedBeforeResume { pid, why })
             }
             SessionEnd::Lost(why) => {
-                if source.tree.is_none() || source.untaken.is_empty() {
+                if source.tree.is_none() || source.all_taken() {
                     source.kill()?;
                     return Ok(LazyOutcome::AllTaken);
                 }

@@ -3,8 +3,8 @@
 //!
 //! The sequence is [`dump`]: freeze, collect (reads only), write (never ptraces), release.
 //! An error anywhere before release drops the frozen tree, which resumes every process
-//! exactly as it was; only [`release::finish_tree`] (and [`release::finish`] for a lazy
-//! dump) may kill them.
+//! exactly as it was; only [`release::finish_tree`] (for a lazy dump, once its pages are
+//! served) may kill them.
 //!
 //! Trees: `-t PID` names the root; every process below it is frozen too (every thread,
 //! children found through `/proc/PID/task/*/children` until a pass finds nothing new) and
@@ -14,8 +14,9 @@
 //! sharing an fd table (`CLONE_FILES`) share one `fdinfo` image; `ids-PID.img` gives equal
 //! ids to processes sharing fs info or handlers. A process sharing its address space with
 //! another (`CLONE_VM`: a vfork child before exec) is refused. Kill, `--leave-running` and
-//! `--leave-stopped` apply to every process. Pre-copy (`--pre-dump`, `--track-mem`) and
-//! lazy dumps handle one process: a root with children is refused ([`DumpError::Tree`]).
+//! `--leave-stopped` apply to every process. A lazy dump serves the pages of every process
+//! of the tree ([`lazy`]). Pre-copy (`--pre-dump`, `--track-mem`, also with `--lazy-pages`)
+//! handles one process: a root with children is refused ([`DumpError::Tree`]).
 //! Private memory that processes share copy-on-write at dump time, which restore gives each
 //! of them a copy of, is logged ("restore duplicates N bytes") and in
 //! [`DumpStats::cow_shared_bytes`].
@@ -264,9 +265,8 @@ pub enum DumpError {
 fn tree_refusal(opts: &DumpOptions) -> Option<&'static str> {
     match opts.mode {
         DumpMode::PreDump => Some("pre-copy"),
-        DumpMode::Lazy => Some("post-copy (--lazy-pages)"),
-        DumpMode::Full if opts.track_mem => Some("pre-copy (--track-mem)"),
-        DumpMode::Full => None,
+        DumpMode::Full | DumpMode::Lazy if opts.track_mem => Some("pre-copy (--track-mem)"),
+        DumpMode::Full | DumpMode::Lazy => None,
     }
 }
 
@@ -478,24 +478,23 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     Ok(stats)
 }
 
-/// Per VMA, how its pages are saved in a full or lazy dump.
+/// Per VMA of `process`, how its pages are saved in a full or lazy dump.
 fn full_policies(
-    state: &collect::TreeState,
+    process: &collect::ProcessState,
     opts: &DumpOptions,
     set: Option<&tracee::dirty::DirtySet>,
     parent: bool,
-    vmas: &[images_format::pb::VmaEntry],
 ) -> Vec<VmaPolicy> {
     let lazy_keep = (opts.mode == DumpMode::Lazy).then(|| {
-        // The pages under every thread's stack pointer stay present, as CRIU keeps stacks.
-        state
-            .processes
+        // The pages under each of its threads' stack pointers stay present, as CRIU keeps
+        // stacks.
+        process
+            .threads
             .iter()
-            .flat_map(|p| &p.threads)
             .filter_map(|t| t.core.thread_info.as_ref().map(|ti| ti.gpregs.sp))
             .collect::<Vec<u64>>()
     });
-    track::policies(vmas, set, parent, lazy_keep.as_deref())
+    track::policies(&process.mm.vmas, set, parent, lazy_keep.as_deref())
 }
 
 /// A full dump (or the frozen part of a lazy one) of one process, all of its threads.
@@ -554,20 +553,21 @@ fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
         .process_mut(pid)
         .ok_or(DumpError::Collect(collect::CollectError::NoThreads { pid }))?;
     let mut tracking = track::Tracking::start(root, opts)?;
-    let (maps, vmas) = match state.processes.first() {
-        Some(p) => (p.maps.clone(), p.mm.vmas.clone()),
-        None => (Vec::new(), Vec::new()),
-    };
+    let maps = state
+        .processes
+        .first()
+        .map(|p| p.maps.clone())
+        .unwrap_or_default();
     let set = tracking.collect(&maps)?;
-    let policies = full_policies(&state, opts, set.as_ref(), parent, &vmas);
     for process in &mut state.processes {
-        process.plan = if process.pid == pid {
-            pages::plan(&process.pages, &policies)
+        // Only the root can have a parent round: everything of the others is saved (or
+        // left lazy).
+        let policies = if process.pid == pid {
+            full_policies(process, opts, set.as_ref(), parent)
         } else {
-            // Only the root can have a parent round: everything of the others is saved.
-            let own = track::policies(&process.mm.vmas, None, false, None);
-            pages::plan(&process.pages, &own)
+            full_policies(process, opts, None, false)
         };
+        process.plan = pages::plan(&process.pages, &policies);
     }
     // Images are written while the process is still frozen: pages are read as they stream.
     let write_start = Instant::now();
@@ -590,16 +590,10 @@ fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
         images.commit(&stats)?;
         let ranges = state
             .processes
-            .first()
-            .map(|p| lazy::lazy_ranges(&p.plan))
-            .unwrap_or_default();
-        // Lazy dumps are refused for trees above: the tree is its root alone.
-        let single = tree.into_single().map_err(|tree| DumpError::Tree {
-            pid,
-            children: tree.processes().skip(1).map(|p| p.pid()).collect(),
-            what: "post-copy (--lazy-pages)",
-        })?;
-        let outcome = lazy::serve(single, listener, ranges, opts)?;
+            .iter()
+            .map(|p| (p.pid, lazy::lazy_ranges(&p.plan)))
+            .collect();
+        let outcome = lazy::serve(tree, listener, ranges, opts)?;
         tracing::info!(?outcome, "lazy pages served; the source is gone");
         return Ok(stats);
     }

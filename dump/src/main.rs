@@ -70,8 +70,8 @@ struct Cli {
     /// Send the pages to the page server at --address:--port instead of -D.
     #[arg(long = "page-server", requires = "port")]
     page_server: bool,
-    /// Post-copy: leave private anonymous pages lazy and serve them, frozen, to the
-    /// lazy-pages daemon that connects to --address:--port.
+    /// Post-copy: leave private anonymous pages lazy and serve them (those of every process
+    /// of the tree), frozen, to the lazy-pages daemon that connects to --address:--port.
     #[arg(long = "lazy-pages", requires = "port", conflicts_with = "page_server")]
     lazy_pages: bool,
     /// Address of the page server, or to serve lazy pages on (default: 0.0.0.0 to serve,

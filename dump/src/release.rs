@@ -1,8 +1,9 @@
 //! Letting go of the process once its images are safely written: kill it (default), resume it
-//! (`--leave-running`) or leave it in a group-stop (`--leave-stopped`); for a tree, every
-//! process of it ([`finish_tree`]). This is the only place a dump may kill the process.
+//! (`--leave-running`) or leave it in a group-stop (`--leave-stopped`), every process of the
+//! tree alike ([`finish_tree`]; a lazy dump calls it once the pages are served). This is the
+//! only place a dump may kill the process.
 
-use tracee::{Errno, Pid, PtraceError, SeizedProcess, SeizedTree};
+use tracee::{Errno, Pid, PtraceError, SeizedTree};
 
 use crate::FinalState;
 
@@ -27,39 +28,6 @@ pub enum ReleaseError {
         #[source]
         source: PtraceError,
     },
-}
-
-/// SIGKILL, then let go of every thread. The death itself is left to the real parent to
-/// collect: waiting for a traced group leader before its other threads are reaped would
-/// never return.
-fn kill(tree: SeizedProcess) -> Result<(), ReleaseError> {
-    let pid = tree.pid();
-    let target = rustix::process::Pid::from_raw(pid.as_raw()).ok_or(ReleaseError::Kill {
-        pid,
-        errno: Errno::INVAL,
-    })?;
-    rustix::process::kill_process(target, rustix::process::Signal::KILL)
-        .map_err(|errno| ReleaseError::Kill { pid, errno })?;
-    // Threads already dying refuse the detach (ESRCH); that is the expected outcome.
-    if let Err(err) = tree.resume() {
-        tracing::debug!(error = %err, "detach after SIGKILL");
-    }
-    Ok(())
-}
-
-/// Puts the process in `state` and lets go of every thread.
-#[tracing::instrument(skip_all, fields(pid = %tree.pid(), ?state))]
-pub fn finish(tree: SeizedProcess, state: FinalState) -> Result<(), ReleaseError> {
-    let pid = tree.pid();
-    match state {
-        FinalState::Killed => kill(tree),
-        FinalState::Running => tree
-            .resume()
-            .map_err(|source| ReleaseError::Resume { pid, source }),
-        FinalState::Stopped => tree
-            .leave_stopped()
-            .map_err(|source| ReleaseError::LeaveStopped { pid, source }),
-    }
 }
 
 /// Puts every process of the tree in `state` and lets go of every thread. Killing signals

@@ -358,3 +358,382 @@ fn a_lazily_restored_tree_runs_intact() {
         "the daemon served {tasks:?} tasks, {processes} processes had lazy pages"
     );
 }
+
+/// The pids of a `lazy_tree` workload, from its ready file (`R=.. c1=.. g=..`).
+fn tree_pids(w: &Workload) -> Vec<Pid> {
+    w.ready_text()
+        .split_whitespace()
+        .filter_map(|item| Some(Pid::from_raw(item.split_once('=')?.1.parse().ok()?)))
+        .collect()
+}
+
+/// A loopback port nothing listens on right now.
+fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free loopback port")
+}
+
+/// `ckpt-dump --lazy-pages` of a running workload's tree, serving its pages on loopback.
+/// Killed and reaped on drop if a test ends before it did.
+struct LazySource {
+    child: std::process::Child,
+    port: u16,
+    images: std::path::PathBuf,
+}
+
+impl LazySource {
+    /// Starts the lazy dump of `w` and returns once its images are committed (it serves
+    /// from then on).
+    fn start(w: &mut Workload) -> LazySource {
+        LazySource::start_with_window(w, 2)
+    }
+
+    /// `start` with `--lazy-reconnect-window SECS`.
+    fn start_with_window(w: &mut Workload, secs: u64) -> LazySource {
+        let images = w.new_images_dir();
+        let port = free_loopback_port();
+        let child = std::process::Command::new(&w.tools().dump)
+            .arg("-t")
+            .arg(w.pid().to_string())
+            .arg("-D")
+            .arg(&images)
+            .args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--lazy-connect-timeout", "60"])
+            .arg("--lazy-reconnect-window")
+            .arg(secs.to_string())
+            .arg("-v4")
+            .arg("-o")
+            .arg(images.with_extension("dump.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ckpt-dump --lazy-pages");
+        let mut source = LazySource {
+            child,
+            port,
+            images,
+        };
+        let start = Instant::now();
+        while !source.images.join("stats-dump").exists() {
+            if let Ok(Some(status)) = source.child.try_wait() {
+                panic!(
+                    "the lazy dump ended before serving: {status:?}: {}{}",
+                    source.stderr(),
+                    w.logs()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the lazy dump never committed its images{}",
+                w.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        source
+    }
+
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits up to `timeout` for the dump to end.
+    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for LazySource {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `ckpt-lazy-pages --page-server` on `images`, fetching from the lazy dump on `port`.
+fn start_remote_lazy_pages(w: &Workload, images: &Path, port: u16) -> Daemon {
+    let daemon = w.tools().dump.with_file_name("ckpt-lazy-pages");
+    let pidfile = images.with_extension("lazy-pages.pid");
+    let args: Vec<String> = vec![
+        "-D".into(),
+        images.display().to_string(),
+        "--page-server".into(),
+        "--address".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--daemon".into(),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+        "-o".into(),
+        images
+            .with_extension("lazy-pages.log")
+            .display()
+            .to_string(),
+        "-v".into(),
+        "4".into(),
+    ];
+    let run = run_tool(&daemon, &args, &[]);
+    assert!(
+        run.success(),
+        "ckpt-lazy-pages did not start: {}",
+        run.stderr
+    );
+    Daemon(Some(ckpt_tests::read_pidfile(&pidfile)))
+}
+
+/// Waits until every pid is gone (reaping those re-parented to us), asserting that each
+/// died of SIGKILL when we were the one to reap it.
+fn reap_killed_tree(pids: &[Pid], what: &str) {
+    for &pid in pids {
+        let start = Instant::now();
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Signaled(_, Signal::SIGKILL, _)) => break,
+                Ok(WaitStatus::StillAlive) | Ok(WaitStatus::Stopped(..)) => {}
+                Ok(other) => panic!("{what}: pid {pid} ended with {other:?}, not SIGKILL"),
+                // Not (or no longer) our child: its parent in the tree died before it.
+                Err(_) if ckpt_tests::proc_state(pid).is_none() => break,
+                Err(_) => {}
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: pid {pid} does not go away"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// `PE_LAZY` in a pagemap entry's flags.
+const PAGEMAP_LAZY: u64 = 2;
+
+/// Remote post-copy of a process tree on one host: the frozen source tree serves the lazy
+/// pages of each of its processes (asked for by image pid), the copy runs in a new PID
+/// namespace while the source still holds the pids, every process checks all of its
+/// memory, and the source tree is killed once the daemon has every page.
+#[test]
+fn a_tree_migrates_by_remote_post_copy() {
+    let mut w = Workload::start("lazy_tree", &["--mib", "4", "--children", "2"]);
+    let pids = tree_pids(&w);
+    assert_eq!(pids.len(), 4, "ready file: {}", w.ready_text());
+    let mut source = LazySource::start(&mut w);
+    let images = source.images.clone();
+    // Every process left at least its regions (4 MiB each: 1024 pages) to the daemon.
+    for pid in &pids {
+        let pagemap = decode(&w, &images.join(format!("pagemap-{pid}.img")));
+        let lazy: u64 = pagemap["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["flags"].as_u64().is_some_and(|f| f & PAGEMAP_LAZY != 0))
+            .filter_map(|e| e["nr_pages"].as_u64())
+            .sum();
+        assert!(
+            lazy >= 1024,
+            "pid {pid} left only {lazy} pages lazy: {pagemap}"
+        );
+    }
+    let mut daemon = start_remote_lazy_pages(&w, &images, source.port);
+    let pidfile = w.dir().join("restored.pid");
+    let log = images.with_extension("restore.log");
+    // Without -d: ckpt-restore waits for the root and exits with its status.
+    let mut restore = std::process::Command::new(&w.tools().restore)
+        .arg("-D")
+        .arg(&images)
+        .args(["--lazy-pages", "--new-pid-ns", "--pidfile"])
+        .arg(&pidfile)
+        .arg("-v4")
+        .arg("-o")
+        .arg(&log)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ckpt-restore");
+    let start = Instant::now();
+    let root = loop {
+        let written = std::fs::read_to_string(&pidfile).ok();
+        if let Some(pid) = written.and_then(|t| t.trim().parse::<i32>().ok()) {
+            break Pid::from_raw(pid);
+        }
+        if let Ok(Some(status)) = restore.try_wait() {
+            panic!(
+                "ckpt-restore ended before the tree ran: {status:?}\nrestore log:\n{}\ndump: {}",
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                source.stderr()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "restore timed out"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_ne!(root, w.pid(), "the copy kept the source's host pid");
+    kill(root, Signal::SIGUSR2).expect("SIGUSR2 to the restored root");
+    let status = restore.wait().expect("wait for ckpt-restore");
+    let verdict = w.result_text().unwrap_or_default();
+    assert_eq!(
+        verdict,
+        "PASS",
+        "ckpt-restore ended with {status:?}; restore log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(status.success(), "ckpt-restore ended with {status:?}");
+    assert!(
+        daemon.finish(Duration::from_secs(30)),
+        "ckpt-lazy-pages does not finish{}",
+        w.logs()
+    );
+    let ended = source.wait(Duration::from_secs(30));
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "the lazy dump ended with {ended:?}: {}",
+        source.stderr()
+    );
+    // Two running copies never exist: the whole source tree was killed.
+    match w.wait_exit(Duration::from_secs(10)) {
+        Some(WaitStatus::Signaled(_, Signal::SIGKILL, _)) => {}
+        other => panic!("the source root ended with {other:?}, not SIGKILL"),
+    }
+    reap_killed_tree(&pids[1..], "the source tree");
+    let dump_log = std::fs::read_to_string(images.with_extension("dump.log")).unwrap_or_default();
+    assert!(
+        dump_log.contains("processes=4"),
+        "the dump did not serve four processes"
+    );
+}
+
+/// The daemon dies before the destination resumed: the whole source tree runs on, intact.
+#[test]
+fn a_tree_source_resumes_when_the_daemon_dies_before_the_destination_runs() {
+    let mut w = Workload::start("lazy_tree", &["--mib", "2", "--children", "2"]);
+    let pids = tree_pids(&w);
+    let mut source = LazySource::start(&mut w);
+    let images = source.images.clone();
+    let daemon = start_remote_lazy_pages(&w, &images, source.port);
+    // It connected to the source on start; it dies before any restore hands it a task.
+    drop(daemon);
+    let ended = source.wait(Duration::from_secs(30));
+    assert!(
+        ended.is_some_and(|s| !s.success()),
+        "the lazy dump ended with {ended:?} though no destination ran"
+    );
+    let stderr = source.stderr();
+    assert!(
+        stderr.contains("resumed"),
+        "the dump's error does not say the source resumed: {stderr}"
+    );
+    for pid in &pids {
+        let state = ckpt_tests::proc_state(*pid);
+        assert!(
+            state.is_some_and(|s| s != 'T' && s != 't' && s != 'Z'),
+            "source pid {pid} is in state {state:?} after the failed migration"
+        );
+    }
+    w.assert_pass();
+}
+
+/// One page-server GET of our daemon's kind (flagged: the destination runs), as the source
+/// answers it: the page count of its reply and the bytes that follow.
+fn get_page(stream: &mut std::net::TcpStream, pid: u64, vaddr: u64) -> (u64, Vec<u8>) {
+    use std::io::{Read, Write};
+    const PS_IOV_GET: u32 = 7;
+    const GET_RESUMED: u32 = 0x8000;
+    let mut frame = [0u8; 32];
+    frame[0..4].copy_from_slice(&(GET_RESUMED << 16 | PS_IOV_GET).to_le_bytes());
+    frame[8..16].copy_from_slice(&1u64.to_le_bytes());
+    frame[16..24].copy_from_slice(&vaddr.to_le_bytes());
+    frame[24..32].copy_from_slice(&pid.to_le_bytes());
+    stream.write_all(&frame).expect("send a GET");
+    let mut reply = [0u8; 32];
+    stream.read_exact(&mut reply).expect("read the reply");
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&reply[8..16]);
+    let pages = u64::from_le_bytes(word);
+    word.copy_from_slice(&reply[24..32]);
+    assert_eq!(u64::from_le_bytes(word), pid, "the reply names another pid");
+    let mut data = vec![0u8; usize::try_from(pages * 4096).expect("a small reply")];
+    stream.read_exact(&mut data).expect("read the pages");
+    (pages, data)
+}
+
+/// A daemon that asked for pages of the tree's processes after the destination resumed, then
+/// vanished: each pid was served from its own memory (the same address holds different
+/// bytes in the root and its children), a pid outside the tree got nothing, the tree stays
+/// stopped while a reconnection may come, then every process is killed, none resumed.
+#[test]
+fn a_tree_source_serves_each_pid_and_dies_whole_when_the_link_is_lost_after_resume() {
+    let mut w = Workload::start("lazy_tree", &["--mib", "1", "--children", "2"]);
+    let pids = tree_pids(&w);
+    assert_eq!(pids.len(), 4, "ready file: {}", w.ready_text());
+    let mut source = LazySource::start_with_window(&mut w, 1);
+    // Region A: mapped by the root before forking, at the same address in every process.
+    let a = w
+        .ready_text()
+        .split_whitespace()
+        .find_map(|item| u64::from_str_radix(item.strip_prefix("A=0x")?, 16).ok())
+        .unwrap_or_else(|| panic!("no A= in the ready file: {}", w.ready_text()));
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", source.port)).expect("connect to the source");
+    // Its first word is the pattern of whoever wrote it last: the root 1, child k 10 + k,
+    // the grandchild its parent's (child 1's) 11.
+    for (name, seed) in [("R", 1u64), ("c1", 11), ("c2", 12), ("g", 11)] {
+        let pid = u64::try_from(w.ready_field(name)).expect("positive pid");
+        let (n, data) = get_page(&mut stream, pid, a);
+        assert_eq!(
+            n, 1,
+            "{name} (pid {pid}): the page at {a:#x} was not served"
+        );
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&data[..8]);
+        assert_eq!(
+            u64::from_le_bytes(first),
+            seed << 48,
+            "{name} (pid {pid}) was served another process's page at {a:#x}"
+        );
+    }
+    let (n, _) = get_page(&mut stream, 1, a);
+    assert_eq!(n, 0, "pages served for a pid outside the tree");
+    drop(stream);
+    // Within the reconnection window the source tree stays stopped.
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in &pids {
+        let state = ckpt_tests::proc_state(*pid);
+        assert!(
+            state.is_some_and(|s| s == 'T' || s == 't'),
+            "source pid {pid} is in state {state:?} while the daemon may come back"
+        );
+    }
+    let ended = source.wait(Duration::from_secs(30));
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "the lazy dump ended with {ended:?}: {}",
+        source.stderr()
+    );
+    match w.wait_exit(Duration::from_secs(10)) {
+        Some(WaitStatus::Signaled(_, Signal::SIGKILL, _)) => {}
+        other => panic!("the source root ended with {other:?}, not SIGKILL"),
+    }
+    reap_killed_tree(&pids[1..], "the source tree");
+}
