@@ -5,7 +5,9 @@
 //! userfaultfd. Each turn of the loop first drains every userfaultfd (faults and the
 //! fork, mremap, munmap and madvise events), then copies one background chunk. Chunks grow
 //! from 64 KiB by 64 KiB per fault-free turn up to 4 MiB, and fall back to 64 KiB on a
-//! fault, so that a faulting thread waits for at most one small chunk. The background
+//! fault, so that a faulting thread waits for at most one small chunk; on a slow source a
+//! chunk is further held to about 2 ms of transfer at the speed measured on the previous
+//! one, and a fault block shrinks likewise down to one page (see [`crate::pace`]). The background
 //! transfer starts [`DaemonOptions::background_delay`] (10 ms) after restore has sent its
 //! end marker: before the marker restore is still building the tree (CRIU's daemon waits
 //! for it too), and just after it the tree's first steps and restore's last ones need the
@@ -35,6 +37,7 @@ use tracee::{CpuPin, RemoteAddr};
 
 use crate::handoff::{HandoffError, HandoffListener, HandoffMessage, HandoffReceiver};
 use crate::missing::{page_of, MissingPages};
+use crate::pace::Pace;
 use crate::source::{PageSource, Pages, RemotePages, SourceError};
 
 /// Smallest (and post-fault) background chunk.
@@ -194,6 +197,7 @@ impl LazyDaemon {
             background_rate: self.background_rate,
             background_delay: self.background_delay,
             xfer_len: MIN_XFER,
+            pace: Pace::new(MAX_XFER, FAULT_BLOCK),
             background_key: FIRST_TASK,
             buf: vec![0u8; usize::try_from(MAX_XFER).expect("4 MiB fits usize")],
             stats: DaemonStats::default(),
@@ -264,6 +268,8 @@ struct Server {
     background_rate: Option<u64>,
     background_delay: Duration,
     xfer_len: u64,
+    /// Chunk and fault block limits from the source's measured speed.
+    pace: Pace,
     background_key: u64,
     buf: Vec<u8>,
     stats: DaemonStats,
@@ -613,9 +619,10 @@ impl Server {
             }
             return Ok(());
         };
-        let block = page & !(FAULT_BLOCK - 1);
+        let size = self.pace.fault_block();
+        let block = page & !(size - 1);
         let start = block.max(run.start);
-        let end = (block + FAULT_BLOCK).min(run.end);
+        let end = (block + size).min(run.end);
         task.cursor = end;
         let before = self.stats.fault_bytes;
         match self.fill(key, start, end, true)? {
@@ -671,13 +678,17 @@ impl Server {
         } else {
             run.start
         };
-        let end = run.end.min(start + self.xfer_len);
+        let end = run
+            .end
+            .min(start + self.xfer_len.min(self.pace.chunk_cap()));
         if let Some(task) = self.tasks.get_mut(&key) {
             task.cursor = end;
         }
         self.background_key = key + 1;
+        let began = Instant::now();
         match self.fill(key, start, end, false)? {
-            Fill::Done | Fill::Again => {}
+            Fill::Done => self.pace.observe(end - start, began.elapsed()),
+            Fill::Again => {}
             Fill::Gone => self.drop_task(key),
         }
         self.xfer_len = (self.xfer_len + MIN_XFER).min(MAX_XFER);

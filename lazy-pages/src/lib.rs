@@ -7,6 +7,7 @@
 //! - [`source`]: where page contents come from.
 //! - [`missing`]: the bookkeeping of missing pages through fork, mremap and munmap.
 //! - [`daemon`]: the event loop.
+//! - [`pace`]: background chunk and fault block sizes from the measured source speed.
 //!
 //! Restore's side, in order:
 //!
@@ -42,6 +43,7 @@
 pub mod daemon;
 pub mod handoff;
 pub mod missing;
+pub mod pace;
 pub mod source;
 
 pub use daemon::{DaemonError, DaemonOptions, DaemonStats, LazyDaemon, BACKGROUND_DELAY};

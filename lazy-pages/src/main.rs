@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use ckpt_cli::{LogOptions, Verbosity};
-use ckpt_lazy_pages::{DaemonOptions, LazyDaemon};
+use std::time::{Duration, Instant};
+
+use ckpt_lazy_pages::{DaemonError, DaemonOptions, LazyDaemon, SourceError};
+use ckpt_page_server::ClientError;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -56,6 +59,11 @@ struct Cli {
     /// served at once), so that the restored tree's first steps have the CPUs
     #[arg(long = "background-delay", value_name = "MS", default_value_t = 10)]
     background_delay: u64,
+    /// With --page-server: retry a refused connection for this long, so that the daemon
+    /// can be started before the dump listens (its start then costs the source no frozen
+    /// time)
+    #[arg(long = "connect-wait", value_name = "MS", default_value_t = 0)]
+    connect_wait: u64,
 }
 
 fn main() -> ExitCode {
@@ -89,9 +97,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         page_server,
         cpu: cli.cpu,
         background_rate: cli.background_rate.map(|k| k.saturating_mul(1024)),
-        background_delay: std::time::Duration::from_millis(cli.background_delay),
+        background_delay: Duration::from_millis(cli.background_delay),
     };
-    let daemon = LazyDaemon::bind(&opts).with_context(|| {
+    let daemon = bind(&opts, Duration::from_millis(cli.connect_wait)).with_context(|| {
         format!(
             "lazy-pages: start serving {} (socket in {})",
             opts.images_dir.display(),
@@ -128,6 +136,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "done"
     );
     Ok(())
+}
+
+/// Binds the daemon, retrying while the page server refuses the connection, up to `wait`.
+fn bind(opts: &DaemonOptions, wait: Duration) -> Result<LazyDaemon, DaemonError> {
+    let started = Instant::now();
+    loop {
+        match LazyDaemon::bind(opts) {
+            Err(DaemonError::Source(SourceError::Connect(ClientError::Connect {
+                source, ..
+            }))) if source.kind() == std::io::ErrorKind::ConnectionRefused
+                && started.elapsed() < wait =>
+            {
+                // The dump listens within milliseconds of its start: poll finely, as
+                // every tenth of a millisecond here is the source's frozen time later.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn resolve(address: &str, port: u16) -> anyhow::Result<SocketAddr> {

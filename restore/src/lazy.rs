@@ -310,7 +310,7 @@ impl LazyWatch {
                         ?victim,
                         "ckpt-lazy-pages died with pages missing: killing the restored tree"
                     );
-                    kill_victim(victim, &self.processes);
+                    kill_victim_of(victim, &self.processes);
                     // Only now may the userfaultfds close.
                     drop(self.held);
                     return WatchEnd::DaemonGone;
@@ -340,7 +340,12 @@ impl LazyWatch {
     }
 }
 
-fn kill_victim(victim: Victim, processes: &[PidFd]) {
+/// Kills the victim at once: for a caller that can no longer keep watch over it.
+pub fn kill_victim(victim: Victim) {
+    kill_victim_of(victim, &[]);
+}
+
+fn kill_victim_of(victim: Victim, processes: &[PidFd]) {
     match victim {
         Victim::Namespace(reaper) => signal(reaper, nix::sys::signal::Signal::SIGKILL),
         Victim::Tree(root) => kill_tree(root, processes),

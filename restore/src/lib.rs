@@ -410,10 +410,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         Some(l) => Some(l.finish()?),
         None => None,
     };
-    let watch = match watch {
-        Some(w) if opts.detached => start_watchdog(w, root_host, victim, reaper.is_some())?,
-        other => other,
-    };
     // From here the restore stands: the SysV segments it created are the tree's.
     shared.keep_segments();
     guard.release();
@@ -433,6 +429,22 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
             (true, _) => resume::detach_into_stop(t)?,
         }
     }
+    // The watchdog is forked only now, off the path to the tree's first instruction:
+    // until then we hold every userfaultfd, and a daemon that died meanwhile is seen
+    // by the watchdog as the end of its connection.
+    let watch = match watch {
+        Some(w) if opts.detached => {
+            match start_watchdog(w, root_host, victim, reaper.is_some()) {
+                Ok(w) => w,
+                Err(error) => {
+                    // Nobody would hold the userfaultfds: missing pages would read as zeroes.
+                    lazy::kill_victim(victim);
+                    return Err(error);
+                }
+            }
+        }
+        other => other,
+    };
     drop(subreaper);
     let pid = root_host;
     tracing::info!(%pid, us = micros(started.elapsed()), restore_us = micros(restore_time), "restored");

@@ -481,14 +481,16 @@ impl Migration<'_> {
         restore_args.extend(restore_extra);
         let mut restored = self.prepare_restore(&dst, &restore_args)?;
         let link = self.open_transfer(&dst)?;
+        // The daemon starts first and retries its connection until the dump listens (just
+        // before it freezes): its start does not compete with the freeze for the CPUs. The
+        // dump accepts once its images are written; the daemon reads the pagemap only when
+        // restore hands it the process.
+        let daemon = self.start_daemon(&dst, &port_s);
         self.outcome.t_freeze = now_ns();
         let dump = self.tools.dump.clone();
+        // Not waited for here: reading its socket table while it freezes would take CPU
+        // from it, and the daemon notices the listener by itself.
         let mut server = self.tool(Side::Source, "ckpt-dump --lazy-pages", &dump, &args)?;
-        wait_listening(&mut server, port, self.step_timeout)?;
-        // The dump listens before it freezes and accepts once its images are written: the
-        // daemon starts and connects meanwhile, and reads the pagemap only when restore hands
-        // it the process.
-        let daemon = self.start_daemon(&dst, &port_s);
         let result = daemon.and_then(|mut daemon| {
             // It serves once its images are written; the inventory, written last (and at
             // once, but into a file created empty), says they are.
@@ -524,9 +526,10 @@ impl Migration<'_> {
     }
 
     /// Starts the destination's `ckpt-lazy-pages` for the images that will be in `dst`,
-    /// pulling pages from the lazy dump at the source.
+    /// pulling pages from the lazy dump at the source, which it waits for.
     fn start_daemon(&mut self, dst: &Path, port: &str) -> Result<Proc> {
         let (dst_s, log) = (s(dst), s(&dst.join("lazy-pages.log")));
+        let wait = self.step_timeout.as_millis().to_string();
         let lazy = self.tools.lazy_pages.clone();
         self.tool(
             Side::Destination,
@@ -542,6 +545,8 @@ impl Migration<'_> {
                 SRC_ADDR,
                 "--port",
                 port,
+                "--connect-wait",
+                &wait,
             ],
         )
     }
