@@ -4,6 +4,10 @@
 //! `ckpt-page-server`; tracking leaves nothing behind; a page server that is unreachable or
 //! dies mid-stream costs the process nothing; a lazy dump serves exactly the process's memory
 //! and is killed once every page is taken, or resumes if the link breaks before that.
+//!
+//! Where a test bounds how many pages a round leaves to its parent or serves lazily, the
+//! writer is `gated`: it writes a known set of pages between two dumps, on command, and
+//! nothing while they run, so that the bound holds however loaded the machine is.
 
 use std::fs;
 use std::io::Read;
@@ -103,6 +107,51 @@ impl Writer {
     fn state(&self) -> char {
         proc_state(self.pid())
     }
+
+    /// The address of the written area, from `ready`.
+    fn area(&self) -> u64 {
+        let ready = self.wait_file("ready", Duration::from_secs(1));
+        ready
+            .split_whitespace()
+            .nth(1)
+            .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+            .unwrap_or_else(|| panic!("no area address in ready: {ready:?}"))
+    }
+
+    /// The ticks done by a `gated` writer and the area pages they wrote, from `ticks`.
+    fn ticks_done(&self) -> (u64, Vec<u64>) {
+        // Renamed into place whole by the writer: never half written.
+        let text = fs::read_to_string(self.path("ticks")).unwrap_or_default();
+        let mut numbers = text
+            .lines()
+            .map(|l| l.parse::<u64>().expect("a number in ticks"));
+        let done = numbers.next().unwrap_or(0);
+        (done, numbers.collect())
+    }
+
+    /// Has a `gated` writer run `n` more ticks, one at a time (signals sent at once would
+    /// merge), and returns the area pages written by every gated tick so far.
+    fn run_ticks(&self, n: u64) -> Vec<u64> {
+        let (mut done, _) = self.ticks_done();
+        for _ in 0..n {
+            send(self.pid(), "USR1");
+            let start = Instant::now();
+            loop {
+                let (now, _) = self.ticks_done();
+                if now > done {
+                    done = now;
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "the writer did not run tick {}",
+                    done + 1
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        self.ticks_done().1
+    }
 }
 
 impl Drop for Writer {
@@ -122,6 +171,14 @@ fn stats(dir: &Path) -> (u64, u64, u64) {
         .expect("stats-dump");
     let d = entry.dump.expect("dump stats");
     (d.pages_written, d.pages_skipped_parent, d.pages_lazy)
+}
+
+/// Whether `dir` holds a whole `stats-dump`.
+fn stats_readable(dir: &Path) -> bool {
+    ImageDir::new(dir)
+        .ok()
+        .and_then(|images| images.read_one::<StatsEntry>(ImageKind::StatsDump, 0).ok())
+        .is_some_and(|entry| entry.dump.is_some())
 }
 
 /// Restores `dir` with `ckpt-restore` (which waits for the restored process), has the
@@ -243,8 +300,20 @@ fn tracked_vmas(pid: u32) -> usize {
 }
 
 /// Three pre-dump rounds and a final dump, locally or through a page server.
-fn precopy_rounds(churn: bool, through_server: bool) {
-    let mut w = Writer::start(32, 10, 10_000, churn);
+///
+/// `gated`: the writer writes only between rounds, a fixed number of pages, so that how much
+/// each round leaves to its parent can be asserted whatever the load. Otherwise it writes on
+/// its timer, also while the rounds freeze and release it, and only its own check after the
+/// restore can tell (how much it wrote between rounds depends on how long the rounds took).
+fn precopy_rounds(churn: bool, through_server: bool, gated: bool) {
+    let mut extra = Vec::new();
+    if churn {
+        extra.push("churn");
+    }
+    if gated {
+        extra.push("gated");
+    }
+    let mut w = Writer::start_with(32, 10, if gated { 0 } else { 10_000 }, &extra);
     let pid = w.pid();
     let root = tempfile::tempdir().expect("tempdir");
     let mut previous: Option<String> = None;
@@ -287,11 +356,11 @@ fn precopy_rounds(churn: bool, through_server: bool) {
         if round == 1 {
             assert_eq!(parent, 0, "the first round has no parent");
             assert!(written >= 32 * 256, "round 1 saved {written} pages");
-        } else if churn {
+        } else if gated && churn {
             // Unmapping a slot splits whatever VMA it had merged with: that VMA is saved
             // whole, so a round may leave little to the parent, never nothing at all.
             parent_rounds += u32::from(parent > written);
-        } else {
+        } else if gated {
             assert!(
                 parent > written,
                 "round {round}: only {parent} pages left to the parent, {written} written"
@@ -307,12 +376,16 @@ fn precopy_rounds(churn: bool, through_server: bool) {
                 tracked_vmas(pid) > 0,
                 "tracking is not armed after round {round}"
             );
-            // Let it write between rounds.
-            std::thread::sleep(Duration::from_millis(300));
+            if gated {
+                // 300 writes between rounds (and 8 remappings with churn).
+                w.run_ticks(30);
+            } else {
+                std::thread::sleep(Duration::from_millis(300));
+            }
         }
         previous = Some(name);
     }
-    if churn {
+    if churn && gated {
         assert!(parent_rounds > 0, "no round left most pages to the parent");
     }
     w.reap_killed();
@@ -329,17 +402,22 @@ fn precopy_rounds(churn: bool, through_server: bool) {
 
 #[test]
 fn precopy_rounds_restore_every_page() {
-    precopy_rounds(false, false);
+    precopy_rounds(false, false, true);
 }
 
 #[test]
 fn precopy_with_mappings_coming_and_going() {
-    precopy_rounds(true, false);
+    precopy_rounds(true, false, true);
 }
 
 #[test]
 fn precopy_through_the_page_server() {
-    precopy_rounds(true, true);
+    precopy_rounds(true, true, true);
+}
+
+#[test]
+fn precopy_loses_no_page_written_while_rounds_freeze_and_release() {
+    precopy_rounds(true, false, false);
 }
 
 #[test]
@@ -450,6 +528,17 @@ fn start_lazy_with(
     port: u16,
     extra: &[&str],
 ) -> (Child, Vec<ckpt_lazy_pages::LazyRange>) {
+    start_lazy_window(w, dir, port, 2, extra)
+}
+
+/// `window`: the reconnection window in seconds, short where a test waits for it to close.
+fn start_lazy_window(
+    w: &Writer,
+    dir: &Path,
+    port: u16,
+    window: u32,
+    extra: &[&str],
+) -> (Child, Vec<ckpt_lazy_pages::LazyRange>) {
     let child = Command::new(DUMP)
         .arg("-t")
         .arg(w.pid().to_string())
@@ -457,12 +546,8 @@ fn start_lazy_with(
         .arg(dir)
         .args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
         .arg(port.to_string())
-        .args([
-            "--lazy-connect-timeout",
-            "30",
-            "--lazy-reconnect-window",
-            "2",
-        ])
+        .args(["--lazy-connect-timeout", "30", "--lazy-reconnect-window"])
+        .arg(window.to_string())
         .args(extra)
         .env_remove("CKPT_FAULT")
         .stdin(Stdio::null())
@@ -470,8 +555,9 @@ fn start_lazy_with(
         .stderr(Stdio::piped())
         .spawn()
         .expect("run ckpt-dump --lazy-pages");
+    // stats-dump is written last, after every other image; it may exist before it is whole.
     let start = Instant::now();
-    while !dir.join("stats-dump").exists() {
+    while !stats_readable(dir) {
         assert!(start.elapsed() < Duration::from_secs(60), "no lazy images");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -585,12 +671,21 @@ fn lazy_source_is_killed_when_the_link_is_lost_after_resume() {
 
 #[test]
 fn assisted_postcopy_serves_only_pages_written_since_the_pre_dump() {
-    let mut w = Writer::start(16, 10, 10_000, false);
+    // Gated: the writer writes only when told, so what it wrote since the pre-dump is known
+    // exactly, whatever the load (on a timer it wrote as many pages as the dumps took time).
+    let mut w = Writer::start_with(16, 10, 0, &["nozap", "gated"]);
     let pid = w.pid();
+    let area = w.area();
     let root = tempfile::tempdir().expect("tempdir");
     let out = w.dump(&root.path().join("1"), &["--pre-dump", "--track-mem"]);
     assert_ok(&out, "pre-dump");
-    std::thread::sleep(Duration::from_millis(200));
+    let mut written_pages: Vec<u64> = w
+        .run_ticks(20)
+        .iter()
+        .map(|i| area + i * PAGE_SIZE)
+        .collect();
+    written_pages.sort_unstable();
+    written_pages.dedup();
     let dir = root.path().join("2");
     let port = free_port();
     let (dump, ranges) = start_lazy_with(
@@ -601,9 +696,33 @@ fn assisted_postcopy_serves_only_pages_written_since_the_pre_dump() {
     );
     let (written, parent, lazy) = stats(&dir);
     let lazy_in_pagemap: u64 = ranges.iter().map(|r| r.len / PAGE_SIZE).sum();
-    eprintln!("assisted post-copy: {written} written, {parent} from the parent, {lazy} lazy");
+    eprintln!(
+        "assisted post-copy: {written} written, {parent} from the parent, {lazy} lazy, \
+         {} area pages written since the pre-dump",
+        written_pages.len()
+    );
     assert_eq!(lazy, lazy_in_pagemap);
-    assert!(lazy > 0, "nothing was written since the pre-dump?");
+    let missed: Vec<u64> = written_pages
+        .iter()
+        .copied()
+        .filter(|&page| {
+            !ranges
+                .iter()
+                .any(|r| r.vaddr <= page && page < r.vaddr + r.len)
+        })
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "pages written since the pre-dump are not served lazily: {missed:#x?}"
+    );
+    // Besides the area, the writer touches a few pages of its own (its page journal, stack,
+    // stdio buffers); none of the rest of the 16 MiB may come from the source.
+    let others = lazy.saturating_sub(written_pages.len() as u64);
+    assert!(
+        others <= 32,
+        "{others} lazy pages besides the {} written ones",
+        written_pages.len()
+    );
     assert!(
         parent > 10 * lazy,
         "{parent} pages from the parent, {lazy} lazy: {}",
@@ -838,7 +957,9 @@ fn lazy_daemon_may_reconnect_within_the_window() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("lazy");
     let port = free_port();
-    let (dump, ranges) = start_lazy(&w, &dir, port);
+    // A window far longer than the pause below: the reconnection must land in it however
+    // slowly this test runs.
+    let (dump, ranges) = start_lazy_window(&w, &dir, port, 30, &[]);
     wait_listening(port);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut remote = ckpt_lazy_pages::RemotePages::connect(addr).expect("connect");

@@ -63,14 +63,59 @@ fn pre_dump(w: &mut Workload, prev: Option<&Path>) -> std::path::PathBuf {
     images
 }
 
+/// Has the workload, started with `--gated 1`, write `n` more batches of pages, one at a time
+/// (a signal sent while another is pending would be lost in it).
+fn run_batches(w: &Workload, n: u64) {
+    let ticks = w.dir().join("ticks");
+    // Written whole (renamed into place) by the workload.
+    let done = || -> u64 {
+        std::fs::read_to_string(&ticks)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for _ in 0..n {
+        let before = done();
+        kill(w.pid(), Signal::SIGWINCH).expect("SIGWINCH");
+        let start = Instant::now();
+        while done() == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the workload did not write batch {}",
+                before + 1
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// Two pre-dump rounds and a final dump of the precopy workload (`fence`: whether its written
 /// region is fenced off from the VMAs it maps and unmaps); returns the final dump's page bytes.
-fn precopy_rounds(fence: bool) -> u64 {
-    let mut w = Workload::start("precopy", &["--fence", if fence { "1" } else { "0" }]);
+/// `gated`: the writer writes 100 batches of 64 pages between the rounds and 50 after the
+/// second, and nothing while they run, so that the final dump's size is known whatever the
+/// load; otherwise it writes all the time, also while the rounds freeze and release it.
+fn precopy_rounds(fence: bool, gated: bool) -> u64 {
+    let mut w = Workload::start(
+        "precopy",
+        &[
+            "--fence",
+            if fence { "1" } else { "0" },
+            "--gated",
+            if gated { "1" } else { "0" },
+        ],
+    );
     let first = pre_dump(&mut w, None);
-    std::thread::sleep(Duration::from_millis(300));
+    if gated {
+        run_batches(&w, 100);
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let second = pre_dump(&mut w, Some(&first));
-    std::thread::sleep(Duration::from_millis(50));
+    if gated {
+        run_batches(&w, 50);
+    } else {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Round 2 follows the writes since round 1: a fraction of the 64 MiB, not all of it.
     let second_bytes = pages_bytes(&second);
     eprintln!("second round: {} KiB of pages", second_bytes / 1024);
@@ -114,12 +159,14 @@ fn precopy_rounds(fence: bool) -> u64 {
 
 #[test]
 fn precopy_loses_no_dirty_page() {
-    let written = precopy_rounds(true);
-    // The writer dirtied a fraction of its 64 MiB since the last round: the final dump must
-    // carry only that (plus small regions), taking the rest from its parents.
+    let written = precopy_rounds(true, true);
+    // The writer wrote 3200 pages (12.5 MiB at most) of its 64 MiB since the last round: the
+    // final dump must carry only those, the mapper's small regions (2 MiB at most), the
+    // journal (128 KiB) and a few pages of stacks and libc, and take the rest from its
+    // parents.
     eprintln!("final dump: {} KiB of pages", written / 1024);
     assert!(
-        written < 48 << 20,
+        written < 20 << 20,
         "the final dump wrote {} MiB of pages: dirty tracking did not spare the unchanged ones",
         written >> 20
     );
@@ -128,8 +175,9 @@ fn precopy_loses_no_dirty_page() {
 #[test]
 fn precopy_with_vmas_changing_next_to_written_memory_loses_no_page() {
     // Small regions mapped and unmapped beside the written one may merge with it and change
-    // its bounds; the rounds may then dump more, but never lose a page.
-    precopy_rounds(false);
+    // its bounds; the rounds may then dump more, but never lose a page, even while the writer
+    // writes as the rounds freeze and release it.
+    precopy_rounds(false, false);
 }
 
 /// A free TCP port on the loopback address (free when asked; the server binds it right after).
@@ -285,7 +333,8 @@ fn precopy_through_the_page_server_loses_no_dirty_page() {
 /// send every page still held: the restored workload checks every page against its journal.
 #[test]
 fn queued_precopy_holds_hot_pages_and_loses_none() {
-    let mut w = Workload::start("precopy", &["--mib", "16", "--batch", "8"]);
+    // Gated: 400 pages written between rounds, however long the rounds take.
+    let mut w = Workload::start("precopy", &["--mib", "16", "--batch", "8", "--gated", "1"]);
     let queued = ["--pre-dump", "--track-mem", "--hold-hot-pages"];
     let first = round_through_page_server(&mut w, None, &queued);
     assert_eq!(
@@ -293,16 +342,18 @@ fn queued_precopy_holds_hot_pages_and_loses_none() {
         0,
         "the first queued round sent pages it could not know to be cold"
     );
-    std::thread::sleep(Duration::from_millis(100));
+    run_batches(&w, 50);
     let second = round_through_page_server(&mut w, Some(&first), &queued);
-    // The writer touches a few thousand pages a second: most of the 16 MiB was cold.
+    // At most 400 of the 4096 pages (1.6 MiB) were written since the first round: the others
+    // are cold and must all be sent.
     let second_bytes = pages_bytes(&second);
+    eprintln!("second queued round: {} KiB of pages", second_bytes >> 10);
     assert!(
-        second_bytes > 8 << 20,
+        second_bytes > 12 << 20,
         "the second queued round sent only {} KiB: cold pages were held",
         second_bytes >> 10
     );
-    std::thread::sleep(Duration::from_millis(100));
+    run_batches(&w, 50);
     let third = round_through_page_server(&mut w, Some(&second), &queued);
     kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
     let quiet = w.dir().join("quiet");

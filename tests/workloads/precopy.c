@@ -4,7 +4,11 @@
  * as zeroes). A mapper thread keeps mapping, filling and unmapping small regions. SIGUSR1 stops
  * both threads; once they have stopped, the workload writes the file "quiet" next to the ready
  * file, so the final dump sees memory that no longer changes. After the restore every page must
- * match its journal entry: a dirty page that a pre-copy round lost shows up as a mismatch. */
+ * match its journal entry: a dirty page that a pre-copy round lost shows up as a mismatch.
+ * With --gated 1 the writer stops after its first 1000 writes and then writes one batch per
+ * SIGWINCH, with no timer, writing the number of batches done to the file "ticks" after each:
+ * a test then knows how many pages were written between two rounds however loaded the machine
+ * is. (The mapper keeps its timer: at most MAX_MAPS small regions exist at any time.) */
 #include "workload.h"
 
 #include <pthread.h>
@@ -20,6 +24,9 @@ static uint64_t *journal;
 static volatile long current = -1; /* the page the writer is in the middle of, or -1 */
 static volatile int quiet;
 static volatile uint64_t writes;
+static int gated;
+static volatile uint64_t granted; /* batches asked for by SIGWINCH (--gated 1) */
+static char ticks_path[4200];
 
 struct small_map {
 	uint64_t *addr;
@@ -51,11 +58,38 @@ static void on_usr1(int sig)
 	quiet = 1;
 }
 
+static void on_winch(int sig)
+{
+	(void)sig;
+	__atomic_fetch_add(&granted, 1, __ATOMIC_RELAXED);
+}
+
+/* At a batch boundary past the first 1000 writes: reports the batches done, then waits until
+ * one more is granted (or the writers are told to stop). */
+static void gate(void)
+{
+	if (writes < 1000 || (writes - 1000) % batch != 0)
+		return;
+	uint64_t done = (writes - 1000) / batch;
+	char text[32];
+	snprintf(text, sizeof text, "%llu\n", (unsigned long long)done);
+	wl_write_atomic(ticks_path, text);
+	while (!quiet && __atomic_load_n(&granted, __ATOMIC_RELAXED) <= done) {
+		struct timespec ts = { 0, 500 * 1000 };
+		nanosleep(&ts, NULL);
+	}
+}
+
 static void *writer(void *arg)
 {
 	(void)arg;
 	uint64_t x = 88172645463325252ULL, seq = 1;
 	while (!quiet) {
+		if (gated) {
+			gate();
+			if (quiet)
+				break;
+		}
 		x ^= x << 13;
 		x ^= x >> 7;
 		x ^= x << 17;
@@ -72,7 +106,7 @@ static void *writer(void *arg)
 		}
 		__asm__ volatile("" ::: "memory");
 		current = -1;
-		if (++writes % batch == 0) {
+		if (++writes % batch == 0 && !gated) {
 			struct timespec ts = { 0, 1000 * 1000 };
 			nanosleep(&ts, NULL);
 		}
@@ -108,6 +142,7 @@ int main(int argc, char **argv)
 	npages = (size_t)wl_opt_long("--mib", 64) * 256;
 	batch = (uint64_t)wl_opt_long("--batch", 64);
 	fence = wl_opt_long("--fence", 0) != 0;
+	gated = wl_opt_long("--gated", 0) != 0;
 	if (npages == 0 || batch == 0)
 		wl_die("--mib and --batch must be positive");
 	region = fenced(npages * 4096);
@@ -124,6 +159,11 @@ int main(int argc, char **argv)
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_usr1;
 	sigaction(SIGUSR1, &sa, NULL);
+	sa.sa_handler = on_winch;
+	sigaction(SIGWINCH, &sa, NULL);
+	char dir[4096], path[4200];
+	wl_dir(dir, sizeof dir);
+	snprintf(ticks_path, sizeof ticks_path, "%s/ticks", dir);
 	pthread_t w, m;
 	if (pthread_create(&w, NULL, writer, NULL) || pthread_create(&m, NULL, mapper, NULL))
 		wl_die("pthread_create");
@@ -134,8 +174,6 @@ int main(int argc, char **argv)
 		usleep(1000);
 	pthread_join(w, NULL);
 	pthread_join(m, NULL);
-	char dir[4096], path[4200];
-	wl_dir(dir, sizeof dir);
 	snprintf(path, sizeof path, "%s/quiet", dir);
 	wl_write_atomic(path, "quiet\n");
 	wl_wait_sleeping();

@@ -3,8 +3,12 @@
  * "zeroed by MADV_DONTNEED". With "churn", small mappings are also unmapped and mapped again
  * elsewhere all the time. On SIGUSR2 it checks every page and writes PASS or FAIL to `result`.
  *
- * usage: writer MIB PAGES_PER_TICK TICK_US [churn] [nozap]
- * (nozap: never MADV_DONTNEED, so every page of the area stays populated)
+ * usage: writer MIB PAGES_PER_TICK TICK_US [churn] [nozap] [gated]
+ * (nozap: never MADV_DONTNEED, so every page of the area stays populated;
+ *  gated: no timer, one tick per SIGUSR1, so that a test knows exactly what was written between
+ *  two dumps however loaded the machine is. After each tick the file `ticks` holds the number of
+ *  ticks done, then the index of every area page written by a gated tick so far, one per line;
+ *  `ready` holds the area's address.)
  */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -22,6 +26,7 @@
 #define SLOT_PAGES 16
 
 static volatile sig_atomic_t check_requested;
+static volatile sig_atomic_t ticks_requested;
 static uint8_t *area;
 static uint32_t *gen;
 static size_t npages;
@@ -57,12 +62,34 @@ static void on_usr2(int sig) {
     check_requested = 1;
 }
 
+static void on_usr1(int sig) {
+    (void)sig;
+    ticks_requested++;
+}
+
 static void write_file(const char *name, const char *text) {
     FILE *f = fopen(name, "w");
     if (!f)
         exit(3);
     fputs(text, f);
     fclose(f);
+}
+
+/* The written pages of the gated ticks, reported whole: written aside, then renamed, so that a
+ * reader never sees half of it. */
+static size_t *written_log;
+static size_t written_len;
+
+static void report_ticks(unsigned long done) {
+    FILE *f = fopen("ticks.tmp", "w");
+    if (!f)
+        exit(3);
+    fprintf(f, "%lu\n", done);
+    for (size_t n = 0; n < written_len; n++)
+        fprintf(f, "%zu\n", written_log[n]);
+    fclose(f);
+    if (rename("ticks.tmp", "ticks") != 0)
+        exit(3);
 }
 
 static void churn(void) {
@@ -111,12 +138,14 @@ int main(int argc, char **argv) {
     size_t mib = strtoul(argv[1], NULL, 10);
     long per_tick = strtol(argv[2], NULL, 10);
     long tick_us = strtol(argv[3], NULL, 10);
-    int do_churn = 0, zap = 1;
+    int do_churn = 0, zap = 1, gated = 0;
     for (int a = 4; a < argc; a++) {
         if (strcmp(argv[a], "churn") == 0)
             do_churn = 1;
         else if (strcmp(argv[a], "nozap") == 0)
             zap = 0;
+        else if (strcmp(argv[a], "gated") == 0)
+            gated = 1;
     }
     npages = mib * 256;
     area = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -138,8 +167,24 @@ int main(int argc, char **argv) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_usr2;
     sigaction(SIGUSR2, &sa, NULL);
-    write_file("ready", "ready\n");
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
+    char ready[64];
+    snprintf(ready, sizeof ready, "ready %#lx\n", (unsigned long)area);
+    write_file("ready", ready);
     for (unsigned long tick = 0;; tick++) {
+        /* Polled rather than waited for in sigsuspend: a dump may stop the process anywhere,
+         * and a sleep restarts cleanly after a restore. */
+        while (gated && (unsigned long)ticks_requested <= tick) {
+            if (check_requested)
+                check();
+            usleep(1000);
+        }
+        if (gated) {
+            written_log = realloc(written_log, (written_len + (size_t)per_tick) * sizeof *written_log);
+            if (!written_log)
+                exit(2);
+        }
         for (long n = 0; n < per_tick; n++) {
             if (check_requested)
                 check();
@@ -150,13 +195,17 @@ int main(int argc, char **argv) {
             } else {
                 gen[i]++;
                 fill(area + i * PAGE, i, gen[i]);
+                if (gated)
+                    written_log[written_len++] = i;
             }
         }
         if (do_churn && tick % 4 == 0)
             churn();
         if (check_requested)
             check();
-        if (tick_us > 0)
+        if (gated)
+            report_ticks(tick + 1);
+        else if (tick_us > 0)
             usleep((useconds_t)tick_us);
     }
 }
