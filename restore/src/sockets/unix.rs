@@ -9,7 +9,10 @@
 //!   unlinked first; the file gets its mode and owner back; a relative name is bound from
 //!   the directory it was bound in) or abstract name; a listener listens with its backlog;
 //! - a connection that waited to be accepted is made again by connecting its socket to the
-//!   listener, so that `accept()` returns it after restore;
+//!   listener, so that `accept()` returns it after restore. Several waiting on one listener
+//!   come back in inode order, which need not be the order they connected in: the images do
+//!   not record the accept queue's order, and the kernel hands out socket inode numbers in
+//!   per-CPU batches (a socket made later on another CPU may get a smaller number);
 //! - named datagram sockets connect to their peer's name (an external peer, dumped with
 //!   `--ext-unix-sk`, is reached only by its name);
 //! - queued data is sent again from the peer in order, datagram by datagram (a datagram
