@@ -19,7 +19,8 @@
 //! handles one process: a root with children is refused ([`DumpError::Tree`]).
 //! Private memory that processes share copy-on-write at dump time, which restore gives each
 //! of them a copy of, is logged ("restore duplicates N bytes") and in
-//! [`DumpStats::cow_shared_bytes`].
+//! [`DumpStats::cow_shared_bytes`], which `stats-dump` keeps in a field of ours
+//! (`dump_stats_entry.cow_shared_bytes`, number 1001).
 //!
 //! What a dump directory holds, with CRIU's meaning of every field:
 //!
@@ -219,7 +220,7 @@ pub struct DumpStats {
     /// Pages of shared memory objects written (`pagemap-shmem` images), each object once.
     pub shpages_written: u64,
     /// Bytes of private memory several processes of the tree shared copy-on-write at dump
-    /// time, which restore gives each process a copy of (logged; `stats-dump` has no field).
+    /// time, which restore gives each process a copy of (logged, and in `stats-dump`).
     pub cow_shared_bytes: u64,
 }
 

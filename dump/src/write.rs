@@ -209,6 +209,7 @@ impl WrittenImages {
                 pages_written: stats.pages_written,
                 pages_lazy: stats.pages_lazy,
                 shpages_written: (stats.shpages_written > 0).then_some(stats.shpages_written),
+                cow_shared_bytes: (stats.cow_shared_bytes > 0).then_some(stats.cow_shared_bytes),
                 ..DumpStatsEntry::default()
             }),
             restore: None,

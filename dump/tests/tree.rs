@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use images_format::pb::{
-    CoreEntry, FdinfoEntry, FileEntry, PipeDataEntry, PstreeEntry, TaskKobjIdsEntry,
+    CoreEntry, FdinfoEntry, FileEntry, PipeDataEntry, PstreeEntry, StatsEntry, TaskKobjIdsEntry,
 };
 use images_format::{ImageDir, ImageKind};
 
@@ -347,6 +347,15 @@ fn tree_images_hold_every_process() {
         (20 * mib..22 * mib).contains(&duplicated),
         "{duplicated} bytes duplicated"
     );
+    let stats: Vec<StatsEntry> = ImageDir::new(&images)
+        .expect("images")
+        .read_all(ImageKind::StatsDump, 0)
+        .expect("stats-dump");
+    let kept = stats
+        .first()
+        .and_then(|s| s.dump.as_ref())
+        .and_then(|d| d.cow_shared_bytes);
+    assert_eq!(kept, Some(duplicated), "stats-dump keeps the figure");
 
     let check = Command::new(&tools().img)
         .arg("check")

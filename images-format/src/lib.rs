@@ -28,6 +28,7 @@
 //! | `thread_core_entry` | `timer_slack_ns` | 1002 | `PR_GET_TIMERSLACK` |
 //! | `thread_core_entry` | `ioprio` | 1003 | `ioprio_get`, absent for `IOPRIO_CLASS_NONE` |
 //! | `task_core_entry` | `mdwe_flags` | 1001 | `PR_GET_MDWE`, absent if none |
+//! | `dump_stats_entry` | `cow_shared_bytes` | 1001 | private memory shared copy-on-write between processes of the tree at dump time (restore copies it for each), absent if none |
 //!
 //! Images holding them stay CRIU images: `crit` keeps them as unknown fields and prints
 //! nothing for them (CRIU's restore ignores them likewise), and `ckpt-img` prints them as

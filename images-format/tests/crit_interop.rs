@@ -71,6 +71,7 @@ const CKPT_EXTENSIONS: &[&str] = &[
     "criu.thread_core_entry.cpu_affinity",
     "criu.thread_core_entry.timer_slack_ns",
     "criu.thread_core_entry.ioprio",
+    "criu.dump_stats_entry.cow_shared_bytes",
 ];
 
 /// Fields crit 3.17 knows under their old name: the u32 page count was `nr_pages` before
