@@ -237,6 +237,15 @@ impl Drop for WrittenImages {
     }
 }
 
+/// One part of every process's state, in process order (images that hold the whole tree).
+fn gather<T: Clone>(state: &TreeState, part: impl Fn(&ProcessState) -> &Vec<T>) -> Vec<T> {
+    state
+        .processes
+        .iter()
+        .flat_map(|p| part(p).iter().cloned())
+        .collect()
+}
+
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
@@ -541,11 +550,7 @@ pub fn images(
         let pid = u64::try_from(zombie.pid.as_raw()).unwrap_or(0);
         images.write_all(ImageKind::Core, pid, std::slice::from_ref(&zombie.core))?;
     }
-    let files: Vec<_> = state
-        .processes
-        .iter()
-        .flat_map(|p| p.files.files.iter().cloned())
-        .collect();
+    let files: Vec<_> = gather(state, |p| &p.files.files);
     images.write_all(ImageKind::Files, 0, &files)?;
     for process in &state.processes {
         for ghost in &process.files.ghosts {
@@ -580,37 +585,21 @@ pub fn images(
         let buffered = writer.finish().map_err(images.image_err())?;
         images.close(ImageKind::SkQueues, 0, buffered)?;
     }
-    let locks: Vec<_> = state
-        .processes
-        .iter()
-        .flat_map(|p| p.files.locks.iter().cloned())
-        .collect();
+    let locks: Vec<_> = gather(state, |p| &p.files.locks);
     if !locks.is_empty() {
         images.write_all(ImageKind::FileLocks, 0, &locks)?;
     }
     // Shared memory objects: each once, whichever processes map it.
-    let memfds: Vec<_> = state
-        .processes
-        .iter()
-        .flat_map(|p| p.files.memfds.iter().cloned())
-        .collect();
+    let memfds: Vec<_> = gather(state, |p| &p.files.memfds);
     let shmem = crate::collect::shmem::collect(&state.processes, &memfds)?;
     let shmem_pages_id =
         FIRST_PAGES_ID.saturating_add(u32::try_from(state.processes.len()).unwrap_or(u32::MAX));
     write_shmem(&mut images, &shmem, shmem_pages_id, stats)?;
-    let remaps: Vec<_> = state
-        .processes
-        .iter()
-        .flat_map(|p| p.files.remaps.iter().cloned())
-        .collect();
+    let remaps: Vec<_> = gather(state, |p| &p.files.remaps);
     if !remaps.is_empty() {
         images.write_all(ImageKind::RemapFpath, 0, &remaps)?;
     }
-    let filters: Vec<_> = state
-        .processes
-        .iter()
-        .flat_map(|p| p.seccomp.filters.iter().cloned())
-        .collect();
+    let filters: Vec<_> = gather(state, |p| &p.seccomp.filters);
     if !filters.is_empty() {
         images.write_all(
             ImageKind::Seccomp,
