@@ -358,32 +358,10 @@ pub fn set_sockopt_int(sock: impl AsFd, level: i32, name: i32, value: i32) -> Re
 /// used to name who holds the other end of a connection when it is outside the dump.
 pub fn holders(ino: u32) -> Vec<(Pid, TargetFd)> {
     let wanted = format!("socket:[{ino}]");
-    let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-            .and_then(|p| Pid::try_from(p).ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Some(number) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str()) {
-                found.push((pid, TargetFd(number)));
-            }
-        }
-    }
-    found
+    crate::proc::fd::holders(|t| (t.as_os_str() == wanted.as_str()).then_some(()))
+        .into_iter()
+        .map(|(pid, fd, ())| (pid, fd))
+        .collect()
 }
 
 #[cfg(test)]

@@ -45,10 +45,6 @@ const PR_GET_THP_DISABLE: u64 = 42;
 const TASK_ALIVE: u32 = 1;
 const TASK_DEAD: u32 = 2;
 const TASK_STOPPED: u32 = 3;
-/// pagemap entry bits: the page is present, is file-backed or shared, is mapped only here.
-const PM_PRESENT: u64 = 1 << 63;
-const PM_FILE: u64 = 1 << 61;
-const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
 /// `membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS)` (Linux 6.3+) lists the registered commands.
 const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
 /// `personality(0xffffffff)` reads the persona without changing it.
@@ -66,11 +62,6 @@ pub enum CollectError {
          cannot be dumped yet"
     )]
     ZombieLeader { pid: Pid },
-    #[error(
-        "dump: pid {pid} has child processes {children:?}: dumping a process tree is not \
-         supported yet (dump a process without children)"
-    )]
-    Children { pid: Pid, children: Vec<Pid> },
     #[error("dump: pid {pid}: read /proc {what}")]
     Proc {
         pid: Pid,
@@ -362,37 +353,6 @@ pub fn memory(pid: Pid) -> Result<MemoryState, CollectError> {
     memory::collect(pid, VmaSource::MapsOnly)
 }
 
-/// Reads the whole state of the frozen process `tree`.
-#[tracing::instrument(skip_all, fields(pid = %tree.pid()))]
-pub fn process(tree: &mut SeizedProcess, opts: &DumpOptions) -> Result<TreeState, CollectError> {
-    process_with(tree, opts, VmaSource::Smaps)
-}
-
-/// [`process`], with the VMA list taken from `vmas`. A process with children is refused:
-/// they are not frozen (see [`tree`]).
-pub fn process_with(
-    tree: &mut SeizedProcess,
-    opts: &DumpOptions,
-    vmas: VmaSource,
-) -> Result<TreeState, CollectError> {
-    let pid = tree.pid();
-    let children = proc::task::children(pid).map_err(proc_err(pid, "children"))?;
-    if !children.is_empty() {
-        return Err(CollectError::Children { pid, children });
-    }
-    let mut tables = TreeTables::default();
-    let ends = files::precheck(&mut tables.files, pid, opts.shell_job)?;
-    files::check_pipe_peers(&ends, &opts.external)?;
-    let mut process = collect_one(tree, None, &mut tables, opts, vmas)?;
-    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
-    process.files.files.extend(outside);
-    Ok(TreeState {
-        processes: vec![process],
-        zombies: Vec::new(),
-        cow_shared_bytes: 0,
-    })
-}
-
 /// Reads the whole state of every process of the frozen `tree`, parents first; `root_vmas`
 /// says where the root's VMA list comes from (the others read smaps).
 #[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
@@ -417,9 +377,10 @@ pub fn tree(
         let Some(process) = tree.process_mut(pid) else {
             continue;
         };
-        let vmas = match root_vmas.take() {
-            Some(v) if pid == root => v,
-            _ => VmaSource::Smaps,
+        let vmas = if pid == root {
+            root_vmas.take().unwrap_or(VmaSource::Smaps)
+        } else {
+            VmaSource::Smaps
         };
         processes.push(collect_one(process, parent, &mut tables, opts, vmas)?);
     }
@@ -433,8 +394,12 @@ pub fn tree(
         .iter()
         .map(|(parent, pid)| zombie(*pid, *parent))
         .collect::<Result<Vec<_>, _>>()?;
+    // Only a statistic: failing to read it must not fail the dump.
     let cow_shared_bytes = if processes.len() > 1 {
-        cow_shared(&processes)?
+        cow_shared(&processes).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "copy-on-write sharing not measured; counted as 0");
+            0
+        })
     } else {
         0
     };
@@ -483,12 +448,12 @@ fn zombie(pid: Pid, parent: Pid) -> Result<ZombieState, CollectError> {
 
 /// Bytes of private anonymous memory that restore duplicates: pages present in several
 /// processes of the tree at once (a parent and child still sharing them copy-on-write after
-/// fork; the pagemap entry lacks `PM_MMAP_EXCLUSIVE`), each counted once per process but the
+/// fork; the pagemap entry lacks `EXCLUSIVE`), each counted once per process but the
 /// first. The page frame number tells which mappings are one page; where it is hidden (no
 /// CAP_SYS_ADMIN), every shared mapping counts, an upper bound. Only the present runs
 /// already found are read.
 fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
-    const PFN_MASK: u64 = (1 << 55) - 1;
+    use tracee::pagemap_scan::entry::{EXCLUSIVE, FILE, PFN_MASK, PRESENT};
     let mut frames: Vec<u64> = Vec::new();
     let mut hidden = 0u64;
     for process in processes {
@@ -501,7 +466,7 @@ fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
                 .read_entries(RemoteAddr(run.start), n)
                 .map_err(|source| CollectError::Pagemap { pid, source })?;
             for e in entries {
-                if e & PM_PRESENT == 0 || e & PM_FILE != 0 || e & PM_MMAP_EXCLUSIVE != 0 {
+                if e & PRESENT == 0 || e & FILE != 0 || e & EXCLUSIVE != 0 {
                     continue;
                 }
                 match e & PFN_MASK {

@@ -142,6 +142,40 @@ pub fn read_fdinfo(pid: Pid, fd: TargetFd) -> Result<FdInfo, ProcError> {
     parse_with(&path, &text, parse_fdinfo)
 }
 
+/// Every fd of the system whose link target `pick` accepts, as `(pid, fd, what pick
+/// returned)`, from one walk of `/proc/*/fd`: used to name who holds, outside a dump, the
+/// other end of something the dump has. Processes and fds that vanish or cannot be read
+/// meanwhile are skipped.
+pub fn holders<T>(mut pick: impl FnMut(&std::path::Path) -> Option<T>) -> Vec<(Pid, TargetFd, T)> {
+    let mut found = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .and_then(|p| Pid::try_from(p).ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(number) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Some(what) = std::fs::read_link(fd.path()).ok().and_then(|t| pick(&t)) else {
+                continue;
+            };
+            found.push((pid, TargetFd(number), what));
+        }
+    }
+    found
+}
+
 /// `/proc/PID/fd` and `/proc/PID/fdinfo` of one process, held open: listing the fds and
 /// reading each one's link and fdinfo through them resolves only the fd number, instead of
 /// `/proc/PID/...` again for every fd (tens of thousands of lookups for a large tree).

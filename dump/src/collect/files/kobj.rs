@@ -140,57 +140,46 @@ pub struct PipePeerError {
     pub holders: String,
 }
 
-/// Every `(pid, fd)` outside `tree` whose fd is one of the pipes `inodes`, by inode, from
-/// one walk of `/proc/*/fd`. Processes and fds that vanish or cannot be read meanwhile are
-/// skipped.
-pub fn outside_holders(inodes: &[u64], tree: &[Pid]) -> HashMap<u64, Vec<(u32, i32)>> {
-    let mut found: HashMap<u64, Vec<(u32, i32)>> = HashMap::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
+/// Every `(pid, fd)` outside `tree` whose fd is one of the pipes `inodes`, keyed by the
+/// pipe's inode and whether that fd is its write end (from the access mode in
+/// `/proc/PID/fdinfo/FD`), from one walk of `/proc/*/fd`. Processes and fds that vanish or
+/// cannot be read meanwhile are skipped.
+pub fn outside_holders(inodes: &[u64], tree: &[Pid]) -> HashMap<(u64, bool), Vec<(u32, i32)>> {
+    let mut found: HashMap<(u64, bool), Vec<(u32, i32)>> = HashMap::new();
+    let held = tracee::proc::fd::holders(|target| {
+        target
             .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if tree
-            .iter()
-            .any(|p| u32::try_from(p.as_raw()).ok() == Some(pid))
-        {
+            .and_then(pipe_inode)
+            .filter(|inode| inodes.contains(inode))
+    });
+    for (pid, fd, inode) in held {
+        if tree.contains(&pid) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+        let Ok(info) = tracee::proc::fd::read_fdinfo(pid, fd) else {
             continue;
         };
-        for fd in fds.flatten() {
-            let Some(number) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(inode) = target.to_str().and_then(pipe_inode) else {
-                continue;
-            };
-            if inodes.contains(&inode) {
-                found.entry(inode).or_default().push((pid, number));
-            }
-        }
+        let mode = rustix::fs::OFlags::from_bits_retain(info.flags) & rustix::fs::OFlags::ACCMODE;
+        let Ok(raw) = u32::try_from(pid.as_raw()) else {
+            continue;
+        };
+        found
+            .entry((inode, mode == rustix::fs::OFlags::WRONLY))
+            .or_default()
+            .push((raw, fd.as_raw()));
     }
     found
 }
 
 /// Checks a pipe that lacks its `missing` end in the tree (`end` is the end it has), given
-/// the `holders` outside the tree of each such pipe. Fine if nobody holds that end any more
-/// (restore closes it again) or if the user declared the pipe external; an error naming
-/// the outside holders otherwise.
+/// the `holders` outside the tree of each such pipe (from [`outside_holders`]). Fine if
+/// nobody holds that end any more (restore closes it again; outside holders of the end the
+/// tree has do not matter) or if the user declared the pipe external; an error naming the
+/// outside holders of the missing end otherwise.
 pub fn check_outside_peer(
     end: super::PipeEnd,
     missing: &'static str,
-    holders: &HashMap<u64, Vec<(u32, i32)>>,
+    holders: &HashMap<(u64, bool), Vec<(u32, i32)>>,
     external: &[String],
 ) -> Result<(), PipePeerError> {
     let (pid, fd, inode) = (end.pid, end.fd, end.inode);
@@ -202,7 +191,8 @@ pub fn check_outside_peer(
             "pipe declared external: restore must pass its other end with --inherit-fd");
         return Ok(());
     }
-    let Some(held) = holders.get(&inode).filter(|h| !h.is_empty()) else {
+    // The missing end is the write end exactly when the tree has the read end.
+    let Some(held) = holders.get(&(inode, !end.write)).filter(|h| !h.is_empty()) else {
         tracing::debug!(pid = %pid, fd = fd.as_raw(), inode, missing,
             "pipe end closed everywhere: restored closed");
         return Ok(());
@@ -629,7 +619,10 @@ mod tests {
         };
         let nobody = HashMap::new();
         assert!(check_outside_peer(end, "read", &nobody, &[]).is_ok());
-        let held = HashMap::from([(77, vec![(500, 4), (501, 9)])]);
+        // Outside holders of the write end, the one the tree has, do not count.
+        let same_end = HashMap::from([((77, true), vec![(502, 3)])]);
+        assert!(check_outside_peer(end, "read", &same_end, &[]).is_ok());
+        let held = HashMap::from([((77, false), vec![(500, 4), (501, 9)])]);
         let err = check_outside_peer(end, "read", &held, &[]).expect_err("held outside");
         let text = err.to_string();
         assert!(
@@ -645,22 +638,29 @@ mod tests {
 
     #[test]
     fn outside_holders_finds_our_own_pipe() {
-        let (r, _w) = rustix::pipe::pipe().expect("pipe");
+        use std::os::fd::AsRawFd;
+        let (r, w) = rustix::pipe::pipe().expect("pipe");
         let inode = rustix::fs::fstat(&r).expect("fstat").st_ino;
         let found = outside_holders(&[inode], &[]);
         let ours = std::process::id();
-        let fds: Vec<i32> = found
-            .get(&inode)
-            .map(|h| {
-                h.iter()
-                    .filter(|(p, _)| *p == ours)
-                    .map(|(_, f)| *f)
-                    .collect()
-            })
-            .unwrap_or_default();
-        assert_eq!(fds.len(), 2, "both ends, in this process: {found:?}");
+        let fds_of = |write: bool| -> Vec<i32> {
+            found
+                .get(&(inode, write))
+                .map(|h| {
+                    h.iter()
+                        .filter(|(p, _)| *p == ours)
+                        .map(|(_, f)| *f)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(fds_of(false), vec![r.as_raw_fd()], "read end: {found:?}");
+        assert_eq!(fds_of(true), vec![w.as_raw_fd()], "write end: {found:?}");
         let me = Pid::try_from(ours).expect("pid");
-        assert!(!outside_holders(&[inode], &[me]).contains_key(&inode));
+        let without_us = outside_holders(&[inode], &[me]);
+        assert!(
+            !without_us.contains_key(&(inode, false)) && !without_us.contains_key(&(inode, true))
+        );
     }
 
     #[test]

@@ -203,7 +203,7 @@ pub struct FileTable {
     pidfd: Option<pidfd::PidFd>,
     /// Pipes (by inode) whose data is saved already.
     pipes_read: std::collections::HashSet<u64>,
-    /// The fds [`precheck`] listed, stat'ed, classified and read the fdinfo of, per
+    /// The fds [`precheck_all`] listed, stat'ed, classified and read the fdinfo of, per
     /// process, so that [`collect`] need not do any of it again (the tree is frozen: they
     /// cannot change).
     prechecked: HashMap<Pid, Vec<(FdLink, Seen)>>,
@@ -341,7 +341,7 @@ fn readlink(pid: Pid, path: &Path) -> Result<String, CollectError> {
         })
 }
 
-/// What [`precheck`] learnt of one fd: its `stat`, its kind and its fdinfo.
+/// What [`precheck_all`] learnt of one fd: its `stat`, its kind and its fdinfo.
 struct Seen {
     meta: std::fs::Metadata,
     kind: FdKind,
@@ -404,21 +404,11 @@ pub fn check_pipe_peers(ends: &[PipeEnd], external: &[String]) -> Result<(), Col
     Ok(())
 }
 
-/// Fails on the first fd the dump cannot save, before anything else is collected. Returns
-/// the pipe ends, for [`check_pipe_peers`] once every process of the tree was looked at.
-pub fn precheck(
-    table: &mut FileTable,
-    pid: Pid,
-    shell_job: bool,
-) -> Result<Vec<PipeEnd>, CollectError> {
-    let (seen, pipes) = scan(pid, shell_job)?;
-    table.prechecked.insert(pid, seen);
-    Ok(pipes)
-}
-
-/// [`precheck`] of every process of a tree, in two threads (the fds are only read from
-/// `/proc` and duplicated, which needs no ptrace: any thread of ours may do it). The error
-/// is the one of the first process in `pids` order that has one, as one by one.
+/// Fails on the first fd the dump cannot save in any process of a tree, before anything else
+/// is collected. Returns the pipe ends, for [`check_pipe_peers`] once every process of the
+/// tree was looked at. Runs in two threads (the fds are only read from `/proc` and
+/// duplicated, which needs no ptrace: any thread of ours may do it). The error is the one of
+/// the first process in `pids` order that has one, as one by one.
 pub fn precheck_all(
     table: &mut FileTable,
     pids: &[Pid],
