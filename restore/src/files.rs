@@ -5,6 +5,7 @@
 //! waiting for a peer ([`open_fifo`]); and `--inherit-fd` puts one of ckpt-restore's own
 //! fds in place of an object of the images ([`InheritFd`], [`inherited`]).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{OwnedFd, RawFd};
@@ -321,24 +322,30 @@ pub fn plan_kobj(file: Option<&pb::FileEntry>, fdi: &pb::FdinfoEntry) -> Option<
 
 const FD_CLOEXEC: u32 = 1;
 
-/// Reads `pipes-data.img` and `fifo-data.img` into the pipe and FIFO ends of the plan (every
-/// end of a pipe carries its data; it is filled once), and gives each FIFO end the path and
-/// open flags of its regular file entry.
-pub fn load_pipe_data(dir: &ImageDir, plan: &mut Plan) -> Result<(), FilesError> {
-    let fds = &mut plan.child.fds;
-    if fds
-        .iter()
-        .any(|f| matches!(f.source, FdSource::Fifo { .. }))
-    {
-        name_fifos(dir, fds)?;
+/// Reads `pipes-data.img` and `fifo-data.img` once into every pipe and FIFO end of the tree
+/// (every end of a pipe carries its data): the fds of `plans` and the ends in flight,
+/// `carried`. Each FIFO end of the plans first gets the path and open flags of its regular
+/// file entry among `files`.
+pub(crate) fn load_pipe_data<'a>(
+    dir: &ImageDir,
+    files: &HashMap<u32, pb::FileEntry>,
+    plans: impl Iterator<Item = &'a mut Plan>,
+    carried: impl Iterator<Item = &'a mut FdSource>,
+) -> Result<(), FilesError> {
+    let mut sources: Vec<&mut FdSource> = Vec::new();
+    for plan in plans {
+        for fd in plan.child.fds.iter_mut() {
+            name_fifo(files, fd)?;
+            sources.push(&mut fd.source);
+        }
     }
-    let mut sources: Vec<&mut FdSource> = fds.iter_mut().map(|f| &mut f.source).collect();
+    sources.extend(carried);
     fill_pipe_data(dir, &mut sources)
 }
 
 /// Gives every pipe and FIFO end among `sources` its unread bytes and capacity from
 /// `pipes-data.img` and `fifo-data.img` (every end of a pipe carries them).
-pub fn fill_pipe_data(dir: &ImageDir, sources: &mut [&mut FdSource]) -> Result<(), FilesError> {
+fn fill_pipe_data(dir: &ImageDir, sources: &mut [&mut FdSource]) -> Result<(), FilesError> {
     fill_pipes(dir, ImageKind::PipesData, sources)?;
     fill_pipes(dir, ImageKind::FifoData, sources)
 }
@@ -407,27 +414,24 @@ fn fill_pipes(
     Ok(())
 }
 
-/// Gives each FIFO end the path and flags of its regular file entry in `files.img`.
-fn name_fifos(dir: &ImageDir, fds: &mut [FdOpen]) -> Result<(), FilesError> {
-    let path = dir.path().join(ImageKind::Files.file_name(0));
-    let files: Vec<pb::FileEntry> = dir
-        .read_all(ImageKind::Files, 0)
-        .map_err(image_err(&path))?;
-    for fd in fds.iter_mut() {
-        let FdSource::Fifo { regf_id, .. } = fd.source else {
-            continue;
-        };
-        let reg = files
-            .iter()
-            .find(|f| f.id == regf_id)
-            .and_then(|f| f.reg.as_ref())
-            .ok_or(FilesError::FifoPath {
-                fd: fd.fd,
-                id: regf_id,
-            })?;
-        fd.path = PathBuf::from(&reg.name);
-        fd.flags = reg.flags;
-    }
+/// Gives a FIFO end the path and flags of its regular file entry among `files` (other fds
+/// are left as they are).
+pub(crate) fn name_fifo(
+    files: &HashMap<u32, pb::FileEntry>,
+    fd: &mut FdOpen,
+) -> Result<(), FilesError> {
+    let FdSource::Fifo { regf_id, .. } = fd.source else {
+        return Ok(());
+    };
+    let reg = files
+        .get(&regf_id)
+        .and_then(|f| f.reg.as_ref())
+        .ok_or(FilesError::FifoPath {
+            fd: fd.fd,
+            id: regf_id,
+        })?;
+    fd.path = PathBuf::from(&reg.name);
+    fd.flags = reg.flags;
     Ok(())
 }
 
@@ -477,7 +481,7 @@ pub fn set_pipe_size(pipe: &OwnedFd, size: u32) -> Result<(), String> {
 }
 
 /// Writes all of `data` into a non-blocking pipe that has room for it.
-fn write_all(pipe: &OwnedFd, data: &[u8]) -> Result<(), String> {
+pub(crate) fn write_all(pipe: &OwnedFd, data: &[u8]) -> Result<(), String> {
     let mut left = data;
     while !left.is_empty() {
         let n = rustix::io::write(pipe, left).map_err(|e| format!("refill: {e}"))?;

@@ -436,7 +436,10 @@ impl Report {
 /// can) on drop unless released.
 #[derive(Debug, Default)]
 pub struct TreeGuard {
+    /// In the order they were added: killed in that order.
     procs: Vec<(i32, Pid, OwnedFd)>,
+    /// Where each image pid is in `procs`: looked up per process on every wakeup.
+    index: std::collections::HashMap<i32, usize>,
     armed: bool,
 }
 
@@ -444,6 +447,7 @@ impl TreeGuard {
     pub fn new() -> TreeGuard {
         TreeGuard {
             procs: Vec::new(),
+            index: std::collections::HashMap::new(),
             armed: true,
         }
     }
@@ -454,6 +458,7 @@ impl TreeGuard {
             .ok_or(ForkError::BadPid { pid: host.as_raw() })?;
         match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
             Ok(fd) => {
+                self.index.entry(pid).or_insert(self.procs.len());
                 self.procs.push((pid, host, fd));
                 Ok(())
             }
@@ -465,12 +470,16 @@ impl TreeGuard {
 
     /// The process's pid in our namespace.
     pub fn host(&self, pid: i32) -> Option<Pid> {
-        self.procs.iter().find(|p| p.0 == pid).map(|p| p.1)
+        self.entry(pid).map(|p| p.1)
     }
 
     /// Its pidfd: readable once it has exited.
     pub fn pidfd(&self, pid: i32) -> Option<&OwnedFd> {
-        self.procs.iter().find(|p| p.0 == pid).map(|p| &p.2)
+        self.entry(pid).map(|p| &p.2)
+    }
+
+    fn entry(&self, pid: i32) -> Option<&(i32, Pid, OwnedFd)> {
+        self.procs.get(*self.index.get(&pid)?)
     }
 
     pub fn release(mut self) {

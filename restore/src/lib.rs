@@ -242,11 +242,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     let mut shared = shmem::SharedMaps::load(&dir).map_err(memory::MemoryRestoreError::from)?;
     let no_files = std::collections::HashMap::new();
     let all_files = images.root().map_or(&no_files, |r| &r.files);
-    let unix =
+    let mut unix =
         sockets::unix::UnixImages::read(&dir, all_files).map_err(objects::ObjectsError::from)?;
     for p in tree.live_mut() {
         ghosts.point_plan_at_copies(p);
-        files::load_pipe_data(&dir, p)?;
+    }
+    files::load_pipe_data(&dir, all_files, tree.live_mut(), unix.carried_sources())?;
+    for p in tree.live_mut() {
         unix.fill(&mut p.child.fds);
         shared.point_plan_at_memfds(p);
     }
@@ -532,12 +534,8 @@ fn set_process_links(
 fn wait_zombie(host: Pid) -> Result<(), RestoreError> {
     let start = Instant::now();
     loop {
-        let state = std::fs::read_to_string(format!("/proc/{host}/stat"))
-            .ok()
-            .and_then(|s| {
-                let after = s.rfind(')')?;
-                s.get(after + 2..)?.chars().next()
-            });
+        // Unreadable: already reaped.
+        let state = tracee::proc::stat::read(host).ok().map(|s| s.state);
         match state {
             None | Some('Z') | Some('X') => return Ok(()),
             Some(_) if start.elapsed() > ZOMBIE_TIMEOUT => {

@@ -378,11 +378,7 @@ impl Kobjs {
             if let Some(size) = size {
                 crate::files::set_pipe_size(&w, size)?;
             }
-            let mut left = data;
-            while !left.is_empty() {
-                let n = rustix::io::write(&w, left).map_err(|e| format!("refill: {e}"))?;
-                left = left.get(n..).unwrap_or_default();
-            }
+            crate::files::write_all(&w, data)?;
             self.pipes.push((pipe_id, Some(r), Some(w)));
         }
         let slot = self

@@ -273,14 +273,17 @@ impl UnixImages {
             let ghost = ghosts.as_ref().is_some_and(|g| g.contains(id));
             carried.insert(*id, carried_fd(files, *id, ghost)?);
         }
-        if !carried.is_empty() {
-            fill_carried_pipes(dir, &mut carried)?;
-        }
         Ok(UnixImages {
             queues,
             externals,
             carried,
         })
+    }
+
+    /// The pipe and FIFO ends in flight: one of them may be the only end left, so
+    /// [`crate::files::load_pipe_data`] gives them their unread data with the others.
+    pub(crate) fn carried_sources(&mut self) -> impl Iterator<Item = &mut FdSource> {
+        self.carried.values_mut().flatten().map(|f| &mut f.source)
     }
 
     /// Gives each unix socket among `fds` its queue and the name of its external peer.
@@ -403,70 +406,9 @@ fn carried_fd(
         )));
     };
     planned.fd = -1;
-    if let FdSource::Fifo { regf_id, .. } = &planned.source {
-        let reg = files
-            .get(regf_id)
-            .and_then(|f| f.reg.as_ref())
-            .ok_or_else(|| missing("its FIFO has no path in files.img"))?;
-        planned.path = PathBuf::from(&reg.name);
-        planned.flags = reg.flags;
-    }
+    crate::files::name_fifo(files, &mut planned)
+        .map_err(|_| missing("its FIFO has no path in files.img"))?;
     Ok(Ok(planned))
-}
-
-/// Gives the pipe and FIFO ends in flight their unread data (and capacity) from
-/// `pipes-data.img` and `fifo-data.img`: one of them may be the only end left.
-fn fill_carried_pipes(
-    dir: &ImageDir,
-    carried: &mut HashMap<u32, Result<FdOpen, String>>,
-) -> Result<(), UnixError> {
-    for kind in [ImageKind::PipesData, ImageKind::FifoData] {
-        let name = kind.file_name(0);
-        if !dir.path().join(&name).exists() {
-            continue;
-        }
-        let image_err = |source| UnixError::Image {
-            image: name.clone(),
-            source,
-        };
-        let mut reader = dir.open_named(&name).map_err(image_err)?;
-        while let Some(entry) = reader
-            .read_entry::<pb::PipeDataEntry>()
-            .map_err(image_err)?
-        {
-            let bytes = reader
-                .read_payload(u64::from(entry.bytes))
-                .map_err(image_err)?;
-            for f in carried.values_mut().flatten() {
-                let slot = match (&mut f.source, kind) {
-                    (
-                        FdSource::Pipe {
-                            pipe_id,
-                            size,
-                            data,
-                            ..
-                        },
-                        ImageKind::PipesData,
-                    )
-                    | (
-                        FdSource::Fifo {
-                            pipe_id,
-                            size,
-                            data,
-                            ..
-                        },
-                        ImageKind::FifoData,
-                    ) => (*pipe_id == entry.pipe_id).then_some((size, data)),
-                    _ => None,
-                };
-                if let Some((size, data)) = slot {
-                    *size = entry.size;
-                    data.clone_from(&bytes);
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `sk-queues.img`: packets by the file id of the socket that had them queued, in order,
