@@ -165,6 +165,21 @@ impl WrittenImages {
 
     /// Flushes a finished image into its file. Syncing waits for [`Self::sync_created`],
     /// which syncs every file at once.
+    /// Creates `pages-N.img`, written straight to the disk (see `DirectFile`); returns it
+    /// with its path for [`close_pages`].
+    fn create_pages(
+        &mut self,
+        pages_id: u32,
+    ) -> Result<(ImageWriter<DirectFile>, PathBuf), WriteError> {
+        let name = ImageKind::Pages.file_name(u64::from(pages_id));
+        let path = self.dir.file_path(ImageKind::Pages, u64::from(pages_id));
+        let file = self.dir.create_file(&name).map_err(self.image_err())?;
+        self.created.push(path.clone());
+        let pages = ImageWriter::new(DirectFile::new(file), ImageKind::Pages, name)
+            .map_err(self.image_err())?;
+        Ok((pages, path))
+    }
+
     fn close(&self, kind: ImageKind, id: u64, buffered: BufWriter<File>) -> Result<(), WriteError> {
         buffered
             .into_inner()
@@ -246,6 +261,14 @@ fn gather<T: Clone>(state: &TreeState, part: impl Fn(&ProcessState) -> &Vec<T>) 
         .collect()
 }
 
+/// Ends a pages image from [`WrittenImages::create_pages`]: its last block reaches the disk.
+fn close_pages(pages: DirectFile, path: PathBuf) -> Result<(), WriteError> {
+    pages
+        .into_file()
+        .map(drop)
+        .map_err(|source| WriteError::Sync { path, source })
+}
+
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
@@ -306,27 +329,13 @@ fn write_pages(
     let (streamed, counts) = match to {
         PagesTo::Local => {
             let pagemap = images.create(ImageKind::Pagemap, id)?;
-            let pages_name = ImageKind::Pages.file_name(u64::from(pages_id));
-            let pages_path = images.dir.file_path(ImageKind::Pages, u64::from(pages_id));
-            let pages_file = images
-                .dir
-                .create_file(&pages_name)
-                .map_err(images.image_err())?;
-            images.created.push(pages_path.clone());
-            let pages = ImageWriter::new(DirectFile::new(pages_file), ImageKind::Pages, pages_name)
-                .map_err(images.image_err())?;
+            let (pages, pages_path) = images.create_pages(pages_id)?;
             let mut writer = PagemapWriter::new(pagemap, pages, pages_id).map_err(pages_err)?;
             let streamed = pages::stream(pid, plan, &mut writer, running, opts.fault)?;
             let started = Instant::now();
             let (pagemap, pages, counts) = writer.finish().map_err(pages_err)?;
             images.close(ImageKind::Pagemap, id, pagemap)?;
-            pages
-                .into_file()
-                .map(drop)
-                .map_err(|source| WriteError::Sync {
-                    path: pages_path.clone(),
-                    source,
-                })?;
+            close_pages(pages, pages_path)?;
             write_time += started.elapsed();
             (streamed, counts)
         }
@@ -377,29 +386,14 @@ fn write_shmem(
     };
     for (pages_id, object) in (first_pages_id..).zip(&shmem.objects) {
         let pagemap = images.create(ImageKind::ShmemPagemap, object.shmid)?;
-        // Straight to the disk, as the processes' pages (see `DirectFile`).
-        let pages_name = ImageKind::Pages.file_name(u64::from(pages_id));
-        let pages_path = images.dir.file_path(ImageKind::Pages, u64::from(pages_id));
-        let pages_file = images
-            .dir
-            .create_file(&pages_name)
-            .map_err(images.image_err())?;
-        images.created.push(pages_path.clone());
-        let pages = ImageWriter::new(DirectFile::new(pages_file), ImageKind::Pages, pages_name)
-            .map_err(images.image_err())?;
+        let (pages, pages_path) = images.create_pages(pages_id)?;
         let mut writer = PagemapWriter::new(pagemap, pages, pages_id).map_err(pages_err)?;
         object
             .for_each_chunk(|offset, bytes| writer.add_present(offset, bytes).map_err(pages_err))?;
         let (pagemap, pages, _) = writer.finish().map_err(pages_err)?;
         stats.shpages_written += object.runs.iter().map(|r| r.1 / PAGE_SIZE).sum::<u64>();
         images.close(ImageKind::ShmemPagemap, object.shmid, pagemap)?;
-        pages
-            .into_file()
-            .map(drop)
-            .map_err(|source| WriteError::Sync {
-                path: pages_path,
-                source,
-            })?;
+        close_pages(pages, pages_path)?;
     }
     if !shmem.memfds.is_empty() {
         images.write_all(ImageKind::MemfdInode, 0, &shmem.memfds)?;
