@@ -116,14 +116,20 @@ fn main() {
         start.elapsed() / rounds
     };
     let unpinned = measure(t);
-    let pin = t.pin_tracer().expect("pin");
+    let pin = tracee::cpu::CpuPin::next_to(t.pid(), t.tid()).expect("pin");
     let pinned = measure(t);
     t.begin_batch().expect("batch");
     let batched = measure(t);
     t.end_batch().expect("end batch");
     drop(pin);
+    let pair = t.pin_tracer().expect("pin both");
+    t.begin_batch().expect("batch");
+    let both = measure(t);
+    t.end_batch().expect("end batch");
+    drop(pair);
     println!(
-        "injected getppid: unpinned {unpinned:?}, pinned {pinned:?}, pinned+batch {batched:?}"
+        "injected getppid: unpinned {unpinned:?}, tracer pinned {pinned:?}, tracer pinned+batch \
+         {batched:?}, tracer and tracee pinned+batch {both:?}"
     );
     frozen.resume().expect("resume");
 }

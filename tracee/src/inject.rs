@@ -206,6 +206,24 @@ impl Tracee {
         Ok(())
     }
 
+    /// The program's own registers: during a batch the thread holds injected ones, so the
+    /// registers saved when it began; otherwise `PTRACE_GETREGS`.
+    pub fn program_regs(&self) -> Result<Regs, PtraceError> {
+        match self.injection_saved {
+            Some((regs, _)) if self.in_batch => Ok(regs),
+            _ => self.get_regs(),
+        }
+    }
+
+    /// The program's own signal mask: during a batch every signal is blocked, so the mask
+    /// saved when it began; otherwise `PTRACE_GETSIGMASK`.
+    pub fn program_sigmask(&self) -> Result<SigSet, PtraceError> {
+        match self.injection_saved {
+            Some((_, mask)) if self.in_batch => Ok(mask),
+            _ => self.get_sigmask(),
+        }
+    }
+
     /// Core of injection. `on_event` sees every ptrace event stop
     /// (`PTRACE_EVENT_CLONE`...) with this tracee, before stepping on.
     pub(crate) fn run_injected(

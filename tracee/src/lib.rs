@@ -20,7 +20,7 @@
 //! let mut frozen = SeizedProcess::freeze(pid, SeizeOptions::DUMP)?;
 //! let leader = frozen.leader_mut().expect("a frozen process has a thread");
 //! let regs = leader.get_regs()?;
-//! let _pin = leader.pin_tracer()?; // same CPU: ~7 µs per injected syscall, not ~100
+//! let _pin = leader.pin_tracer()?; // both on one CPU: ~10 µs per injected syscall, not ~50
 //! let scratch = RemoteScratch::map(leader, 4096)?;
 //! leader.syscall(libc::SYS_prctl, [libc::PR_GET_NAME as u64, scratch.addr().get(), 0, 0, 0, 0])?;
 //! let mut name = [0u8; 16];
@@ -77,7 +77,7 @@ pub mod vdso;
 mod wait;
 mod xsave;
 
-pub use cpu::CpuPin;
+pub use cpu::{CpuPin, PairPin};
 pub use ids::{InvalidId, Pid, RemoteAddr, TargetFd, Tid};
 pub use inject::{InjectError, RemoteScratch};
 pub use kernel::KernelFeatures;

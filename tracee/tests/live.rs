@@ -696,6 +696,34 @@ fn injection_works_pinned_and_unpinned() {
 }
 
 #[test]
+fn pair_pin_pins_both_and_gives_the_tracee_its_affinity_back() {
+    let child = Pauser::start();
+    wait_sleeping(child.pid);
+    let tid = child.pid.leader();
+    let affinity = || tracee::taskinfo::affinity(tid).expect("affinity");
+    let before = affinity();
+    let mut frozen = SeizedProcess::freeze(child.pid, SeizeOptions::DUMP).expect("freeze");
+    {
+        let pin = tracee::cpu::PairPin::next_to(child.pid, tid).expect("pin both");
+        let during = affinity();
+        if before.len() > 1 {
+            assert_eq!(during.len(), 1, "the tracee is pinned: {during:?}");
+        } else {
+            assert_eq!(during, before, "a tracee on one CPU is left alone");
+        }
+        let t = frozen.leader_mut().expect("leader");
+        assert_eq!(
+            t.syscall(libc::SYS_getpid, [0; 6]).expect("getpid"),
+            i64::from(child.pid.as_raw())
+        );
+        drop(pin);
+    }
+    assert_eq!(affinity(), before, "the tracee's affinity is given back");
+    frozen.resume().expect("resume");
+    wait_sleeping(child.pid);
+}
+
+#[test]
 fn batched_injection_restores_state_at_the_end() {
     let child = Pauser::start();
     wait_sleeping(child.pid);
@@ -720,7 +748,13 @@ fn batched_injection_restores_state_at_the_end() {
         "injected getpid in a batch, pinned: {:?}",
         t0.elapsed() / rounds
     );
+    // The thread holds injected registers now; the program's are the saved ones.
+    assert_ne!(t.get_regs().expect("regs"), regs);
+    assert_eq!(t.program_regs().expect("program regs"), regs);
+    assert_eq!(t.program_sigmask().expect("program mask"), mask);
     t.end_batch().expect("end");
+    assert_eq!(t.program_regs().expect("program regs"), regs);
+    assert_eq!(t.program_sigmask().expect("program mask"), mask);
     assert_eq!(t.get_regs().expect("regs"), regs);
     assert_eq!(t.get_sigmask().expect("mask"), mask);
     frozen.resume().expect("resume");

@@ -60,10 +60,16 @@ pub fn affinity_words(cpus: &[usize], online: Option<&[usize]>) -> Vec<u64> {
     words
 }
 
-fn online_cpus() -> Option<Vec<usize>> {
-    std::fs::read_to_string(ONLINE_CPUS)
-        .ok()
-        .and_then(|text| parse_cpu_list(&text))
+/// The online CPUs, read once per dump: every thread of a tree asks.
+fn online_cpus() -> Option<&'static [usize]> {
+    static ONLINE: std::sync::OnceLock<Option<Vec<usize>>> = std::sync::OnceLock::new();
+    ONLINE
+        .get_or_init(|| {
+            std::fs::read_to_string(ONLINE_CPUS)
+                .ok()
+                .and_then(|text| parse_cpu_list(&text))
+        })
+        .as_deref()
 }
 
 fn task_info(
@@ -73,17 +79,25 @@ fn task_info(
     move |source| CollectError::TaskInfo { tid, what, source }
 }
 
-/// Fills the thread's affinity, timer slack and I/O priority into `tc`.
-pub fn thread(thread: &mut Tracee, tc: &mut ThreadCoreEntry) -> Result<(), CollectError> {
+/// Fills the thread's affinity (`cpus`), timer slack and I/O priority into `tc`.
+pub fn thread(
+    thread: &mut Tracee,
+    cpus: &[usize],
+    tc: &mut ThreadCoreEntry,
+) -> Result<(), CollectError> {
     let tid = thread.tid();
-    let cpus = tracee::taskinfo::affinity(tid).map_err(task_info(tid, "cpu affinity"))?;
-    tc.cpu_affinity = affinity_words(&cpus, online_cpus().as_deref());
-    tc.timer_slack_ns = Some(syscall_u64(
-        thread,
-        "prctl(PR_GET_TIMERSLACK)",
-        libc::SYS_prctl,
-        [PR_GET_TIMERSLACK, 0, 0, 0, 0, 0],
-    )?);
+    tc.cpu_affinity = affinity_words(cpus, online_cpus());
+    // `/proc/TID/timerslack_ns` spares an injection; reading another user's needs
+    // CAP_SYS_NICE, so the injection stays as the fallback.
+    tc.timer_slack_ns = match super::read_proc_number(&format!("/proc/{tid}/timerslack_ns"), 10) {
+        Some(slack) => Some(slack),
+        None => Some(syscall_u64(
+            thread,
+            "prctl(PR_GET_TIMERSLACK)",
+            libc::SYS_prctl,
+            [PR_GET_TIMERSLACK, 0, 0, 0, 0, 0],
+        )?),
+    };
     let ioprio = tracee::taskinfo::ioprio(tid).map_err(task_info(tid, "I/O priority"))?;
     // IOPRIO_CLASS_NONE means "follow the nice value": nothing to set at restore.
     if ioprio >> IOPRIO_CLASS_SHIFT != 0 {

@@ -89,6 +89,53 @@ pub fn with_scratch<T>(
     tree: &mut SeizedProcess,
     body: impl FnOnce(&mut SeizedProcess, &Scratch<'_>) -> Result<T, CollectError>,
 ) -> Result<T, CollectError> {
+    begin_batches(tree)?;
+    let result = mapped(tree, body);
+    let ended = end_batches(tree);
+    let value = result?;
+    ended?;
+    Ok(value)
+}
+
+/// Saves every thread's registers and mask once for all the injections to come: each then
+/// costs four ptrace calls instead of nine (the collectors read the program's own registers
+/// and mask through `program_regs`/`program_sigmask` meanwhile).
+fn begin_batches(tree: &mut SeizedProcess) -> Result<(), CollectError> {
+    for thread in tree.threads_mut() {
+        let tid = thread.tid();
+        thread
+            .begin_batch()
+            .map_err(|source| CollectError::Inject {
+                tid,
+                what: "save the registers for injection",
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Puts every thread's registers and mask back, all of them even if one fails.
+fn end_batches(tree: &mut SeizedProcess) -> Result<(), CollectError> {
+    let mut first = Ok(());
+    for thread in tree.threads_mut() {
+        let tid = thread.tid();
+        if let Err(source) = thread.end_batch() {
+            if first.is_ok() {
+                first = Err(CollectError::Inject {
+                    tid,
+                    what: "put the registers back after injection",
+                    source,
+                });
+            }
+        }
+    }
+    first
+}
+
+fn mapped<T>(
+    tree: &mut SeizedProcess,
+    body: impl FnOnce(&mut SeizedProcess, &Scratch<'_>) -> Result<T, CollectError>,
+) -> Result<T, CollectError> {
     let pid = tree.pid();
     let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
     let tid = leader.tid();

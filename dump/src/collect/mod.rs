@@ -17,6 +17,7 @@ pub mod shmem;
 mod signals;
 mod threads;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use images_format::pb::{
@@ -62,6 +63,9 @@ pub enum CollectError {
          cannot be dumped yet"
     )]
     ZombieLeader { pid: Pid },
+    /// The thread reading /proc ahead stopped before it got to this process (it panicked).
+    #[error("dump: pid {pid}: the /proc reader thread ended early")]
+    ReaderGone { pid: Pid },
     #[error("dump: pid {pid}: read /proc {what}")]
     Proc {
         pid: Pid,
@@ -235,10 +239,43 @@ pub struct TreeState {
 struct TreeTables {
     files: files::FileTable,
     ids: kobj::TreeIds,
+    /// Where a `syscall` instruction sits in `[vdso]`: one kernel image serves every process,
+    /// so after the first the offset is only checked, not searched for again.
+    vdso_insn: Option<u64>,
+}
+
+/// Points the leader's injections at the `syscall` instruction found in an earlier process's
+/// `[vdso]`, if the same bytes are there in this one.
+fn reuse_vdso_insn(leader: &mut tracee::Tracee, maps: &[proc::maps::MapsEntry], offset: u64) {
+    let Some(vdso) = maps.iter().find(|m| m.path.as_deref() == Some("[vdso]")) else {
+        return;
+    };
+    let insn = vdso.start.saturating_add(offset);
+    let mut bytes = [0u8; 2];
+    if insn.get() + 2 <= vdso.end.get()
+        && tracee::memory::read_remote(leader.pid(), insn, &mut bytes).is_ok()
+        && bytes == [0x0f, 0x05]
+    {
+        leader.set_syscall_insn(insn);
+    }
+}
+
+/// The offset of the leader's `syscall` instruction in its `[vdso]`, if it is there.
+fn vdso_insn_offset(leader: &mut tracee::Tracee, maps: &[proc::maps::MapsEntry]) -> Option<u64> {
+    let vdso = maps.iter().find(|m| m.path.as_deref() == Some("[vdso]"))?;
+    let insn = leader.syscall_insn().ok()?;
+    (vdso.start.get() <= insn.get() && insn.get() < vdso.end.get())
+        .then(|| insn.get() - vdso.start.get())
 }
 
 fn proc_err(pid: Pid, what: &'static str) -> impl FnOnce(ProcError) -> CollectError {
     move |source| CollectError::Proc { pid, what, source }
+}
+
+/// A number alone in a /proc file, in `radix`; `None` if it cannot be read.
+pub(crate) fn read_proc_number(path: &str, radix: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    u64::from_str_radix(text.trim(), radix).ok()
 }
 
 fn read_i32_file(pid: Pid, name: &'static str) -> Option<i32> {
@@ -261,6 +298,38 @@ fn rlimits(pid: Pid) -> Result<TaskRlimitsEntry, CollectError> {
     })
 }
 
+/// What is read of a process without ptrace, by the reader thread of [`tree`].
+struct ProcReads {
+    stat: proc::stat::Stat,
+    status: proc::status::Status,
+    /// Read before the scratch page of the injections is mapped: it must not show up in
+    /// the dump.
+    memory: MemoryState,
+    auxv: Vec<(u64, u64)>,
+    rlimits: TaskRlimitsEntry,
+    oom_score_adj: Option<i32>,
+}
+
+impl ProcReads {
+    fn read(pid: Pid, vmas: VmaSource) -> Result<ProcReads, CollectError> {
+        let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
+        let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
+        // The memory and files of the process are only reachable through a live leader's
+        // /proc.
+        if status.state == 'Z' {
+            return Err(CollectError::ZombieLeader { pid });
+        }
+        Ok(ProcReads {
+            memory: memory::collect(pid, vmas)?,
+            auxv: proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?,
+            rlimits: rlimits(pid)?,
+            oom_score_adj: read_i32_file(pid, "oom_score_adj"),
+            stat,
+            status,
+        })
+    }
+}
+
 /// Process-wide values only the process itself can tell, read through its leader.
 struct LeaderValues {
     personality: u32,
@@ -278,12 +347,16 @@ fn leader_values(
     scratch: &inject::Scratch<'_>,
 ) -> Result<LeaderValues, CollectError> {
     let tid = leader.tid();
-    let personality = inject::syscall_u64(
-        leader,
-        "personality",
-        libc::SYS_personality,
-        [PERSONALITY_QUERY, 0, 0, 0, 0, 0],
-    )?;
+    // `/proc/PID/personality` spares an injection (the tracer may read it).
+    let personality = match read_proc_number(&format!("/proc/{tid}/personality"), 16) {
+        Some(value) => value,
+        None => inject::syscall_u64(
+            leader,
+            "personality",
+            libc::SYS_personality,
+            [PERSONALITY_QUERY, 0, 0, 0, 0, 0],
+        )?,
+    };
     let brk = inject::syscall_u64(leader, "brk", libc::SYS_brk, [0; 6])?;
     let dumpable = inject::syscall(
         leader,
@@ -341,8 +414,8 @@ fn leader_values(
 
 /// Pins ckpt-dump to the CPU the thread last ran on: an injected syscall then costs a few
 /// microseconds instead of a cross-CPU wakeup each way. Unpinned still works, only slower.
-fn pin_next_to(pid: Pid, tid: Tid) -> Option<tracee::cpu::CpuPin> {
-    tracee::cpu::CpuPin::next_to(pid, tid)
+fn pin_next_to(pid: Pid, tid: Tid) -> Option<tracee::cpu::PairPin> {
+    tracee::cpu::PairPin::next_to(pid, tid)
         .map_err(|err| tracing::debug!(%tid, error = %err, "not pinned next to the thread"))
         .ok()
 }
@@ -363,27 +436,50 @@ pub fn tree(
 ) -> Result<TreeState, CollectError> {
     let root = tree.root().pid();
     let mut tables = TreeTables::default();
-    // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
     let pids: Vec<Pid> = tree.processes().map(|p| p.pid()).collect();
-    let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
-    files::check_pipe_peers(&ends, &opts.external)?;
     let parents: Vec<(Pid, Option<Pid>)> = tree
         .with_parents()
         .map(|(parent, p)| (p.pid(), parent))
         .collect();
-    let mut processes = Vec::with_capacity(parents.len());
     let mut root_vmas = Some(root_vmas);
-    for (pid, parent) in parents {
-        let Some(process) = tree.process_mut(pid) else {
-            continue;
-        };
-        let vmas = if pid == root {
-            root_vmas.take().unwrap_or(VmaSource::Smaps)
-        } else {
-            VmaSource::Smaps
-        };
-        processes.push(collect_one(process, parent, &mut tables, opts, vmas)?);
-    }
+    let order: Vec<(Pid, VmaSource)> = parents
+        .iter()
+        .map(|(pid, _)| {
+            let vmas = if *pid == root {
+                root_vmas.take().unwrap_or(VmaSource::Smaps)
+            } else {
+                VmaSource::Smaps
+            };
+            (*pid, vmas)
+        })
+        .collect();
+    // What needs no ptrace is read by a second thread, in tree order, while this one (the
+    // tracer) checks the files and injects: on two CPUs the two halves overlap.
+    let mut processes = std::thread::scope(|scope| {
+        let (sender, reads) = std::sync::mpsc::channel();
+        scope.spawn(move || {
+            for (pid, vmas) in order {
+                // A closed channel means the tracer gave up: stop reading.
+                if sender.send(ProcReads::read(pid, vmas)).is_err() {
+                    break;
+                }
+            }
+        });
+        // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
+        let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
+        files::check_pipe_peers(&ends, &opts.external)?;
+        let mut processes = Vec::with_capacity(parents.len());
+        for (pid, parent) in &parents {
+            let early = reads
+                .recv()
+                .map_err(|_| CollectError::ReaderGone { pid: *pid })??;
+            let Some(process) = tree.process_mut(*pid) else {
+                continue;
+            };
+            processes.push(collect_one(process, *parent, early, &mut tables, opts)?);
+        }
+        Ok::<_, CollectError>(processes)
+    })?;
     // Unix socket peers are known once every process was read.
     let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
     if let Some(root) = processes.first_mut() {
@@ -488,17 +584,19 @@ fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
 fn collect_one(
     tree: &mut SeizedProcess,
     parent: Option<Pid>,
+    early: ProcReads,
     tables: &mut TreeTables,
     opts: &DumpOptions,
-    vmas: VmaSource,
 ) -> Result<ProcessState, CollectError> {
     let pid = tree.pid();
-    let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
-    let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
-    // The memory and files of the process are only reachable through a live leader's /proc.
-    if status.state == 'Z' {
-        return Err(CollectError::ZombieLeader { pid });
-    }
+    let ProcReads {
+        stat,
+        status,
+        mut memory,
+        auxv,
+        rlimits,
+        oom_score_adj,
+    } = early;
     let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
     let stopped = leader.in_group_stop();
     let stop_signo = match leader.stop_state() {
@@ -525,13 +623,32 @@ fn collect_one(
         return Err(CollectError::SharedVm { pid, with });
     }
     let root_ids = tables.ids.root_ids();
-    // Memory first: the scratch page we map next must not show up in the dump.
-    let mut memory = memory::collect(pid, vmas)?;
     let mut seccomp = SeccompTable::default();
     // Pinned from the scratch mapping on (the first injection) to its unmapping: unpinned,
     // each wakeup of the tracee may wait for another CPU's time slice, milliseconds under load.
     let leader_tid = tree.leader_mut().map(|l| l.tid());
+    // Read before the pins change it.
+    let affinities = tree
+        .threads_mut()
+        .iter()
+        .map(|t| {
+            let tid = t.tid();
+            tracee::taskinfo::affinity(tid)
+                .map(|cpus| (tid, cpus))
+                .map_err(|source| CollectError::TaskInfo {
+                    tid,
+                    what: "cpu affinity",
+                    source,
+                })
+        })
+        .collect::<Result<HashMap<Tid, Vec<usize>>, _>>()?;
     let leader_pin = leader_tid.and_then(|tid| pin_next_to(pid, tid));
+    if let Some(leader) = tree.leader_mut() {
+        match tables.vdso_insn {
+            Some(offset) => reuse_vdso_insn(leader, &memory.maps, offset),
+            None => tables.vdso_insn = vdso_insn_offset(leader, &memory.maps),
+        }
+    }
     let (mut threads, sigactions, timers, values) = inject::with_scratch(tree, |tree, scratch| {
         let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
         let values = leader_values(leader, scratch)?;
@@ -543,7 +660,8 @@ fn collect_one(
             let _pin = (Some(thread.tid()) != leader_tid)
                 .then(|| pin_next_to(pid, thread.tid()))
                 .flatten();
-            threads.push(threads::collect(thread, scratch, &mut seccomp)?);
+            let cpus = affinities.get(&thread.tid()).map_or(&[][..], Vec::as_slice);
+            threads.push(threads::collect(thread, scratch, cpus, &mut seccomp)?);
         }
         Ok((threads, sigactions, timers, values))
     })?;
@@ -557,7 +675,6 @@ fn collect_one(
         !shared.files,
     )?;
 
-    let auxv = proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?;
     let mm = MmEntry {
         mm_start_code: stat.start_code,
         mm_end_code: stat.end_code,
@@ -585,9 +702,9 @@ fn collect_one(
         blk_sigset: leader_mask.0,
         comm: stat.comm.clone(),
         timers: Some(timers),
-        rlimits: Some(rlimits(pid)?),
+        rlimits: Some(rlimits),
         signals_s: Some(signals::signal_queue(&shared_pending)),
-        oom_score_adj: read_i32_file(pid, "oom_score_adj"),
+        oom_score_adj,
         sigactions,
         child_subreaper: Some(values.child_subreaper),
         // CRIU records the mask only when something is registered.

@@ -230,17 +230,19 @@ fn seccomp(
     Ok(())
 }
 
-/// Collects one stopped thread. `scratch` must be mapped in its process.
+/// Collects one stopped thread. `scratch` must be mapped in its process; `cpus` is the
+/// thread's affinity, read before any pinning.
 #[tracing::instrument(skip_all, fields(tid = %thread.tid()))]
 pub fn collect(
     thread: &mut Tracee,
     scratch: &Scratch<'_>,
+    cpus: &[usize],
     seccomp_table: &mut SeccompTable,
 ) -> Result<ThreadState, CollectError> {
     let tid = thread.tid();
     let pid = thread.pid();
     let regs = thread
-        .get_regs()
+        .program_regs()
         .map_err(ptrace_err(tid, "read registers"))?;
     let xsave = thread
         .get_xsave()
@@ -248,7 +250,7 @@ pub fn collect(
     let fpregs = fpregs_from_raw(xsave.as_bytes(), &image_layout(xsave.xcr0()))
         .map_err(|source| CollectError::Xsave { tid, source })?;
     let sigmask = thread
-        .get_sigmask()
+        .program_sigmask()
         .map_err(ptrace_err(tid, "read the signal mask"))?;
     let pending = thread
         .peek_siginfo(false)
@@ -275,7 +277,7 @@ pub fn collect(
     tc.futex_rla = head;
     tc.futex_rla_len = len;
     sched(tid, &mut tc)?;
-    super::extras::thread(thread, &mut tc)?;
+    super::extras::thread(thread, cpus, &mut tc)?;
     tc.sas = Some(sigaltstack(thread, scratch)?);
     scratch.clear(tid, OFF_PDEATHSIG, 4)?;
     syscall(

@@ -1,11 +1,13 @@
 /* A process with a bit of every kind of state the dump reads. It writes "ready" to argv[1]
- * once set up, then spins; on SIGUSR2 it checks that its own state is unchanged, writes PASS or
+ * once set up, then spins; on SIGUSR2 it checks that its own state is unchanged (the CPU
+ * affinity of every thread too, which the dumper changes while it injects), writes PASS or
  * FAIL: ... to argv[2] and exits. Used to check that a --leave-running dump, and a dump that
  * fails on purpose, leave the process exactly as it was. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,6 +31,7 @@
 static volatile sig_atomic_t got_usr2;
 static volatile uint64_t counters[NTHREADS];
 static volatile int stop_threads;
+static volatile int cpus_changed;
 static unsigned char *big;
 static char fail[512];
 
@@ -38,8 +41,13 @@ static void on_usr1(int sig) { (void)sig; }
 static void *spin(void *arg)
 {
 	long i = (long)arg;
+	cpu_set_t before, after;
+	sched_getaffinity(0, sizeof before, &before);
 	while (!stop_threads)
 		counters[i]++;
+	sched_getaffinity(0, sizeof after, &after);
+	if (!CPU_EQUAL(&before, &after))
+		cpus_changed = 1;
 	return NULL;
 }
 
@@ -138,6 +146,8 @@ int main(int argc, char **argv)
 	pthread_t th[NTHREADS];
 	for (long i = 0; i < NTHREADS; i++) pthread_create(&th[i], NULL, spin, (void *)i);
 
+	cpu_set_t cpus_before, cpus_after;
+	sched_getaffinity(0, sizeof cpus_before, &cpus_before);
 	write_file(argv[1], "ready\n");
 	while (!got_usr2) {
 		/* keep some registers busy with a known value */
@@ -145,6 +155,8 @@ int main(int argc, char **argv)
 	}
 	stop_threads = 1;
 	for (int i = 0; i < NTHREADS; i++) pthread_join(th[i], NULL);
+	sched_getaffinity(0, sizeof cpus_after, &cpus_after);
+	check(CPU_EQUAL(&cpus_before, &cpus_after) && !cpus_changed, "cpu affinity");
 
 	for (size_t i = 0; i < BIG; i += 4096) if (big[i] != (unsigned char)(i >> 12)) { check(0, "big memory"); break; }
 	check(ro[8191] == 0x5a, "read-only memory");
