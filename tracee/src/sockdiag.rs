@@ -39,12 +39,14 @@ const UDIAG_SHOW_VFS: u32 = 0x2;
 const UDIAG_SHOW_PEER: u32 = 0x4;
 const UDIAG_SHOW_ICONS: u32 = 0x8;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
+const UDIAG_SHOW_MEMINFO: u32 = 0x20;
 
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_ICONS: u16 = 3;
 const UNIX_DIAG_RQLEN: u16 = 4;
+const UNIX_DIAG_MEMINFO: u16 = 5;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
 /// `unix_diag_msg`: family, type, state, pad (u8 each), inode, cookie[2] (u32 each).
 const UNIX_DIAG_MSG_LEN: usize = 16;
@@ -97,6 +99,9 @@ pub struct UnixSocketDiag {
     pub rqlen: Option<(u32, u32)>,
     /// `RCV_SHUTDOWN` (1) | `SEND_SHUTDOWN` (2).
     pub shutdown: Option<u8>,
+    /// The receive and send buffer sizes (`SK_MEMINFO_RCVBUF` and `SK_MEMINFO_SNDBUF`):
+    /// what `getsockopt(SO_RCVBUF)` and `SO_SNDBUF` answer, without asking each socket.
+    pub buffers: Option<(u32, u32)>,
 }
 
 /// Every unix socket of our network namespace, by inode.
@@ -124,7 +129,8 @@ impl UnixSockets {
             | UDIAG_SHOW_VFS
             | UDIAG_SHOW_PEER
             | UDIAG_SHOW_ICONS
-            | UDIAG_SHOW_RQLEN;
+            | UDIAG_SHOW_RQLEN
+            | UDIAG_SHOW_MEMINFO;
         rustix::net::send(&sock, &request(show), SendFlags::empty()).map_err(|errno| {
             SockDiagError::Socket {
                 op: "send the unix_diag request",
@@ -288,6 +294,12 @@ fn parse_socket(body: &[u8]) -> Result<UnixSocketDiag, SockDiagError> {
                 sk.rqlen = Some((r, w));
             }
             UNIX_DIAG_SHUTDOWN => sk.shutdown = data.first().copied(),
+            // `sk_meminfo`: u32 values indexed by SK_MEMINFO_*: RCVBUF is 1, SNDBUF 3.
+            UNIX_DIAG_MEMINFO => {
+                let rcvbuf = u32_at(data, 4).ok_or(bad("meminfo"))?;
+                let sndbuf = u32_at(data, 12).ok_or(bad("meminfo"))?;
+                sk.buffers = Some((rcvbuf, sndbuf));
+            }
             _ => {}
         }
         attrs = attrs
@@ -426,6 +438,8 @@ mod tests {
         .expect("socketpair");
         rustix::io::write(&a, b"abc").expect("write");
         rustix::net::shutdown(&b, rustix::net::Shutdown::Write).expect("shutdown");
+        rustix::net::sockopt::set_socket_send_buffer_size(&a, 50_000).expect("sndbuf");
+        rustix::net::sockopt::set_socket_recv_buffer_size(&a, 70_000).expect("rcvbuf");
         let name = format!("ckpt-sockdiag-test-{}", std::process::id());
         let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).expect("addr");
         let listener = rustix::net::socket_with(
@@ -452,6 +466,17 @@ mod tests {
         assert_eq!(sa.peer, Some(ib));
         assert_eq!((sa.sock_type, sa.state), (1, 1));
         assert_eq!(sa.shutdown, Some(1), "a cannot receive once b shut writing");
+        let (rcvbuf, sndbuf) = sa.buffers.expect("a's buffer sizes");
+        assert_eq!(
+            (rcvbuf, sndbuf),
+            (
+                u32::try_from(rustix::net::sockopt::socket_recv_buffer_size(&a).expect("rcv"))
+                    .expect("fits"),
+                u32::try_from(rustix::net::sockopt::socket_send_buffer_size(&a).expect("snd"))
+                    .expect("fits")
+            ),
+            "what getsockopt answers"
+        );
         let sb = all.get(ib).expect("b listed");
         assert_eq!(sb.rqlen.map(|r| r.0), Some(3));
         assert_eq!(sb.shutdown, Some(2));

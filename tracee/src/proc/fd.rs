@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
-use super::{parse_with, proc_path, read_open, read_text, ParseError, ProcError};
+use super::{parse_with, proc_path, read_text, ParseError, ProcError};
 use crate::ids::{Pid, TargetFd};
 
 /// One open fd of the target and its `readlink` text (a path, or
@@ -247,21 +247,60 @@ impl FdDir {
         Ok(out)
     }
 
+    /// The mode of the `/proc/PID/fd/N` link itself (`lstat`): its owner read and write
+    /// bits tell whether `fd` was opened for reading and for writing, at the cost of one
+    /// `statx` instead of opening and reading the fdinfo.
+    pub fn link_mode(&self, fd: TargetFd) -> Result<u32, ProcError> {
+        rustix::fs::statat(
+            &self.fd,
+            fd.as_raw().to_string(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map(|st| st.st_mode)
+        .map_err(|errno| ProcError::Read {
+            path: proc_path(self.pid, None, &format!("fd/{}", fd.as_raw())),
+            source: errno.into(),
+        })
+    }
+
     /// The fdinfo of `fd`, as [`read_fdinfo`] gives it.
     pub fn read_fdinfo(&self, fd: TargetFd) -> Result<FdInfo, ProcError> {
-        let path = proc_path(self.pid, None, &format!("fdinfo/{}", fd.as_raw()));
+        // Named only for errors: built on the way out, not for every fd.
+        let path = || proc_path(self.pid, None, &format!("fdinfo/{}", fd.as_raw()));
+        let read_err = |errno: Errno| ProcError::Read {
+            path: path(),
+            source: errno.into(),
+        };
         let file = rustix::fs::openat(
             &self.fdinfo,
             fd.as_raw().to_string(),
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|errno| ProcError::Read {
-            path: path.clone(),
-            source: errno.into(),
-        })?;
-        let text = read_open(std::fs::File::from(file), &path)?;
-        parse_with(&path, &text, parse_fdinfo)
+        .map_err(read_err)?;
+        let bytes = read_whole_show(&file).map_err(read_err)?;
+        parse_with(&path(), &String::from_utf8_lossy(&bytes), parse_fdinfo)
+    }
+}
+
+/// The text of a `/proc` file the kernel makes with one `show` call (a `single_open` seq
+/// file, as every fdinfo is): the kernel hands out all of it that fits, so a read that
+/// does not fill the buffer got the end, and the read that would only say "end of file" is
+/// not made (one syscall less per fd, tens of thousands in a large tree).
+fn read_whole_show(file: &OwnedFd) -> Result<Vec<u8>, Errno> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match rustix::io::read(file, &mut chunk) {
+            Ok(n) => {
+                bytes.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                if n < chunk.len() {
+                    return Ok(bytes);
+                }
+            }
+            Err(Errno::INTR) => {}
+            Err(errno) => return Err(errno),
+        }
     }
 }
 
@@ -339,5 +378,46 @@ tfd:        7 events:        1 data: ffffffffffffffff  pos:0 ino:3f5 sdev:8\n";
         assert_eq!(info.pos, 3);
         assert_eq!(info, read_fdinfo(me, raw).expect("own fdinfo"));
         assert!(dir.read_fdinfo(TargetFd(1 << 30)).is_err());
+        assert_eq!(dir.link_mode(raw).expect("link mode") & 0o600, 0o600);
+        let (r, w) = rustix::pipe::pipe().expect("pipe");
+        assert_eq!(
+            dir.link_mode(TargetFd(r.as_raw_fd())).expect("mode") & 0o600,
+            0o400
+        );
+        assert_eq!(
+            dir.link_mode(TargetFd(w.as_raw_fd())).expect("mode") & 0o600,
+            0o200
+        );
+        assert!(dir.link_mode(TargetFd(1 << 30)).is_err());
+    }
+
+    #[test]
+    fn fdinfo_longer_than_one_read_comes_whole() {
+        use rustix::event::epoll;
+        use std::os::fd::AsRawFd;
+        let me = Pid::try_from(std::process::id()).expect("own pid");
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).expect("epoll");
+        // A tfd line is about 90 bytes: 100 targets make several pages of fdinfo.
+        let targets: Vec<OwnedFd> = (0..100)
+            .map(|_| {
+                rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd")
+            })
+            .collect();
+        for (i, t) in targets.iter().enumerate() {
+            epoll::add(
+                &ep,
+                t,
+                epoll::EventData::new_u64(i as u64),
+                epoll::EventFlags::IN,
+            )
+            .expect("epoll add");
+        }
+        let dir = FdDir::open(me).expect("own fd dirs");
+        let info = dir.read_fdinfo(TargetFd(ep.as_raw_fd())).expect("fdinfo");
+        assert_eq!(info.epoll_targets().len(), 100);
+        assert_eq!(
+            info,
+            read_fdinfo(me, TargetFd(ep.as_raw_fd())).expect("fdinfo by path")
+        );
     }
 }

@@ -51,6 +51,12 @@ pub fn is_write_end(info: &FdInfo) -> bool {
     info.flags & O_ACCMODE == O_WRONLY
 }
 
+/// Whether a pipe fd is its write end, from the mode of its `/proc/PID/fd/N` link, whose
+/// owner bits say how it was opened.
+pub fn is_write_mode(link_mode: u32) -> bool {
+    link_mode & 0o600 == 0o200
+}
+
 /// `pipe:[INODE]` to the inode.
 pub fn pipe_inode(target: &str) -> Option<u64> {
     target

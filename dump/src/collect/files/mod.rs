@@ -8,12 +8,28 @@
 //! UDP and listening TCP sockets (`inet`) are supported, with the file locks held through
 //! them (`locks`, for `filelocks.img`); anything else fails the dump before a single image
 //! is written.
+//!
+//! A tree of a hundred processes holds ten thousand fds, and each `/proc` read or `kcmp` is
+//! a syscall, so the work is split by what it needs:
+//! - [`precheck_all`] tells the kind of every fd before anything else is collected, with
+//!   the least it can read: the link text names pipes, sockets and anonymous inodes; only a
+//!   file named by a path is stat'ed, only a pipe's link mode is read (its direction, for
+//!   [`check_pipe_peers`]), and sockets are looked up in one `unix_diag` listing.
+//! - The fds are then described (fdinfo, `kcmp` among the fds met before, socket options
+//!   and queues, pipe contents) by a thread of their own, one process ahead of the tracer
+//!   (`worker`), with their fdinfo read ahead by another (`prefetch`); the worker also
+//!   reads what the exe, cwd, root and mappings need (`ahead`), so that [`collect`] only
+//!   adds their file objects.
+//! - fdinfo names the inode: pipes, sockets and anonymous inodes are never stat'ed.
 
+mod ahead;
 mod inet;
 mod kobj;
 mod locks;
+mod prefetch;
 mod reg;
 pub mod unix;
+mod worker;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -32,6 +48,7 @@ pub use kobj::{PipeData, PipePeerError};
 pub use locks::LockError;
 pub use reg::Ghost;
 pub use unix::{SkPacket, UnixError};
+pub use worker::FileTable;
 
 /// `O_CLOEXEC` as fdinfo shows it: it belongs to the fd, not to the file.
 const O_CLOEXEC: u32 = 0o2_000_000;
@@ -164,19 +181,19 @@ fn classify(target: &str, mode: u32, rdev: u64) -> FdKind {
     }
 }
 
-/// What two fds sharing an open file description must have in common: device and inode,
+/// What two fds sharing an open file description must have in common: mount and inode,
 /// offset, status flags, and for an eventfd its kernel id. Fds that differ in any are
 /// different descriptions without asking `kcmp`.
 type FdKey = (u64, u64, u64, u32, u64);
 
-fn fd_key(meta: &std::fs::Metadata, info: &fd::FdInfo) -> FdKey {
+fn fd_key(inode: (u64, u64), info: &fd::FdInfo) -> FdKey {
     let eventfd_id = info
         .get("eventfd-id")
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     (
-        meta.dev(),
-        meta.ino(),
+        inode.0,
+        inode.1,
         info.pos,
         info.flags & !O_CLOEXEC,
         eventfd_id,
@@ -186,9 +203,10 @@ fn fd_key(meta: &std::fs::Metadata, info: &fd::FdInfo) -> FdKey {
 /// File objects known so far in the whole tree, with CRIU's single counter of file ids:
 /// ids are global, so an open file description shared by several processes (inherited
 /// through fork, passed over a socket) is one object. One table serves every process of a
-/// dump, in tree order.
+/// dump, in tree order; [`FileTable`] passes it between the tracer and the thread that
+/// describes fds ahead of it.
 #[derive(Default)]
-pub struct FileTable {
+struct Table {
     /// Fds already described, bucketed by [`FdKey`] and kept in the kernel's `kcmp` order
     /// within a bucket: finding the description of a new fd costs a binary search of kcmp
     /// calls, even with thousands of separate opens of one file.
@@ -203,9 +221,9 @@ pub struct FileTable {
     pidfd: Option<pidfd::PidFd>,
     /// Pipes (by inode) whose data is saved already.
     pipes_read: std::collections::HashSet<u64>,
-    /// The fds [`precheck_all`] listed, stat'ed, classified and read the fdinfo of, per
-    /// process, so that [`collect`] need not do any of it again (the tree is frozen: they
-    /// cannot change).
+    /// The fds [`precheck_all`] listed and classified, per process, with what it read of
+    /// them, so that [`collect`] need not read it again (the tree is frozen: they cannot
+    /// change).
     prechecked: HashMap<Pid, Vec<(FdLink, Seen)>>,
     /// What the process being collected adds; taken by [`collect`].
     state: FilesState,
@@ -214,9 +232,14 @@ pub struct FileTable {
     /// Our copies of files in flight in unix socket queues: `by_fd` names them by our pid
     /// and their fd numbers here, so they stay open as long as the table.
     in_flight: Vec<std::os::fd::OwnedFd>,
+    /// The fdinfo of the prechecked fds, read ahead by a thread of its own.
+    prefetch: Option<prefetch::Prefetch>,
+    /// What the worker read of the exe, cwd, root and mappings of the processes it
+    /// described, for [`collect`].
+    paths_ahead: HashMap<Pid, ahead::PathsAhead>,
 }
 
-impl FileTable {
+impl Table {
     fn fresh_id(&mut self) -> u32 {
         self.next_id += 1;
         self.next_id
@@ -285,15 +308,20 @@ fn meta_of(pid: Pid, path: &Path, fd: Option<TargetFd>) -> Result<std::fs::Metad
 }
 
 /// Adds a file reached through a `/proc` link (exe, cwd, root, a mapping) once per inode and
-/// returns its id. `shown` is the path the kernel shows for it. A deleted file (a binary
-/// replaced while it runs) is saved as a ghost, as for fds.
+/// returns its id. `shown` is the path the kernel shows for it, `meta` its `stat` if read
+/// already. A deleted file (a binary replaced while it runs) is saved as a ghost, as for
+/// fds.
 fn path_file(
-    table: &mut FileTable,
+    table: &mut Table,
     pid: Pid,
     proc_link: &Path,
     shown: &str,
+    meta: Option<std::fs::Metadata>,
 ) -> Result<u32, CollectError> {
-    let meta = meta_of(pid, proc_link, None)?;
+    let meta = match meta {
+        Some(meta) => meta,
+        None => meta_of(pid, proc_link, None)?,
+    };
     let key = (meta.dev(), meta.ino());
     if let Some(id) = table.by_inode.get(&key) {
         return Ok(*id);
@@ -318,7 +346,7 @@ fn path_file(
 }
 
 /// Saves a deleted file's contents as a ghost image that stands in for file object `id`.
-fn add_ghost(table: &mut FileTable, id: u32, source: &Path, meta: &std::fs::Metadata, name: &str) {
+fn add_ghost(table: &mut Table, id: u32, source: &Path, meta: &std::fs::Metadata, name: &str) {
     table.next_ghost += 1;
     let ghost = reg::ghost(table.next_ghost, source, meta);
     table.state.remaps.push(RemapFilePathEntry {
@@ -341,11 +369,68 @@ fn readlink(pid: Pid, path: &Path) -> Result<String, CollectError> {
         })
 }
 
-/// What [`precheck_all`] learnt of one fd: its `stat`, its kind and its fdinfo.
+/// What [`precheck_all`] learnt of one fd: its kind and what it read to tell it.
 struct Seen {
-    meta: std::fs::Metadata,
     kind: FdKind,
-    info: fd::FdInfo,
+    /// The fdinfo, if the kind depends on it (sockets); the other fds' is read when they
+    /// are described, off the precheck's path.
+    info: Option<fd::FdInfo>,
+    /// `stat` of a file named by a path (regular files, FIFOs, devices).
+    meta: Option<std::fs::Metadata>,
+}
+
+fn fd_link_path(pid: Pid, fd: TargetFd) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/fd/{}", fd.as_raw()))
+}
+
+/// Tells what `link` of `pid` is, or why it cannot be dumped, reading no more than that
+/// takes: the link text names pipes and anonymous inodes, a file named by a path is
+/// stat'ed, and only a socket needs its fdinfo (`fdinfo` reads it) to tell a unix socket.
+fn look(
+    pid: Pid,
+    link: &FdLink,
+    fdinfo: impl FnOnce() -> Result<fd::FdInfo, CollectError>,
+    shell_job: bool,
+) -> Result<Seen, CollectError> {
+    let fd = link.fd;
+    let meta = if shows(link, b"/") && !shows(link, b"/memfd:") {
+        Some(meta_of(pid, &fd_link_path(pid, fd), Some(fd))?)
+    } else {
+        None
+    };
+    let info = if shows(link, b"socket:") {
+        Some(fdinfo()?)
+    } else {
+        None
+    };
+    let kind = check_kind(pid, link, meta.as_ref(), info.as_ref(), shell_job)?;
+    Ok(Seen { kind, info, meta })
+}
+
+/// The fdinfo of `fd` of `pid`, through `dir` if the process's fd directories are open.
+fn read_info(pid: Pid, fd: TargetFd, dir: Option<&fd::FdDir>) -> Result<fd::FdInfo, CollectError> {
+    match dir {
+        Some(dir) => dir.read_fdinfo(fd),
+        None => fd::read_fdinfo(pid, fd),
+    }
+    .map_err(|source| CollectError::Proc {
+        pid,
+        what: "fdinfo",
+        source,
+    })
+}
+
+/// The `stat` of a file named by a path, as [`look`] got it, or read now.
+fn stat_of(
+    pid: Pid,
+    fd: TargetFd,
+    proc_link: &Path,
+    meta: Option<std::fs::Metadata>,
+) -> Result<std::fs::Metadata, CollectError> {
+    match meta {
+        Some(meta) => Ok(meta),
+        None => meta_of(pid, proc_link, Some(fd)),
+    }
 }
 
 /// One end of a pipe held by a process of the tree.
@@ -364,7 +449,7 @@ pub fn check_unix_peers(
     table: &mut FileTable,
     ext_unix_sk: bool,
 ) -> Result<Vec<FileEntry>, CollectError> {
-    let FileTable { unix, next_id, .. } = table;
+    let Table { unix, next_id, .. } = table.get();
     let fresh_id = || {
         *next_id += 1;
         *next_id
@@ -409,24 +494,56 @@ pub fn check_pipe_peers(ends: &[PipeEnd], external: &[String]) -> Result<(), Col
 /// tree was looked at. Runs in two threads (the fds are only read from `/proc` and
 /// duplicated, which needs no ptrace: any thread of ours may do it). The error is the one of
 /// the first process in `pids` order that has one, as one by one.
+///
+/// Then starts describing the fds of `pids`, in that order, on a thread of its own
+/// (`worker`), for [`collect`] to find ready, and reading their fdinfo ahead of it on
+/// another (`prefetch`).
 pub fn precheck_all(
-    table: &mut FileTable,
+    files: &mut FileTable,
     pids: &[Pid],
     shell_job: bool,
 ) -> Result<Vec<PipeEnd>, CollectError> {
-    type Scanned = Result<(Vec<(FdLink, Seen)>, Vec<PipeEnd>), CollectError>;
-    let scan_every = |first: usize| -> Vec<(Pid, Scanned)> {
+    let table = files.get();
+    let ends = check_every_fd(table, pids, shell_job)?;
+    let unread = pids
+        .iter()
+        .map(|pid| {
+            let fds = table.prechecked.get(pid).map_or_else(Vec::new, |seen| {
+                seen.iter()
+                    .filter(|(_, seen)| seen.info.is_none())
+                    .map(|(link, _)| link.fd)
+                    .collect()
+            });
+            (*pid, fds)
+        })
+        .collect();
+    table.prefetch = Some(prefetch::Prefetch::start(unread));
+    files.start_worker(pids.to_vec(), shell_job);
+    Ok(ends)
+}
+
+/// The checks of [`precheck_all`]: every process is scanned, by two threads, while a third
+/// lists the unix sockets.
+fn check_every_fd(
+    table: &mut Table,
+    pids: &[Pid],
+    shell_job: bool,
+) -> Result<Vec<PipeEnd>, CollectError> {
+    let scan_every = |first: usize| -> Vec<(Pid, Result<Scanned, CollectError>)> {
         pids.iter()
             .skip(first)
             .step_by(2)
             .map(|&pid| (pid, scan(pid, shell_job)))
             .collect()
     };
-    let (even, odd) = std::thread::scope(|scope| {
+    let (even, odd, listing) = std::thread::scope(|scope| {
+        // Which sockets are unix sockets, from one sock_diag dump taken meanwhile.
+        let listing = scope.spawn(unix::UnixSockets::dump);
         let odd = scope.spawn(|| scan_every(1));
         let even = scan_every(0);
-        // A panic in the helper is a bug of ours: read those processes again here.
-        (even, odd.join().unwrap_or_else(|_| scan_every(1)))
+        // A panic in a helper is a bug of ours: read those processes again here.
+        let odd = odd.join().unwrap_or_else(|_| scan_every(1));
+        (even, odd, listing.join().ok().and_then(Result::ok))
     });
     let mut even = even.into_iter();
     let mut odd = odd.into_iter();
@@ -436,17 +553,53 @@ pub fn precheck_all(
         let Some((pid, scanned)) = next else {
             break;
         };
-        let (seen, pipes) = scanned?;
-        table.prechecked.insert(pid, seen);
-        ends.extend(pipes);
+        let mut scanned = scanned?;
+        settle_sockets(pid, &mut scanned, listing.as_ref(), shell_job)?;
+        table.prechecked.insert(pid, scanned.seen);
+        ends.extend(scanned.pipes);
+    }
+    if let Some(listing) = listing {
+        table.unix.set_listing(listing);
     }
     Ok(ends)
 }
 
-/// Lists, stats, reads the fdinfo of and classifies every fd of `pid`; fails on the first
-/// one the dump cannot save. Also returns its pipe ends.
-#[allow(clippy::type_complexity)]
-fn scan(pid: Pid, shell_job: bool) -> Result<(Vec<(FdLink, Seen)>, Vec<PipeEnd>), CollectError> {
+/// What [`scan`] found of one process.
+struct Scanned {
+    seen: Vec<(FdLink, Seen)>,
+    pipes: Vec<PipeEnd>,
+    /// Which of `seen` are sockets, whose kind [`settle_sockets`] tells.
+    sockets: Vec<usize>,
+}
+
+/// Tells the kind of the sockets of `scanned`: those in the unix `listing` are unix
+/// sockets; any other has its fdinfo read and is classified by [`look`]. So a socket that
+/// cannot be dumped fails after the other fds of its process were checked.
+fn settle_sockets(
+    pid: Pid,
+    scanned: &mut Scanned,
+    listing: Option<&unix::UnixSockets>,
+    shell_job: bool,
+) -> Result<(), CollectError> {
+    for &i in &scanned.sockets {
+        let Some((link, seen)) = scanned.seen.get_mut(i) else {
+            continue;
+        };
+        let listed = inet::socket_inode(&link.target.to_string_lossy())
+            .and_then(|ino| u32::try_from(ino).ok())
+            .is_some_and(|ino| listing.is_some_and(|l| l.get(ino).is_some()));
+        if listed {
+            seen.kind = FdKind::UnixSocket;
+        } else {
+            *seen = look(pid, link, || read_info(pid, link.fd, None), shell_job)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lists and classifies every fd of `pid` ([`look`]), but its sockets, which wait for the
+/// unix listing; fails on the first one the dump cannot save. Also returns its pipe ends.
+fn scan(pid: Pid, shell_job: bool) -> Result<Scanned, CollectError> {
     let dir = fd::FdDir::open(pid).map_err(|source| CollectError::Proc {
         pid,
         what: "fd directory",
@@ -457,31 +610,59 @@ fn scan(pid: Pid, shell_job: bool) -> Result<(Vec<(FdLink, Seen)>, Vec<PipeEnd>)
         what: "fd list",
         source,
     })?;
-    let mut pipes = Vec::new();
-    let mut seen = Vec::with_capacity(links.len());
+    let mut scanned = Scanned {
+        seen: Vec::with_capacity(links.len()),
+        pipes: Vec::new(),
+        sockets: Vec::new(),
+    };
     for link in links {
-        let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", link.fd.as_raw()));
-        let meta = meta_of(pid, &proc_link, Some(link.fd))?;
-        let info = dir
-            .read_fdinfo(link.fd)
-            .map_err(|source| CollectError::Proc {
-                pid,
-                what: "fdinfo",
-                source,
-            })?;
-        let kind = check_kind(pid, &link, &meta, Some(&info), shell_job)?;
-        let target = link.target.to_string_lossy();
-        if let Some(inode) = kobj::pipe_inode(&target) {
-            pipes.push(PipeEnd {
-                pid,
-                fd: link.fd,
-                inode,
-                write: kobj::is_write_end(&info),
-            });
+        if shows(&link, b"socket:") {
+            scanned.sockets.push(scanned.seen.len());
+            let unsettled = Seen {
+                kind: FdKind::Unsupported("socket"),
+                info: None,
+                meta: None,
+            };
+            scanned.seen.push((link, unsettled));
+            continue;
         }
-        seen.push((link, Seen { meta, kind, info }));
+        let seen = look(
+            pid,
+            &link,
+            || read_info(pid, link.fd, Some(&dir)),
+            shell_job,
+        )?;
+        if seen.kind == FdKind::Pipe {
+            scanned.pipes.push(pipe_end(pid, &dir, &link)?);
+        }
+        scanned.seen.push((link, seen));
     }
-    Ok((seen, pipes))
+    Ok(scanned)
+}
+
+/// Whether the link text of `link` starts with `prefix`.
+fn shows(link: &FdLink, prefix: &[u8]) -> bool {
+    link.target
+        .as_os_str()
+        .as_encoded_bytes()
+        .starts_with(prefix)
+}
+
+/// The pipe end `link` of `pid`: its direction from the mode of its link in `dir`.
+fn pipe_end(pid: Pid, dir: &fd::FdDir, link: &FdLink) -> Result<PipeEnd, CollectError> {
+    let mode = dir
+        .link_mode(link.fd)
+        .map_err(|source| CollectError::Proc {
+            pid,
+            what: "fd link",
+            source,
+        })?;
+    Ok(PipeEnd {
+        pid,
+        fd: link.fd,
+        inode: kobj::pipe_inode(&link.target.to_string_lossy()).unwrap_or(0),
+        write: kobj::is_write_mode(mode),
+    })
 }
 
 /// [`classify`], with IPv4 and IPv6 sockets told apart from the other sockets by asking a
@@ -490,10 +671,12 @@ fn kind_of(
     pid: Pid,
     fd: TargetFd,
     target: &str,
-    meta: &std::fs::Metadata,
+    meta: Option<&std::fs::Metadata>,
     info: Option<&fd::FdInfo>,
 ) -> Result<FdKind, CollectError> {
-    let kind = classify(target, meta.mode(), meta.rdev());
+    // Only files named by a path are classified by their mode.
+    let (mode, rdev) = meta.map_or((0, 0), |m| (m.mode(), m.rdev()));
+    let kind = classify(target, mode, rdev);
     // Only unix sockets show `scm_fds` in their fdinfo: with the fdinfo at hand, that
     // settles it without reading it again or duplicating the socket.
     if target.starts_with("socket:") && info.is_some_and(|i| i.get("scm_fds").is_some()) {
@@ -513,7 +696,7 @@ fn kind_of(
 fn check_kind(
     pid: Pid,
     link: &FdLink,
-    meta: &std::fs::Metadata,
+    meta: Option<&std::fs::Metadata>,
     info: Option<&fd::FdInfo>,
     shell_job: bool,
 ) -> Result<FdKind, CollectError> {
@@ -546,16 +729,18 @@ fn check_kind(
     }
 }
 
-/// One open fd: its file object (shared with earlier dups) and its fdinfo entry.
+/// One open fd: its file object (shared with earlier dups) and its fdinfo entry. `dir`:
+/// the process's fd directories, if open.
 fn open_fd(
-    table: &mut FileTable,
+    table: &mut Table,
     pid: Pid,
     link: &FdLink,
     seen: Option<Seen>,
+    dir: Option<&fd::FdDir>,
     shell_job: bool,
 ) -> Result<(), CollectError> {
     let fd = link.fd;
-    let (id, kind, info, new_description) = file_of(table, pid, link, seen, shell_job)?;
+    let (id, kind, info, new_description) = file_of(table, pid, link, seen, dir, shell_job)?;
     let fd_number = u32::try_from(fd.as_raw()).unwrap_or(0);
     let fd_flags = if info.flags & O_CLOEXEC != 0 {
         FD_CLOEXEC
@@ -598,7 +783,7 @@ fn open_fd(
 /// process's fd on the same description (by `kcmp`) or a new `files.img` entry. Our copy
 /// stays open with the table, which may compare later fds with it.
 fn in_flight_file(
-    table: &mut FileTable,
+    table: &mut Table,
     ours: std::os::fd::OwnedFd,
     shell_job: bool,
 ) -> Result<u32, CollectError> {
@@ -614,40 +799,50 @@ fn in_flight_file(
     })?;
     table.in_flight.push(ours);
     let link = FdLink { fd, target };
-    let (id, ..) = file_of(table, me, &link, None, shell_job)?;
+    let (id, ..) = file_of(table, me, &link, None, None, shell_job)?;
     Ok(id)
 }
 
 /// The file object behind `link` of `pid` (shared with earlier fds on the same open file
 /// description, or new), its kind, its fdinfo, and whether it is new.
 fn file_of(
-    table: &mut FileTable,
+    table: &mut Table,
     pid: Pid,
     link: &FdLink,
     seen: Option<Seen>,
+    dir: Option<&fd::FdDir>,
     shell_job: bool,
 ) -> Result<(u32, FdKind, fd::FdInfo, bool), CollectError> {
     let fd = link.fd;
-    let proc_link = PathBuf::from(format!("/proc/{pid}/fd/{}", fd.as_raw()));
+    let proc_link = fd_link_path(pid, fd);
     let target = link.target.to_string_lossy().into_owned();
-    let Seen { meta, kind, info } = match seen {
+    let Seen {
+        kind,
+        info,
+        mut meta,
+    } = match seen {
         Some(seen) => seen,
+        None => look(pid, link, || read_info(pid, fd, dir), shell_job)?,
+    };
+    let info = match info {
+        Some(info) => info,
+        None => read_info(pid, fd, dir)?,
+    };
+    // fdinfo names the inode: pipes, sockets and anonymous inodes need no stat.
+    let (mnt_id, ino) = match info.ino {
+        Some(ino) => (info.mnt_id, ino),
         None => {
-            let meta = meta_of(pid, &proc_link, Some(fd))?;
-            let info = fd::read_fdinfo(pid, fd).map_err(|source| CollectError::Proc {
-                pid,
-                what: "fdinfo",
-                source,
-            })?;
-            let kind = check_kind(pid, link, &meta, Some(&info), shell_job)?;
-            Seen { meta, kind, info }
+            let stat = stat_of(pid, fd, &proc_link, meta.take())?;
+            let inode = (stat.dev(), stat.ino());
+            meta = Some(stat);
+            inode
         }
     };
     if kind == FdKind::Tty {
         tracing::info!(fd = fd.as_raw(), path = %target,
             "terminal recorded by path (--shell-job): restore reopens it");
     }
-    let key = fd_key(&meta, &info);
+    let key = fd_key((mnt_id, ino), &info);
     // A dup'ed fd (or one inherited through fork) is the same open file description: one
     // object, whichever process of the tree holds it.
     let found = table.find_shared(key, pid, fd)?;
@@ -656,6 +851,7 @@ fn file_of(
     let id = match found.ok() {
         Some(id) => id,
         None if kind == FdKind::Fifo => {
+            let meta = stat_of(pid, fd, &proc_link, meta)?;
             // Restore reopens a FIFO by its path: one unlinked since cannot be reached.
             if meta.nlink() == 0 {
                 return Err(CollectError::UnsupportedFd {
@@ -669,7 +865,7 @@ fn file_of(
             let reg = reg::describe(regf_id, &target, info.flags & !O_CLOEXEC, 0, &meta, None);
             table.state.files.push(reg::file_entry(reg));
             let id = table.fresh_id();
-            let inode = meta.ino();
+            let inode = ino;
             // Tagged: a FIFO's inode (on its filesystem) may equal a pipe's (on pipefs).
             if table.pipes_read.insert(inode | FIFO_TAG) {
                 let data = kobj::fifo_data(pid, fd, inode, &info)?;
@@ -691,7 +887,7 @@ fn file_of(
         }
         None if kind == FdKind::Inet => {
             let id = table.fresh_id();
-            let entry = inet::entry(pid, fd, id, info.flags & !O_CLOEXEC, meta.ino())?;
+            let entry = inet::entry(pid, fd, id, info.flags & !O_CLOEXEC, ino)?;
             table.state.files.push(entry);
             table.remember_fd(key, insert_at, pid, fd, id);
             id
@@ -701,7 +897,7 @@ fn file_of(
             let flags = info.flags & !O_CLOEXEC;
             let queues = &mut table.state.sk_queues;
             let (entry, carried) =
-                unix::describe(&mut table.unix, pid, fd, id, flags, meta.ino(), queues)?;
+                unix::describe(&mut table.unix, pid, fd, id, flags, ino, queues)?;
             table.state.files.push(entry);
             table.remember_fd(key, insert_at, pid, fd, id);
             // Remembered first: a socket in flight in its own queue is found again.
@@ -713,7 +909,7 @@ fn file_of(
                     .map_err(|source| unix::UnixError::InFlight {
                         pid,
                         fd,
-                        ino: meta.ino(),
+                        ino,
                         source: Box::new(source),
                     })?;
                 tracing::debug!(fd = fd.as_raw(), ?rights, "file descriptors in flight");
@@ -733,7 +929,7 @@ fn file_of(
                 FdKind::Epoll => kobj::epoll_entry(pid, fd, id, flags, &info)?,
                 FdKind::Inotify => kobj::inotify_entry(pid, fd, id, flags, &info)?,
                 _ => {
-                    let inode = meta.ino();
+                    let inode = ino;
                     if !kobj::is_write_end(&info) && !table.pipes_read.contains(&inode) {
                         let data = kobj::pipe_data(table.pidfd_of(pid, fd)?, fd, inode)?;
                         table.state.pipe_data.push(data);
@@ -747,6 +943,7 @@ fn file_of(
             id
         }
         None => {
+            let meta = stat_of(pid, fd, &proc_link, meta)?;
             let id = table.fresh_id();
             let deleted = meta.nlink() == 0 && meta.is_file();
             let name = target
@@ -774,6 +971,13 @@ fn file_of(
     Ok((id, kind, info, new_description))
 }
 
+/// The device (major, minor) and inode of the file mapped at `start`, as `maps` shows it.
+fn maps_inode(maps: &[tracee::proc::maps::MapsEntry], start: u64) -> Option<(u32, u32, u64)> {
+    let at = maps.binary_search_by_key(&start, |m| m.start.get()).ok()?;
+    let m = maps.get(at)?;
+    (m.inode != 0).then_some((m.dev_major, m.dev_minor, m.inode))
+}
+
 /// `O_RDONLY`, `O_WRONLY` or `O_RDWR` from the owner bits of a `map_files` link.
 fn open_mode(link_mode: u32) -> u32 {
     const O_WRONLY: u32 = 1;
@@ -793,18 +997,52 @@ fn open_mode(link_mode: u32) -> u32 {
 /// collected before (`CLONE_FILES`).
 #[tracing::instrument(skip_all, fields(pid = %pid))]
 pub fn collect(
-    table: &mut FileTable,
+    files: &mut FileTable,
     pid: Pid,
     umask: u32,
     memory: &mut MemoryState,
     shell_job: bool,
     with_fds: bool,
 ) -> Result<FilesState, CollectError> {
+    let described = files.take_described(pid);
+    let table = files.get();
+    table.state = match (with_fds, described) {
+        // Described by the worker, for nothing if the process shares its fd table.
+        (false, _) => {
+            table.prechecked.remove(&pid);
+            FilesState::default()
+        }
+        (true, Some(described)) => described?,
+        (true, None) => describe_fds(table, pid, shell_job)?,
+    };
+    collect_paths(table, pid, umask, memory)?;
+    let state = std::mem::take(&mut table.state);
+    // The next process's fds are described while the tracer reads its other state.
+    files.hand_over();
+    Ok(state)
+}
+
+/// Describes every fd of `pid` into `table` (with what [`precheck_all`] read of them if it
+/// did); returns what they add to the tree: their fdinfo and the new file objects, ghosts,
+/// pipe data, locks and socket queues.
+fn describe_fds(table: &mut Table, pid: Pid, shell_job: bool) -> Result<FilesState, CollectError> {
     table.state = FilesState::default();
-    let prechecked = table.prechecked.remove(&pid);
-    let links: Vec<(FdLink, Option<Seen>)> = match prechecked {
-        _ if !with_fds => Vec::new(),
-        Some(seen) => seen.into_iter().map(|(l, s)| (l, Some(s))).collect(),
+    let links: Vec<(FdLink, Option<Seen>)> = match table.prechecked.remove(&pid) {
+        Some(seen) => {
+            let mut ahead = table
+                .prefetch
+                .as_ref()
+                .and_then(|p| p.take(pid))
+                .unwrap_or_default();
+            seen.into_iter()
+                .map(|(link, mut seen)| {
+                    if seen.info.is_none() {
+                        seen.info = ahead.remove(&link.fd);
+                    }
+                    (link, Some(seen))
+                })
+                .collect()
+        }
         None => fd::list(pid)
             .map_err(|source| CollectError::Proc {
                 pid,
@@ -815,32 +1053,71 @@ pub fn collect(
             .map(|l| (l, None))
             .collect(),
     };
+    // Held open for the fdinfo of every fd: each read then looks up only the fd number.
+    let dir = fd::FdDir::open(pid).map_err(|source| CollectError::Proc {
+        pid,
+        what: "fd directory",
+        source,
+    })?;
+    // Grown once: a file entry is large, and moving them at each growth shows in profiles.
+    table.state.fdinfo.reserve(links.len());
+    table.state.files.reserve(links.len());
     for (link, seen) in links {
-        open_fd(table, pid, &link, seen, shell_job)?;
+        open_fd(table, pid, &link, seen, Some(&dir), shell_job)?;
     }
-    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-    let exe_shown = readlink(pid, &exe)?;
-    table.state.exe_file_id = path_file(table, pid, &exe, &exe_shown)?;
-    for which in ["cwd", "root"] {
-        let link = PathBuf::from(format!("/proc/{pid}/{which}"));
-        let shown = readlink(pid, &link)?;
-        let id = path_file(table, pid, &link, &shown)?;
-        if which == "cwd" {
-            table.state.fs.cwd_id = id;
-        } else {
-            table.state.fs.root_id = id;
+    Ok(std::mem::take(&mut table.state))
+}
+
+/// Adds the executable, cwd, root and the mapped files of `pid` to `table.state`, and umask.
+fn collect_paths(
+    table: &mut Table,
+    pid: Pid,
+    umask: u32,
+    memory: &mut MemoryState,
+) -> Result<(), CollectError> {
+    let mut ahead = table.paths_ahead.remove(&pid).unwrap_or_default();
+    for (which, name) in ahead::LINKS.iter().enumerate() {
+        let link = PathBuf::from(format!("/proc/{pid}/{name}"));
+        let (shown, meta) = match ahead.take_link(which) {
+            Some((shown, meta)) => (shown, Some(meta)),
+            None => (readlink(pid, &link)?, None),
+        };
+        let id = path_file(table, pid, &link, &shown, meta)?;
+        match which {
+            0 => table.state.exe_file_id = id,
+            1 => table.state.fs.cwd_id = id,
+            _ => table.state.fs.root_id = id,
         }
     }
     table.state.fs.umask = Some(umask);
+    // The VMAs of one file (a library's text, data...) are one file object: the device and
+    // inode maps shows for each spare a stat of all but the first.
+    let mut by_maps: HashMap<(u32, u32, u64), u32> = HashMap::new();
     for mapped in &memory.mapped_files {
         let link = Path::new(&mapped.map_files);
-        let id = path_file(table, pid, link, &mapped.path)?;
+        let shown = memory
+            .vmas
+            .get(mapped.vma_index)
+            .and_then(|vma| maps_inode(&memory.maps, vma.start));
+        let id = match shown.and_then(|inode| by_maps.get(&inode)) {
+            Some(id) => *id,
+            None => {
+                let id = path_file(table, pid, link, &mapped.path, None)?;
+                if let Some(inode) = shown {
+                    by_maps.insert(inode, id);
+                }
+                id
+            }
+        };
         if let Some(vma) = memory.vmas.get_mut(mapped.vma_index) {
             vma.shmid = u64::from(id);
             // The map_files link's own mode shows how the mapped file was opened, which
             // restore must match (a shared writable mapping needs O_RDWR).
-            if let Ok(meta) = std::fs::symlink_metadata(link) {
-                vma.fdflags = Some(open_mode(meta.mode()));
+            let mode = ahead
+                .mode(vma.start)
+                .or_else(|| std::fs::symlink_metadata(link).ok().map(|meta| meta.mode()));
+            if let Some(mode) = mode {
+                vma.fdflags = Some(open_mode(mode));
             }
         }
     }
@@ -878,7 +1155,7 @@ pub fn collect(
         ghosts = table.state.ghosts.len(),
         "files collected"
     );
-    Ok(std::mem::take(&mut table.state))
+    Ok(())
 }
 
 #[cfg(test)]

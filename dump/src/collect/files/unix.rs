@@ -41,7 +41,8 @@ use images_format::pb::{
     UnixSkEntry,
 };
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
-use tracee::sockdiag::{self, UnixSocketDiag, UnixSockets, SO_PEEK_OFF};
+pub use tracee::sockdiag::UnixSockets;
+use tracee::sockdiag::{self, UnixSocketDiag, SO_PEEK_OFF};
 use tracee::{Errno, Pid, PidFd, TargetFd};
 
 pub const SOCK_STREAM: u32 = 1;
@@ -181,6 +182,13 @@ pub struct UnixTable {
 }
 
 impl UnixTable {
+    /// Takes `listing` as the listing of the tree's sockets, instead of dumping them again
+    /// at the first socket described.
+    pub fn set_listing(&mut self, listing: UnixSockets) {
+        tracing::debug!(sockets = listing.len(), "unix_diag listing");
+        self.diag = Some(listing);
+    }
+
     fn diag(&mut self) -> Result<&UnixSockets, UnixError> {
         if self.diag.is_none() {
             let listed = UnixSockets::dump().map_err(UnixError::Diag)?;
@@ -324,7 +332,7 @@ pub fn describe(
         backlog: wqlen,
         peer,
         fown: FownEntry::default(),
-        opts: options(&dup).map_err(sock_err("getsockopt"))?,
+        opts: options(&dup, sk.buffers).map_err(sock_err("getsockopt"))?,
         name: sk.name.clone().unwrap_or_default(),
         shutdown: (shutdown != 0).then_some(i32::from(shutdown)),
         ..UnixSkEntry::default()
@@ -478,16 +486,24 @@ fn micros_of(t: Option<std::time::Duration>) -> (u64, u64) {
 }
 
 /// The socket options CRIU keeps for every socket. Buffer sizes are as `getsockopt` shows
-/// them (twice what was set).
-fn options(sock: &OwnedFd) -> Result<SkOptsEntry, Errno> {
+/// them (twice what was set); `buffers` (receive, send), from the unix_diag listing, spares
+/// asking for them.
+fn options(sock: &OwnedFd, buffers: Option<(u32, u32)>) -> Result<SkOptsEntry, Errno> {
     use rustix::net::sockopt;
     let int = |name| sockdiag::sockopt_int(sock, libc::SOL_SOCKET, name);
     let as_u32 = |v: i32| u32::try_from(v).unwrap_or(0);
+    let (so_rcvbuf, so_sndbuf) = match buffers {
+        Some(sizes) => sizes,
+        None => (
+            u32::try_from(sockopt::socket_recv_buffer_size(sock)?).unwrap_or(u32::MAX),
+            u32::try_from(sockopt::socket_send_buffer_size(sock)?).unwrap_or(u32::MAX),
+        ),
+    };
     let (snd_sec, snd_usec) = micros_of(sockopt::socket_timeout(sock, sockopt::Timeout::Send)?);
     let (rcv_sec, rcv_usec) = micros_of(sockopt::socket_timeout(sock, sockopt::Timeout::Recv)?);
     Ok(SkOptsEntry {
-        so_sndbuf: u32::try_from(sockopt::socket_send_buffer_size(sock)?).unwrap_or(u32::MAX),
-        so_rcvbuf: u32::try_from(sockopt::socket_recv_buffer_size(sock)?).unwrap_or(u32::MAX),
+        so_sndbuf,
+        so_rcvbuf,
         so_snd_tmo_sec: snd_sec,
         so_snd_tmo_usec: snd_usec,
         so_rcv_tmo_sec: rcv_sec,
