@@ -39,7 +39,8 @@ struct Cli {
     /// Let the process run on after the dump.
     #[arg(short = 'R', long = "leave-running", conflicts_with = "leave_stopped")]
     leave_running: bool,
-    /// Leave the process stopped after the dump.
+    /// Leave the process stopped after the dump. The images are not synced to disk then
+    /// (the process is still there): a migration moves them on at once.
     #[arg(short = 's', long = "leave-stopped")]
     leave_stopped: bool,
     /// Allow the process to use the controlling terminal of its session.

@@ -1,8 +1,9 @@
 //! Writing the collected state as an image directory. Nothing here uses ptrace: page contents
 //! are read with `process_vm_readv` while they stream into `pages-N.img` or to a page server
-//! ([`crate::pages::stream`]). Every file is synced before the process may be killed. If
-//! anything fails, the files this dump created are removed again ([`WrittenImages`] does it
-//! when dropped).
+//! ([`crate::pages::stream`]). When the images outlive the process (it is killed, or it runs
+//! on and they are its checkpoint), every file is synced before the process may be killed;
+//! see [`needs_sync`] for the dumps that skip it. If anything fails, the files this dump
+//! created are removed again ([`WrittenImages`] does it when dropped).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -95,10 +96,24 @@ pub struct WrittenImages {
     parent_link: Option<PathBuf>,
     created_dir: bool,
     committed: bool,
+    /// Sync the files (see [`needs_sync`]).
+    durable: bool,
+}
+
+/// Whether the images of a dump with `opts` must be made durable before it ends.
+///
+/// Not when they are a step of a migration: a lazy dump keeps the process frozen and
+/// serves its pages from memory until the destination runs (its directory is not an
+/// archive), and a dump that leaves the process stopped keeps the process itself. Syncing
+/// those would only lengthen the time the process is frozen (CRIU does not sync at all).
+/// A dump that kills the process, and a checkpoint of one that runs on, are synced; so is
+/// a pre-dump, whose pages a later, durable dump may refer to.
+pub fn needs_sync(opts: &DumpOptions) -> bool {
+    opts.mode != crate::DumpMode::Lazy && opts.final_state != crate::FinalState::Stopped
 }
 
 impl WrittenImages {
-    fn open(path: &Path) -> Result<WrittenImages, WriteError> {
+    fn open(path: &Path, durable: bool) -> Result<WrittenImages, WriteError> {
         let created_dir = !path.exists();
         let dir = ImageDir::create_dir(path).map_err(|source| WriteError::Image {
             dir: path.to_path_buf(),
@@ -110,6 +125,7 @@ impl WrittenImages {
             parent_link: None,
             created_dir,
             committed: false,
+            durable,
         })
     }
 
@@ -195,6 +211,9 @@ impl WrittenImages {
     /// where one `fdatasync` after another cost ~4 ms per file (1 s for 258 threads).
     fn sync_created(&self, from: usize) -> Result<(), WriteError> {
         const SYNC_THREADS: usize = 8;
+        if !self.durable {
+            return Ok(());
+        }
         let paths = self.created.get(from..).unwrap_or(&[]);
         let chunk = paths.len().div_ceil(SYNC_THREADS).max(1);
         std::thread::scope(|scope| {
@@ -531,7 +550,7 @@ pub fn images(
     to: &mut PagesTo<'_>,
     stats: &mut DumpStats,
 ) -> Result<WrittenImages, WriteError> {
-    let mut images = WrittenImages::open(&opts.images_dir)?;
+    let mut images = WrittenImages::open(&opts.images_dir, needs_sync(opts))?;
     images.link_parent(opts)?;
     // Each process gets its own pages image, numbered from CRIU's first id.
     let mut fd_tables = std::collections::HashSet::new();
@@ -648,7 +667,7 @@ pub fn predump_images(
     to: &mut PagesTo<'_>,
     stats: &mut DumpStats,
 ) -> Result<WrittenImages, WriteError> {
-    let mut images = WrittenImages::open(&opts.images_dir)?;
+    let mut images = WrittenImages::open(&opts.images_dir, needs_sync(opts))?;
     images.link_parent(opts)?;
     let job = PagesJob {
         pid,
@@ -677,11 +696,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_images_that_outlive_the_process_are_synced() {
+        use crate::{DumpMode, FinalState};
+        let mut opts = DumpOptions::new(1, PathBuf::from("img"));
+        assert!(needs_sync(&opts), "killed: the images are the process now");
+        opts.final_state = FinalState::Running;
+        assert!(needs_sync(&opts), "a checkpoint of a process that runs on");
+        opts.mode = DumpMode::PreDump;
+        assert!(needs_sync(&opts), "a later dump may refer to its pages");
+        opts.mode = DumpMode::Full;
+        opts.final_state = FinalState::Stopped;
+        assert!(!needs_sync(&opts), "the stopped process is still there");
+        opts.final_state = FinalState::Killed;
+        opts.mode = DumpMode::Lazy;
+        assert!(!needs_sync(&opts), "lazy: served from the frozen process");
+    }
+
+    #[test]
     fn failed_dump_removes_only_its_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("keep.txt"), b"mine").unwrap();
         {
-            let mut images = WrittenImages::open(dir.path()).unwrap();
+            let mut images = WrittenImages::open(dir.path(), true).unwrap();
             images
                 .write_all(ImageKind::Pstree, 0, &[pb::PstreeEntry::default()])
                 .unwrap();

@@ -41,9 +41,44 @@ fn has_cap(set: &[u32], cap: u32) -> bool {
     cap_word(set, word) & (1 << (cap % 32)) != 0
 }
 
+/// A capability set of the image as the kernel's 64-bit mask.
+fn cap_mask(set: &[u32]) -> u64 {
+    u64::from(cap_word(set, 0)) | u64::from(cap_word(set, 1)) << 32
+}
+
+/// Whether thread `tid` of `pid` has the dumped credentials already, as when a process
+/// is restored by the user it ran as: every call of [`set_creds`] would change nothing.
+/// The securebits are not in `/proc`: the thread inherited ours.
+fn already_set(pid: tracee::Pid, tid: tracee::Tid, c: &pb::CredsEntry) -> bool {
+    let Ok(now) = tracee::proc::status::read_thread(pid, tid) else {
+        return false;
+    };
+    let Ok(secbits) = rustix::thread::capabilities_secure_bits() else {
+        return false;
+    };
+    let mut groups = c.groups.clone();
+    groups.sort_unstable();
+    groups.dedup();
+    let mut now_groups = now.groups.clone();
+    now_groups.sort_unstable();
+    now.uid == [c.uid, c.euid, c.suid, c.fsuid]
+        && now.gid == [c.gid, c.egid, c.sgid, c.fsgid]
+        && now_groups == groups
+        && now.cap_inh == cap_mask(&c.cap_inh)
+        && now.cap_prm == cap_mask(&c.cap_prm)
+        && now.cap_eff == cap_mask(&c.cap_eff)
+        && now.cap_amb == cap_mask(&c.cap_amb)
+        && (c.cap_bnd.is_empty() || now.cap_bnd == cap_mask(&c.cap_bnd))
+        && secbits.bits() == c.secbits
+}
+
 /// Gives thread `t` the dumped credentials.
 pub fn set_creds(t: &mut Tracee, helper: &Helper, c: &pb::CredsEntry) -> Result<(), CredsError> {
     let pid = t.pid();
+    if already_set(pid, t.tid(), c) {
+        tracing::debug!(%pid, tid = %t.tid(), "credentials as dumped already");
+        return Ok(());
+    }
     let data = helper.data();
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     helper.put(pid, &groups, "pass the supplementary groups")?;

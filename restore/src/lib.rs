@@ -135,6 +135,12 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("tid {tid}: saving or putting back its registers around injected syscalls")]
+    Batch {
+        tid: tracee::Tid,
+        #[source]
+        source: tracee::InjectError,
+    },
     #[error("pid {pid}: the plan has no threads")]
     NoThreads { pid: Pid },
     #[error("waiting for pid {pid}")]
@@ -169,6 +175,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         })?;
     let dir = ImageDir::new(path)?;
     let images = read::images(&dir)?;
+    tracing::debug!(us = micros(started.elapsed()), "images read");
     let mut tree = plan::plan_tree(&images, opts.shell_job)?;
     // Per process, in tree order (`None` for a zombie): its pages and lazy ranges.
     let mut pages_of: Vec<Option<(memory::PagesToFill, Vec<plan::Range>)>> = Vec::new();
@@ -199,6 +206,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     tracing::info!(
         root = tree.root().map_or(0, |r| r.pid),
         processes = tree.procs.len(),
+        us = micros(started.elapsed()),
         "planned"
     );
     for p in tree.live() {
@@ -378,7 +386,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     // Opened and mapped by now: unlinked, as they were at dump time.
     drop(ghosts);
     let restore_time = restore_start.elapsed();
-    stats::write(&dir, forking_time, restore_time, pages_restored);
     if let Some(path) = &opts.pidfile {
         std::fs::write(path, format!("{root_host}\n")).map_err(|source| RestoreError::Pidfile {
             path: path.clone(),
@@ -448,6 +455,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         other => other,
     };
     drop(subreaper);
+    // The tree runs by now: the statistics file is written off its path.
+    stats::write(&dir, forking_time, restore_time, pages_restored);
     let pid = root_host;
     tracing::info!(%pid, us = micros(started.elapsed()), restore_us = micros(restore_time), "restored");
     // Held here only if the watch thread could not start: the references then last as
@@ -649,6 +658,10 @@ fn rebuild(
     let cpus = how.cpus;
     let pid = leader.pid();
     let step = Instant::now();
+    // One batch for every injection of the rebuild: registers and mask are saved once
+    // and each syscall costs four ptrace calls instead of nine. The batch ends before the
+    // final registers and mask go in (ending it puts back the saved ones).
+    batch(leader, Tracee::begin_batch)?;
     let helper = memory::place_helper(leader, &plan.memory)?;
     memory::close_other_fds(leader, &plan.child)?;
     // rseq off and the vDSO in place before anything is mapped over the old layout.
@@ -726,18 +739,32 @@ fn rebuild(
     for (t, p) in others.iter_mut().zip(other_plans) {
         // Every thread injects through the shared helper page.
         t.set_syscall_insn(tracee::RemoteAddr(helper.addr));
+        batch(t, Tracee::begin_batch)?;
         set_thread(t, &helper, plan.pid, p, &[])?;
+        batch(t, Tracee::end_batch)?;
         resume::load_registers(t, p)?;
     }
     tracing::debug!(%pid, us = micros(step.elapsed()), threads = plan.threads.len(), "threads set");
     // The last injected syscall; no thread runs code from the helper page.
     memory::drop_helper(leader, &helper)?;
+    batch(leader, Tracee::end_batch)?;
     resume::load_registers(leader, leader_plan)?;
     killer.disarm();
     for t in others {
         resume::detach(t)?;
     }
     Ok(fill.pages_restored)
+}
+
+/// Starts or ends a batch of injections in `t` (see [`Tracee::begin_batch`]).
+fn batch(
+    t: &mut Tracee,
+    op: fn(&mut Tracee) -> Result<(), tracee::InjectError>,
+) -> Result<(), RestoreError> {
+    op(t).map_err(|source| RestoreError::Batch {
+        tid: t.tid(),
+        source,
+    })
 }
 
 /// Per-thread state, credentials last: injected syscalls run with the thread's

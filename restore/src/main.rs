@@ -54,6 +54,11 @@ struct Cli {
     /// as CRIU's option: typically the other end of a pipe outside the dumped tree.
     #[arg(long = "inherit-fd", value_name = "fd[N]:ID")]
     inherit_fd: Vec<ckpt_restore::files::InheritFd>,
+    /// Start, then wait for a line on standard input before reading the images. A
+    /// migration starts the restorer this way before it freezes the source, so that
+    /// starting it is not down time. Input that ends without a line aborts.
+    #[arg(long = "wait-go")]
+    wait_go: bool,
     /// How pages are written: parallel (default), preadv (by the target), writev or mem.
     #[arg(
         long = "fill-method",
@@ -78,6 +83,9 @@ fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
         "parallel" => FillMethod::Parallel,
         other => anyhow::bail!("unknown --fill-method {other} (preadv, writev, mem or parallel)"),
     };
+    if cli.wait_go {
+        wait_go()?;
+    }
     let opts = RestoreOptions {
         fill,
         lazy_pages: cli.lazy_pages,
@@ -91,6 +99,20 @@ fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
         inherit_fds: cli.inherit_fd.clone(),
     };
     restore(&opts).with_context(|| format!("restore from {}", cli.images_dir.display()))
+}
+
+/// Blocks until a line arrives on standard input.
+fn wait_go() -> anyhow::Result<()> {
+    tracing::info!("waiting for the word to go on standard input");
+    let mut line = String::new();
+    let read = std::io::stdin()
+        .read_line(&mut line)
+        .context("read the word to go from standard input")?;
+    if read == 0 {
+        anyhow::bail!("standard input ended before the word to go: restore called off");
+    }
+    tracing::info!("go");
+    Ok(())
 }
 
 fn main() -> ExitCode {

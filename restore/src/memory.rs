@@ -326,18 +326,18 @@ pub fn clear_and_move_vdso(
         )?;
     }
     let maps = child_maps(pid)?;
-    for (range, name) in &maps {
-        let keep = is_vdso_part(name.as_deref())
+    let keep = |(range, name): &(Range, Option<String>)| {
+        is_vdso_part(name.as_deref())
             || name.as_deref() == Some("[vsyscall]")
-            || range.overlaps(&helper.range());
-        if !keep {
-            inj(
-                t,
-                format!("unmap the child's {:#x}-{:#x}", range.start, range.end),
-                libc_nr::MUNMAP,
-                [range.start, range.len(), 0, 0, 0, 0],
-            )?;
-        }
+            || range.overlaps(&helper.range())
+    };
+    for span in spans_between_kept(&maps, keep) {
+        inj(
+            t,
+            format!("unmap the child's {:#x}-{:#x}", span.start, span.end),
+            libc_nr::MUNMAP,
+            [span.start, span.len(), 0, 0, 0, 0],
+        )?;
     }
     let Some(dumped) = &memory.vdso_block else {
         // The dumped process had no vDSO (static binaries can drop it): drop ours too.
@@ -402,6 +402,30 @@ pub fn clear_and_move_vdso(
         )?;
     }
     Ok(())
+}
+
+/// The address spans covering every mapping of `maps` (in address order) not kept, one
+/// span per run of such mappings between kept ones: munmap takes the holes between
+/// mappings in its stride, so one injection clears what took one per mapping.
+fn spans_between_kept<F>(maps: &[(Range, Option<String>)], keep: F) -> Vec<Range>
+where
+    F: Fn(&(Range, Option<String>)) -> bool,
+{
+    let mut spans: Vec<Range> = Vec::new();
+    let mut open = false;
+    for entry in maps {
+        if keep(entry) {
+            open = false;
+            continue;
+        }
+        let range = entry.0;
+        match spans.last_mut() {
+            Some(last) if open => last.end = range.end,
+            _ => spans.push(range),
+        }
+        open = true;
+    }
+    spans
 }
 
 /// The child's vDSO block must have the dumped parts in the same order and sizes,
@@ -887,6 +911,9 @@ pub fn fill_pages_injected(
     })
 }
 
+/// Up to this many pages, [`fill_pages_parallel`] writes them itself, from one thread.
+const SMALL_FILL_PAGES: u64 = 32;
+
 /// Like [`fill_pages_injected`], with a second CPU at work: the target `preadv`s
 /// half of the writable runs while a thread of ours `process_vm_writev`s the other
 /// half. Fresh pages cost most here (allocation and zeroing in the target's faults),
@@ -901,6 +928,11 @@ pub fn fill_pages_parallel(
 ) -> Result<MemoryStats, MemoryRestoreError> {
     let started = Instant::now();
     let pid = t.pid();
+    if page_count(sources) <= SMALL_FILL_PAGES {
+        // A few pages (what post-copy leaves to fill): starting a thread and injecting
+        // reads would cost more than writing them from here.
+        return fill_pages_writev(pid, sources);
+    }
     let (writable, other) = split_by_writability(memory, sources);
     let (mine, theirs) = split_half(&writable);
     let theirs_result = std::thread::scope(|scope| {
@@ -1223,6 +1255,35 @@ pub mod libc_nr {
 mod tests {
     use super::*;
     use crate::plan::{MemoryPlan, Range, VdsoBlock, VmaPlan};
+
+    #[test]
+    fn unmapped_spans_run_between_kept_mappings() {
+        let m = |start: u64, end: u64, name: Option<&str>| {
+            (Range { start, end }, name.map(str::to_string))
+        };
+        let maps = [
+            m(0x1000, 0x2000, Some("/bin/x")),
+            m(0x3000, 0x5000, None),
+            m(0x5000, 0x6000, Some("[helper]")),
+            m(0x8000, 0x9000, None),
+            m(0x9000, 0xa000, Some("[vdso]")),
+            m(0xb000, 0xc000, Some("[stack]")),
+            m(0xd000, 0xe000, Some("[vvar]")),
+        ];
+        let kept =
+            |(r, n): &(Range, Option<String>)| is_vdso_part(n.as_deref()) || r.start == 0x5000;
+        let spans = spans_between_kept(&maps, kept);
+        let span = |start, end| Range { start, end };
+        assert_eq!(
+            spans,
+            [
+                span(0x1000, 0x5000),
+                span(0x8000, 0x9000),
+                span(0xb000, 0xc000)
+            ]
+        );
+        assert!(spans_between_kept(&maps, |_| true).is_empty());
+    }
 
     fn vma(start: u64, end: u64) -> VmaPlan {
         VmaPlan {

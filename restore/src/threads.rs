@@ -2,7 +2,7 @@
 //! list, rseq, sigaltstack, name, scheduling, no_new_privs, seccomp; personality,
 //! rlimits, subreaper, oom_score_adj.
 
-use tracee::{Pid, SigSet, Tracee};
+use tracee::{Pid, Tracee};
 
 use crate::memory::{libc_nr as nr, Helper};
 use crate::plan::{TaskPlan, ThreadPlan};
@@ -25,12 +25,6 @@ const RLIM_INFINITY: u64 = u64::MAX;
 pub enum ThreadStateError {
     #[error(transparent)]
     Remote(#[from] RemoteError),
-    #[error("tid {tid}: setting the signal mask")]
-    Sigmask {
-        tid: tracee::Tid,
-        #[source]
-        source: tracee::PtraceError,
-    },
     #[error("pid {pid}: writing oom_score_adj {value}")]
     OomScoreAdj {
         pid: Pid,
@@ -42,19 +36,15 @@ pub enum ThreadStateError {
 
 /// Kernel pointers and settings private to one thread.
 ///
-/// The dumped signal mask goes in first: every later injection puts back the mask it
-/// found, so pending signals queued below stay blocked exactly as they were.
+/// The dumped signal mask is not set here but with the registers, last
+/// ([`crate::resume::load_registers`]): injections run with every signal blocked, so
+/// pending signals queued meanwhile cannot be taken before the thread resumes.
 pub fn set_thread_state(
     t: &mut Tracee,
     helper: &Helper,
     plan: &ThreadPlan,
 ) -> Result<(), ThreadStateError> {
     let pid = t.pid();
-    t.set_sigmask(SigSet(plan.sigmask))
-        .map_err(|source| ThreadStateError::Sigmask {
-            tid: t.tid(),
-            source,
-        })?;
     remote::call(
         t,
         "set_tid_address",
@@ -194,24 +184,24 @@ pub fn set_task_state(
         nr::PERSONALITY,
         [u64::from(task.personality), 0, 0, 0, 0, 0],
     )?;
+    // The child inherited our limits, read here in one go: only those the image changes
+    // need injections. Unknown (unreadable) ones are read by injection.
+    let current = tracee::proc::limits::read(pid).unwrap_or_default();
     for (resource, limit) in &task.rlimits {
+        let now = current.iter().find(|l| l.resource == *resource);
+        if now.is_some_and(|l| l.soft == limit.cur && l.hard == limit.max) {
+            continue;
+        }
         let mut val = Vec::with_capacity(16);
         val.extend_from_slice(&limit.cur.to_ne_bytes());
         val.extend_from_slice(&limit.max.to_ne_bytes());
         val.extend_from_slice(&[0u8; 16]);
         helper.put(pid, &val, "pass an rlimit")?;
-        // Read ours first: a hard limit above it cannot be set without CAP_SYS_RESOURCE.
-        remote::call(
-            t,
-            format!("prlimit64({resource}) read"),
-            SYS_PRLIMIT64,
-            [0, u64::from(*resource), 0, helper.data() + 16, 0, 0],
-        )?;
-        let mut old = [0u8; 16];
-        remote::get(pid, helper.data() + 16, &mut old, "read an rlimit")?;
-        let mut hard = [0u8; 8];
-        hard.copy_from_slice(&old[8..16]);
-        let hard = u64::from_ne_bytes(hard);
+        // A hard limit above the current one cannot be set without CAP_SYS_RESOURCE.
+        let hard = match now {
+            Some(l) => l.hard,
+            None => read_hard_limit(t, helper, *resource)?,
+        };
         if limit.max > hard && hard != RLIM_INFINITY {
             warnings.push(format!(
                 "rlimit {resource}: hard limit {} cannot be raised above {hard} without CAP_SYS_RESOURCE; kept {hard}",
@@ -252,6 +242,22 @@ pub fn set_task_state(
         }
     }
     Ok(warnings)
+}
+
+/// The thread's hard limit of `resource`, read by an injected `prlimit64` through the
+/// second half of the helper's data area.
+fn read_hard_limit(t: &mut Tracee, helper: &Helper, resource: u32) -> Result<u64, RemoteError> {
+    remote::call(
+        t,
+        format!("prlimit64({resource}) read"),
+        SYS_PRLIMIT64,
+        [0, u64::from(resource), 0, helper.data() + 16, 0, 0],
+    )?;
+    let mut old = [0u8; 16];
+    remote::get(t.pid(), helper.data() + 16, &mut old, "read an rlimit")?;
+    let mut hard = [0u8; 8];
+    hard.copy_from_slice(&old[8..16]);
+    Ok(u64::from_ne_bytes(hard))
 }
 
 #[derive(Debug, thiserror::Error)]
