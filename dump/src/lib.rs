@@ -517,13 +517,15 @@ fn full_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
         }
         _ => None,
     };
-    // The final dump of a pre-copy is the one whose frozen time counts: smaps' page walk
-    // (~20 ms/GiB) is done before the freeze, and kept if the VMAs stay the same.
-    let vma_source = match &opts.prev_images_dir {
-        Some(_) => tracee::proc::smaps::read(pid)
+    // The final dump of a pre-copy and a lazy dump (post-copy) are the ones whose frozen
+    // time is the migration's down time: smaps' page walk (~20 ms/GiB) is done before the
+    // freeze, and kept if the VMAs stay the same.
+    let vma_source = if opts.prev_images_dir.is_some() || opts.mode == DumpMode::Lazy {
+        tracee::proc::smaps::read(pid)
             .map(collect::VmaSource::SmapsIfUnchanged)
-            .unwrap_or(collect::VmaSource::Smaps),
-        None => collect::VmaSource::Smaps,
+            .unwrap_or(collect::VmaSource::Smaps)
+    } else {
+        collect::VmaSource::Smaps
     };
     let freeze_start = Instant::now();
     // Every thread of every process is stopped from here; dropping `tree` resumes them

@@ -4,11 +4,11 @@
 //! mount, for its /proc) namespace, so the restored pid cannot collide with the frozen source.
 //!
 //! What can be made ready before the freeze is, so that it is not down time: the destination's
-//! PID namespace and the shell that will run `ckpt-restore` (it waits on a FIFO for the
-//! images), the connection the images take, and for post-copy the lazy-pages daemon (it
-//! connects to the dump, which listens before it freezes, and reads the images only when
-//! restore hands it the process). `downtime` then cuts the measured down time at the moments
-//! the tools log, so each run says where its down time went.
+//! PID namespace and `ckpt-restore` itself, started with `--wait-go` (it waits on a FIFO for
+//! the word that the images are there), the connection the images take, and for post-copy
+//! the lazy-pages daemon (it connects to the dump, which listens before it freezes, and reads
+//! the images only when restore hands it the process). `downtime` then cuts the measured down
+//! time at the moments the tools log, so each run says where its down time went.
 //!
 //! The contract every pipeline keeps: it ends with the process running at the destination and
 //! the source gone, or, when a step fails before the destination runs, with the source running
@@ -344,7 +344,7 @@ impl Migration<'_> {
             ],
         )?
         .wait_ok(self.step_timeout)?;
-        let frozen = Stamps::read(self.stamps)?.iterations;
+        let frozen = Stamps::iterations(self.stamps)?;
         self.transfer(link, &src, &dst)?;
         self.start_restore(&mut restored)?;
         self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
@@ -390,7 +390,7 @@ impl Migration<'_> {
             Some(&prev_dir),
             &["--track-mem", "--leave-stopped"],
         )?;
-        let frozen = Stamps::read(self.stamps)?.iterations;
+        let frozen = Stamps::iterations(self.stamps)?;
         self.transfer(link, &src, &dst)?;
         self.start_restore(&mut restored)?;
         self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
@@ -495,7 +495,7 @@ impl Migration<'_> {
             // It serves once its images are written; the inventory, written last (and at
             // once, but into a file created empty), says they are.
             wait_for_images(&src.join("inventory.img"), &mut server, self.step_timeout)?;
-            let frozen = Stamps::read(self.stamps)?.iterations;
+            let frozen = Stamps::iterations(self.stamps)?;
             self.transfer(link, &src, &dst)?;
             // Started long ago, it is normally listening by now.
             wait_for_file(
@@ -605,18 +605,17 @@ impl Migration<'_> {
         nix::unistd::mkfifo(&go, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .with_context(|| format!("mkfifo {}", go.display()))?;
         let mut cmd = Command::new("unshare");
-        // The namespace's init is a shell that waits for the word, runs `ckpt-restore -d` and
-        // then waits: the restored process is not the child of a restorer that waits for it,
-        // as it is on a destination host. --kill-child: if unshare dies, so does the init and
-        // with it the namespace.
+        // The namespace's init is a shell that runs `ckpt-restore --wait-go -d` with the FIFO
+        // as its input, and then waits: the restored process is not the child of a restorer
+        // that waits for it, as it is on a destination host. ckpt-restore starts now and
+        // waits for the word: its start is not down time. The FIFO is opened read-write, so
+        // the open does not wait for a writer. --kill-child: if unshare dies, so does the
+        // init and with it the namespace.
         cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
-            .args([
-                "sh",
-                "-c",
-                r#"read -r go < "$0" && "$@" && exec sleep 1000000"#,
-            ])
+            .args(["sh", "-c", r#""$@" <>"$0" && exec sleep 1000000"#])
             .arg(&go)
             .arg(&self.tools.restore)
+            .arg("--wait-go")
             .arg("-d")
             .arg("-D")
             .arg(dir)
@@ -630,8 +629,9 @@ impl Migration<'_> {
             self.dir
                 .join(format!("restore-{}.out", self.outcome.steps.len())),
         )?;
-        restore.log = Some(log);
+        restore.log = Some(log.clone());
         restore.go = Some(go);
+        wait_logged(&log, WAITING_FOR_GO, &mut restore, self.step_timeout)?;
         Ok(restore)
     }
 
@@ -682,13 +682,14 @@ impl Migration<'_> {
     fn wait_resumed(&mut self, frozen: u64, restored: &mut Restored) -> Result<u64> {
         let start = Instant::now();
         loop {
-            let stamps = Stamps::read(self.stamps)?;
-            if stamps.iterations > frozen {
+            // The header alone while polling: reading the whole file each time would take
+            // CPU from the restore on this small machine.
+            if Stamps::iterations(self.stamps)? > frozen {
                 self.note("the process runs at the destination".to_string());
                 if self.move_service {
                     self.bed.move_service_address()?;
                 }
-                return Ok(stamps
+                return Ok(Stamps::read(self.stamps)?
                     .resumed_at(self.outcome.t_freeze)
                     .unwrap_or_else(now_ns));
             }
@@ -863,18 +864,59 @@ fn wait_listening(proc: &mut Proc, port: u16, timeout: Duration) -> Result<()> {
     }
 }
 
-/// Waits until `path` exists and is not empty.
-fn wait_for_images(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> {
+/// What `ckpt-restore --wait-go` logs once it waits.
+const WAITING_FOR_GO: &str = "waiting for the word to go";
+
+/// Waits until the log at `path` of `proc` has a line containing `needle`.
+fn wait_logged(path: &Path, needle: &str, proc: &mut Proc, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        wait_for_file(path, proc, timeout.saturating_sub(start.elapsed()))?;
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if let Some(status) = proc.try_status()? {
+            bail!(
+                "{} exited ({status}) before logging {needle:?}: {}",
+                proc.name,
+                proc.tail()
+            );
+        }
+        if start.elapsed() > timeout {
+            bail!("{} did not log {needle:?} within {timeout:?}", proc.name);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Waits until `path` exists and is not empty.
+/// Polled finely once they may be there (the process is frozen meanwhile, and a stat costs
+/// little), coarsely before: freezing and collecting take milliseconds, and polling then
+/// would take CPU from the freeze on this small machine.
+fn wait_for_images(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    const COARSE_FOR: Duration = Duration::from_millis(2);
+    let start = Instant::now();
+    loop {
         if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
             return Ok(());
         }
-        if start.elapsed() > timeout {
-            bail!("{} stayed empty for {timeout:?}", path.display());
+        if let Some(status) = proc.try_status()? {
+            bail!(
+                "{} exited ({status}) before writing {}: {}",
+                proc.name,
+                path.display(),
+                proc.tail()
+            );
         }
-        std::thread::sleep(Duration::from_micros(200));
+        if start.elapsed() > timeout {
+            bail!("{} not written within {timeout:?}", path.display());
+        }
+        let pause = if start.elapsed() < COARSE_FOR {
+            500
+        } else {
+            50
+        };
+        std::thread::sleep(Duration::from_micros(pause));
     }
 }
 
