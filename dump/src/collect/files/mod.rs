@@ -523,7 +523,7 @@ pub fn precheck_all(
 }
 
 /// The checks of [`precheck_all`]: every process is scanned, by two threads, while a third
-/// lists the unix sockets.
+/// lists the unix sockets (a single process is scanned alone).
 fn check_every_fd(
     table: &mut Table,
     pids: &[Pid],
@@ -536,15 +536,27 @@ fn check_every_fd(
             .map(|&pid| (pid, scan(pid, shell_job)))
             .collect()
     };
-    let (even, odd, listing) = std::thread::scope(|scope| {
-        // Which sockets are unix sockets, from one sock_diag dump taken meanwhile.
-        let listing = scope.spawn(unix::UnixSockets::dump);
-        let odd = scope.spawn(|| scan_every(1));
-        let even = scan_every(0);
-        // A panic in a helper is a bug of ours: read those processes again here.
-        let odd = odd.join().unwrap_or_else(|_| scan_every(1));
-        (even, odd, listing.join().ok().and_then(Result::ok))
-    });
+    let (even, odd, listing) = if let [pid] = pids {
+        // One process (what a migration dumps): threads would cost more than they save,
+        // and the host's unix sockets are listed only if the process has sockets.
+        let scanned = scan(*pid, shell_job);
+        let listing = scanned
+            .as_ref()
+            .is_ok_and(|s| !s.sockets.is_empty())
+            .then(unix::UnixSockets::dump)
+            .and_then(Result::ok);
+        (vec![(*pid, scanned)], Vec::new(), listing)
+    } else {
+        std::thread::scope(|scope| {
+            // Which sockets are unix sockets, from one sock_diag dump taken meanwhile.
+            let listing = scope.spawn(unix::UnixSockets::dump);
+            let odd = scope.spawn(|| scan_every(1));
+            let even = scan_every(0);
+            // A panic in a helper is a bug of ours: read those processes again here.
+            let odd = odd.join().unwrap_or_else(|_| scan_every(1));
+            (even, odd, listing.join().ok().and_then(Result::ok))
+        })
+    };
     let mut even = even.into_iter();
     let mut odd = odd.into_iter();
     let mut ends = Vec::new();
