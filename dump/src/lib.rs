@@ -488,14 +488,32 @@ fn full_policies(
 ) -> Vec<VmaPolicy> {
     let lazy_keep = (opts.mode == DumpMode::Lazy).then(|| {
         // The pages under each of its threads' stack pointers stay present, as CRIU keeps
-        // stacks.
-        process
-            .threads
-            .iter()
-            .filter_map(|t| t.core.thread_info.as_ref().map(|ti| ti.gpregs.sp))
-            .collect::<Vec<u64>>()
+        // stacks, and so do each thread's TLS and rseq pages.
+        let gpregs = |t: &collect::ThreadState| t.core.thread_info.as_ref().map(|ti| ti.gpregs);
+        track::LazyKeep {
+            stack_pointers: process
+                .threads
+                .iter()
+                .filter_map(|t| gpregs(t).map(|g| g.sp))
+                .collect(),
+            pages: process
+                .threads
+                .iter()
+                .flat_map(|t| {
+                    let fs_base = gpregs(t).map(|g| g.fs_base).filter(|a| *a != 0);
+                    let rseq = t
+                        .core
+                        .thread_core
+                        .as_ref()
+                        .and_then(|tc| tc.rseq_entry.as_ref())
+                        .map(|r| r.rseq_abi_pointer)
+                        .filter(|a| *a != 0);
+                    fs_base.into_iter().chain(rseq)
+                })
+                .collect(),
+        }
     });
-    track::policies(&process.mm.vmas, set, parent, lazy_keep.as_deref())
+    track::policies(&process.mm.vmas, set, parent, lazy_keep.as_ref())
 }
 
 /// A full dump (or the frozen part of a lazy one) of one process, all of its threads.

@@ -218,15 +218,25 @@ fn lazy_capable(vma: &VmaEntry) -> bool {
         && !MapFlags::from_bits_retain(vma.flags).intersects(MapFlags::GROWSDOWN | MapFlags::LOCKED)
 }
 
+/// What a lazy dump keeps present rather than leaving to faults.
+#[derive(Debug, Clone, Default)]
+pub struct LazyKeep {
+    /// The threads' stack pointers: the frames above each, and the red zone below.
+    pub stack_pointers: Vec<u64>,
+    /// Single pages the restored process touches first: each thread's TLS block and rseq
+    /// area, which restore itself writes before the process runs (a fault then would be a
+    /// round trip to the source inside the down time).
+    pub pages: Vec<u64>,
+}
+
 /// What to save of each VMA (in address order; guard entries skipped). A VMA's pages may be
 /// left to the parent only if `parent` (the destination holds the parent images) and the
-/// VMA was tracked for the whole interval. `lazy_keep`: a lazy dump, with the stack
-/// pointers of the threads, whose pages stay present.
+/// VMA was tracked for the whole interval. `lazy_keep`: a lazy dump, with what stays present.
 pub fn policies(
     vmas: &[VmaEntry],
     set: Option<&DirtySet>,
     parent: bool,
-    lazy_keep: Option<&[u64]>,
+    lazy_keep: Option<&LazyKeep>,
 ) -> Vec<VmaPolicy> {
     dumpable(vmas)
         .map(|v| {
@@ -244,18 +254,20 @@ pub fn policies(
             };
             let lazy = lazy_keep.is_some() && lazy_capable(v);
             let keep = match lazy_keep {
-                Some(sps) if lazy => {
-                    let mut keep: Vec<(u64, u64)> = sps
-                        .iter()
-                        .filter(|&&sp| v.start <= sp && sp < v.end)
-                        .map(|&sp| {
-                            let page = sp & !(PAGE_SIZE - 1);
-                            // One page below for the red zone, the frames above.
-                            let lo = page.saturating_sub(PAGE_SIZE).max(v.start);
-                            let hi = page.saturating_add(STACK_KEEP_PAGES * PAGE_SIZE).min(v.end);
-                            (lo, hi)
-                        })
-                        .collect();
+                Some(wanted) if lazy => {
+                    let inside = |addr: &&u64| v.start <= **addr && **addr < v.end;
+                    let stacks = wanted.stack_pointers.iter().filter(inside).map(|&sp| {
+                        let page = sp & !(PAGE_SIZE - 1);
+                        // One page below for the red zone, the frames above.
+                        let lo = page.saturating_sub(PAGE_SIZE).max(v.start);
+                        let hi = page.saturating_add(STACK_KEEP_PAGES * PAGE_SIZE).min(v.end);
+                        (lo, hi)
+                    });
+                    let pages = wanted.pages.iter().filter(inside).map(|&addr| {
+                        let page = addr & !(PAGE_SIZE - 1);
+                        (page, page.saturating_add(PAGE_SIZE).min(v.end))
+                    });
+                    let mut keep: Vec<(u64, u64)> = stacks.chain(pages).collect();
                     keep.sort_unstable();
                     merge(keep)
                 }
@@ -389,11 +401,19 @@ mod tests {
             ..VmaEntry::default()
         };
         let vmas = [heap, stack, vdso, guard];
-        let p = policies(&vmas, None, false, Some(&[0x10800, 0x7001_0000]));
+        let keep = LazyKeep {
+            stack_pointers: vec![0x10800, 0x7001_0000],
+            pages: vec![0x2f010, 0x7001_0008],
+        };
+        let p = policies(&vmas, None, false, Some(&keep));
         assert_eq!(p.len(), 3);
         assert!(p[0].lazy && !p[1].lazy && !p[2].lazy);
-        // The page below the stack pointer's page (clipped at the start) and 16 above.
-        assert_eq!(p[0].keep, vec![(0x10000, 0x10000 + 16 * PAGE_SIZE)]);
+        // The page below the stack pointer's page (clipped at the start) and 16 above, and
+        // the one page of the TLS block.
+        assert_eq!(
+            p[0].keep,
+            vec![(0x10000, 0x10000 + 16 * PAGE_SIZE), (0x2f000, 0x30000)]
+        );
         assert!(p.iter().all(|p| p.history == VmaHistory::Unknown));
         let full = policies(&vmas, None, true, None);
         assert!(full.iter().all(|p| !p.lazy && p.keep.is_empty()));
