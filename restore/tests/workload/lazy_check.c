@@ -42,11 +42,24 @@ static int poked;
 
 static void path_of(char *out, size_t n, const char *name) { snprintf(out, n, "%s/%s", dir, name); }
 
+/* The inode of our PID namespace: two copies restored at once, each in a namespace of its
+ * own, have the same pid and thread ids, and must not share a temporary file. */
+static unsigned long pid_ns(void)
+{
+	char link[64];
+	ssize_t n = readlink("/proc/self/ns/pid", link, sizeof link - 1);
+	if (n <= 0)
+		return 0;
+	link[n] = 0;
+	char *open_bracket = strchr(link, '[');
+	return open_bracket ? strtoul(open_bracket + 1, NULL, 10) : 0;
+}
+
 static void write_file(const char *name, const char *text)
 {
-	char path[600], tmp[640];
+	char path[600], tmp[700];
 	path_of(path, sizeof path, name);
-	snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, getpid());
+	snprintf(tmp, sizeof tmp, "%s.%lu.%ld.tmp", path, pid_ns(), (long)syscall(SYS_gettid));
 	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
 	if (fd < 0)
 		_exit(3);
