@@ -368,9 +368,8 @@ mod tests {
 
     #[test]
     fn the_header_alone_gives_the_iterations() {
-        let dir = std::env::temp_dir().join(format!("stamps-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("stamps");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stamps");
         let mut bytes = vec![0u8; super::HEADER];
         bytes[..8].copy_from_slice(&super::MAGIC.to_ne_bytes());
         bytes[8..16].copy_from_slice(&4321u64.to_ne_bytes());
@@ -382,6 +381,5 @@ mod tests {
         assert_eq!(Stamps::iterations(&path).unwrap(), 0);
         std::fs::write(&path, b"short").unwrap();
         assert!(Stamps::iterations(&path).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
