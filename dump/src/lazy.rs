@@ -20,6 +20,12 @@
 //!                                               <----  i32 0
 //! ```
 //!
+//! Compression (our extension, see `ckpt_page_server::compress`): a GET flagged
+//! [`GET_ZSTD`] (bit 13, `ckpt-lazy-pages --compress-pages`) is answered with a PE_ZSTD
+//! ADD_F (L, then one zstd frame of the pages) when that is smaller than the pages; any
+//! other GET, and pages that do not shrink, get the plain answer above. The raw and wire
+//! bytes of the pages sent are logged at the end of each session.
+//!
 //! When has the destination resumed? Restore sends its end marker ("RSTF") to the daemon just
 //! before the tasks resume. Our daemon flags every GET (the high 16 bits of `cmd`): before the
 //! end marker with [`GET_BEFORE_RESUME`] (bit 14), after it with [`GET_RESUMED`] (bit 15).
@@ -58,7 +64,7 @@ use std::time::Duration;
 
 use ckpt_page_server::protocol::FRAME_LEN;
 use ckpt_page_server::server::MAX_GET_PAGES;
-use ckpt_page_server::{Command, Frame, PageFlags};
+use ckpt_page_server::{Command, Frame, PageCompressor, PageFlags, PageTraffic, GET_ZSTD};
 use tracee::memory::{self, MemoryError, RemoteRange};
 use tracee::{Pid, RemoteAddr, SeizedProcess, SeizedTree, PAGE_SIZE};
 
@@ -244,6 +250,10 @@ struct Source {
     /// The destination runs: never resume the source again.
     resumed: bool,
     buf: Vec<u8>,
+    /// Made at the first GET flagged [`GET_ZSTD`]; `Err` once it could not be made.
+    compressor: Option<Result<PageCompressor, ()>>,
+    /// The pages sent, raw and on the wire.
+    traffic: PageTraffic,
 }
 
 impl Source {
@@ -327,9 +337,29 @@ impl Source {
             }
             _ => None,
         };
+        let mut compressed = None;
+        if frame.flags & GET_ZSTD != 0 && target.is_some() {
+            let compressor = self.compressor.get_or_insert_with(|| {
+                PageCompressor::new().map_err(|error| {
+                    tracing::warn!(%error, "cannot compress pages: answering raw");
+                })
+            });
+            if let Ok(compressor) = compressor {
+                let header = Frame::add_f(frame.dst_id, frame.vaddr, n, PRESENT_BITS);
+                compressed = compressor.encode(&header, &self.buf[FRAME_LEN..FRAME_LEN + len]);
+            }
+        }
+        // One write either way: the header and the pages, or the header, L and the frame.
+        let answer = compressed.unwrap_or(&self.buf[..FRAME_LEN + len]);
         stream
-            .write_all(&self.buf[..FRAME_LEN + len])
+            .write_all(answer)
             .map_err(|e| SessionEnd::Lost(format!("send pages: {e}")))?;
+        if len > 0 && answer.len() < FRAME_LEN + len {
+            let wire = (answer.len() - FRAME_LEN) as u64;
+            self.traffic.add_zstd(len as u64, wire);
+        } else if len > 0 {
+            self.traffic.add_raw(len as u64);
+        }
         if let Some(process) = target {
             process
                 .untaken
@@ -454,6 +484,8 @@ pub fn serve(
         resumed: false,
         all_taken_logged: false,
         buf: vec![0u8; FRAME_LEN + usize::try_from(MAX_GET_PAGES * PAGE_SIZE).unwrap_or(0)],
+        compressor: None,
+        traffic: PageTraffic::default(),
     };
     tracing::info!(%addr, processes = source.processes.len(), pages = source.untaken_pages(),
         "serving lazy pages");
@@ -498,7 +530,15 @@ pub fn serve(
         } else {
             opts.lazy_connect_timeout
         };
-        match source.session(stream, idle)? {
+        let end = source.session(stream, idle)?;
+        tracing::info!(
+            raw_bytes = source.traffic.raw_bytes,
+            wire_bytes = source.traffic.wire_bytes,
+            frames = source.traffic.frames,
+            zstd_frames = source.traffic.zstd_frames,
+            "lazy pages sent: raw vs wire bytes"
+        );
+        match end {
             SessionEnd::Closed if source.resumed || source.all_taken() => {
                 source.kill()?;
                 return Ok(if source.all_taken() {
@@ -562,6 +602,21 @@ mod tests {
                 ckpt_lazy_pages_flags::BEFORE_RESUME,
                 ckpt_lazy_pages_flags::RESUMED
             )
+        );
+    }
+
+    #[test]
+    fn the_compression_flag_says_nothing_about_resume() {
+        assert_eq!(GET_ZSTD & (GET_BEFORE_RESUME | GET_RESUMED), 0);
+        let mut get = Frame::get(7, 0x1000, 1);
+        get.flags = GET_ZSTD;
+        assert_eq!(get_kind(&get), GetKind::Plain);
+        get.flags = GET_ZSTD | GET_BEFORE_RESUME;
+        assert_eq!(get_kind(&get), GetKind::BeforeResume);
+        get.flags = GET_ZSTD | GET_RESUMED;
+        assert_eq!(
+            get_kind(&Frame::decode(&get.encode()).expect("decode")),
+            GetKind::Resumed
         );
     }
 

@@ -166,6 +166,9 @@ pub struct DumpOptions {
     pub hold_hot_pages: bool,
     /// Send the pages to this page server (`--page-server --address --port`).
     pub page_server: Option<SocketAddr>,
+    /// Send them zstd-compressed where that is smaller (`--compress-pages`): our extension
+    /// of the protocol, for `ckpt-page-server` only (see `ckpt_page_server::compress`).
+    pub compress_pages: bool,
     /// Lazy dump: where to listen for the lazy-pages daemon (`--address --port`).
     pub lazy_listen: Option<SocketAddr>,
     /// Lazy dump: how long to wait for the daemon to connect before resuming the source.
@@ -191,6 +194,7 @@ impl DumpOptions {
             track_mem: false,
             hold_hot_pages: false,
             page_server: None,
+            compress_pages: false,
             lazy_listen: None,
             lazy_connect_timeout: Duration::from_secs(300),
             lazy_reconnect_window: Duration::from_secs(30),
@@ -338,9 +342,12 @@ fn connect_page_server(opts: &DumpOptions) -> Result<Option<PageServerClient>, D
     let Some(addr) = opts.page_server else {
         return Ok(None);
     };
-    PageServerClient::connect(addr)
-        .map(Some)
-        .map_err(|source| DumpError::PageServer { addr, source })
+    let mut client =
+        PageServerClient::connect(addr).map_err(|source| DumpError::PageServer { addr, source })?;
+    client
+        .set_compress_pages(opts.compress_pages)
+        .map_err(|source| DumpError::PageServer { addr, source })?;
+    Ok(Some(client))
 }
 
 /// Whether the destination holds the parent pagemap of `pid`: without it nothing may be
@@ -396,9 +403,19 @@ fn close_page_server(
     opts: &DumpOptions,
 ) -> Result<(), DumpError> {
     match (client, opts.page_server) {
-        (Some(client), Some(addr)) => client
-            .close()
-            .map_err(|source| DumpError::PageServer { addr, source }),
+        (Some(client), Some(addr)) => {
+            let pages = client.pages_pushed();
+            tracing::info!(
+                raw_bytes = pages.raw_bytes,
+                wire_bytes = pages.wire_bytes,
+                frames = pages.frames,
+                zstd_frames = pages.zstd_frames,
+                "pages sent: raw vs wire bytes"
+            );
+            client
+                .close()
+                .map_err(|source| DumpError::PageServer { addr, source })
+        }
         _ => Ok(()),
     }
 }

@@ -167,6 +167,12 @@ impl LazyDaemon {
         })
     }
 
+    /// Ask the page server for zstd-compressed pages (our extension of the protocol; see
+    /// [`crate::source`]). No effect on pages read from local images.
+    pub fn set_compress_pages(&mut self, on: bool) {
+        self.pages.set_compress_pages(on);
+    }
+
     /// The hand-off socket's path.
     pub fn socket_path(&self) -> &std::path::Path {
         self.listener.path()

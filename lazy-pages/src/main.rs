@@ -30,6 +30,10 @@ struct Cli {
     /// Fetch pages from the dump side's page server at --address:--port
     #[arg(long = "page-server")]
     page_server: bool,
+    /// With --page-server: ask for zstd-compressed pages, which a ckpt-dump source answers
+    /// with when they are smaller (an extension; a CRIU source ignores the request)
+    #[arg(long = "compress-pages", requires = "page_server")]
+    compress_pages: bool,
     #[arg(long)]
     address: Option<String>,
     #[arg(long)]
@@ -99,13 +103,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         background_rate: cli.background_rate.map(|k| k.saturating_mul(1024)),
         background_delay: Duration::from_millis(cli.background_delay),
     };
-    let daemon = bind(&opts, Duration::from_millis(cli.connect_wait)).with_context(|| {
+    let mut daemon = bind(&opts, Duration::from_millis(cli.connect_wait)).with_context(|| {
         format!(
             "lazy-pages: start serving {} (socket in {})",
             opts.images_dir.display(),
             opts.work_dir.display()
         )
     })?;
+    daemon.set_compress_pages(cli.compress_pages);
     if cli.daemon {
         nix::unistd::daemon(true, cli.log_file.is_none()).context("lazy-pages: daemonize")?;
     }

@@ -28,6 +28,12 @@
 //! is in (see [`RemotePages::told_resumed`]). A source that sees neither bit
 //! talks to a daemon without the extension (CRIU's), and can only take its first GET for the
 //! destination having resumed.
+//!
+//! Compression, also ours (see `ckpt_page_server::compress`): with
+//! [`Pages::set_compress_pages`] (`--compress-pages`) every GET also carries [`GET_ZSTD`]
+//! (bit 13), and a source that knows it may answer with a PE_ZSTD ADD_F: L, then one zstd
+//! frame of the pages. Answers of both kinds are read; the raw and wire bytes of the pages
+//! received are logged when the session closes.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -35,7 +41,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ckpt_page_server::{ClientError, Command, Frame, PageServerClient};
+use ckpt_page_server::{ClientError, Command, Frame, PageServerClient, PageTraffic};
 use images_format::{ImageDir, ImageKind, PageFlags, PagesError, PagesReader, PAGE_SIZE};
 
 /// A run of lazy pages of the image, `[vaddr, vaddr + len)`.
@@ -85,6 +91,8 @@ pub enum SourceError {
 pub const GET_BEFORE_RESUME: u16 = 0x4000;
 /// GET flag: restore sent its end marker; the tasks run.
 pub const GET_RESUMED: u16 = 0x8000;
+/// GET flag: the source may answer with compressed pages.
+pub use ckpt_page_server::GET_ZSTD;
 
 /// The lazy ranges of a pagemap: entries flagged PE_LAZY, adjacent ones merged.
 pub fn lazy_ranges(reader: &PagesReader) -> Vec<LazyRange> {
@@ -146,7 +154,7 @@ impl Pages {
     }
 
     /// Opens `pagemap-<pid>.img` (and its parents) and returns its lazy ranges. Local
-    /// lazy pages are read ahead into the page cache from now on (see [`read_ahead`]).
+    /// lazy pages are read ahead into the page cache from now on (see `read_ahead`).
     pub fn open_task(&mut self, pid: i32) -> Result<Vec<LazyRange>, SourceError> {
         let id = u64::try_from(pid).map_err(|_| SourceError::UnknownPid { pid })?;
         let reader = PagesReader::open(&self.dir, ImageKind::Pagemap, id)
@@ -180,6 +188,21 @@ impl Pages {
                 Ok(buf.len())
             }
             PageSource::Remote(remote) => remote.get(pid, vaddr, buf),
+        }
+    }
+
+    /// Ask a remote source for compressed pages (GET_ZSTD); nothing for local images.
+    pub fn set_compress_pages(&mut self, on: bool) {
+        if let PageSource::Remote(remote) = &mut self.source {
+            remote.compress = on;
+        }
+    }
+
+    /// The pages a remote source sent so far, raw and on the wire (zero for local images).
+    pub fn remote_traffic(&self) -> PageTraffic {
+        match &self.source {
+            PageSource::Local => PageTraffic::default(),
+            PageSource::Remote(remote) => remote.traffic(),
         }
     }
 
@@ -298,6 +321,8 @@ pub struct RemotePages {
     resumed: bool,
     /// A GET flagged [`GET_RESUMED`] was answered.
     told: bool,
+    /// Flag every GET with [`GET_ZSTD`].
+    compress: bool,
 }
 
 impl RemotePages {
@@ -317,6 +342,7 @@ impl RemotePages {
             raw,
             resumed: false,
             told: false,
+            compress: false,
         })
     }
 
@@ -342,6 +368,9 @@ impl RemotePages {
         } else {
             GET_BEFORE_RESUME
         };
+        if self.compress {
+            get.flags |= GET_ZSTD;
+        }
         self.send_raw(&get).map_err(|source| {
             remote_error(ClientError::Send {
                 command: Command::Get,
@@ -362,6 +391,16 @@ impl RemotePages {
         self.resumed = true;
     }
 
+    /// Ask for compressed answers (GET_ZSTD) from now on.
+    pub fn set_compress_pages(&mut self, on: bool) {
+        self.compress = on;
+    }
+
+    /// The pages received so far: raw size and bytes on the wire.
+    pub fn traffic(&self) -> PageTraffic {
+        self.client.pages_pulled()
+    }
+
     /// Whether the source answered a GET that said the destination runs.
     pub fn told_resumed(&self) -> bool {
         self.told
@@ -371,6 +410,14 @@ impl RemotePages {
     /// the source knows the destination runs even if no GET followed) and waits for the
     /// server's status.
     pub fn close(mut self) -> Result<(), SourceError> {
+        let traffic = self.traffic();
+        tracing::info!(
+            raw_bytes = traffic.raw_bytes,
+            wire_bytes = traffic.wire_bytes,
+            frames = traffic.frames,
+            zstd_frames = traffic.zstd_frames,
+            "pages received: raw vs wire bytes"
+        );
         if !self.resumed {
             return self.client.close().map_err(SourceError::Close);
         }
@@ -512,6 +559,61 @@ mod tests {
                 ..
             })
         ));
+        server.join().expect("server");
+    }
+
+    #[test]
+    fn compressed_answers_are_asked_for_and_read() {
+        use ckpt_page_server::{Frame, PageCompressor, PE_ZSTD};
+        use std::io::{Read, Write};
+
+        // Mostly zero, as lazy pages of a real process often are.
+        let mut data = vec![0u8; 4 * P as usize];
+        for (i, b) in data.iter_mut().enumerate().step_by(512) {
+            *b = (i / 512) as u8 + 1;
+        }
+        let sent = data.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut req = [0u8; 32];
+            s.read_exact(&mut req).expect("get");
+            let get = Frame::decode(&req).expect("frame");
+            assert_eq!(get.flags, GET_BEFORE_RESUME | GET_ZSTD);
+            let mut compressor = PageCompressor::new().expect("compressor");
+            let reply = Frame::add_f(33, 0x5000, 4, 4);
+            let bytes = compressor.encode(&reply, &sent).expect("compressible");
+            assert_eq!(bytes[2..4], (PE_ZSTD | 4).to_le_bytes()[..]);
+            s.write_all(bytes).expect("reply");
+            // A raw answer is still read after a compressed one.
+            s.read_exact(&mut req).expect("get");
+            assert_eq!(
+                Frame::decode(&req).expect("frame").flags,
+                GET_RESUMED | GET_ZSTD
+            );
+            s.write_all(&Frame::add_f(33, 0x9000, 1, 4).encode())
+                .expect("raw");
+            s.write_all(&page(7)).expect("page");
+            s.read_exact(&mut req).expect("close");
+            s.write_all(&0i32.to_le_bytes()).expect("status");
+        });
+        let mut remote = RemotePages::connect(addr).expect("connect");
+        remote.set_compress_pages(true);
+        let mut buf = vec![0u8; 4 * P as usize];
+        assert_eq!(remote.get(33, 0x5000, &mut buf).expect("get"), buf.len());
+        assert!(buf == data);
+        remote.resumed();
+        assert_eq!(
+            remote.get(33, 0x9000, &mut buf[..P as usize]).expect("get"),
+            P as usize
+        );
+        assert!(buf[..P as usize] == page(7)[..]);
+        let traffic = remote.traffic();
+        assert_eq!((traffic.frames, traffic.zstd_frames), (2, 1));
+        assert_eq!(traffic.raw_bytes, 5 * P);
+        assert!(traffic.wire_bytes < 2 * P, "{traffic:?}");
+        remote.close().expect("close");
         server.join().expect("server");
     }
 }

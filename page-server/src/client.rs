@@ -27,7 +27,10 @@ use std::net::{SocketAddr, TcpStream};
 use images_format::pagemap::{check_hole, data_pages, PagemapStats, RangeOrder};
 use images_format::{PageFlags, PAGE_SIZE};
 
-use crate::protocol::{Command, Frame, PagemapId, ProtocolError, FRAME_LEN, WIRE_FLAGS};
+use crate::compress::{
+    PageCompressor, PageDecompressor, PageTraffic, ReadZstdError, ZstdError, MAX_ZSTD_PAGES,
+};
+use crate::protocol::{Command, Frame, PagemapId, ProtocolError, FRAME_LEN, GET_ZSTD, WIRE_FLAGS};
 use crate::server::write_all_vectored;
 
 /// Most buffers handed to one writev(2) (the kernel's UIO_MAXIOV).
@@ -80,6 +83,15 @@ pub enum ClientError {
         #[source]
         source: Option<ProtocolError>,
     },
+    #[error("the page server's compressed answer to GET {vaddr:#x} of pid {pid} is unusable")]
+    BadCompressedReply {
+        pid: u64,
+        vaddr: u64,
+        #[source]
+        source: ReadZstdError,
+    },
+    #[error("compress pages for the page server")]
+    Compression(#[source] ZstdError),
     #[error("the page server answered GET {vaddr:#x} x{asked} of pid {pid} with {got} pages at {reply_vaddr:#x} of {reply_pid}")]
     WrongReply {
         pid: u64,
@@ -97,6 +109,14 @@ pub struct PageServerClient {
     stream: TcpStream,
     /// Bytes written so far.
     sent: u64,
+    /// Set by [`PageServerClient::set_compress_pages`]: pushed pages go as PE_ZSTD frames
+    /// when that is smaller, and GETs carry GET_ZSTD.
+    compressor: Option<Box<PageCompressor>>,
+    compress_gets: bool,
+    /// Made at the first PE_ZSTD answer.
+    decompressor: Option<Box<PageDecompressor>>,
+    pushed: PageTraffic,
+    pulled: PageTraffic,
 }
 
 /// Pages a GET was answered with.
@@ -124,7 +144,44 @@ impl PageServerClient {
                 source: e.into(),
             }
         })?;
-        Ok(PageServerClient { stream, sent: 0 })
+        Ok(PageServerClient {
+            stream,
+            sent: 0,
+            compressor: None,
+            compress_gets: false,
+            decompressor: None,
+            pushed: PageTraffic::default(),
+            pulled: PageTraffic::default(),
+        })
+    }
+
+    /// Our extension (see [`crate::compress`]): push pages as zstd-compressed PE_ZSTD
+    /// frames where that is smaller, and flag GETs with GET_ZSTD so that the server may
+    /// answer so. Only for a peer that reads them (ours): off, the wire is CRIU's.
+    pub fn set_compress_pages(&mut self, on: bool) -> Result<(), ClientError> {
+        self.compress_gets = on;
+        if !on {
+            self.compressor = None;
+        } else if self.compressor.is_none() {
+            let compressor = PageCompressor::new().map_err(ClientError::Compression)?;
+            self.compressor = Some(Box::new(compressor));
+        }
+        Ok(())
+    }
+
+    /// Whether [`PageServerClient::set_compress_pages`] is on.
+    pub fn compresses_pages(&self) -> bool {
+        self.compress_gets
+    }
+
+    /// The pages pushed so far (ADD_F data): raw size, and bytes on the wire.
+    pub fn pages_pushed(&self) -> PageTraffic {
+        self.pushed
+    }
+
+    /// The pages received in GET answers so far: raw size, and bytes on the wire.
+    pub fn pages_pulled(&self) -> PageTraffic {
+        self.pulled
     }
 
     /// Bytes written to the connection so far.
@@ -178,7 +235,11 @@ impl PageServerClient {
         vaddr: u64,
         nr_pages: u64,
     ) -> Result<(), ClientError> {
-        self.request(Command::Get, &Frame::get(pid, vaddr, nr_pages))
+        let mut get = Frame::get(pid, vaddr, nr_pages);
+        if self.compress_gets {
+            get.flags |= GET_ZSTD;
+        }
+        self.request(Command::Get, &get)
     }
 
     /// Reads the answer to the oldest GET into `buf`, which must hold the pages asked
@@ -219,7 +280,22 @@ impl PageServerClient {
             });
         }
         let len = usize::try_from(frame.nr_pages * PAGE_SIZE).expect("at most buf.len()");
-        self.read_answer(Command::Get, &mut buf[..len])?;
+        if frame.is_zstd() {
+            let bad = |source| ClientError::BadCompressedReply { pid, vaddr, source };
+            let decompressor = match &mut self.decompressor {
+                Some(d) => d,
+                None => self.decompressor.insert(Box::new(
+                    PageDecompressor::new().map_err(|e| bad(ReadZstdError::Zstd(e)))?,
+                )),
+            };
+            let wire = decompressor
+                .read_pages(&mut self.stream, &frame, &mut buf[..len])
+                .map_err(bad)?;
+            self.pulled.add_zstd(len as u64, wire);
+        } else {
+            self.read_answer(Command::Get, &mut buf[..len])?;
+            self.pulled.add_raw(len as u64);
+        }
         Ok(PagesReply {
             vaddr: frame.vaddr,
             nr_pages: frame.nr_pages,
@@ -304,17 +380,63 @@ impl RemotePagemap<'_> {
         let len: u64 = data.iter().map(|s| s.len() as u64).sum();
         let nr_pages =
             data_pages(flags, len).map_err(|reason| self.rejected(vaddr, len, flags, reason))?;
-        let frame = self.frame(vaddr, nr_pages, flags)?.encode();
-        let mut slices = Vec::with_capacity(data.len().min(MAX_IOV) + 1);
-        slices.push(IoSlice::new(&frame));
-        for chunk in data.chunks(MAX_IOV - 1) {
-            slices.extend(chunk.iter().map(|s| IoSlice::new(s)));
-            self.client.send(Command::AddF, &mut slices)?;
-            slices.clear();
+        if let Some(mut compressor) = self.client.compressor.take() {
+            let sent = self.add_compressed(&mut compressor, vaddr, flags, data, len);
+            self.client.compressor = Some(compressor);
+            sent?;
+        } else {
+            let frame = self.frame(vaddr, nr_pages, flags)?;
+            let parts: Vec<&[u8]> = data.iter().map(|s| &**s).collect();
+            self.send_raw(&frame, &parts)?;
         }
         self.stats.pages_present += nr_pages;
         if flags.contains(PageFlags::LAZY) {
             self.stats.pages_lazy += nr_pages;
+        }
+        Ok(())
+    }
+
+    /// One ADD_F with the raw pages `parts`: the frame and the data in one writev(2) per
+    /// 1024 buffers (CRIU's wire format).
+    fn send_raw(&mut self, frame: &Frame, parts: &[&[u8]]) -> Result<(), ClientError> {
+        let header = frame.encode();
+        let mut slices = Vec::with_capacity(parts.len().min(MAX_IOV) + 1);
+        slices.push(IoSlice::new(&header));
+        for chunk in parts.chunks(MAX_IOV - 1) {
+            slices.extend(chunk.iter().map(|s| IoSlice::new(s)));
+            self.client.send(Command::AddF, &mut slices)?;
+            slices.clear();
+        }
+        self.client.pushed.add_raw(frame.nr_pages * PAGE_SIZE);
+        Ok(())
+    }
+
+    /// Pages as PE_ZSTD frames of at most [`MAX_ZSTD_PAGES`] pages each (a receiver
+    /// decompresses a frame in memory), each one raw instead if it does not shrink.
+    fn add_compressed(
+        &mut self,
+        compressor: &mut PageCompressor,
+        vaddr: u64,
+        flags: PageFlags,
+        data: &[IoSlice<'_>],
+        len: u64,
+    ) -> Result<(), ClientError> {
+        let step = MAX_ZSTD_PAGES * PAGE_SIZE;
+        let mut off = 0u64;
+        while off < len {
+            let n = step.min(len - off);
+            let frame = self.frame(vaddr + off, n / PAGE_SIZE, flags)?;
+            let parts = byte_range(data, off, n);
+            match compressor.encode_slices(&frame, &parts) {
+                Some(bytes) => {
+                    self.client
+                        .send(Command::AddF, &mut [IoSlice::new(bytes)])?;
+                    let wire = (bytes.len() - FRAME_LEN) as u64;
+                    self.client.pushed.add_zstd(n, wire);
+                }
+                None => self.send_raw(&frame, &parts)?,
+            }
+            off += n;
         }
         Ok(())
     }
@@ -383,4 +505,27 @@ impl RemotePagemap<'_> {
             reason,
         }
     }
+}
+
+/// The bytes `[off, off + len)` of the concatenation of `data`, as pieces of its buffers.
+fn byte_range<'a>(data: &'a [IoSlice<'_>], off: u64, len: u64) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (off, len);
+    for slice in data {
+        if want == 0 {
+            break;
+        }
+        let n = slice.len() as u64;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(want);
+        // Both within the slice's length, which is a usize.
+        let (from, to) = (skip as usize, (skip + take) as usize);
+        out.push(&slice[from..to]);
+        want -= take;
+        skip = 0;
+    }
+    out
 }

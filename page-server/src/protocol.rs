@@ -45,6 +45,31 @@
 //!                                              <----   ADD_F {PE_PRESENT<<16|6, n, vaddr, dst_id}
 //!                                              <----   n * 4096 bytes, n <= nr_pages
 //! ```
+//!
+//! Compressed pages: our own extension, not CRIU's (see [`crate::compress`]). It is opt-in
+//! per message, so a CRIU peer never sees it: without the options below, every byte on the
+//! wire is as above.
+//!
+//! ```text
+//! ADD_F {(PE_ZSTD|PE_PRESENT|...)<<16|6, n, vaddr, dst_id}    PE_ZSTD = 0x2000, n <= 1024
+//!   + u32 L (little-endian), 1 <= L <= zstd's bound for n * 4096
+//!   + L bytes: one zstd frame that decompresses to exactly n * 4096 bytes
+//!
+//! push (ckpt-dump --page-server --compress-pages):
+//!   ADD_F with PE_ZSTD                         ---->   ckpt-page-server accepts both forms
+//!
+//! pull (ckpt-lazy-pages --page-server --compress-pages):
+//!   GET {(GET_ZSTD|...)<<16|7, ...}            ---->   GET_ZSTD = 0x2000: "may compress"
+//!                                              <----   ADD_F with PE_ZSTD + L + frame,
+//!                                                      or the plain answer
+//! ```
+//!
+//! A sender compresses only when asked to and only when L + 4 is smaller than the raw
+//! pages; incompressible pages go raw in a plain frame. A receiver rejects a PE_ZSTD frame
+//! of more than 1024 pages, a bad L, a frame that does not decompress, or one that
+//! decompresses to another size, as a broken session (never a panic). The flag bits are
+//! distinct from PE_PARENT/PE_LAZY/PE_PRESENT (1, 2, 4) and from our GET flags
+//! 0x4000/0x8000 (the destination resumed or not, see the lazy-pages source).
 
 use images_format::{PageFlags, PAGE_SIZE};
 
@@ -59,6 +84,12 @@ pub const FIRST_PAGES_ID: u32 = 0x10001;
 pub const WIRE_FLAGS: PageFlags = PageFlags::PARENT
     .union(PageFlags::LAZY)
     .union(PageFlags::PRESENT);
+
+/// ADD_F flag of our extension: the page data is compressed (see [`crate::compress`]).
+pub const PE_ZSTD: u16 = 0x2000;
+
+/// GET flag of our extension: the asker reads PE_ZSTD answers; the server may compress.
+pub const GET_ZSTD: u16 = 0x2000;
 
 const CMD_BITS: u32 = 16;
 const CMD_MASK: u32 = (1 << CMD_BITS) - 1;
@@ -258,16 +289,23 @@ impl Frame {
         Frame::new(Command::Close, 0)
     }
 
-    /// The flags as pagemap flags. ADD and HOLE imply theirs.
+    /// The flags as pagemap flags. ADD and HOLE imply theirs; PE_ZSTD says how the data
+    /// travels, not what it is, and is not among them.
     pub fn page_flags(&self) -> PageFlags {
         match self.command {
             Command::Add => PageFlags::PRESENT,
             Command::Hole => PageFlags::PARENT,
+            Command::AddF => PageFlags::from_bits_retain(u32::from(self.flags & !PE_ZSTD)),
             _ => PageFlags::from_bits_retain(u32::from(self.flags)),
         }
     }
 
-    /// Bytes of page data that follow the frame on the wire.
+    /// An ADD_F whose page data is compressed ([`PE_ZSTD`]).
+    pub fn is_zstd(&self) -> bool {
+        self.command == Command::AddF && self.flags & PE_ZSTD != 0
+    }
+
+    /// Bytes of page data the frame stands for (before compression, for a PE_ZSTD frame).
     pub fn data_len(&self) -> Option<u64> {
         match self.command {
             Command::Add | Command::AddF if self.page_flags().contains(PageFlags::PRESENT) => {

@@ -28,8 +28,9 @@ use images_format::{
 };
 use rustix::pipe::{self, PipeFlags, SpliceFlags};
 
+use crate::compress::{self, PageCompressor, PageDecompressor, PageTraffic, ZstdError};
 use crate::protocol::{
-    Command, Frame, PagemapId, ProtocolError, FIRST_PAGES_ID, FRAME_LEN, WIRE_FLAGS,
+    Command, Frame, PagemapId, ProtocolError, FIRST_PAGES_ID, FRAME_LEN, GET_ZSTD, WIRE_FLAGS,
 };
 
 /// Most pages one GET is answered with (CRIU's lazy-pages daemon asks for at most 4 MiB).
@@ -91,6 +92,9 @@ pub struct SessionStats {
     pub pages_served: u64,
     /// Bytes read from the connection.
     pub bytes: u64,
+    /// The page data received (push) or served (pull): raw size and bytes on the wire,
+    /// which are fewer for PE_ZSTD frames (see [`crate::compress`]).
+    pub page_traffic: PageTraffic,
     pub elapsed: Duration,
 }
 
@@ -190,6 +194,21 @@ pub enum ServerError {
     },
     #[error("pid {pid}: no saved page at {vaddr:#x} to serve")]
     NotSaved { pid: u64, vaddr: u64 },
+    #[error("{image}: the compressed pages at {vaddr:#x} (stream offset {offset}) are unusable")]
+    BadCompressed {
+        image: String,
+        vaddr: u64,
+        offset: u64,
+        #[source]
+        source: ZstdError,
+    },
+    #[error("set up compression for GET {vaddr:#x} of pid {pid}")]
+    Compression {
+        pid: u64,
+        vaddr: u64,
+        #[source]
+        source: ZstdError,
+    },
     #[error("create the pipe pages are spliced through")]
     Pipe(#[source] io::Error),
 }
@@ -258,6 +277,12 @@ impl PageServer {
             secs = stats.elapsed.as_secs_f64(),
             "session over"
         );
+        let what = if self.opts.lazy_pages {
+            "pages served: raw vs wire bytes"
+        } else {
+            "pages received: raw vs wire bytes"
+        };
+        stats.page_traffic.log(what);
         Ok(stats)
     }
 }
@@ -294,6 +319,9 @@ pub fn serve<S: Read + Write + AsFd>(
         input: Input::default(),
         receiver: Receiver::new(opts.receive)?,
         readers: HashMap::new(),
+        compressor: None,
+        decompressor: None,
+        compressed: Vec::new(),
         stats: SessionStats::default(),
     };
     let result = session.run();
@@ -316,6 +344,11 @@ struct Session<'a, S> {
     input: Input,
     receiver: Receiver,
     readers: HashMap<u64, PagesReader>,
+    /// Made at the first GET flagged GET_ZSTD, and the first PE_ZSTD frame.
+    compressor: Option<PageCompressor>,
+    decompressor: Option<PageDecompressor>,
+    /// The compressed bytes of the PE_ZSTD frame being received.
+    compressed: Vec<u8>,
     stats: SessionStats,
 }
 
@@ -566,6 +599,10 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
         if !flags.contains(PageFlags::PRESENT) {
             return Ok(());
         }
+        if frame.is_zstd() {
+            return self.add_compressed(frame, at);
+        }
+        let open = self.open.as_mut().expect("opened above");
         let expected = range.len();
         let mut received = 0u64;
         let result = receive_pages(
@@ -581,6 +618,7 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
         match result {
             Ok(()) => {
                 self.stats.pages_received += range.nr_pages;
+                self.stats.page_traffic.add_raw(expected);
                 Ok(())
             }
             Err(ReceiveError::Socket(source)) => Err(ServerError::PagesCut {
@@ -596,6 +634,63 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
                 source,
             }),
         }
+    }
+
+    /// The data of a PE_ZSTD frame (its pagemap entry is written): L and the zstd frame,
+    /// read through the input buffer (they are small, and the frames after them come in
+    /// the same read), decompressed into the pending page data.
+    fn add_compressed(&mut self, frame: &Frame, at: u64) -> Result<(), ServerError> {
+        let open = self.open.as_mut().expect("the caller opened it");
+        let bad = |offset, source| ServerError::BadCompressed {
+            image: open.name.clone(),
+            vaddr: frame.vaddr,
+            offset,
+            source,
+        };
+        let raw = compress::raw_len(frame).map_err(|e| bad(at, e))?;
+        let cut = |received: u64, expected: u64, offset, source| ServerError::PagesCut {
+            image: open.name.clone(),
+            vaddr: frame.vaddr,
+            received,
+            expected,
+            offset,
+            source,
+        };
+        let mut len = [0u8; compress::LEN_BYTES];
+        read_through(&mut self.input, &mut self.stream, &mut len)
+            .map_err(|(got, e)| cut(got, len.len() as u64, self.offset + got, e))?;
+        self.offset += len.len() as u64;
+        let n =
+            compress::check_len(u32::from_le_bytes(len), raw).map_err(|e| bad(self.offset, e))?;
+        self.compressed.resize(n, 0);
+        read_through(&mut self.input, &mut self.stream, &mut self.compressed)
+            .map_err(|(got, e)| cut(got, n as u64, self.offset + got, e))?;
+        self.offset += n as u64;
+        let decompressor = match &mut self.decompressor {
+            Some(d) => d,
+            None => self
+                .decompressor
+                .insert(PageDecompressor::new().map_err(|e| bad(at, e))?),
+        };
+        let start = open.pending.len();
+        open.pending.resize(start + raw, 0);
+        decompressor
+            .decompress(&self.compressed, &mut open.pending[start..])
+            .map_err(|e| bad(at, e))?;
+        if open.pending.len() >= CHUNK {
+            (&open.pages)
+                .write_all(&open.pending)
+                .map_err(|source| ServerError::WritePages {
+                    path: open.pages_path.clone(),
+                    source,
+                })?;
+            open.pending.clear();
+        }
+        self.stats.pages_received += frame.nr_pages;
+        self.stats
+            .page_traffic
+            .add_zstd(raw as u64, (compress::LEN_BYTES + n) as u64);
+        Ok(())
     }
 
     /// Renames every staged image into place, pages before pagemaps.
@@ -666,13 +761,41 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
             .read_pages(frame.vaddr, &mut data)
             .map_err(|source| ServerError::ReadPages { pid, source })?;
         let nr_pages = len / PAGE_SIZE;
-        let reply = Frame::add_f(
+        let header = Frame::add_f(
             frame.dst_id,
             frame.vaddr,
             nr_pages,
             u16::try_from(PageFlags::PRESENT.bits()).expect("PE_PRESENT fits 16 bits"),
-        )
-        .encode();
+        );
+        if frame.flags & GET_ZSTD != 0 {
+            let compressor = match &mut self.compressor {
+                Some(c) => c,
+                None => self
+                    .compressor
+                    .insert(
+                        PageCompressor::new().map_err(|source| ServerError::Compression {
+                            pid,
+                            vaddr: frame.vaddr,
+                            source,
+                        })?,
+                    ),
+            };
+            if let Some(bytes) = compressor.encode(&header, &data) {
+                self.stream
+                    .write_all(bytes)
+                    .map_err(|source| ServerError::Answer {
+                        offset: at,
+                        command: Command::Get,
+                        source,
+                    })?;
+                self.stats
+                    .page_traffic
+                    .add_zstd(len, (bytes.len() - FRAME_LEN) as u64);
+                self.stats.pages_served += nr_pages;
+                return Ok(());
+            }
+        }
+        let reply = header.encode();
         write_all_vectored(
             &mut self.stream,
             &mut [IoSlice::new(&reply), IoSlice::new(&data)],
@@ -682,9 +805,34 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
             command: Command::Get,
             source,
         })?;
+        self.stats.page_traffic.add_raw(len);
         self.stats.pages_served += nr_pages;
         Ok(())
     }
+}
+
+/// Fills `out` from what `input` holds, then through `input` from `stream`; on failure,
+/// the bytes that did arrive and the error.
+fn read_through<S: Read>(
+    input: &mut Input,
+    stream: &mut S,
+    out: &mut [u8],
+) -> Result<(), (u64, io::Error)> {
+    let mut got = 0;
+    while got < out.len() {
+        if input.is_empty() {
+            match input.fill(stream) {
+                Ok(0) => return Err((got as u64, io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((got as u64, e)),
+            }
+        }
+        let data = input.take(out.len() - got);
+        out[got..got + data.len()].copy_from_slice(data);
+        got += data.len();
+    }
+    Ok(())
 }
 
 /// The range of an ADD/HOLE/ADD_F frame, if it is one a dumper can send.
@@ -697,6 +845,9 @@ fn check_range(frame: &Frame, flags: PageFlags) -> Result<PageRange, &'static st
     }
     if flags.contains(PageFlags::PRESENT | PageFlags::PARENT) {
         return Err("both present and in the parent");
+    }
+    if frame.is_zstd() && !flags.contains(PageFlags::PRESENT) {
+        return Err("PE_ZSTD without data");
     }
     if frame.nr_pages == 0 || !frame.vaddr.is_multiple_of(PAGE_SIZE) {
         return Err("not a page-aligned, non-empty range");
