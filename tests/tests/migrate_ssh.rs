@@ -133,14 +133,24 @@ fn precopy_through_an_ssh_tunnel_moves_the_process_and_leaves_nothing_at_the_sou
 }
 
 #[test]
-fn queued_precopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
+fn queued_precopy_over_ssh_compressed_moves_the_process_and_leaves_nothing_at_the_source() {
     // Rounds hold back what was written since the round before; the final dump sends them.
-    migrate_over_ssh(&["-a", "queued", "--rounds", "4", "--port", "27301"]);
+    // Images and pages cross compressed.
+    migrate_over_ssh(&[
+        "-a",
+        "queued",
+        "--rounds",
+        "4",
+        "--port",
+        "27301",
+        "--compress",
+    ]);
 }
 
 #[test]
-fn postcopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
-    migrate_over_ssh(&["-a", "postcopy", "--port", "27201"]);
+fn postcopy_over_ssh_compressed_moves_the_process_and_leaves_nothing_at_the_source() {
+    // The lazy pages are pulled compressed.
+    migrate_over_ssh(&["-a", "postcopy", "--port", "27201", "--compress"]);
 }
 
 /// Starts sshd at a destination of its own, migrates a self-checking workload there with
