@@ -69,13 +69,14 @@ pub struct MigrateArgs {
     /// Keep the images and logs of every cell under DIR/cells.
     #[arg(long)]
     pub keep: bool,
-    /// Compress the images on the wire (zlib, fastest level, as `ssh -C`): `auto` on links of
-    /// 100 Mbit/s or less, where the wire costs more than the CPU.
+    /// Compress what crosses the link: the images (zlib, fastest level, as `ssh -C`) and the
+    /// pages between the tools (`--compress-pages`, zstd). `auto` on links of 100 Mbit/s or
+    /// less, where the wire costs more than the CPU.
     #[arg(long, value_enum, default_value = "auto")]
-    pub compress_images: Compress,
+    pub compress: Compress,
 }
 
-/// When the images are compressed on the wire.
+/// When images and pages are compressed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Compress {
     Auto,
@@ -112,8 +113,8 @@ pub struct Run {
     pub round_pages: Vec<u64>,
     /// Queued pre-copy: pages each round held back.
     pub round_held: Vec<u64>,
-    /// The images crossed the link compressed.
-    pub images_compressed: bool,
+    /// The images and pages crossed the link compressed.
+    pub compressed: bool,
     /// The down time cut into what happened meanwhile, ms (see `downtime`).
     pub downtime_parts: Vec<(String, f64)>,
     pub final_pages: u64,
@@ -209,7 +210,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
                 repetition,
                 precopy,
                 dirty_rate: args.dirty_rate,
-                compress: args.compress_images,
+                compress: args.compress,
             };
             let run = cell.measure(&mut port);
             println!(
@@ -390,7 +391,7 @@ impl Cell<'_> {
             round_pages: Vec::new(),
             round_held: Vec::new(),
             downtime_parts: Vec::new(),
-            images_compressed: self.compress.on(self.bandwidth),
+            compressed: self.compress.on(self.bandwidth),
             final_pages: 0,
             pages_resent: None,
             stop_reason: None,
@@ -470,7 +471,7 @@ impl Cell<'_> {
             step_timeout: self.step_timeout(),
             next_port: *port,
             move_service: udp,
-            compress_images: self.compress.on(self.bandwidth),
+            compress: self.compress.on(self.bandwidth),
             outcome: Default::default(),
         };
         let result = migration.run(self.algorithm);

@@ -17,6 +17,7 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -207,10 +208,6 @@ impl Proc {
         text
     }
 
-    pub fn pid(&self) -> Pid {
-        Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))
-    }
-
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.reaped.is_none() {
             self.reaped = self
@@ -277,6 +274,14 @@ pub fn log_tail(path: &Path) -> String {
     lines[from..].join(" | ")
 }
 
+/// A `ckpt-page-server` at the destination that listens for a dump's pages.
+struct PageServer {
+    proc: Proc,
+    port: u16,
+    /// Where it writes the images.
+    dst: PathBuf,
+}
+
 /// Everything a pipeline works with.
 pub struct Migration<'a> {
     pub bed: &'a Testbed,
@@ -291,8 +296,9 @@ pub struct Migration<'a> {
     pub next_port: u16,
     /// Move the service address to the destination as soon as it runs (the UDP server).
     pub move_service: bool,
-    /// Compress the images on the wire (zlib, fastest level), as `ssh -C` on a slow link.
-    pub compress_images: bool,
+    /// Compress on the wire, as on a slow link: the images (zlib, fastest level, as `ssh -C`)
+    /// and the pages between the tools (`--compress-pages`).
+    pub compress: bool,
     pub outcome: Outcome,
 }
 
@@ -327,6 +333,7 @@ impl Migration<'_> {
         self.outcome.final_images = Some((src.clone(), dst.clone()));
         let mut restored = self.prepare_restore(&dst, &[])?;
         let link = self.open_transfer(&dst)?;
+        self.restore_ready(&mut restored)?;
         self.outcome.t_freeze = now_ns();
         let pid = self.pid.to_string();
         self.tool(
@@ -354,6 +361,10 @@ impl Migration<'_> {
 
     /// Pre-dump rounds while it runs, then the final dump of what is still dirty.
     fn pre_copy(&mut self, queued: bool) -> Result<Restored> {
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
+        // The destination gets ready while the rounds run.
+        let mut restored = self.prepare_restore(&dst, &[])?;
         let mut round = 0u32;
         let mut prev: Option<String> = None;
         loop {
@@ -379,13 +390,14 @@ impl Migration<'_> {
                 break;
             }
         }
-        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
         self.outcome.final_images = Some((src.clone(), dst.clone()));
-        let mut restored = self.prepare_restore(&dst, &[])?;
-        let link = self.open_transfer(&dst)?;
-        self.outcome.t_freeze = now_ns();
         let prev_dir = prev.unwrap_or_default();
-        self.outcome.final_pages = self.dump_through_page_server(
+        let server = self.start_page_server("final", Some(&prev_dir))?;
+        let link = self.open_transfer(&dst)?;
+        self.restore_ready(&mut restored)?;
+        self.outcome.t_freeze = now_ns();
+        self.outcome.final_pages = self.dump_to_page_server(
+            server,
             "final",
             Some(&prev_dir),
             &["--track-mem", "--leave-stopped"],
@@ -406,31 +418,81 @@ impl Migration<'_> {
         prev: Option<&str>,
         extra: &[&str],
     ) -> Result<u64> {
-        let (src, dst) = (
-            self.dir.join("src").join(name),
-            self.dir.join("dst").join(name),
-        );
+        let server = self.start_page_server(name, prev)?;
+        self.dump_to_page_server(server, name, prev, extra)
+    }
+
+    /// Starts a `ckpt-page-server` at the destination writing into `dst/NAME` and returns
+    /// once it listens.
+    fn start_page_server(&mut self, name: &str, prev: Option<&str>) -> Result<PageServer> {
+        let dst = self.dir.join("dst").join(name);
         std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
         let port = self.port();
         let port_s = port.to_string();
         let dst_s = s(&dst);
-        let mut server_args = vec!["-D", &dst_s, "--address", DST_ADDR, "--port", &port_s];
+        // It says when it listens on a pipe it inherits: polling the namespace's
+        // /proc/net/tcp would take milliseconds per look (the kernel walks its whole
+        // connection hash table for it).
+        let (ready, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+        nix::fcntl::fcntl(
+            &ready_w,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .context("let the page server inherit its status pipe")?;
+        let status_fd = ready_w.as_raw_fd().to_string();
+        let mut server_args = vec![
+            "-D",
+            &dst_s,
+            "--address",
+            DST_ADDR,
+            "--port",
+            &port_s,
+            "--status-fd",
+            &status_fd,
+        ];
         if let Some(prev) = prev {
             server_args.extend(["--prev-images-dir", prev]);
         }
         let page_server = self.tools.page_server.clone();
-        let mut server = self.tool(
+        let server = self.tool(
             Side::Destination,
             "ckpt-page-server",
             &page_server,
             &server_args,
-        )?;
-        wait_listening(&mut server, port, self.step_timeout)?;
+        );
+        drop(ready_w);
+        let mut server = server?;
+        wait_status_byte(ready, &mut server, self.step_timeout)?;
+        Ok(PageServer {
+            proc: server,
+            port,
+            dst,
+        })
+    }
+
+    /// Runs `ckpt-dump EXTRA` into `src/NAME` with its pages going to `server`; returns the
+    /// pages that crossed.
+    fn dump_to_page_server(
+        &mut self,
+        server: PageServer,
+        name: &str,
+        prev: Option<&str>,
+        extra: &[&str],
+    ) -> Result<u64> {
+        let PageServer {
+            proc: mut server,
+            port,
+            dst,
+        } = server;
+        let src = self.dir.join("src").join(name);
         let pid = self.pid.to_string();
-        let src_s = s(&src);
+        let (src_s, port_s) = (s(&src), port.to_string());
         let mut args = vec!["-t", &pid, "-D", &src_s, "-o", "dump.log"];
         args.extend(extra);
         args.extend(["--page-server", "--address", DST_ADDR, "--port", &port_s]);
+        if self.compress {
+            args.push("--compress-pages");
+        }
         if let Some(prev) = prev {
             args.extend(["--prev-images-dir", prev]);
         }
@@ -445,6 +507,13 @@ impl Migration<'_> {
     /// daemon; `assisted` first moves one full pre-dump round; `restore_extra` goes to
     /// `ckpt-restore --lazy-pages`.
     fn post_copy(&mut self, assisted: bool, restore_extra: &[&str]) -> Result<Restored> {
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        // The destination is made ready before the freeze (during the round, if any): its
+        // PID namespace and restore's init wait for the images, so none of that is down time.
+        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
+        let mut restore_args = vec!["--lazy-pages"];
+        restore_args.extend(restore_extra);
+        let mut restored = self.prepare_restore(&dst, &restore_args)?;
         let mut prev = None;
         if assisted {
             let pages =
@@ -452,7 +521,6 @@ impl Migration<'_> {
             self.outcome.round_pages.push(pages);
             prev = Some("../pre1".to_string());
         }
-        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
         self.outcome.final_images = Some((src.clone(), dst.clone()));
         let port = self.port();
         let (pid, port_s, src_s) = (self.pid.to_string(), port.to_string(), s(&src));
@@ -474,13 +542,8 @@ impl Migration<'_> {
         if let Some(prev) = &prev {
             args.extend(["--track-mem", "--prev-images-dir", prev]);
         }
-        // The destination is made ready before the freeze: its PID namespace and restore's
-        // init wait for the images, so none of that is down time.
-        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
-        let mut restore_args = vec!["--lazy-pages"];
-        restore_args.extend(restore_extra);
-        let mut restored = self.prepare_restore(&dst, &restore_args)?;
         let link = self.open_transfer(&dst)?;
+        self.restore_ready(&mut restored)?;
         // The daemon starts first and retries its connection until the dump listens (just
         // before it freezes): its start does not compete with the freeze for the CPUs. The
         // dump accepts once its images are written; the daemon reads the pagemap only when
@@ -531,24 +594,23 @@ impl Migration<'_> {
         let (dst_s, log) = (s(dst), s(&dst.join("lazy-pages.log")));
         let wait = self.step_timeout.as_millis().to_string();
         let lazy = self.tools.lazy_pages.clone();
-        self.tool(
-            Side::Destination,
-            "ckpt-lazy-pages",
-            &lazy,
-            &[
-                "-D",
-                &dst_s,
-                "-o",
-                &log,
-                "--page-server",
-                "--address",
-                SRC_ADDR,
-                "--port",
-                port,
-                "--connect-wait",
-                &wait,
-            ],
-        )
+        let mut args = vec![
+            "-D",
+            &dst_s,
+            "-o",
+            &log,
+            "--page-server",
+            "--address",
+            SRC_ADDR,
+            "--port",
+            port,
+            "--connect-wait",
+            &wait,
+        ];
+        if self.compress {
+            args.push("--compress-pages");
+        }
+        self.tool(Side::Destination, "ckpt-lazy-pages", &lazy, &args)
     }
 
     /// Records a step with its start, in ms after the request: the run's timeline.
@@ -572,7 +634,7 @@ impl Migration<'_> {
             &self.bed.ns_path(Side::Destination),
             to,
             addr,
-            self.compress_images,
+            self.compress,
         )
         .context("connect to the destination for the images")
     }
@@ -582,7 +644,7 @@ impl Migration<'_> {
             "transfer {} -> {} (tar | ssh{})",
             from.display(),
             to.display(),
-            if self.compress_images { " -C" } else { "" }
+            if self.compress { " -C" } else { "" }
         ));
         link.send(from)
             .with_context(|| format!("transfer {} to the destination", from.display()))?;
@@ -629,10 +691,18 @@ impl Migration<'_> {
             self.dir
                 .join(format!("restore-{}.out", self.outcome.steps.len())),
         )?;
-        restore.log = Some(log.clone());
+        restore.log = Some(log);
         restore.go = Some(go);
-        wait_logged(&log, WAITING_FOR_GO, &mut restore, self.step_timeout)?;
         Ok(restore)
+    }
+
+    /// Waits until a restore from [`Migration::prepare_restore`] waits for the images.
+    fn restore_ready(&mut self, restore: &mut Restored) -> Result<()> {
+        let log = restore
+            .log
+            .clone()
+            .ok_or_else(|| anyhow!("{} has no log", restore.name))?;
+        wait_logged(&log, WAITING_FOR_GO, restore, self.step_timeout)
     }
 
     /// The images are in place: the waiting init runs `ckpt-restore`.
@@ -830,37 +900,38 @@ fn pages_in(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// Waits until `proc` listens on TCP `port` (seen in its namespace's /proc/PID/net/tcp): a
-/// probing connection would use up a server that serves one session.
-fn wait_listening(proc: &mut Proc, port: u16, timeout: Duration) -> Result<()> {
+/// Waits for the byte `proc` writes on its status pipe once it listens (`--status-fd`);
+/// `ready` is our end of that pipe, whose other end only `proc` holds.
+fn wait_status_byte(ready: std::os::fd::OwnedFd, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let start = Instant::now();
-    let needle = format!(":{port:04X} ");
+    let mut ready = std::fs::File::from(ready);
     loop {
-        let table =
-            std::fs::read_to_string(format!("/proc/{}/net/tcp", proc.pid())).unwrap_or_default();
-        let listening = table.lines().skip(1).any(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            cols.get(1)
-                .is_some_and(|local| format!("{local} ").contains(&needle))
-                && cols.get(3) == Some(&"0A")
-        });
-        if listening {
-            return Ok(());
-        }
-        if let Some(status) = proc.try_status()? {
-            bail!(
-                "{} exited ({status}) before listening: {}",
-                proc.name,
-                proc.tail()
-            );
+        let left = timeout.saturating_sub(start.elapsed());
+        let wait =
+            PollTimeout::try_from(left.min(Duration::from_secs(1))).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, wait) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => {
+                let mut byte = [0u8; 1];
+                return match std::io::Read::read(&mut ready, &mut byte) {
+                    Ok(1) => Ok(()),
+                    _ => {
+                        let status = proc.wait_timeout(timeout)?;
+                        bail!(
+                            "{} exited ({status}) before listening: {}",
+                            proc.name,
+                            proc.tail()
+                        )
+                    }
+                };
+            }
+            Err(e) => return Err(e).context("poll the status pipe"),
         }
         if start.elapsed() > timeout {
-            bail!(
-                "{} did not listen on port {port} within {timeout:?}",
-                proc.name
-            );
+            bail!("{} did not listen within {timeout:?}", proc.name);
         }
-        std::thread::sleep(Duration::from_micros(200));
     }
 }
 

@@ -102,7 +102,7 @@ fn run_json(run: &Run) -> Value {
         "verdict": run.verdict,
         "pages_per_round": run.round_pages,
         "held_per_round": run.round_held,
-        "images_compressed": run.images_compressed,
+        "compressed": run.compressed,
         "downtime_parts_ms": run.downtime_parts.iter().map(|(part, ms)| json!([part, ms])).collect::<Vec<_>>(),
         "final_pages": run.final_pages,
         "pages_resent": run.pages_resent,
@@ -175,8 +175,8 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
     let _ = writeln!(md, "Kernel: {}\n", kernel_release());
     for ((bw, kind), group) in &groups {
         let bandwidth = (*bw != u32::MAX).then_some(*bw);
-        let compressed = if group.iter().any(|r| r.images_compressed) {
-            " (images compressed on the wire, as `ssh -C`)"
+        let compressed = if group.iter().any(|r| r.compressed) {
+            " (images and pages compressed on the wire: `ssh -C`, `--compress-pages`)"
         } else {
             ""
         };
