@@ -659,6 +659,147 @@ pub fn read_pidfile(pidfile: &Path) -> Pid {
     }
 }
 
+/// A loopback port nothing listens on right now (the caller's server binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free loopback port")
+}
+
+/// Waits up to `timeout` for a daemonised tool re-parented to us (a subreaper) to exit;
+/// kills it then. True if it exited by itself.
+pub fn reap_within(pid: Pid, timeout: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(WaitStatus::StillAlive) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return false;
+            }
+            _ => return true,
+        }
+    }
+}
+
+/// Starts `ckpt-page-server -d` on `port` writing into `images` (on top of the previous
+/// round's directory `prev`, relative to it); returns its pid once it listens.
+pub fn start_page_server(w: &Workload, images: &Path, port: u16, prev: Option<&str>) -> Pid {
+    let server = w.tools().dump.with_file_name("ckpt-page-server");
+    let pidfile = images.with_extension("page-server.pid");
+    let log = images.with_extension("page-server.log");
+    let mut args: Vec<String> = vec![
+        "-D".into(),
+        images.display().to_string(),
+        "--address".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--daemon".into(),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+        "-o".into(),
+        log.display().to_string(),
+    ];
+    if let Some(prev) = prev {
+        args.extend(["--prev-images-dir".to_owned(), prev.to_owned()]);
+    }
+    let run = run_tool(&server, &args, &[]);
+    assert!(
+        run.success(),
+        "ckpt-page-server did not start: {}",
+        run.stderr
+    );
+    read_pidfile(&pidfile)
+}
+
+/// One dump (`extra`: its options) whose pages go through a fresh `ckpt-page-server` into a
+/// new image directory on top of `prev`; returns that directory once both are done.
+pub fn page_server_round(w: &mut Workload, prev: Option<&Path>, extra: &[&str]) -> PathBuf {
+    let images = w.new_images_dir();
+    let port = free_port();
+    let prev_arg = prev.map(|p| {
+        format!(
+            "../{}",
+            p.file_name().and_then(|n| n.to_str()).expect("utf-8")
+        )
+    });
+    let server = start_page_server(w, &images, port, prev_arg.as_deref());
+    let port_arg = port.to_string();
+    let mut args: Vec<&str> = vec![
+        "--page-server",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port_arg,
+    ];
+    args.extend(extra);
+    if let Some(prev) = &prev_arg {
+        args.extend(["--prev-images-dir", prev.as_str()]);
+    }
+    let run = w.run_dump(&images, &args, &[]);
+    let server_done = reap_within(server, Duration::from_secs(10));
+    assert!(
+        run.success(),
+        "dump round {args:?} failed: {}{}",
+        run.stderr,
+        w.logs()
+    );
+    assert!(
+        server_done,
+        "the page server still ran 10 s after its round"
+    );
+    images
+}
+
+/// Runs `ckpt-restore --lazy-pages --new-pid-ns` of `images` without -d (it waits for the
+/// restored root and exits with its status), logging to `log`; returns it with the root's
+/// host pid once that runs. `context` adds to the failure message (the source's side).
+pub fn start_lazy_restore(
+    w: &Workload,
+    images: &Path,
+    log: &Path,
+    mut context: impl FnMut() -> String,
+) -> (std::process::Child, Pid) {
+    let pidfile = images.with_extension("restored.pid");
+    let mut restore = Command::new(&w.tools().restore)
+        .arg("-D")
+        .arg(images)
+        .args(["--lazy-pages", "--new-pid-ns", "--pidfile"])
+        .arg(&pidfile)
+        .arg("-v4")
+        .arg("-o")
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run ckpt-restore");
+    let start = Instant::now();
+    loop {
+        let written = fs::read_to_string(&pidfile).ok();
+        if let Some(pid) = written.and_then(|t| t.trim().parse::<i32>().ok()) {
+            return (restore, Pid::from_raw(pid));
+        }
+        if let Ok(Some(status)) = restore.try_wait() {
+            panic!(
+                "ckpt-restore ended before the tree ran: {status:?}\nrestore log:\n{}\n{}",
+                fs::read_to_string(log).unwrap_or_default(),
+                context()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "restore timed out"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The one-letter state of a process from /proc/PID/stat, `None` when it does not exist.
 pub fn proc_state(pid: Pid) -> Option<char> {
     state_from_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)

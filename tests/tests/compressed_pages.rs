@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_tests::{run_tool, Workload};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 /// The numbers of the last log line that holds `message`: `key=N` for each key.
@@ -29,92 +29,6 @@ fn logged(log: &Path, message: &str, keys: &[&str]) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("no {key}= in {line}"))
         })
         .collect()
-}
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("find a free loopback port")
-}
-
-/// Waits up to `timeout` for a daemonised tool re-parented to us (a subreaper) to exit;
-/// kills it then. True if it exited by itself.
-fn reap_within(pid: Pid, timeout: Duration) -> bool {
-    let start = Instant::now();
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) if start.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(WaitStatus::StillAlive) => {
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = waitpid(pid, None);
-                return false;
-            }
-            _ => return true,
-        }
-    }
-}
-
-/// One round (`extra`: the dump's options) through a fresh `ckpt-page-server` writing into
-/// a new image directory on top of `prev`.
-fn round(w: &mut Workload, prev: Option<&Path>, extra: &[&str]) -> std::path::PathBuf {
-    let images = w.new_images_dir();
-    let port = free_port().to_string();
-    let prev_arg = prev.map(|p| {
-        format!(
-            "../{}",
-            p.file_name().and_then(|n| n.to_str()).expect("utf-8")
-        )
-    });
-    let pidfile = images.with_extension("page-server.pid");
-    let mut server_args: Vec<String> = vec![
-        "-D".into(),
-        images.display().to_string(),
-        "--address".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.clone(),
-        "--daemon".into(),
-        "--pidfile".into(),
-        pidfile.display().to_string(),
-        "-o".into(),
-        images
-            .with_extension("page-server.log")
-            .display()
-            .to_string(),
-    ];
-    if let Some(prev) = &prev_arg {
-        server_args.extend(["--prev-images-dir".to_owned(), prev.clone()]);
-    }
-    let server_bin = w.tools().dump.with_file_name("ckpt-page-server");
-    let run = run_tool(&server_bin, &server_args, &[]);
-    assert!(
-        run.success(),
-        "ckpt-page-server did not start: {}",
-        run.stderr
-    );
-    let server = ckpt_tests::read_pidfile(&pidfile);
-    let mut args: Vec<&str> = vec!["--page-server", "--address", "127.0.0.1", "--port", &port];
-    args.extend(extra);
-    if let Some(prev) = &prev_arg {
-        args.extend(["--prev-images-dir", prev.as_str()]);
-    }
-    let run = w.run_dump(&images, &args, &[]);
-    let server_done = reap_within(server, Duration::from_secs(10));
-    assert!(
-        run.success(),
-        "dump round {args:?} failed: {}{}",
-        run.stderr,
-        w.logs()
-    );
-    assert!(
-        server_done,
-        "the page server still ran 10 s after its round"
-    );
-    images
 }
 
 /// Stops the precopy workload's writers and waits until its memory no longer changes.
@@ -141,14 +55,15 @@ const TRAFFIC: [&str; 3] = ["raw_bytes", "wire_bytes", "zstd_frames"];
 #[test]
 fn compressed_precopy_through_the_page_server_restores_intact() {
     let mut w = Workload::start("precopy", &["--mib", "16"]);
-    let first = round(
+    let first = ckpt_tests::page_server_round(
         &mut w,
         None,
         &["--pre-dump", "--track-mem", "--compress-pages"],
     );
     std::thread::sleep(Duration::from_millis(100));
     quiesce(&w);
-    let last = round(&mut w, Some(&first), &["--track-mem", "--compress-pages"]);
+    let last =
+        ckpt_tests::page_server_round(&mut w, Some(&first), &["--track-mem", "--compress-pages"]);
     assert!(
         w.wait_exit(Duration::from_secs(10)).is_some(),
         "the process still runs after the final dump"
@@ -184,7 +99,7 @@ fn compressed_precopy_through_the_page_server_restores_intact() {
 #[test]
 fn without_the_option_pages_cross_raw() {
     let mut w = Workload::start("precopy", &["--mib", "4"]);
-    let images = round(&mut w, None, &["--pre-dump", "--track-mem"]);
+    let images = ckpt_tests::page_server_round(&mut w, None, &["--pre-dump", "--track-mem"]);
     let [raw, wire, zstd_frames] = logged(
         &images.with_extension("page-server.log"),
         PAGE_SERVER_LINE,
@@ -232,7 +147,7 @@ fn compressed_post_copy_restores_intact() {
     let mut w = Workload::start("precopy", &["--mib", "8"]);
     quiesce(&w);
     let images = w.new_images_dir();
-    let port = free_port().to_string();
+    let port = ckpt_tests::free_port().to_string();
     let dump_log = images.with_extension("dump.log");
     let child = std::process::Command::new(&w.tools().dump)
         .arg("-t")
@@ -298,40 +213,9 @@ fn compressed_post_copy_restores_intact() {
     );
     let mut daemon = Daemon(Some(ckpt_tests::read_pidfile(&pidfile)));
 
-    let restored_pidfile = w.dir().join("restored.pid");
     let restore_log = images.with_extension("restore.log");
-    // Without -d: ckpt-restore waits for the process and exits with its status.
-    let mut restore = std::process::Command::new(&w.tools().restore)
-        .arg("-D")
-        .arg(&images)
-        .args(["--lazy-pages", "--new-pid-ns", "--pidfile"])
-        .arg(&restored_pidfile)
-        .arg("-v4")
-        .arg("-o")
-        .arg(&restore_log)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run ckpt-restore");
-    let start = Instant::now();
-    let restored = loop {
-        let text = std::fs::read_to_string(&restored_pidfile).ok();
-        if let Some(pid) = text.and_then(|t| t.trim().parse::<i32>().ok()) {
-            break Pid::from_raw(pid);
-        }
-        if let Ok(Some(status)) = restore.try_wait() {
-            panic!(
-                "ckpt-restore ended before the process ran: {status:?}\n{}",
-                std::fs::read_to_string(&restore_log).unwrap_or_default()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "restore timed out"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (mut restore, restored) =
+        ckpt_tests::start_lazy_restore(&w, &images, &restore_log, String::new);
     assert_ne!(restored, w.pid(), "the copy kept the source's host pid");
     // The check reads every page, faulting in what the background transfer has not.
     kill(restored, Signal::SIGUSR2).expect("SIGUSR2 to the restored process");
@@ -345,7 +229,7 @@ fn compressed_post_copy_restores_intact() {
     );
     let daemon_pid = daemon.0.take().expect("daemon pid");
     assert!(
-        reap_within(daemon_pid, Duration::from_secs(30)),
+        ckpt_tests::reap_within(daemon_pid, Duration::from_secs(30)),
         "ckpt-lazy-pages does not finish{}",
         w.logs()
     );

@@ -554,41 +554,9 @@ fn a_tree_migrates_by_remote_post_copy() {
         );
     }
     let mut daemon = start_remote_lazy_pages(&w, &images, source.port);
-    let pidfile = w.dir().join("restored.pid");
     let log = images.with_extension("restore.log");
-    // Without -d: ckpt-restore waits for the root and exits with its status.
-    let mut restore = std::process::Command::new(&w.tools().restore)
-        .arg("-D")
-        .arg(&images)
-        .args(["--lazy-pages", "--new-pid-ns", "--pidfile"])
-        .arg(&pidfile)
-        .arg("-v4")
-        .arg("-o")
-        .arg(&log)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run ckpt-restore");
-    let start = Instant::now();
-    let root = loop {
-        let written = std::fs::read_to_string(&pidfile).ok();
-        if let Some(pid) = written.and_then(|t| t.trim().parse::<i32>().ok()) {
-            break Pid::from_raw(pid);
-        }
-        if let Ok(Some(status)) = restore.try_wait() {
-            panic!(
-                "ckpt-restore ended before the tree ran: {status:?}\nrestore log:\n{}\ndump: {}",
-                std::fs::read_to_string(&log).unwrap_or_default(),
-                source.stderr()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "restore timed out"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (mut restore, root) =
+        ckpt_tests::start_lazy_restore(&w, &images, &log, || format!("dump: {}", source.stderr()));
     assert_ne!(root, w.pid(), "the copy kept the source's host pid");
     kill(root, Signal::SIGUSR2).expect("SIGUSR2 to the restored root");
     let status = restore.wait().expect("wait for ckpt-restore");

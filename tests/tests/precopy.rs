@@ -180,52 +180,10 @@ fn precopy_with_vmas_changing_next_to_written_memory_loses_no_page() {
     precopy_rounds(false, false);
 }
 
-/// A free TCP port on the loopback address (free when asked; the server binds it right after).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
-/// Starts `ckpt-page-server` writing into `images` (on top of the previous round's directory
-/// `prev`), returns its pid once it listens.
-fn start_page_server_on(
-    w: &Workload,
-    images: &Path,
-    port: u16,
-    prev: Option<&str>,
-) -> nix::unistd::Pid {
-    let server = w.tools().dump.with_file_name("ckpt-page-server");
-    let pidfile = images.with_extension("page-server.pid");
-    let log = images.with_extension("page-server.log");
-    let mut args: Vec<String> = vec![
-        "-D".into(),
-        images.display().to_string(),
-        "--address".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.to_string(),
-        "--daemon".into(),
-        "--pidfile".into(),
-        pidfile.display().to_string(),
-        "-o".into(),
-        log.display().to_string(),
-    ];
-    if let Some(prev) = prev {
-        args.extend(["--prev-images-dir".to_owned(), prev.to_owned()]);
-    }
-    let run = ckpt_tests::run_tool(&server, &args, &[]);
-    assert!(
-        run.success(),
-        "ckpt-page-server did not start: {}",
-        run.stderr
-    );
-    ckpt_tests::read_pidfile(&pidfile)
-}
-
 #[test]
 fn dump_through_the_page_server_restores_intact() {
     let mut w = Workload::start("mem_vmas", &[]);
-    let images = round_through_page_server(&mut w, None, &[]);
+    let images = ckpt_tests::page_server_round(&mut w, None, &[]);
     assert!(
         w.wait_exit(Duration::from_secs(10)).is_some(),
         "the dumped process still runs"
@@ -235,73 +193,13 @@ fn dump_through_the_page_server_restores_intact() {
     w.assert_pass();
 }
 
-/// Reaps a daemonised tool re-parented to us; kills it after `timeout`. True if it exited.
-fn reap_within(pid: nix::unistd::Pid, timeout: Duration) -> bool {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    let start = Instant::now();
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) if start.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(WaitStatus::StillAlive) => {
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = waitpid(pid, None);
-                return false;
-            }
-            _ => return true,
-        }
-    }
-}
-
-/// One round through a fresh page server writing into a new image directory on top of `prev`.
-fn round_through_page_server(
-    w: &mut Workload,
-    prev: Option<&Path>,
-    extra: &[&str],
-) -> std::path::PathBuf {
-    let images = w.new_images_dir();
-    let port = free_port();
-    let prev_arg = prev.map(|p| {
-        format!(
-            "../{}",
-            p.file_name().and_then(|n| n.to_str()).expect("utf-8")
-        )
-    });
-    let server = start_page_server_on(w, &images, port, prev_arg.as_deref());
-    let port_arg = port.to_string();
-    let mut args: Vec<&str> = vec![
-        "--page-server",
-        "--address",
-        "127.0.0.1",
-        "--port",
-        &port_arg,
-    ];
-    args.extend(extra);
-    if let Some(prev) = &prev_arg {
-        args.extend(["--prev-images-dir", prev.as_str()]);
-    }
-    let run = w.run_dump(&images, &args, &[]);
-    let server_done = reap_within(server, Duration::from_secs(10));
-    assert!(
-        run.success(),
-        "dump round {args:?} failed: {}{}",
-        run.stderr,
-        w.logs()
-    );
-    assert!(
-        server_done,
-        "the page server still ran 10 s after its round"
-    );
-    images
-}
-
 #[test]
 fn precopy_through_the_page_server_loses_no_dirty_page() {
     let mut w = Workload::start("precopy", &[]);
-    let first = round_through_page_server(&mut w, None, &["--pre-dump", "--track-mem"]);
+    let first = ckpt_tests::page_server_round(&mut w, None, &["--pre-dump", "--track-mem"]);
     std::thread::sleep(Duration::from_millis(200));
-    let second = round_through_page_server(&mut w, Some(&first), &["--pre-dump", "--track-mem"]);
+    let second =
+        ckpt_tests::page_server_round(&mut w, Some(&first), &["--pre-dump", "--track-mem"]);
     std::thread::sleep(Duration::from_millis(50));
     kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
     let quiet = w.dir().join("quiet");
@@ -313,7 +211,7 @@ fn precopy_through_the_page_server_loses_no_dirty_page() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let last = round_through_page_server(&mut w, Some(&second), &["--track-mem"]);
+    let last = ckpt_tests::page_server_round(&mut w, Some(&second), &["--track-mem"]);
     assert!(
         w.wait_exit(Duration::from_secs(10)).is_some(),
         "the process still runs after the final dump"
@@ -336,14 +234,14 @@ fn queued_precopy_holds_hot_pages_and_loses_none() {
     // Gated: 400 pages written between rounds, however long the rounds take.
     let mut w = Workload::start("precopy", &["--mib", "16", "--batch", "8", "--gated", "1"]);
     let queued = ["--pre-dump", "--track-mem", "--hold-hot-pages"];
-    let first = round_through_page_server(&mut w, None, &queued);
+    let first = ckpt_tests::page_server_round(&mut w, None, &queued);
     assert_eq!(
         pages_bytes(&first),
         0,
         "the first queued round sent pages it could not know to be cold"
     );
     run_batches(&w, 50);
-    let second = round_through_page_server(&mut w, Some(&first), &queued);
+    let second = ckpt_tests::page_server_round(&mut w, Some(&first), &queued);
     // At most 400 of the 4096 pages (1.6 MiB) were written since the first round: the others
     // are cold and must all be sent.
     let second_bytes = pages_bytes(&second);
@@ -354,7 +252,7 @@ fn queued_precopy_holds_hot_pages_and_loses_none() {
         second_bytes >> 10
     );
     run_batches(&w, 50);
-    let third = round_through_page_server(&mut w, Some(&second), &queued);
+    let third = ckpt_tests::page_server_round(&mut w, Some(&second), &queued);
     kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
     let quiet = w.dir().join("quiet");
     let start = Instant::now();
@@ -365,7 +263,7 @@ fn queued_precopy_holds_hot_pages_and_loses_none() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let last = round_through_page_server(&mut w, Some(&third), &["--track-mem"]);
+    let last = ckpt_tests::page_server_round(&mut w, Some(&third), &["--track-mem"]);
     assert!(
         w.wait_exit(Duration::from_secs(10)).is_some(),
         "the process still runs after the final dump"

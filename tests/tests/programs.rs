@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -621,14 +621,6 @@ fn redis_data() -> Vec<Vec<Vec<u8>>> {
     out
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a free port")
-}
-
 /// Waits until no connection to `port` is open on the server side (ESTABLISHED or CLOSE_WAIT
 /// in /proc/net/tcp): the server has closed every client's socket, so the dump sees only its
 /// listener.
@@ -658,7 +650,7 @@ fn redis_server_loaded_with_data_survives() {
         eprintln!("note: redis-server is not installed; skipping");
         return;
     };
-    let port = free_port();
+    let port = ckpt_tests::free_port();
     let mut tree = Tree::start("redis", &redis, |dir| {
         [
             "--bind",
