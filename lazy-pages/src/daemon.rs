@@ -631,7 +631,15 @@ impl Server {
         let end = (block + size).min(run.end);
         task.cursor = end;
         let before = self.stats.fault_bytes;
-        match self.fill(key, start, end, true)? {
+        let began = Instant::now();
+        let filled = self.fill(key, start, end, true)?;
+        tracing::debug!(
+            addr = format_args!("{addr:#x}"),
+            bytes = end - start,
+            us = began.elapsed().as_micros() as u64,
+            "fault block"
+        );
+        match filled {
             Fill::Done => {
                 self.stats.faults_copied += 1;
                 if let Some(task) = self.tasks.get(&key) {
@@ -693,7 +701,15 @@ impl Server {
         self.background_key = key + 1;
         let began = Instant::now();
         match self.fill(key, start, end, false)? {
-            Fill::Done => self.pace.observe(end - start, began.elapsed()),
+            Fill::Done => {
+                self.pace.observe(end - start, began.elapsed());
+                tracing::debug!(
+                    bytes = end - start,
+                    us = began.elapsed().as_micros() as u64,
+                    next_cap = self.pace.chunk_cap(),
+                    "background chunk"
+                );
+            }
             Fill::Again => {}
             Fill::Gone => self.drop_task(key),
         }
