@@ -49,8 +49,23 @@ fn cap_mask(set: &[u32]) -> u64 {
 /// Whether thread `tid` of `pid` has the dumped credentials already, as when a process
 /// is restored by the user it ran as: every call of [`set_creds`] would change nothing.
 /// The securebits are not in `/proc`: the thread inherited ours.
-fn already_set(pid: tracee::Pid, tid: tracee::Tid, c: &pb::CredsEntry) -> bool {
-    let Ok(now) = tracee::proc::status::read_thread(pid, tid) else {
+fn already_set(
+    pid: tracee::Pid,
+    tid: tracee::Tid,
+    c: &pb::CredsEntry,
+    fresh: Option<&mut FreshThreads>,
+) -> bool {
+    let read = || tracee::proc::status::read_thread(pid, tid).ok();
+    let status = match fresh {
+        Some(FreshThreads(cached)) => {
+            if cached.is_none() {
+                *cached = read();
+            }
+            cached.clone()
+        }
+        None => read(),
+    };
+    let Some(now) = status else {
         return false;
     };
     let Ok(secbits) = rustix::thread::capabilities_secure_bits() else {
@@ -72,10 +87,22 @@ fn already_set(pid: tracee::Pid, tid: tracee::Tid, c: &pb::CredsEntry) -> bool {
         && secbits.bits() == c.secbits
 }
 
-/// Gives thread `t` the dumped credentials.
-pub fn set_creds(t: &mut Tracee, helper: &Helper, c: &pb::CredsEntry) -> Result<(), CredsError> {
+/// The credentials of the threads a restore creates in one process: each is cloned from the
+/// leader before any of them changes its own (credentials are per thread), so the first one's
+/// `/proc` status tells them all.
+#[derive(Debug, Default)]
+pub struct FreshThreads(Option<tracee::proc::status::Status>);
+
+/// Gives thread `t` the dumped credentials. `fresh`: `t` is one of the threads created in
+/// its process, which all started with the same credentials.
+pub fn set_creds(
+    t: &mut Tracee,
+    helper: &Helper,
+    c: &pb::CredsEntry,
+    fresh: Option<&mut FreshThreads>,
+) -> Result<(), CredsError> {
     let pid = t.pid();
-    if already_set(pid, t.tid(), c) {
+    if already_set(pid, t.tid(), c, fresh) {
         tracing::debug!(%pid, tid = %t.tid(), "credentials as dumped already");
         return Ok(());
     }

@@ -735,12 +735,14 @@ fn rebuild(
         plan.pid,
         leader_plan,
         &plan.task.shared_pending,
+        None,
     )?;
+    let mut fresh = creds::FreshThreads::default();
     for (t, p) in others.iter_mut().zip(other_plans) {
         // Every thread injects through the shared helper page.
         t.set_syscall_insn(tracee::RemoteAddr(helper.addr));
         batch(t, Tracee::begin_batch)?;
-        set_thread(t, &helper, plan.pid, p, &[])?;
+        set_thread(t, &helper, plan.pid, p, &[], Some(&mut fresh))?;
         batch(t, Tracee::end_batch)?;
         resume::load_registers(t, p)?;
     }
@@ -768,19 +770,21 @@ fn batch(
 }
 
 /// Per-thread state, credentials last: injected syscalls run with the thread's
-/// credentials, and everything before needs ours.
+/// credentials, and everything before needs ours. `fresh`: `t` is a thread created here
+/// (see [`creds::FreshThreads`]).
 fn set_thread(
     t: &mut Tracee,
     helper: &memory::Helper,
     image_pid: i32,
     p: &plan::ThreadPlan,
     shared: &[Vec<u8>],
+    fresh: Option<&mut creds::FreshThreads>,
 ) -> Result<(), RestoreError> {
-    threads::set_thread_state(t, helper, p)?;
+    threads::set_thread_state(t, helper, p, fresh.is_some())?;
     signals::queue_pending(t, helper, image_pid, shared, p)?;
     threads::set_security(t, helper, p)?;
     if let Some(c) = &p.creds {
-        creds::set_creds(t, helper, c)?;
+        creds::set_creds(t, helper, c, fresh)?;
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ pub fn set_thread_state(
     t: &mut Tracee,
     helper: &Helper,
     plan: &ThreadPlan,
+    created: bool,
 ) -> Result<(), ThreadStateError> {
     let pid = t.pid();
     remote::call(
@@ -74,14 +75,18 @@ pub fn set_thread_state(
             ],
         )?;
     }
-    // Always set: the child inherited our runtime's alternate stack, now unmapped, and a
-    // SA_ONSTACK handler would fault on it.
+    // Always set in the leader: the child inherited our runtime's alternate stack, now
+    // unmapped, and a SA_ONSTACK handler would fault on it. A thread `created` with CLONE_VM
+    // (and without CLONE_VFORK) starts without one.
     let (sp, flags, size) = match &plan.sigaltstack {
         Some(sas) if sas.ss_flags & SS_DISABLE == 0 && sas.ss_size != 0 => {
             (sas.ss_sp, sas.ss_flags & !SS_ONSTACK, sas.ss_size)
         }
         _ => (0, SS_DISABLE, 0),
     };
+    if created && flags == SS_DISABLE {
+        return set_rest(t, helper, plan);
+    }
     let mut st = Vec::with_capacity(24);
     st.extend_from_slice(&sp.to_ne_bytes());
     // SS_ONSTACK is state, not a request: sigaltstack() refuses it.
@@ -95,10 +100,18 @@ pub fn set_thread_state(
         nr::SIGALTSTACK,
         [helper.data(), 0, 0, 0, 0, 0],
     )?;
+    set_rest(t, helper, plan)
+}
+
+/// The thread's name and scheduling.
+fn set_rest(t: &mut Tracee, helper: &Helper, plan: &ThreadPlan) -> Result<(), ThreadStateError> {
+    let pid = t.pid();
     if let Some(comm) = &plan.comm {
         set_name(t, helper, comm)?;
     }
-    if let Some(s) = &plan.sched {
+    // A new thread has its creator's scheduling, which is nearly always what was dumped:
+    // asked from outside, that costs less than the two injections.
+    if let Some(s) = plan.sched.as_ref().filter(|s| !has_sched(t.tid(), s)) {
         helper.put(pid, &s.prio.to_ne_bytes(), "pass a sched_param")?;
         remote::call(
             t,
@@ -114,6 +127,16 @@ pub fn set_thread_state(
         )?;
     }
     Ok(())
+}
+
+/// Whether thread `tid` has the scheduling `s` already (policy with its reset-on-fork flag,
+/// real-time priority, nice). Unreadable counts as not.
+fn has_sched(tid: tracee::Tid, s: &crate::plan::Sched) -> bool {
+    tracee::taskinfo::sched(tid).is_ok_and(|now| {
+        u32::try_from(now.policy).ok() == Some(s.policy)
+            && u32::try_from(now.priority).ok() == Some(s.prio)
+            && now.nice == s.nice
+    })
 }
 
 /// `prctl(PR_SET_NAME)`: the kernel keeps 15 bytes.
