@@ -531,13 +531,7 @@ pub fn serve(
             opts.lazy_connect_timeout
         };
         let end = source.session(stream, idle)?;
-        tracing::info!(
-            raw_bytes = source.traffic.raw_bytes,
-            wire_bytes = source.traffic.wire_bytes,
-            frames = source.traffic.frames,
-            zstd_frames = source.traffic.zstd_frames,
-            "lazy pages sent: raw vs wire bytes"
-        );
+        source.traffic.log("lazy pages sent: raw vs wire bytes");
         match end {
             SessionEnd::Closed if source.resumed || source.all_taken() => {
                 source.kill()?;

@@ -404,14 +404,7 @@ fn close_page_server(
 ) -> Result<(), DumpError> {
     match (client, opts.page_server) {
         (Some(client), Some(addr)) => {
-            let pages = client.pages_pushed();
-            tracing::info!(
-                raw_bytes = pages.raw_bytes,
-                wire_bytes = pages.wire_bytes,
-                frames = pages.frames,
-                zstd_frames = pages.zstd_frames,
-                "pages sent: raw vs wire bytes"
-            );
+            client.pages_pushed().log("pages sent: raw vs wire bytes");
             client
                 .close()
                 .map_err(|source| DumpError::PageServer { addr, source })

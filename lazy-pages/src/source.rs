@@ -410,14 +410,7 @@ impl RemotePages {
     /// the source knows the destination runs even if no GET followed) and waits for the
     /// server's status.
     pub fn close(mut self) -> Result<(), SourceError> {
-        let traffic = self.traffic();
-        tracing::info!(
-            raw_bytes = traffic.raw_bytes,
-            wire_bytes = traffic.wire_bytes,
-            frames = traffic.frames,
-            zstd_frames = traffic.zstd_frames,
-            "pages received: raw vs wire bytes"
-        );
+        self.traffic().log("pages received: raw vs wire bytes");
         if !self.resumed {
             return self.client.close().map_err(SourceError::Close);
         }
