@@ -390,6 +390,21 @@ impl Workload {
         proc_state(self.pid).is_some_and(|s| s != 'Z' && s != 'X')
     }
 
+    /// The `precopy` workload's writers stop at SIGUSR1 and say so in `DIR/quiet`: from then
+    /// on its memory no longer changes. Waits for that, 10 s at most.
+    pub fn stop_precopy_writers(&self) {
+        kill(self.pid(), Signal::SIGUSR1).expect("SIGUSR1");
+        let quiet = self.dir().join("quiet");
+        let start = Instant::now();
+        while !quiet.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the workload's writers do not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The next fresh image directory, created empty as CRIU expects.
     pub fn new_images_dir(&mut self) -> PathBuf {
         self.dumps += 1;

@@ -31,20 +31,6 @@ fn logged(log: &Path, message: &str, keys: &[&str]) -> Vec<u64> {
         .collect()
 }
 
-/// Stops the precopy workload's writers and waits until its memory no longer changes.
-fn quiesce(w: &Workload) {
-    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
-    let quiet = w.dir().join("quiet");
-    let start = Instant::now();
-    while !quiet.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the workload's writers do not stop"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 const PAGE_SERVER_LINE: &str = "pages received: raw vs wire bytes";
 const DUMP_LINE: &str = "pages sent: raw vs wire bytes";
 const TRAFFIC: [&str; 3] = ["raw_bytes", "wire_bytes", "zstd_frames"];
@@ -61,7 +47,7 @@ fn compressed_precopy_through_the_page_server_restores_intact() {
         &["--pre-dump", "--track-mem", "--compress-pages"],
     );
     std::thread::sleep(Duration::from_millis(100));
-    quiesce(&w);
+    w.stop_precopy_writers();
     let last =
         ckpt_tests::page_server_round(&mut w, Some(&first), &["--track-mem", "--compress-pages"]);
     assert!(
@@ -109,7 +95,7 @@ fn without_the_option_pages_cross_raw() {
     };
     assert_eq!((wire, zstd_frames), (raw, 0));
     assert!(raw >= 4 << 20);
-    quiesce(&w);
+    w.stop_precopy_writers();
     w.assert_pass();
 }
 
@@ -145,7 +131,7 @@ impl Drop for LazySource {
 #[test]
 fn compressed_post_copy_restores_intact() {
     let mut w = Workload::start("precopy", &["--mib", "8"]);
-    quiesce(&w);
+    w.stop_precopy_writers();
     let images = w.new_images_dir();
     let port = ckpt_tests::free_port().to_string();
     let dump_log = images.with_extension("dump.log");

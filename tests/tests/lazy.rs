@@ -177,7 +177,7 @@ impl Daemon {
     /// Waits up to `timeout` for the daemon to exit; true if it did.
     fn finish(&mut self, timeout: Duration) -> bool {
         match self.0.take() {
-            Some(pid) => reap_daemon(pid, timeout).is_some(),
+            Some(pid) => ckpt_tests::reap_within(pid, timeout),
             None => true,
         }
     }
@@ -220,26 +220,6 @@ fn start_lazy_pages(w: &Workload, images: &Path) -> Daemon {
         run.stderr
     );
     Daemon(Some(ckpt_tests::read_pidfile(&pidfile)))
-}
-
-/// Waits up to `timeout` for a daemon re-parented to us (we are a subreaper) to exit.
-fn reap_daemon(pid: Pid, timeout: Duration) -> Option<WaitStatus> {
-    let start = Instant::now();
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) if start.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(WaitStatus::StillAlive) => {
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = waitpid(pid, None);
-                return None;
-            }
-            Ok(status) => return Some(status),
-            // Not our child: it was reaped elsewhere.
-            Err(_) => return Some(WaitStatus::StillAlive),
-        }
-    }
 }
 
 #[test]

@@ -121,16 +121,7 @@ fn precopy_rounds(fence: bool, gated: bool) -> u64 {
     eprintln!("second round: {} KiB of pages", second_bytes / 1024);
 
     // Stop the writers so that what the final dump sees is what the check will see.
-    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
-    let quiet = w.dir().join("quiet");
-    let start = Instant::now();
-    while !quiet.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the workload's writers do not stop"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    w.stop_precopy_writers();
     let prev = format!(
         "../{}",
         second
@@ -201,16 +192,7 @@ fn precopy_through_the_page_server_loses_no_dirty_page() {
     let second =
         ckpt_tests::page_server_round(&mut w, Some(&first), &["--pre-dump", "--track-mem"]);
     std::thread::sleep(Duration::from_millis(50));
-    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
-    let quiet = w.dir().join("quiet");
-    let start = Instant::now();
-    while !quiet.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the workload's writers do not stop"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    w.stop_precopy_writers();
     let last = ckpt_tests::page_server_round(&mut w, Some(&second), &["--track-mem"]);
     assert!(
         w.wait_exit(Duration::from_secs(10)).is_some(),
@@ -253,16 +235,7 @@ fn queued_precopy_holds_hot_pages_and_loses_none() {
     );
     run_batches(&w, 50);
     let third = ckpt_tests::page_server_round(&mut w, Some(&second), &queued);
-    kill(w.pid(), Signal::SIGUSR1).expect("SIGUSR1");
-    let quiet = w.dir().join("quiet");
-    let start = Instant::now();
-    while !quiet.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the workload's writers do not stop"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    w.stop_precopy_writers();
     let last = ckpt_tests::page_server_round(&mut w, Some(&third), &["--track-mem"]);
     assert!(
         w.wait_exit(Duration::from_secs(10)).is_some(),
