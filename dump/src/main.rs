@@ -108,7 +108,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // Like CRIU, a relative -o names a file in the images directory.
     ckpt_cli::init_logging(&LogOptions {
         relative_to: Some(&cli.images_dir),
-        scope: LogScope::Crates(&["ckpt_dump", "tracee", "images_format"]),
+        scope: LogScope::Crates(&["ckpt_dump", "tracee", "images_format", "ckpt_page_server"]),
         ..LogOptions::new(cli.verbosity, cli.log_file.as_deref())
     })?;
     let final_state = if cli.leave_running {
