@@ -368,6 +368,20 @@ struct Incoming {
     parent: Option<Pagemap>,
 }
 
+impl Incoming {
+    /// Writes the gathered page data to the pages file.
+    fn write_pending(&mut self) -> Result<(), ServerError> {
+        (&self.pages)
+            .write_all(&self.pending)
+            .map_err(|source| ServerError::WritePages {
+                path: self.pages_path.clone(),
+                source,
+            })?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
 impl<S: Read + Write + AsFd> Session<'_, S> {
     fn run(&mut self) -> Result<(), ServerError> {
         let mode = if self.opts.lazy_pages {
@@ -547,13 +561,8 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
 
     /// Closes the open pagemap (its files stay staged until CLOSE).
     fn finish_open(&mut self) -> Result<(), ServerError> {
-        if let Some(open) = self.open.take() {
-            (&open.pages)
-                .write_all(&open.pending)
-                .map_err(|source| ServerError::WritePages {
-                    path: open.pages_path.clone(),
-                    source,
-                })?;
+        if let Some(mut open) = self.open.take() {
+            open.write_pending()?;
             let file =
                 open.pagemap
                     .finish()?
@@ -678,13 +687,7 @@ impl<S: Read + Write + AsFd> Session<'_, S> {
             .decompress(&self.compressed, &mut open.pending[start..])
             .map_err(|e| bad(at, e))?;
         if open.pending.len() >= CHUNK {
-            (&open.pages)
-                .write_all(&open.pending)
-                .map_err(|source| ServerError::WritePages {
-                    path: open.pages_path.clone(),
-                    source,
-                })?;
-            open.pending.clear();
+            open.write_pending()?;
         }
         self.stats.pages_received += frame.nr_pages;
         self.stats

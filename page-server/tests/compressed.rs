@@ -2,14 +2,16 @@
 //! exactly CRIU's; on, pages cross compressed where that is smaller, land as they were
 //! sent, and a broken compressed stream ends the session cleanly with nothing kept.
 
+mod common;
+use common::start_server;
 use std::io::{IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread::{self, JoinHandle};
 
 use ckpt_page_server::compress::MAX_ZSTD_PAGES;
 use ckpt_page_server::{
-    Frame, PageFlags, PageServer, PageServerClient, PageSink, PagemapId, ServerError,
-    ServerOptions, SessionStats, GET_ZSTD, PE_ZSTD,
+    Frame, PageFlags, PageServerClient, PageSink, PagemapId, ServerError, ServerOptions, GET_ZSTD,
+    PE_ZSTD,
 };
 use images_format::{ImageDir, ImageKind, PagesReader};
 
@@ -38,14 +40,6 @@ fn random(n: usize, seed: u64) -> Vec<u8> {
             x.to_le_bytes()
         })
         .collect()
-}
-
-fn start_server(
-    opts: ServerOptions,
-) -> (SocketAddr, JoinHandle<Result<SessionStats, ServerError>>) {
-    let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), opts).unwrap();
-    let addr = server.local_addr().unwrap();
-    (addr, thread::spawn(move || server.serve_one()))
 }
 
 const PID: u64 = 31;

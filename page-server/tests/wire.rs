@@ -1,6 +1,8 @@
 //! Conformance with CRIU's page-server protocol, from byte transcripts written by hand
 //! after criu/page-xfer.c, in both directions; round trips; broken connections.
 
+mod common;
+use common::start_server;
 use std::io::{IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -8,8 +10,8 @@ use std::process::Command as Process;
 use std::thread::{self, JoinHandle};
 
 use ckpt_page_server::{
-    ClientError, PageFlags, PageServer, PageServerClient, PageSink, PageStore, PagemapId,
-    ReceiveMode, ServerError, ServerOptions, SessionStats,
+    ClientError, PageFlags, PageServerClient, PageSink, PageStore, PagemapId, ReceiveMode,
+    ServerError, ServerOptions,
 };
 use images_format::{ImageDir, ImageKind, PageSource, Pagemap, PagesReader};
 
@@ -43,14 +45,6 @@ const CLOSE: u32 = 0x1023;
 const PE_PARENT: u32 = 1;
 const PE_LAZY: u32 = 2;
 const PE_PRESENT: u32 = 4;
-
-fn start_server(
-    opts: ServerOptions,
-) -> (SocketAddr, JoinHandle<Result<SessionStats, ServerError>>) {
-    let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), opts).unwrap();
-    let addr = server.local_addr().unwrap();
-    (addr, thread::spawn(move || server.serve_one()))
-}
 
 /// One step of a session as the client sees it: bytes sent, then the exact answer.
 struct Step {
