@@ -84,6 +84,7 @@ pub mod error;
 pub mod kind;
 pub mod pagemap;
 pub mod pages;
+pub mod switch;
 pub mod vma;
 pub mod xsave;
 
