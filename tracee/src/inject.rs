@@ -1,6 +1,6 @@
 //! Running syscalls inside a stopped thread, with no code injected.
 //!
-//! The thread's registers are saved, every signal is blocked with
+//! The thread's registers are saved, every signal but SIGTRAP is blocked with
 //! `PTRACE_SETSIGMASK` for the window, `rip` points at a `syscall` instruction
 //! that already exists in the target (its `[vdso]`, or a helper page during
 //! restore), `orig_rax = -1` keeps the kernel's syscall-restart logic off our
@@ -21,6 +21,11 @@ use rustix::io::Errno;
 const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 /// Single steps we allow before deciding the instruction never completes.
 const MAX_STEPS: usize = 64;
+/// The mask during injections: every signal but SIGTRAP. The kernel sends the single-step
+/// trap with `force_sig`, which resets the program's SIGTRAP handler to `SIG_DFL` when the
+/// signal is blocked: blocking it would change what the program does on its next SIGTRAP
+/// (and what a dump reads of its handlers).
+const INJECTION_MASK: SigSet = SigSet(!(1 << (libc::SIGTRAP - 1)));
 
 /// An injected syscall that could not run, or ran and failed.
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +193,7 @@ impl Tracee {
         let mask = self.get_sigmask().map_err(perr)?;
         self.injection_saved = Some((regs, mask));
         self.in_batch = true;
-        self.set_sigmask(SigSet::ALL).map_err(perr)
+        self.set_sigmask(INJECTION_MASK).map_err(perr)
     }
 
     /// Ends a batch: puts the saved registers and signal mask back.
@@ -247,7 +252,7 @@ impl Tracee {
         let saved_mask = self.get_sigmask().map_err(perr)?;
         self.injection_saved = Some((saved_regs, saved_mask));
         let result = self
-            .set_sigmask(SigSet::ALL)
+            .set_sigmask(INJECTION_MASK)
             .map_err(perr)
             .and_then(|()| self.step_through(nr, args, insn, saved_regs, on_event));
         // Put everything back even if the step failed; an error here leaves
@@ -299,7 +304,10 @@ impl Tracee {
                 continue;
             }
             let now = self.get_regs().map_err(perr)?;
-            if sig != libc::SIGTRAP {
+            // A SIGTRAP before the instruction ran is not our step's: the program's own,
+            // pending and blocked by its mask, dequeued under ours.
+            let programs_trap = sig == libc::SIGTRAP && now.rip == insn.get();
+            if sig != libc::SIGTRAP || programs_trap {
                 if matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL)
                     && now.rip == insn.get()
                 {

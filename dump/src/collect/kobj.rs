@@ -25,6 +25,19 @@ fn ns_inode(owner: &str, ns: &str) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// The (device, inode) of every namespace of `owner` (`self` or a pid), in
+/// [`NAMESPACES`] order; `None` where it cannot be read.
+pub type NsKeys = [Option<(u64, u64)>; 8];
+
+/// Reads the namespaces of `owner`; no ptrace needed, so any thread of ours may do it.
+pub fn ns_keys(owner: &str) -> NsKeys {
+    let mut keys = [None; 8];
+    for (key, name) in keys.iter_mut().zip(NAMESPACES) {
+        *key = ns_inode(owner, name);
+    }
+    keys
+}
+
 fn entry(ns_ids: &[Option<u32>; 8], object_id: u32) -> TaskKobjIdsEntry {
     TaskKobjIdsEntry {
         vm_id: object_id,
@@ -65,7 +78,8 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct TreeIds {
     ns: IdTable<(&'static str, (u64, u64))>,
-    ours: [Option<u32>; 8],
+    /// ckpt-dump's namespace ids, given first (by [`TreeIds::namespaces`]'s first call).
+    ours: Option<[Option<u32>; 8]>,
     /// Per kind, one process per object met so far with the object's id, in kcmp order.
     objects: [Vec<(Pid, u32)>; 4],
     /// The next id per kind: 1 is ckpt-dump's.
@@ -74,14 +88,9 @@ pub struct TreeIds {
 
 impl Default for TreeIds {
     fn default() -> Self {
-        let mut ns = IdTable::default();
-        let mut ours = [None; 8];
-        for (i, name) in NAMESPACES.iter().enumerate() {
-            ours[i] = ns_inode("self", name).map(|key| ns.get_or_insert((*name, key)).0);
-        }
         TreeIds {
-            ns,
-            ours,
+            ns: IdTable::default(),
+            ours: None,
             objects: Default::default(),
             next: [2; 4],
         }
@@ -89,17 +98,42 @@ impl Default for TreeIds {
 }
 
 impl TreeIds {
-    /// ckpt-dump's own ids (the inventory's `root_ids`).
+    /// ckpt-dump's own ids (the inventory's `root_ids`); its namespaces once
+    /// [`TreeIds::namespaces`] was called.
     pub fn root_ids(&self) -> TaskKobjIdsEntry {
-        entry(&self.ours, 1)
+        entry(&self.ours.unwrap_or([None; 8]), 1)
     }
 
-    /// The ids of `pid`, and which of its objects an earlier process has.
+    /// The ids of `pid`, and which of its objects an earlier process has: its namespaces
+    /// read here (see [`TreeIds::objects`] and [`TreeIds::namespaces`] to split the two).
+    #[cfg(test)]
     pub fn ids(&mut self, pid: Pid) -> Result<(TaskKobjIdsEntry, Shared), CollectError> {
-        let mut theirs = [None; 8];
-        let target = pid.to_string();
+        let ours = ns_keys("self");
+        let (mut entry, shared) = self.objects(pid)?;
+        self.namespaces(pid, &ours, &ns_keys(&pid.to_string()), &mut entry);
+        Ok((entry, shared))
+    }
+
+    /// The ids of the namespaces (`theirs`, read by [`ns_keys`]) of `pid` into `entry`;
+    /// `ours` are ckpt-dump's, which take the first ids at the first call. Called for the
+    /// processes in tree order, so that the ids do not depend on who read the keys when.
+    pub fn namespaces(
+        &mut self,
+        pid: Pid,
+        ours: &NsKeys,
+        theirs: &NsKeys,
+        entry: &mut TaskKobjIdsEntry,
+    ) {
+        if self.ours.is_none() {
+            let mut ids = [None; 8];
+            for (i, name) in NAMESPACES.iter().enumerate() {
+                ids[i] = ours[i].map(|key| self.ns.get_or_insert((*name, key)).0);
+            }
+            self.ours = Some(ids);
+        }
+        let mut ids = [None; 8];
         for (i, name) in NAMESPACES.iter().enumerate() {
-            theirs[i] = ns_inode(&target, name).map(|key| {
+            ids[i] = theirs[i].map(|key| {
                 let (id, new) = self.ns.get_or_insert((*name, key));
                 if new {
                     tracing::warn!(
@@ -111,6 +145,20 @@ impl TreeIds {
                 id
             });
         }
+        let ns = self::entry(&ids, 0);
+        entry.pid_ns_id = ns.pid_ns_id;
+        entry.net_ns_id = ns.net_ns_id;
+        entry.ipc_ns_id = ns.ipc_ns_id;
+        entry.uts_ns_id = ns.uts_ns_id;
+        entry.mnt_ns_id = ns.mnt_ns_id;
+        entry.user_ns_id = ns.user_ns_id;
+        entry.cgroup_ns_id = ns.cgroup_ns_id;
+        entry.time_ns_id = ns.time_ns_id;
+    }
+
+    /// The ids of the per-process objects of `pid` (namespaces left unset), and which of
+    /// them an earlier process has.
+    pub fn objects(&mut self, pid: Pid) -> Result<(TaskKobjIdsEntry, Shared), CollectError> {
         let mut ids = [0u32; 4];
         let mut seen = [None; 4];
         for (k, (kind, what)) in KINDS.iter().enumerate() {
@@ -118,7 +166,7 @@ impl TreeIds {
             ids[k] = id;
             seen[k] = with;
         }
-        let mut entry = entry(&theirs, 0);
+        let mut entry = entry(&[None; 8], 0);
         entry.vm_id = ids[0];
         entry.files_id = ids[1];
         entry.fs_id = ids[2];

@@ -50,8 +50,8 @@ const TASK_STOPPED: u32 = 3;
 const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
 /// `personality(0xffffffff)` reads the persona without changing it.
 const PERSONALITY_QUERY: u64 = 0xffff_ffff;
-/// Scratch offset for the leader's one-word answers (after the sigactions and timers).
-const OFF_LEADER_WORD: u64 = 64 * 32 + 64;
+/// Scratch offset for the leader's one-word answers.
+const OFF_LEADER_WORD: u64 = 0;
 
 /// Why the state of a process could not be read (or cannot be saved).
 #[derive(Debug, thiserror::Error)]
@@ -244,28 +244,46 @@ struct TreeTables {
     vdso_insn: Option<u64>,
 }
 
-/// Points the leader's injections at the `syscall` instruction found in an earlier process's
-/// `[vdso]`, if the same bytes are there in this one.
-fn reuse_vdso_insn(leader: &mut tracee::Tracee, maps: &[proc::maps::MapsEntry], offset: u64) {
-    let Some(vdso) = maps.iter().find(|m| m.path.as_deref() == Some("[vdso]")) else {
+/// `AT_SYSINFO_EHDR`: where the `[vdso]` begins.
+const AT_SYSINFO_EHDR: u64 = 33;
+
+/// Points the leader's injections at a `syscall` instruction of its `[vdso]`, found from the
+/// auxiliary vector without reading the maps: one kernel image serves every process, so the
+/// offset found in the first process is only checked in the next. Left alone (the injection
+/// then searches the maps) where that fails.
+fn point_at_vdso_syscall(
+    leader: &mut tracee::Tracee,
+    auxv: &[(u64, u64)],
+    offset: &mut Option<u64>,
+) {
+    let Some(base) = auxv
+        .iter()
+        .find(|(key, _)| *key == AT_SYSINFO_EHDR)
+        .map(|(_, value)| *value)
+        .filter(|base| *base != 0)
+    else {
         return;
     };
-    let insn = vdso.start.saturating_add(offset);
-    let mut bytes = [0u8; 2];
-    if insn.get() + 2 <= vdso.end.get()
-        && tracee::memory::read_remote(leader.pid(), insn, &mut bytes).is_ok()
-        && bytes == [0x0f, 0x05]
-    {
-        leader.set_syscall_insn(insn);
+    let pid = leader.pid();
+    if let Some(off) = *offset {
+        let mut bytes = [0u8; 2];
+        let insn = RemoteAddr(base).saturating_add(off);
+        if tracee::memory::read_remote(pid, insn, &mut bytes).is_ok() && bytes == [0x0f, 0x05] {
+            leader.set_syscall_insn(insn);
+            return;
+        }
     }
-}
-
-/// The offset of the leader's `syscall` instruction in its `[vdso]`, if it is there.
-fn vdso_insn_offset(leader: &mut tracee::Tracee, maps: &[proc::maps::MapsEntry]) -> Option<u64> {
-    let vdso = maps.iter().find(|m| m.path.as_deref() == Some("[vdso]"))?;
-    let insn = leader.syscall_insn().ok()?;
-    (vdso.start.get() <= insn.get() && insn.get() < vdso.end.get())
-        .then(|| insn.get() - vdso.start.get())
+    // The vdso's first page is its ELF header and tables, mapped executable with the rest:
+    // any `0f 05` in it runs as a `syscall`.
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    if tracee::memory::read_remote(pid, RemoteAddr(base), &mut page).is_err() {
+        return;
+    }
+    if let Some(at) = page.windows(2).position(|w| w == [0x0f, 0x05]) {
+        let at = at as u64;
+        leader.set_syscall_insn(RemoteAddr(base).saturating_add(at));
+        *offset = Some(at);
+    }
 }
 
 fn proc_err(pid: Pid, what: &'static str) -> impl FnOnce(ProcError) -> CollectError {
@@ -298,34 +316,25 @@ fn rlimits(pid: Pid) -> Result<TaskRlimitsEntry, CollectError> {
     })
 }
 
-/// What is read of a process without ptrace, by the reader thread of [`tree`].
+/// What is read of a process without ptrace, by the reader thread of [`tree`], while the
+/// tracer injects: nothing the injections do shows in it.
 struct ProcReads {
-    stat: proc::stat::Stat,
-    status: proc::status::Status,
-    /// Read before the scratch page of the injections is mapped: it must not show up in
-    /// the dump.
     memory: MemoryState,
-    auxv: Vec<(u64, u64)>,
     rlimits: TaskRlimitsEntry,
     oom_score_adj: Option<i32>,
+    /// ckpt-dump's namespaces (the same for every process) and the process's.
+    own_ns: kobj::NsKeys,
+    ns: kobj::NsKeys,
 }
 
 impl ProcReads {
-    fn read(pid: Pid, vmas: VmaSource) -> Result<ProcReads, CollectError> {
-        let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
-        let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
-        // The memory and files of the process are only reachable through a live leader's
-        // /proc.
-        if status.state == 'Z' {
-            return Err(CollectError::ZombieLeader { pid });
-        }
+    fn read(pid: Pid, vmas: VmaSource, own_ns: kobj::NsKeys) -> Result<ProcReads, CollectError> {
         Ok(ProcReads {
+            ns: kobj::ns_keys(&pid.to_string()),
             memory: memory::collect(pid, vmas)?,
-            auxv: proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?,
             rlimits: rlimits(pid)?,
             oom_score_adj: read_i32_file(pid, "oom_score_adj"),
-            stat,
-            status,
+            own_ns,
         })
     }
 }
@@ -344,7 +353,7 @@ struct LeaderValues {
 
 fn leader_values(
     leader: &mut tracee::Tracee,
-    scratch: &inject::Scratch<'_>,
+    scratch: &inject::Scratch,
 ) -> Result<LeaderValues, CollectError> {
     let tid = leader.tid();
     // `/proc/PID/personality` spares an injection (the tracer may read it).
@@ -370,14 +379,14 @@ fn leader_values(
         libc::SYS_prctl,
         [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0],
     )?;
-    scratch.clear(tid, OFF_LEADER_WORD, 4)?;
+    // prctl stores a whole int: nothing to clear first.
     inject::syscall(
         leader,
         "prctl(PR_GET_CHILD_SUBREAPER)",
         libc::SYS_prctl,
         [
             PR_GET_CHILD_SUBREAPER,
-            scratch.at(OFF_LEADER_WORD),
+            scratch.at(tid, OFF_LEADER_WORD)?,
             0,
             0,
             0,
@@ -435,7 +444,6 @@ pub fn tree(
     root_vmas: VmaSource,
 ) -> Result<TreeState, CollectError> {
     let root = tree.root().pid();
-    let mut tables = TreeTables::default();
     let pids: Vec<Pid> = tree.processes().map(|p| p.pid()).collect();
     let parents: Vec<(Pid, Option<Pid>)> = tree
         .with_parents()
@@ -453,33 +461,42 @@ pub fn tree(
             (*pid, vmas)
         })
         .collect();
-    // What needs no ptrace is read by a second thread, in tree order, while this one (the
-    // tracer) checks the files and injects: on two CPUs the two halves overlap.
-    let mut processes = std::thread::scope(|scope| {
+    // What needs no ptrace (the address space above all) is read by a second thread, in
+    // tree order, while this one (the tracer) checks the files and injects: on two CPUs the
+    // two halves overlap. The injections leave no trace in what it reads (their buffers are
+    // on the threads' stacks, or a page the memory collection leaves out).
+    let processes = std::thread::scope(|scope| {
         let (sender, reads) = std::sync::mpsc::channel();
         scope.spawn(move || {
+            let own_ns = kobj::ns_keys("self");
             for (pid, vmas) in order {
                 // A closed channel means the tracer gave up: stop reading.
-                if sender.send(ProcReads::read(pid, vmas)).is_err() {
+                if sender.send(ProcReads::read(pid, vmas, own_ns)).is_err() {
                     break;
                 }
             }
         });
+        let mut tables = TreeTables::default();
         // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
         let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
         files::check_pipe_peers(&ends, &opts.external)?;
         let mut processes = Vec::with_capacity(parents.len());
         for (pid, parent) in &parents {
-            let early = reads
-                .recv()
-                .map_err(|_| CollectError::ReaderGone { pid: *pid })??;
             let Some(process) = tree.process_mut(*pid) else {
+                // Keeps the reader's answers in step with the processes.
+                let _ = reads.recv();
                 continue;
             };
-            processes.push(collect_one(process, *parent, early, &mut tables, opts)?);
+            let late = || {
+                reads
+                    .recv()
+                    .map_err(|_| CollectError::ReaderGone { pid: *pid })?
+            };
+            processes.push(collect_one(process, *parent, late, &mut tables, opts)?);
         }
-        Ok::<_, CollectError>(processes)
-    })?;
+        Ok::<_, CollectError>((processes, tables))
+    });
+    let (mut processes, mut tables) = processes?;
     // Unix socket peers are known once every process was read.
     let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
     if let Some(root) = processes.first_mut() {
@@ -580,23 +597,23 @@ fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
 }
 
 /// Reads the state of one frozen process of a tree (`parent`: its parent, `None` for the
-/// root), with the tree's tables.
+/// root), with the tree's tables; `late` waits for what the reader thread read of it.
 fn collect_one(
     tree: &mut SeizedProcess,
     parent: Option<Pid>,
-    early: ProcReads,
+    late: impl FnOnce() -> Result<ProcReads, CollectError>,
     tables: &mut TreeTables,
     opts: &DumpOptions,
 ) -> Result<ProcessState, CollectError> {
     let pid = tree.pid();
-    let ProcReads {
-        stat,
-        status,
-        mut memory,
-        auxv,
-        rlimits,
-        oom_score_adj,
-    } = early;
+    let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
+    let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
+    // The memory and files of the process are only reachable through a live leader's
+    // /proc.
+    if status.state == 'Z' {
+        return Err(CollectError::ZombieLeader { pid });
+    }
+    let auxv = proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?;
     let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
     let stopped = leader.in_group_stop();
     let stop_signo = match leader.stop_state() {
@@ -618,11 +635,10 @@ fn collect_one(
             source,
         })?;
 
-    let (ids, shared) = tables.ids.ids(pid)?;
+    let (mut ids, shared) = tables.ids.objects(pid)?;
     if let Some(with) = shared.vm {
         return Err(CollectError::SharedVm { pid, with });
     }
-    let root_ids = tables.ids.root_ids();
     let mut seccomp = SeccompTable::default();
     // Pinned from the scratch mapping on (the first injection) to its unmapping: unpinned,
     // each wakeup of the tracee may wait for another CPU's time slice, milliseconds under load.
@@ -644,12 +660,18 @@ fn collect_one(
         .collect::<Result<HashMap<Tid, Vec<usize>>, _>>()?;
     let leader_pin = leader_tid.and_then(|tid| pin_next_to(pid, tid));
     if let Some(leader) = tree.leader_mut() {
-        match tables.vdso_insn {
-            Some(offset) => reuse_vdso_insn(leader, &memory.maps, offset),
-            None => tables.vdso_insn = vdso_insn_offset(leader, &memory.maps),
-        }
+        point_at_vdso_syscall(leader, &auxv, &mut tables.vdso_insn);
     }
-    let (mut threads, sigactions, timers, values) = inject::with_scratch(tree, |tree, scratch| {
+    // Taken before a scratch page is mapped, if one must be: it must not be in the dump.
+    let mut late = Some(late);
+    let mut reads = None;
+    let mut wait_reads = || -> Result<(), CollectError> {
+        if let Some(late) = late.take() {
+            reads = Some(late()?);
+        }
+        Ok(())
+    };
+    let injected = inject::with_scratch(tree, &mut wait_reads, |tree, scratch| {
         let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
         let values = leader_values(leader, scratch)?;
         fault::check(opts.fault, FaultPoint::AfterInject)?;
@@ -661,11 +683,32 @@ fn collect_one(
                 .then(|| pin_next_to(pid, thread.tid()))
                 .flatten();
             let cpus = affinities.get(&thread.tid()).map_or(&[][..], Vec::as_slice);
-            threads.push(threads::collect(thread, scratch, cpus, &mut seccomp)?);
+            let known = (Some(thread.tid()) == leader_tid).then_some(threads::LeaderProc {
+                status: &status,
+                comm: &stat.comm,
+            });
+            threads.push(threads::collect(
+                thread,
+                scratch,
+                cpus,
+                &mut seccomp,
+                known,
+            )?);
         }
         Ok((threads, sigactions, timers, values))
-    })?;
+    });
     drop(leader_pin);
+    let (mut threads, sigactions, timers, values) = injected?;
+    wait_reads()?;
+    let ProcReads {
+        mut memory,
+        rlimits,
+        oom_score_adj,
+        own_ns,
+        ns,
+    } = reads.ok_or(CollectError::ReaderGone { pid })?;
+    tables.ids.namespaces(pid, &own_ns, &ns, &mut ids);
+    let root_ids = tables.ids.root_ids();
     let files = files::collect(
         &mut tables.files,
         pid,

@@ -20,8 +20,8 @@ const SIGACTION_SIZE: u64 = 32;
 const ITIMER_REAL: u64 = 0;
 const ITIMER_VIRTUAL: u64 = 1;
 const ITIMER_PROF: u64 = 2;
-/// Where the timers go in the scratch area (after the sigactions).
-const OFF_TIMER: u64 = SIGMAX * SIGACTION_SIZE;
+/// `struct itimerval`: two `struct timeval`s.
+const ITIMER_SIZE: u64 = 32;
 
 fn word(raw: &[u8], index: usize) -> u64 {
     let mut b = [0u8; 8];
@@ -49,30 +49,45 @@ pub fn signal_queue(pending: &[[u8; 128]]) -> SignalQueueEntry {
 /// the exception (`SA_NOCLDWAIT` reaps children even with `SIG_DFL`), so it is always read.
 pub fn sigactions(
     leader: &mut Tracee,
-    scratch: &Scratch<'_>,
+    scratch: &Scratch,
     handled: u64,
 ) -> Result<Vec<SaEntry>, CollectError> {
     const SIGCHLD: u64 = 17;
     let tid = leader.tid();
     let signals = || (1..=SIGMAX).filter(|sig| *sig != SIGKILL && *sig != SIGSTOP);
     let asked = |sig: u64| sig == SIGCHLD || handled & (1 << (sig - 1)) != 0;
-    scratch.clear(tid, 0, (SIGMAX * SIGACTION_SIZE) as usize)?;
-    // Each answer has its own slot: one read of the area afterwards, not one per signal.
-    for sig in signals().filter(|sig| asked(*sig)) {
-        let off = (sig - 1) * SIGACTION_SIZE;
-        syscall(
-            leader,
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            [sig, 0, scratch.at(off), 8, 0, 0],
-        )?;
+    // The kernel writes the whole `struct sigaction` back: what is not asked is the default
+    // action, all zeros.
+    let mut raw = vec![0u8; (SIGMAX * SIGACTION_SIZE) as usize];
+    // Each answer of a round has its own slot: one read per round, not one per signal.
+    let slots = usize::try_from((scratch.room() / SIGACTION_SIZE).max(1)).unwrap_or(1);
+    let wanted: Vec<u64> = signals().filter(|sig| asked(*sig)).collect();
+    for round in wanted.chunks(slots) {
+        for (slot, sig) in round.iter().enumerate() {
+            let off = slot as u64 * SIGACTION_SIZE;
+            syscall(
+                leader,
+                "rt_sigaction",
+                libc::SYS_rt_sigaction,
+                [*sig, 0, scratch.at(tid, off)?, 8, 0, 0],
+            )?;
+        }
+        let answers = scratch.read_vec(tid, 0, round.len() * SIGACTION_SIZE as usize)?;
+        for (slot, sig) in round.iter().enumerate() {
+            let size = SIGACTION_SIZE as usize;
+            let to = usize::try_from((sig - 1) * SIGACTION_SIZE).unwrap_or(0);
+            if let (Some(dst), Some(src)) = (
+                raw.get_mut(to..to + size),
+                answers.get(slot * size..(slot + 1) * size),
+            ) {
+                dst.copy_from_slice(src);
+            }
+        }
     }
-    const ALL: usize = (SIGMAX * SIGACTION_SIZE) as usize;
-    let all = scratch.read::<ALL>(tid, 0)?;
     let mut out = Vec::with_capacity(62);
     for sig in signals() {
         let off = usize::try_from((sig - 1) * SIGACTION_SIZE).unwrap_or(0);
-        let raw = &all[off..off + SIGACTION_SIZE as usize];
+        let raw = &raw[off..off + SIGACTION_SIZE as usize];
         out.push(SaEntry {
             sigaction: word(raw, 0),
             flags: word(raw, 1),
@@ -85,31 +100,47 @@ pub fn sigactions(
     Ok(out)
 }
 
-fn itimer(
-    leader: &mut Tracee,
-    scratch: &Scratch<'_>,
-    which: u64,
-) -> Result<ItimerEntry, CollectError> {
+/// `struct itimerval` words: interval then value, seconds and microseconds.
+fn itimer_entry(raw: &[u8]) -> ItimerEntry {
+    ItimerEntry {
+        isec: word(raw, 0),
+        iusec: word(raw, 1),
+        vsec: word(raw, 2),
+        vusec: word(raw, 3),
+    }
+}
+
+/// The three interval timers, each answered into a slot of its own, read at once.
+fn itimers(leader: &mut Tracee, scratch: &Scratch) -> Result<[ItimerEntry; 3], CollectError> {
     let tid = leader.tid();
-    syscall(
-        leader,
-        "getitimer",
-        libc::SYS_getitimer,
-        [which, scratch.at(OFF_TIMER), 0, 0, 0, 0],
-    )?;
-    // struct itimerval: it_interval {sec, usec}, it_value {sec, usec}.
-    let raw = scratch.read::<32>(tid, OFF_TIMER)?;
-    Ok(ItimerEntry {
-        isec: word(&raw, 0),
-        iusec: word(&raw, 1),
-        vsec: word(&raw, 2),
-        vusec: word(&raw, 3),
-    })
+    let which = [ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF];
+    for (slot, which) in which.iter().enumerate() {
+        syscall(
+            leader,
+            "getitimer",
+            libc::SYS_getitimer,
+            [
+                *which,
+                scratch.at(tid, slot as u64 * ITIMER_SIZE)?,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )?;
+    }
+    let raw = scratch.read::<{ 3 * ITIMER_SIZE as usize }>(tid, 0)?;
+    let size = ITIMER_SIZE as usize;
+    Ok([
+        itimer_entry(&raw[..size]),
+        itimer_entry(&raw[size..2 * size]),
+        itimer_entry(&raw[2 * size..]),
+    ])
 }
 
 fn posix_timer(
     leader: &mut Tracee,
-    scratch: &Scratch<'_>,
+    scratch: &Scratch,
     timer: &PosixTimer,
 ) -> Result<PosixTimerEntry, CollectError> {
     let tid = leader.tid();
@@ -118,10 +149,10 @@ fn posix_timer(
         leader,
         "timer_gettime",
         libc::SYS_timer_gettime,
-        [id, scratch.at(OFF_TIMER), 0, 0, 0, 0],
+        [id, scratch.at(tid, 0)?, 0, 0, 0, 0],
     )?;
     // struct itimerspec: it_interval {sec, nsec}, it_value {sec, nsec}.
-    let raw = scratch.read::<32>(tid, OFF_TIMER)?;
+    let raw = scratch.read::<32>(tid, 0)?;
     let overrun = syscall_u64(
         leader,
         "timer_getoverrun",
@@ -166,7 +197,7 @@ fn sigev_notify(timer: &PosixTimer) -> u32 {
 pub fn timers(
     pid: Pid,
     leader: &mut Tracee,
-    scratch: &Scratch<'_>,
+    scratch: &Scratch,
 ) -> Result<TaskTimersEntry, CollectError> {
     let listed = timers::read(pid).map_err(|source| CollectError::Proc {
         pid,
@@ -177,10 +208,11 @@ pub fn timers(
     for timer in &listed {
         posix.push(posix_timer(leader, scratch, timer)?);
     }
+    let [real, virt, prof] = itimers(leader, scratch)?;
     Ok(TaskTimersEntry {
-        real: itimer(leader, scratch, ITIMER_REAL)?,
-        virt: itimer(leader, scratch, ITIMER_VIRTUAL)?,
-        prof: itimer(leader, scratch, ITIMER_PROF)?,
+        real,
+        virt,
+        prof,
         posix,
     })
 }

@@ -28,6 +28,8 @@ const SECCOMP_MODE_FILTER: u32 = 2;
 const OFF_SAS: u64 = 0;
 const OFF_TID_ADDRESS: u64 = 64;
 const OFF_PDEATHSIG: u64 = 72;
+/// The bytes holding every answer.
+const ANSWERS: u64 = OFF_PDEATHSIG + 4;
 
 /// One thread's image: everything but the process-wide part of the core.
 #[derive(Debug, Clone)]
@@ -121,27 +123,27 @@ fn ptrace_err(tid: Tid, what: &'static str) -> impl FnOnce(tracee::PtraceError) 
     move |source| CollectError::Ptrace { tid, what, source }
 }
 
-fn sigaltstack(thread: &mut Tracee, scratch: &Scratch<'_>) -> Result<ThreadSasEntry, CollectError> {
-    let tid = thread.tid();
-    scratch.clear(tid, OFF_SAS, 24)?;
-    syscall(
-        thread,
-        "sigaltstack",
-        libc::SYS_sigaltstack,
-        [0, scratch.at(OFF_SAS), 0, 0, 0, 0],
-    )?;
-    // struct stack_t: void *ss_sp; int ss_flags; size_t ss_size.
-    let raw = scratch.read::<24>(tid, OFF_SAS)?;
+/// `struct stack_t` (`void *ss_sp; int ss_flags; size_t ss_size`) as the kernel wrote it.
+fn sigaltstack(raw: &[u8]) -> ThreadSasEntry {
     let word = |i: usize| {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&raw[i..i + 8]);
+        if let Some(bytes) = raw.get(i..i + 8) {
+            b.copy_from_slice(bytes);
+        }
         u64::from_ne_bytes(b)
     };
-    Ok(ThreadSasEntry {
+    ThreadSasEntry {
         ss_sp: word(0),
         ss_flags: (word(8) & 0xffff_ffff) as u32,
         ss_size: word(16),
-    })
+    }
+}
+
+/// What the leader's thread reads of `/proc` is already known from the process's files,
+/// which show the leader: its status and its comm.
+pub struct LeaderProc<'a> {
+    pub status: &'a status::Status,
+    pub comm: &'a str,
 }
 
 fn task_info(
@@ -235,9 +237,10 @@ fn seccomp(
 #[tracing::instrument(skip_all, fields(tid = %thread.tid()))]
 pub fn collect(
     thread: &mut Tracee,
-    scratch: &Scratch<'_>,
+    scratch: &Scratch,
     cpus: &[usize],
     seccomp_table: &mut SeccompTable,
+    leader: Option<LeaderProc<'_>>,
 ) -> Result<ThreadState, CollectError> {
     let tid = thread.tid();
     let pid = thread.pid();
@@ -255,20 +258,27 @@ pub fn collect(
     let pending = thread
         .peek_siginfo(false)
         .map_err(ptrace_err(tid, "read pending signals"))?;
-    let thread_status = status::read_thread(pid, tid).map_err(|source| CollectError::Proc {
-        pid,
-        what: "thread status",
-        source,
-    })?;
-    let thread_stat = stat::read_thread(pid, tid).map_err(|source| CollectError::Proc {
-        pid,
-        what: "thread stat",
-        source,
-    })?;
+    let read_status;
+    let (thread_status, comm) = match leader {
+        Some(known) => (known.status, known.comm.to_owned()),
+        None => {
+            read_status = status::read_thread(pid, tid).map_err(|source| CollectError::Proc {
+                pid,
+                what: "thread status",
+                source,
+            })?;
+            let thread_stat = stat::read_thread(pid, tid).map_err(|source| CollectError::Proc {
+                pid,
+                what: "thread stat",
+                source,
+            })?;
+            (&read_status, thread_stat.comm)
+        }
+    };
 
     let mut tc = ThreadCoreEntry {
         blk_sigset: Some(sigmask.0),
-        comm: Some(thread_stat.comm.clone()),
+        comm: Some(comm),
         signals_p: Some(signal_queue(&pending)),
         rseq_entry: rseq(thread)?,
         ..ThreadCoreEntry::default()
@@ -278,35 +288,64 @@ pub fn collect(
     tc.futex_rla_len = len;
     sched(tid, &mut tc)?;
     super::extras::thread(thread, cpus, &mut tc)?;
-    tc.sas = Some(sigaltstack(thread, scratch)?);
-    scratch.clear(tid, OFF_PDEATHSIG, 4)?;
+    // Every answer has its own slot, read at once at the end. The kernel fills the whole
+    // `stack_t`, and prctl's getters store a whole int (a pointer for the tid address):
+    // nothing to clear first.
+    syscall(
+        thread,
+        "sigaltstack",
+        libc::SYS_sigaltstack,
+        [0, scratch.at(tid, OFF_SAS)?, 0, 0, 0, 0],
+    )?;
     syscall(
         thread,
         "prctl(PR_GET_PDEATHSIG)",
         libc::SYS_prctl,
-        [PR_GET_PDEATHSIG, scratch.at(OFF_PDEATHSIG), 0, 0, 0, 0],
+        [
+            PR_GET_PDEATHSIG,
+            scratch.at(tid, OFF_PDEATHSIG)?,
+            0,
+            0,
+            0,
+            0,
+        ],
     )?;
-    let pdeath = scratch.read_i32(tid, OFF_PDEATHSIG)?;
-    if pdeath != 0 {
-        tc.pdeath_sig = u32::try_from(pdeath).ok();
-    }
     let secbits = syscall_u64(
         thread,
         "prctl(PR_GET_SECUREBITS)",
         libc::SYS_prctl,
         [PR_GET_SECUREBITS, 0, 0, 0, 0, 0],
     )?;
-    tc.creds = Some(creds(&thread_status, u32::try_from(secbits).unwrap_or(0)));
-    seccomp(thread, &thread_status, seccomp_table, &mut tc)?;
+    tc.creds = Some(creds(thread_status, u32::try_from(secbits).unwrap_or(0)));
+    seccomp(thread, thread_status, seccomp_table, &mut tc)?;
 
-    scratch.clear(tid, OFF_TID_ADDRESS, 8)?;
     syscall(
         thread,
         "prctl(PR_GET_TID_ADDRESS)",
         libc::SYS_prctl,
-        [PR_GET_TID_ADDRESS, scratch.at(OFF_TID_ADDRESS), 0, 0, 0, 0],
+        [
+            PR_GET_TID_ADDRESS,
+            scratch.at(tid, OFF_TID_ADDRESS)?,
+            0,
+            0,
+            0,
+            0,
+        ],
     )?;
-    let clear_tid_addr = scratch.read_u64(tid, OFF_TID_ADDRESS)?;
+    let answers = scratch.read::<{ ANSWERS as usize }>(tid, 0)?;
+    tc.sas = Some(sigaltstack(&answers[OFF_SAS as usize..]));
+    let int_at = |off: u64| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&answers[off as usize..off as usize + 4]);
+        i32::from_ne_bytes(b)
+    };
+    let pdeath = int_at(OFF_PDEATHSIG);
+    if pdeath != 0 {
+        tc.pdeath_sig = u32::try_from(pdeath).ok();
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&answers[OFF_TID_ADDRESS as usize..OFF_TID_ADDRESS as usize + 8]);
+    let clear_tid_addr = u64::from_ne_bytes(b);
 
     tracing::debug!(
         rip = format_args!("{:#x}", regs.rip),
