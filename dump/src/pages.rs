@@ -400,6 +400,63 @@ fn sink_err<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// The bytes of page contents a batch reads.
+fn data_bytes(items: &[Item]) -> u64 {
+    items
+        .iter()
+        .map(|item| match *item {
+            Item::Data { len, .. } => len as u64,
+            Item::Hole { .. } => 0,
+        })
+        .sum()
+}
+
+/// Hands one read batch to `sink`: the pages that could be read, then the holes.
+fn send_batch<S: PageSink>(
+    pid: Pid,
+    batch: &ReadBatch,
+    sink: &mut S,
+    out: &mut Streamed,
+) -> Result<(), StreamError> {
+    let started = Instant::now();
+    let mut off = batch.offset;
+    let mut data_index = 0;
+    for item in &batch.items {
+        match *item {
+            Item::Data { addr, len } => {
+                let spans = batch.readable.get(data_index).map(Vec::as_slice);
+                data_index += 1;
+                let mut read = 0;
+                for &(at, n) in spans.unwrap_or_default() {
+                    let vaddr = addr + at as u64;
+                    let slice = IoSlice::new(&batch.data[off + at..off + at + n]);
+                    sink.add_pages(vaddr, PageFlags::PRESENT, &[slice])
+                        .map_err(sink_err(pid, vaddr))?;
+                    read += n;
+                }
+                out.written += read as u64 / PAGE_SIZE;
+                out.vanished += len.saturating_sub(read) as u64 / PAGE_SIZE;
+                off += len;
+            }
+            Item::Hole { addr, pages, kind } => {
+                let flags = match kind {
+                    RunKind::Parent => PageFlags::PARENT,
+                    RunKind::Lazy | RunKind::Dump | RunKind::Held => PageFlags::LAZY,
+                };
+                sink.add_hole(addr, pages, flags)
+                    .map_err(sink_err(pid, addr))?;
+                if kind == RunKind::Parent {
+                    out.parent += pages;
+                } else {
+                    out.lazy += pages;
+                }
+            }
+        }
+    }
+    out.write_time += started.elapsed();
+    Ok(())
+}
+
 /// Sends the plan of `pid` to `sink` in address order. `running` says the target is not
 /// frozen (pre-dump): ranges it unmaps meanwhile are left out instead of failing the dump.
 pub fn stream<S: PageSink>(
@@ -422,37 +479,51 @@ pub fn stream<S: PageSink>(
         // The figure a queued pre-copy decides its next step by.
         tracing::info!(%pid, held = out.held, "pages held back for a later round");
     }
+    // A buffer holds the largest batch (and a page more, to align its start).
+    let largest = batches.iter().map(|b| data_bytes(b)).max().unwrap_or(0);
+    let buf_len = usize::try_from(largest + PAGE_SIZE).unwrap_or(0);
+    let read = |items: Vec<Item>, mut data: Vec<u8>| {
+        // Page-aligned contents can go to an O_DIRECT file as they are.
+        let offset = data.as_ptr().align_offset(PAGE_SIZE as usize);
+        let started = Instant::now();
+        read_batch(pid, &items, &mut data[offset..], running)
+            .map_err(|source| StreamError::Read { pid, source })
+            .map(|readable| {
+                let batch = ReadBatch {
+                    items,
+                    readable,
+                    data,
+                    offset,
+                };
+                (batch, started.elapsed())
+            })
+    };
+    if batches.len() <= 1 {
+        // A small process (the common case of a freeze that must be short): a reader
+        // thread and its two buffers would cost more than the reading.
+        for items in batches {
+            let (batch, took) = read(items, vec![0u8; buf_len])?;
+            out.read_time += took;
+            send_batch(pid, &batch, sink, &mut out)?;
+            fault::check(fault_at, FaultPoint::MidPages)?;
+        }
+        return Ok(out);
+    }
     let (full_tx, full_rx) = mpsc::sync_channel::<Result<(ReadBatch, Duration), StreamError>>(2);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     // Two buffers in flight: one being read from the target, one being sent.
     for _ in 0..2 {
-        let _ = empty_tx.send(vec![
-            0u8;
-            usize::try_from(BATCH_BYTES + PAGE_SIZE).unwrap_or(0)
-        ]);
+        let _ = empty_tx.send(vec![0u8; buf_len]);
     }
     std::thread::scope(|scope| -> Result<(), StreamError> {
         let reader = scope.spawn(move || {
             for items in batches {
-                let Ok(mut data) = empty_rx.recv() else {
+                let Ok(data) = empty_rx.recv() else {
                     return;
                 };
-                // Page-aligned contents can go to an O_DIRECT file as they are.
-                let offset = data.as_ptr().align_offset(PAGE_SIZE as usize);
-                let started = Instant::now();
-                let read = read_batch(pid, &items, &mut data[offset..], running)
-                    .map_err(|source| StreamError::Read { pid, source })
-                    .map(|readable| {
-                        let batch = ReadBatch {
-                            items,
-                            readable,
-                            data,
-                            offset,
-                        };
-                        (batch, started.elapsed())
-                    });
-                let failed = read.is_err();
-                if full_tx.send(read).is_err() || failed {
+                let result = read(items, data);
+                let failed = result.is_err();
+                if full_tx.send(result).is_err() || failed {
                     return;
                 }
             }
@@ -461,42 +532,7 @@ pub fn stream<S: PageSink>(
         for message in full_rx.iter() {
             let (batch, took) = message?;
             out.read_time += took;
-            let started = Instant::now();
-            let mut off = batch.offset;
-            let mut data_index = 0;
-            for item in &batch.items {
-                match *item {
-                    Item::Data { addr, len } => {
-                        let spans = batch.readable.get(data_index).map(Vec::as_slice);
-                        data_index += 1;
-                        let mut read = 0;
-                        for &(at, n) in spans.unwrap_or_default() {
-                            let vaddr = addr + at as u64;
-                            let slice = IoSlice::new(&batch.data[off + at..off + at + n]);
-                            sink.add_pages(vaddr, PageFlags::PRESENT, &[slice])
-                                .map_err(sink_err(pid, vaddr))?;
-                            read += n;
-                        }
-                        out.written += read as u64 / PAGE_SIZE;
-                        out.vanished += len.saturating_sub(read) as u64 / PAGE_SIZE;
-                        off += len;
-                    }
-                    Item::Hole { addr, pages, kind } => {
-                        let flags = match kind {
-                            RunKind::Parent => PageFlags::PARENT,
-                            RunKind::Lazy | RunKind::Dump | RunKind::Held => PageFlags::LAZY,
-                        };
-                        sink.add_hole(addr, pages, flags)
-                            .map_err(sink_err(pid, addr))?;
-                        if kind == RunKind::Parent {
-                            out.parent += pages;
-                        } else {
-                            out.lazy += pages;
-                        }
-                    }
-                }
-            }
-            out.write_time += started.elapsed();
+            send_batch(pid, &batch, sink, &mut out)?;
             sent_batches += 1;
             if sent_batches == 1 {
                 fault::check(fault_at, FaultPoint::MidPages)?;
