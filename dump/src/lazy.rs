@@ -55,16 +55,24 @@
 //! that is not a lazy page of that process, gets no pages. Resuming, stopping and killing
 //! apply to the whole tree at once: a failure before the destination resumed lets every
 //! process run on, and none survives once the destination has run.
+//!
+//! A prepared post-copy ([`crate::prepare`]) serves the same way, with one more input
+//! watched beside the daemon's session: the switch connection of the destination's
+//! restore. Its RESUMED counts as a GET flagged [`GET_RESUMED`]; its FAILED, or its end,
+//! before the destination ran ends the session like a lost link before resume (the source
+//! runs on). Once the destination runs, the switch has nothing more to say and its end is
+//! ignored.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::time::Duration;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
 use ckpt_page_server::protocol::FRAME_LEN;
 use ckpt_page_server::server::MAX_GET_PAGES;
 use ckpt_page_server::{Command, Frame, PageCompressor, PageFlags, PageTraffic, GET_ZSTD};
+use images_format::switch::{self, SwitchError, SwitchMessage};
 use tracee::memory::{self, MemoryError, RemoteRange};
 use tracee::{Pid, RemoteAddr, SeizedProcess, SeizedTree, PAGE_SIZE};
 
@@ -101,6 +109,8 @@ pub enum LazyError {
         #[source]
         source: MemoryError,
     },
+    #[error("dump: the destination did not run ({why}); pid {pid} resumed")]
+    SwitchFailed { pid: Pid, why: String },
     #[error(transparent)]
     Release(#[from] ReleaseError),
 }
@@ -180,49 +190,90 @@ fn servable(lazy: &[(u64, u64)], vaddr: u64, asked: u64) -> u64 {
 }
 
 /// Waits up to `timeout` for a connection; `None` when none came. Once a daemon has been
-/// served, only its host may reconnect (`only`): pages go nowhere else.
+/// served, only its host may reconnect (`only`): pages go nowhere else. The switch of a
+/// prepared dump is heard meanwhile (`source`); once it says the destination runs, the
+/// wait is cut to `window`, as for a daemon that lost its link after resume.
 fn accept_within(
     listener: &TcpListener,
     timeout: Duration,
+    window: Duration,
     only: Option<IpAddr>,
-) -> std::io::Result<Option<(TcpStream, IpAddr)>> {
-    listener.set_nonblocking(true)?;
-    let deadline = std::time::Instant::now() + timeout;
+    source: &mut Source,
+) -> Result<Option<(TcpStream, IpAddr)>, AcceptEnd> {
+    listener.set_nonblocking(true).map_err(AcceptEnd::Io)?;
+    let mut deadline = Instant::now() + timeout;
     loop {
         match listener.accept() {
             Ok((_, peer)) if only.is_some_and(|ip| ip != peer.ip()) => {
                 tracing::warn!(%peer, "a connection from another host than the daemon's: refused");
             }
             Ok((stream, peer)) => {
-                stream.set_nonblocking(false)?;
+                stream.set_nonblocking(false).map_err(AcceptEnd::Io)?;
                 tracing::info!(%peer, "lazy-pages daemon connected");
                 return Ok(Some((stream, peer.ip())));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(AcceptEnd::Io(e)),
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(None);
         }
-        let ms = i32::try_from(left.as_millis().min(1000))
-            .unwrap_or(1000)
-            .max(1);
-        let timeout = rustix::event::Timespec {
-            tv_sec: i64::from(ms / 1000),
-            tv_nsec: i64::from(ms % 1000) * 1_000_000,
-        };
-        let fd = listener.as_fd();
-        let mut fds = [rustix::event::PollFd::new(
-            &fd,
-            rustix::event::PollFlags::IN,
-        )];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(errno) => return Err(errno.into()),
+        let switch = source.switch.as_ref().map(AsFd::as_fd);
+        let ready = wait_readable(listener.as_fd(), switch, left.min(Duration::from_secs(1)))
+            .map_err(AcceptEnd::Io)?;
+        if ready.switch {
+            let resumed = source.resumed;
+            source.on_switch().map_err(AcceptEnd::Switch)?;
+            if source.resumed && !resumed {
+                deadline = deadline.min(Instant::now() + window);
+            }
         }
     }
+}
+
+/// Why waiting for a daemon's connection stopped short.
+enum AcceptEnd {
+    Io(std::io::Error),
+    /// The switch said the destination will not run.
+    Switch(LazyError),
+}
+
+/// Which of the descriptors [`wait_readable`] watched have something to read (or ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Readable {
+    pub(crate) main: bool,
+    pub(crate) switch: bool,
+}
+
+/// Waits up to `timeout` until `main` or `switch` is readable; an end or error of the
+/// connection counts, so that the read that follows sees it.
+pub(crate) fn wait_readable(
+    main: BorrowedFd<'_>,
+    switch: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> std::io::Result<Readable> {
+    use rustix::event::{PollFd, PollFlags};
+    let nanos = i64::from(timeout.subsec_nanos());
+    let timeout = rustix::event::Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: nanos,
+    };
+    let mut fds = vec![PollFd::new(&main, PollFlags::IN)];
+    if let Some(switch) = &switch {
+        fds.push(PollFd::new(switch, PollFlags::IN));
+    }
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return Ok(Readable::default()),
+        Err(errno) => return Err(errno.into()),
+    }
+    let seen = |fd: &PollFd<'_>| !fd.revents().is_empty();
+    Ok(Readable {
+        main: fds.first().is_some_and(seen),
+        switch: fds.get(1).is_some_and(seen),
+    })
 }
 
 /// How one session ended.
@@ -254,6 +305,8 @@ struct Source {
     compressor: Option<Result<PageCompressor, ()>>,
     /// The pages sent, raw and on the wire.
     traffic: PageTraffic,
+    /// A prepared dump's switch connection, until the destination runs or it ends.
+    switch: Option<TcpStream>,
 }
 
 impl Source {
@@ -267,11 +320,43 @@ impl Source {
 
     /// The destination runs: from now on the source must never run again, even if we die.
     fn destination_resumed(&mut self, kind: GetKind) {
-        self.resumed = true;
         let why = match kind {
             GetKind::Resumed => "restore finished",
             _ => "first page request of a daemon that does not say when restore finished",
         };
+        self.stop_for_good(why);
+    }
+
+    /// Hears one message of the switch. Before the destination runs, anything but RESUMED
+    /// (FAILED, the end of the connection, garbage) means it never will: an error, which
+    /// resumes the source. After, the switch is only closed.
+    fn on_switch(&mut self) -> Result<(), LazyError> {
+        let Some(stream) = self.switch.as_mut() else {
+            return Ok(());
+        };
+        let why = match switch::read_message(stream) {
+            Ok(SwitchMessage::Resumed) => {
+                if !self.resumed {
+                    self.stop_for_good("the prepared restore reports the tree runs");
+                }
+                return Ok(());
+            }
+            Ok(SwitchMessage::Failed { why }) => format!("the restore failed: {why}"),
+            Ok(other) => format!("unexpected switch message {}", message_name(&other)),
+            Err(SwitchError::Closed) => "the switch connection closed".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        self.switch = None;
+        if self.resumed {
+            tracing::debug!(%why, "switch connection done");
+            return Ok(());
+        }
+        Err(LazyError::SwitchFailed { pid: self.pid, why })
+    }
+
+    /// The destination runs: the tree is stopped by signal too, never to run here again.
+    fn stop_for_good(&mut self, why: &str) {
+        self.resumed = true;
         tracing::info!(pid = %self.pid, why, "the destination runs; the source stays stopped");
         let pids: Vec<Pid> = self
             .tree
@@ -314,6 +399,11 @@ impl Source {
         }
         let len = usize::try_from(n * PAGE_SIZE).unwrap_or(0);
         let header = Frame::add_f(frame.dst_id, frame.vaddr, n, PRESENT_BITS).encode();
+        // Grown as the requests need: zeroing the largest answer's 4 MiB up front would
+        // delay the first answer, the one a just-resumed destination waits for.
+        if self.buf.len() < FRAME_LEN + len {
+            self.buf.resize(FRAME_LEN + len, 0);
+        }
         self.buf[..FRAME_LEN].copy_from_slice(&header);
         let target = match target {
             Some(process) if len > 0 => {
@@ -368,12 +458,42 @@ impl Source {
         Ok(())
     }
 
+    /// Waits for the daemon's next request while hearing the switch; `false` when the
+    /// session was idle for `idle`.
+    fn await_request(&mut self, stream: &TcpStream, idle: Duration) -> Result<bool, LazyError> {
+        let deadline = Instant::now() + idle;
+        while self.switch.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let switch = self.switch.as_ref().map(AsFd::as_fd);
+            let ready = match wait_readable(stream.as_fd(), switch, left) {
+                Ok(ready) => ready,
+                // The read that follows reports it.
+                Err(_) => return Ok(true),
+            };
+            if ready.switch {
+                self.on_switch()?;
+            }
+            if ready.main {
+                return Ok(true);
+            }
+        }
+        Ok(true)
+    }
+
     /// Serves one connection until CLOSE or until it breaks.
     fn session(&mut self, mut stream: TcpStream, idle: Duration) -> Result<SessionEnd, LazyError> {
         // Replies are waited for one by one: send each at once.
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(idle));
         loop {
+            if !self.await_request(&stream, idle)? {
+                return Ok(SessionEnd::Lost(
+                    "no request within the idle time".to_owned(),
+                ));
+            }
             let mut bytes = [0u8; FRAME_LEN];
             if let Err(e) = stream.read_exact(&mut bytes) {
                 return Ok(SessionEnd::Lost(format!("read a request: {e}")));
@@ -443,6 +563,9 @@ fn get_kind(frame: &Frame) -> GetKind {
     }
 }
 
+/// How long one switch message may take to arrive whole once its first bytes are in.
+const SWITCH_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 const PRESENT_BITS: u16 = {
     let bits = PageFlags::PRESENT.bits();
     assert!(bits <= u16::MAX as u32);
@@ -452,12 +575,51 @@ const PRESENT_BITS: u16 = {
 /// Serves the lazy pages of every process of the frozen `tree` (`lazy`: per process, the
 /// ranges [`lazy_ranges`] gives) until the destination has them all (see the module
 /// documentation for when the tree is resumed or killed).
-#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
 pub fn serve(
     tree: SeizedTree,
     listener: TcpListener,
     lazy: Vec<(Pid, Vec<(u64, u64)>)>,
     opts: &DumpOptions,
+) -> Result<LazyOutcome, LazyError> {
+    serve_with(tree, listener, lazy, opts, None)
+}
+
+/// What a prepared dump hands to [`serve_prepared`]: its switch connection, and the
+/// daemon's connection if one was accepted while waiting for the destination.
+#[derive(Debug)]
+pub struct SwitchLink {
+    pub switch: TcpStream,
+    pub daemon: Option<(TcpStream, IpAddr)>,
+}
+
+/// [`serve`] for a prepared dump: the switch's RESUMED, FAILED or end are heard as well.
+pub fn serve_prepared(
+    tree: SeizedTree,
+    listener: TcpListener,
+    lazy: Vec<(Pid, Vec<(u64, u64)>)>,
+    opts: &DumpOptions,
+    link: SwitchLink,
+) -> Result<LazyOutcome, LazyError> {
+    serve_with(tree, listener, lazy, opts, Some(link))
+}
+
+fn message_name(msg: &SwitchMessage) -> &'static str {
+    match msg {
+        SwitchMessage::Ready { .. } => "READY",
+        SwitchMessage::Delta { .. } => "DELTA",
+        SwitchMessage::Abort { .. } => "ABORT",
+        SwitchMessage::Resumed => "RESUMED",
+        SwitchMessage::Failed { .. } => "FAILED",
+    }
+}
+
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+fn serve_with(
+    tree: SeizedTree,
+    listener: TcpListener,
+    lazy: Vec<(Pid, Vec<(u64, u64)>)>,
+    opts: &DumpOptions,
+    link: Option<SwitchLink>,
 ) -> Result<LazyOutcome, LazyError> {
     let pid = tree.root().pid();
     let addr = listener
@@ -483,10 +645,18 @@ pub fn serve(
         processes,
         resumed: false,
         all_taken_logged: false,
-        buf: vec![0u8; FRAME_LEN + usize::try_from(MAX_GET_PAGES * PAGE_SIZE).unwrap_or(0)],
+        buf: vec![0u8; FRAME_LEN + PAGE_SIZE as usize],
         compressor: None,
         traffic: PageTraffic::default(),
+        switch: None,
     };
+    let mut pending = None;
+    if let Some(link) = link {
+        // A switch message already sent is read at once by the first poll.
+        let _ = link.switch.set_read_timeout(Some(SWITCH_READ_TIMEOUT));
+        source.switch = Some(link.switch);
+        pending = link.daemon;
+    }
     tracing::info!(%addr, processes = source.processes.len(), pages = source.untaken_pages(),
         "serving lazy pages");
     let mut peer: Option<IpAddr> = None;
@@ -496,10 +666,23 @@ pub fn serve(
         } else {
             opts.lazy_connect_timeout
         };
-        let accepted = accept_within(&listener, wait, peer).map_err(|source| LazyError::Accept {
-            addr: addr.clone(),
-            source,
-        });
+        let accepted = match pending.take() {
+            Some(daemon) => Ok(Some(daemon)),
+            None => match accept_within(
+                &listener,
+                wait,
+                opts.lazy_reconnect_window,
+                peer,
+                &mut source,
+            ) {
+                Ok(got) => Ok(got),
+                Err(AcceptEnd::Switch(err)) => return Err(err),
+                Err(AcceptEnd::Io(err)) => Err(LazyError::Accept {
+                    addr: addr.clone(),
+                    source: err,
+                }),
+            },
+        };
         let stream = match accepted {
             Ok(Some((stream, ip))) => {
                 peer = Some(ip);
@@ -619,6 +802,77 @@ mod tests {
     mod ckpt_lazy_pages_flags {
         pub const BEFORE_RESUME: u16 = 1 << 14;
         pub const RESUMED: u16 = 1 << 15;
+    }
+
+    /// A source with no tree (nothing to stop or resume) listening to a switch; returns
+    /// the destination's end of the switch too.
+    fn source_with_switch() -> (Source, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let restore = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (switch, _) = listener.accept().expect("accept");
+        let source = Source {
+            pid: Pid::from_raw(1).expect("pid"),
+            tree: None,
+            processes: BTreeMap::new(),
+            all_taken_logged: false,
+            resumed: false,
+            buf: Vec::new(),
+            compressor: None,
+            traffic: PageTraffic::default(),
+            switch: Some(switch),
+        };
+        (source, restore)
+    }
+
+    #[test]
+    fn the_switch_says_whether_the_destination_runs() {
+        let (mut source, mut restore) = source_with_switch();
+        switch::write_message(&mut restore, &SwitchMessage::Resumed, false).expect("send");
+        source.on_switch().expect("RESUMED is no error");
+        assert!(source.resumed);
+        // Once it runs, the switch ending is nothing to act on.
+        drop(restore);
+        source
+            .on_switch()
+            .expect("an end after RESUMED is no error");
+        assert!(source.switch.is_none());
+
+        let (mut source, mut restore) = source_with_switch();
+        let failed = SwitchMessage::Failed {
+            why: "no memory".into(),
+        };
+        switch::write_message(&mut restore, &failed, false).expect("send");
+        match source.on_switch() {
+            Err(LazyError::SwitchFailed { why, .. }) => assert!(why.contains("no memory")),
+            other => panic!("FAILED before resume: {other:?}"),
+        }
+        assert!(!source.resumed);
+
+        let (mut source, restore) = source_with_switch();
+        drop(restore);
+        assert!(matches!(
+            source.on_switch(),
+            Err(LazyError::SwitchFailed { .. })
+        ));
+    }
+
+    #[test]
+    fn waiting_hears_the_switch_and_the_main_descriptor_apart() {
+        let (source, mut restore) = source_with_switch();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let switch = source.switch.as_ref().map(AsFd::as_fd);
+        let idle =
+            wait_readable(listener.as_fd(), switch, Duration::from_millis(10)).expect("poll");
+        assert_eq!(idle, Readable::default());
+        restore.write_all(&[1]).expect("write");
+        let ready = wait_readable(listener.as_fd(), switch, Duration::from_secs(5)).expect("poll");
+        assert_eq!(
+            ready,
+            Readable {
+                main: false,
+                switch: true
+            }
+        );
     }
 
     #[test]

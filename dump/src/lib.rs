@@ -86,7 +86,9 @@
 //! connected before the process is frozen; if it cannot be reached or the connection
 //! drops, the dump fails and the process runs on as before.
 //!
-//! Post-copy ([`DumpMode::Lazy`], `--lazy-pages`): see [`lazy`].
+//! Post-copy ([`DumpMode::Lazy`], `--lazy-pages`): see [`lazy`]; prepared post-copy
+//! (`--lazy-pages --prepare`), where the destination is built before the final freeze: see
+//! [`prepare`].
 #![forbid(unsafe_code)]
 
 pub mod collect;
@@ -95,6 +97,7 @@ pub mod fault;
 mod ids;
 pub mod lazy;
 pub mod pages;
+pub mod prepare;
 pub mod release;
 pub mod seize;
 pub mod track;
@@ -176,6 +179,9 @@ pub struct DumpOptions {
     /// Lazy dump: how long to wait for the daemon to reconnect after the link is lost once
     /// the destination runs, before the source is killed.
     pub lazy_reconnect_window: Duration,
+    /// Lazy dump: prepared post-copy (`--prepare`): images first while the tree runs, the
+    /// final freeze only once the destination holds them (see [`prepare`]).
+    pub prepare: bool,
 }
 
 impl DumpOptions {
@@ -198,6 +204,7 @@ impl DumpOptions {
             lazy_listen: None,
             lazy_connect_timeout: Duration::from_secs(300),
             lazy_reconnect_window: Duration::from_secs(30),
+            prepare: false,
         }
     }
 }
@@ -247,6 +254,8 @@ pub enum DumpError {
     Track(#[from] track::TrackError),
     #[error(transparent)]
     Lazy(#[from] lazy::LazyError),
+    #[error(transparent)]
+    Prepare(#[from] prepare::PrepareError),
     #[error("dump: the page server at {addr}")]
     PageServer {
         addr: SocketAddr,
@@ -418,6 +427,7 @@ fn close_page_server(
 /// as before, without write protection.
 pub fn dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let result = match opts.mode {
+        _ if opts.prepare => prepare::prepared_dump(opts),
         DumpMode::PreDump => predump(opts),
         DumpMode::Full | DumpMode::Lazy => full_dump(opts),
     };

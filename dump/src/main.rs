@@ -80,6 +80,12 @@ struct Cli {
     /// of the tree), frozen, to the lazy-pages daemon that connects to --address:--port.
     #[arg(long = "lazy-pages", requires = "port", conflicts_with = "page_server")]
     lazy_pages: bool,
+    /// With --lazy-pages: prepared post-copy. Write the images while the tree runs on, wait
+    /// for the destination's `ckpt-restore --prepared` to rebuild it and say READY, then
+    /// freeze and send only what changed (and the hot pages it asks for) before serving
+    /// the lazy pages. Not with --prev-images-dir or --track-mem.
+    #[arg(long = "prepare", requires = "lazy_pages")]
+    prepare: bool,
     /// Address of the page server, or to serve lazy pages on (default: 0.0.0.0 to serve,
     /// required to send).
     #[arg(long, value_name = "ADDR")]
@@ -153,6 +159,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     opts.lazy_listen = lazy_listen;
     opts.lazy_connect_timeout = Duration::from_secs(cli.lazy_connect_timeout);
     opts.lazy_reconnect_window = Duration::from_secs(cli.lazy_reconnect_window);
+    opts.prepare = cli.prepare;
     let stats = ckpt_dump::dump(&opts).with_context(|| format!("dump of pid {}", cli.tree))?;
     tracing::info!(
         frozen_us = stats.frozen_time_us,

@@ -4,7 +4,12 @@
 //! on and they are its checkpoint), every file is synced before the process may be killed;
 //! see [`needs_sync`] for the dumps that skip it. If anything fails, the files this dump
 //! created are removed again ([`WrittenImages`] does it when dropped).
+//!
+//! The same image set can be encoded in memory instead ([`images_in_memory`]): the final
+//! round of a prepared dump compares it with the prepared images and sends what differs,
+//! inside the down time, where creating, filling and reading back files is pure cost.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -86,11 +91,69 @@ pub enum WriteError {
     Shmem(#[from] crate::collect::shmem::ShmemError),
 }
 
+/// The buffer of an image file, as `ImageDir::create` gives it.
+const IO_BUFFER: usize = 1 << 20;
+
+/// Where the bytes of one image go.
+#[derive(Debug)]
+enum Sink {
+    File(BufWriter<File>),
+    Memory(Vec<u8>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::File(f) => f.write(buf),
+            Sink::Memory(v) => v.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::File(f) => f.write_all(buf),
+            Sink::Memory(v) => v.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// Where the bytes of a pages image go.
+enum PagesSink {
+    Direct(DirectFile),
+    Memory(Vec<u8>),
+}
+
+impl Write for PagesSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            PagesSink::Direct(f) => f.write(buf),
+            PagesSink::Memory(v) => v.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            PagesSink::Direct(f) => f.flush(),
+            PagesSink::Memory(_) => Ok(()),
+        }
+    }
+}
+
 /// The images of a dump in progress. Until [`WrittenImages::commit`], dropping it removes
 /// every file it created (and the directory, if the dump created it and it is empty).
+/// In memory ([`images_in_memory`]), no file is made: the images are kept by name.
 #[derive(Debug)]
 pub struct WrittenImages {
     dir: ImageDir,
+    /// `Some` for an image set kept in memory: file name -> contents.
+    memory: Option<BTreeMap<String, Vec<u8>>>,
     created: Vec<PathBuf>,
     /// Not synced with the files: it may point to a directory only the page server has.
     parent_link: Option<PathBuf>,
@@ -121,12 +184,37 @@ impl WrittenImages {
         })?;
         Ok(WrittenImages {
             dir,
+            memory: None,
             created: Vec::new(),
             parent_link: None,
             created_dir,
             committed: false,
             durable,
         })
+    }
+
+    /// An image set in memory, named as in `path` (which must exist; nothing is made
+    /// there).
+    fn in_memory(path: &Path) -> Result<WrittenImages, WriteError> {
+        let dir = ImageDir::new(path).map_err(|source| WriteError::Image {
+            dir: path.to_path_buf(),
+            source,
+        })?;
+        Ok(WrittenImages {
+            dir,
+            memory: Some(BTreeMap::new()),
+            created: Vec::new(),
+            parent_link: None,
+            created_dir: false,
+            committed: false,
+            durable: false,
+        })
+    }
+
+    /// The images kept in memory (file name -> contents), taken out; empty for a set
+    /// written into files.
+    pub fn take_memory(&mut self) -> BTreeMap<String, Vec<u8>> {
+        self.memory.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     fn image_err(&self) -> impl FnOnce(ImageError) -> WriteError + '_ {
@@ -141,6 +229,10 @@ impl WrittenImages {
         let Some(parent) = &opts.prev_images_dir else {
             return Ok(());
         };
+        if self.memory.is_some() {
+            // Nothing of a set in memory goes into the directory.
+            return Ok(());
+        }
         self.dir
             .set_parent(parent)
             .map_err(|source| WriteError::Parent {
@@ -153,15 +245,16 @@ impl WrittenImages {
     }
 
     /// Creates an image and remembers it for cleanup.
-    fn create(
-        &mut self,
-        kind: ImageKind,
-        id: u64,
-    ) -> Result<ImageWriter<BufWriter<File>>, WriteError> {
-        let path = self.dir.file_path(kind, id);
-        let writer = self.dir.create(kind, id).map_err(self.image_err())?;
-        self.created.push(path);
-        Ok(writer)
+    fn create(&mut self, kind: ImageKind, id: u64) -> Result<ImageWriter<Sink>, WriteError> {
+        let name = kind.file_name(id);
+        let sink = if self.memory.is_some() {
+            Sink::Memory(Vec::new())
+        } else {
+            let file = self.dir.create_file(&name).map_err(self.image_err())?;
+            self.created.push(self.dir.file_path(kind, id));
+            Sink::File(BufWriter::with_capacity(IO_BUFFER, file))
+        };
+        ImageWriter::new(sink, kind, name).map_err(self.image_err())
     }
 
     /// Writes an image of one or more entries, synced.
@@ -182,28 +275,61 @@ impl WrittenImages {
     /// Flushes a finished image into its file. Syncing waits for [`Self::sync_created`],
     /// which syncs every file at once.
     /// Creates `pages-N.img`, written straight to the disk (see `DirectFile`); returns it
-    /// with its path for [`close_pages`].
+    /// with its path for [`Self::close_pages`].
     fn create_pages(
         &mut self,
         pages_id: u32,
-    ) -> Result<(ImageWriter<DirectFile>, PathBuf), WriteError> {
+    ) -> Result<(ImageWriter<PagesSink>, PathBuf), WriteError> {
         let name = ImageKind::Pages.file_name(u64::from(pages_id));
         let path = self.dir.file_path(ImageKind::Pages, u64::from(pages_id));
-        let file = self.dir.create_file(&name).map_err(self.image_err())?;
-        self.created.push(path.clone());
-        let pages = ImageWriter::new(DirectFile::new(file), ImageKind::Pages, name)
-            .map_err(self.image_err())?;
+        let sink = if self.memory.is_some() {
+            PagesSink::Memory(Vec::new())
+        } else {
+            let file = self.dir.create_file(&name).map_err(self.image_err())?;
+            self.created.push(path.clone());
+            PagesSink::Direct(DirectFile::new(file))
+        };
+        let pages = ImageWriter::new(sink, ImageKind::Pages, name).map_err(self.image_err())?;
         Ok((pages, path))
     }
 
-    fn close(&self, kind: ImageKind, id: u64, buffered: BufWriter<File>) -> Result<(), WriteError> {
-        buffered
-            .into_inner()
-            .map(drop)
-            .map_err(|e| WriteError::Sync {
-                path: self.dir.file_path(kind, id),
-                source: e.into_error(),
-            })
+    fn close(&mut self, kind: ImageKind, id: u64, buffered: Sink) -> Result<(), WriteError> {
+        match buffered {
+            Sink::File(buffered) => buffered
+                .into_inner()
+                .map(drop)
+                .map_err(|e| WriteError::Sync {
+                    path: self.dir.file_path(kind, id),
+                    source: e.into_error(),
+                }),
+            Sink::Memory(bytes) => {
+                if let Some(memory) = self.memory.as_mut() {
+                    memory.insert(kind.file_name(id), bytes);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends a pages image from [`Self::create_pages`]: its last block reaches the disk.
+    fn close_pages(&mut self, pages: PagesSink, path: PathBuf) -> Result<(), WriteError> {
+        match pages {
+            PagesSink::Direct(pages) => pages
+                .into_file()
+                .map(drop)
+                .map_err(|source| WriteError::Sync { path, source }),
+            PagesSink::Memory(bytes) => {
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_owned)
+                    .unwrap_or_default();
+                if let Some(memory) = self.memory.as_mut() {
+                    memory.insert(name, bytes);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Makes every image written so far durable, then the directory entries. The files are
@@ -229,9 +355,34 @@ impl WrittenImages {
         sync_path(self.dir.path())
     }
 
+    /// The file names of the images written so far (what a prepared dump compares).
+    pub fn file_names(&self) -> Vec<String> {
+        self.created
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Keeps the images: writes `stats-dump` and stops the cleanup.
     pub fn commit(mut self, stats: &DumpStats) -> Result<(), WriteError> {
         self.committed = true;
+        let synced = self.created.len();
+        self.write_stats(stats)?;
+        self.sync_created(synced)
+    }
+
+    /// [`Self::commit`] of a set in memory: returns what is left of it (`stats-dump`, and
+    /// any image not taken yet).
+    pub fn commit_memory(
+        mut self,
+        stats: &DumpStats,
+    ) -> Result<BTreeMap<String, Vec<u8>>, WriteError> {
+        self.committed = true;
+        self.write_stats(stats)?;
+        Ok(self.take_memory())
+    }
+
+    fn write_stats(&mut self, stats: &DumpStats) -> Result<(), WriteError> {
         let entry = StatsEntry {
             dump: Some(DumpStatsEntry {
                 freezing_time: stats.freezing_time_us,
@@ -248,9 +399,7 @@ impl WrittenImages {
             }),
             restore: None,
         };
-        let synced = self.created.len();
-        self.write_all(ImageKind::StatsDump, 0, &[entry])?;
-        self.sync_created(synced)
+        self.write_all(ImageKind::StatsDump, 0, &[entry])
     }
 }
 
@@ -278,14 +427,6 @@ fn gather<T: Clone>(state: &TreeState, part: impl Fn(&ProcessState) -> &Vec<T>) 
         .iter()
         .flat_map(|p| part(p).iter().cloned())
         .collect()
-}
-
-/// Ends a pages image from [`WrittenImages::create_pages`]: its last block reaches the disk.
-fn close_pages(pages: DirectFile, path: PathBuf) -> Result<(), WriteError> {
-    pages
-        .into_file()
-        .map(drop)
-        .map_err(|source| WriteError::Sync { path, source })
 }
 
 fn micros(d: Duration) -> u32 {
@@ -354,7 +495,7 @@ fn write_pages(
             let started = Instant::now();
             let (pagemap, pages, counts) = writer.finish().map_err(pages_err)?;
             images.close(ImageKind::Pagemap, id, pagemap)?;
-            close_pages(pages, pages_path)?;
+            images.close_pages(pages, pages_path)?;
             write_time += started.elapsed();
             (streamed, counts)
         }
@@ -412,7 +553,7 @@ fn write_shmem(
         let (pagemap, pages, _) = writer.finish().map_err(pages_err)?;
         stats.shpages_written += object.runs.iter().map(|r| r.1 / PAGE_SIZE).sum::<u64>();
         images.close(ImageKind::ShmemPagemap, object.shmid, pagemap)?;
-        close_pages(pages, pages_path)?;
+        images.close_pages(pages, pages_path)?;
     }
     if !shmem.memfds.is_empty() {
         images.write_all(ImageKind::MemfdInode, 0, &shmem.memfds)?;
@@ -550,7 +691,29 @@ pub fn images(
     to: &mut PagesTo<'_>,
     stats: &mut DumpStats,
 ) -> Result<WrittenImages, WriteError> {
-    let mut images = WrittenImages::open(&opts.images_dir, needs_sync(opts))?;
+    let images = WrittenImages::open(&opts.images_dir, needs_sync(opts))?;
+    images_into(images, state, opts, to, stats)
+}
+
+/// [`images`] encoded in memory: no file is made (`opts.images_dir` must exist: errors
+/// name it); take them with [`WrittenImages::take_memory`]. Pages are read as for files.
+#[tracing::instrument(skip_all)]
+pub fn images_in_memory(
+    state: &TreeState,
+    opts: &DumpOptions,
+    stats: &mut DumpStats,
+) -> Result<WrittenImages, WriteError> {
+    let images = WrittenImages::in_memory(&opts.images_dir)?;
+    images_into(images, state, opts, &mut PagesTo::Local, stats)
+}
+
+fn images_into(
+    mut images: WrittenImages,
+    state: &TreeState,
+    opts: &DumpOptions,
+    to: &mut PagesTo<'_>,
+    stats: &mut DumpStats,
+) -> Result<WrittenImages, WriteError> {
     images.link_parent(opts)?;
     // Each process gets its own pages image, numbered from CRIU's first id.
     let mut fd_tables = std::collections::HashSet::new();
@@ -710,6 +873,38 @@ mod tests {
         opts.final_state = FinalState::Killed;
         opts.mode = DumpMode::Lazy;
         assert!(!needs_sync(&opts), "lazy: served from the frozen process");
+    }
+
+    #[test]
+    fn an_image_set_in_memory_has_the_bytes_of_the_files_and_makes_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = pb::PstreeEntry {
+            pid: 7,
+            ppid: 0,
+            pgid: 7,
+            sid: 7,
+            threads: vec![7, 8],
+        };
+        let mut memory = WrittenImages::in_memory(dir.path()).unwrap();
+        memory
+            .write_all(ImageKind::Pstree, 0, std::slice::from_ref(&entry))
+            .unwrap();
+        let (mut pages, path) = memory.create_pages(3).unwrap();
+        pages.write_payload(&[5u8; 4096]).unwrap();
+        memory.close_pages(pages.finish().unwrap(), path).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let kept = memory.take_memory();
+        let mut files = WrittenImages::open(dir.path(), false).unwrap();
+        files
+            .write_all(ImageKind::Pstree, 0, std::slice::from_ref(&entry))
+            .unwrap();
+        assert_eq!(
+            kept.get("pstree.img"),
+            Some(&std::fs::read(dir.path().join("pstree.img")).unwrap())
+        );
+        assert_eq!(kept.get("pages-3.img"), Some(&vec![5u8; 4096]));
+        let rest = memory.commit_memory(&DumpStats::default()).unwrap();
+        assert_eq!(rest.keys().collect::<Vec<_>>(), ["stats-dump"]);
     }
 
     #[test]

@@ -197,6 +197,154 @@ impl LazySession {
     }
 }
 
+/// The userfaultfds of a tree held for a prepared post-copy (`--prepared`): created and
+/// registered like a [`LazySession`]'s, but handed to the daemon only once the final
+/// images are in the directory, since the daemon reads a process's page lists when it
+/// receives it. Until then nothing may fault on lazy memory: the tree is held stopped, and
+/// nobody would serve the fault.
+#[derive(Debug, Default)]
+pub struct PreparedHandoff {
+    /// The connection to the daemon, if opened before the switch.
+    session: Option<LazySession>,
+    processes: Vec<PreparedProcess>,
+    /// Processes (by index in `processes`) and zombies, in the order of the tree.
+    order: Vec<Slot>,
+}
+
+#[derive(Debug)]
+struct PreparedProcess {
+    image_pid: i32,
+    pid: Pid,
+    uffd: Userfaultfd,
+    process: PidFd,
+    vmas: Vec<Range>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Process(usize),
+    Zombie(i32),
+}
+
+impl PreparedHandoff {
+    /// Creates the userfaultfd of the stopped process `t` and registers `vmas`, as
+    /// [`LazySession::add`] does, keeping it for [`PreparedHandoff::hand_over`].
+    pub fn add(
+        &mut self,
+        t: &mut Tracee,
+        image_pid: i32,
+        vmas: &[Range],
+    ) -> Result<&Userfaultfd, LazyError> {
+        let pid = t.pid();
+        let process = PidFd::open(pid).map_err(|source| LazyError::Take { pid, source })?;
+        let uffd = create_registered(t, &process, vmas)?;
+        self.order.push(Slot::Process(self.processes.len()));
+        self.processes.push(PreparedProcess {
+            image_pid,
+            pid,
+            uffd,
+            process,
+            vmas: vmas.to_vec(),
+        });
+        Ok(&self.processes.last().expect("pushed just now").uffd)
+    }
+
+    /// Connects to the daemon now, off the switch's path: it reads nothing until a
+    /// process is handed over. A daemon not there yet is connected to at the hand-off.
+    pub fn connect_early(&mut self, work_dir: &Path) {
+        match LazySession::open(work_dir) {
+            Ok(session) => self.session = Some(session),
+            Err(error) => {
+                tracing::debug!(%error, "no daemon yet: connecting at the hand-off");
+            }
+        }
+    }
+
+    /// The connection opened early, for a restore that drops this one (a daemon whose
+    /// restore connection closes without the end marker stops).
+    pub fn take_session(&mut self) -> Option<LazySession> {
+        self.session.take()
+    }
+
+    /// Task `image_pid` is a zombie: told to the daemon in its place in the tree.
+    pub fn add_zombie(&mut self, image_pid: i32) {
+        self.order.push(Slot::Zombie(image_pid));
+    }
+
+    /// The userfaultfd of task `image_pid`, and the VMAs registered with it.
+    pub fn uffd(&self, image_pid: i32) -> Option<(&Userfaultfd, &[Range])> {
+        self.processes
+            .iter()
+            .find(|p| p.image_pid == image_pid)
+            .map(|p| (&p.uffd, p.vmas.as_slice()))
+    }
+
+    /// Per image pid, the VMAs registered with its userfaultfd.
+    pub fn registered(&self) -> std::collections::HashMap<u32, Vec<Range>> {
+        self.processes
+            .iter()
+            .map(|p| (p.image_pid.unsigned_abs(), p.vmas.clone()))
+            .collect()
+    }
+
+    /// Connects to the daemon in `work_dir` and hands it every process, in the order they
+    /// were added: from here on it serves their faults.
+    pub fn hand_over(self, work_dir: &Path) -> Result<LazySession, LazyError> {
+        let mut session = match self.session {
+            Some(session) => session,
+            None => LazySession::open(work_dir)?,
+        };
+        let mut processes: Vec<Option<PreparedProcess>> =
+            self.processes.into_iter().map(Some).collect();
+        for slot in self.order {
+            match slot {
+                Slot::Process(i) => {
+                    let Some(p) = processes.get_mut(i).and_then(Option::take) else {
+                        continue;
+                    };
+                    session
+                        .handoff
+                        .send_uffd(p.image_pid, p.uffd.as_fd())
+                        .map_err(|source| LazyError::Handoff { pid: p.pid, source })?;
+                    session.processes.push(p.process);
+                    session.uffds.push(p.uffd);
+                }
+                Slot::Zombie(image_pid) => session.add_zombie(image_pid)?,
+            }
+        }
+        Ok(session)
+    }
+}
+
+/// Installs pages the source read from its frozen process (the switch's hot pages) at
+/// `vaddr`, where they lie in the `registered` VMAs; pages already in (the daemon's, or a
+/// fault's) stay. Returns the pages installed.
+pub fn install_pages(
+    uffd: &Userfaultfd,
+    pid: Pid,
+    registered: &[Range],
+    vaddr: u64,
+    data: &[u8],
+) -> Result<u64, LazyError> {
+    use images_format::PAGE_SIZE;
+    let mut installed = 0;
+    for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+        let at = vaddr + i as u64 * PAGE_SIZE;
+        if !registered.iter().any(|v| v.start <= at && at < v.end) {
+            continue;
+        }
+        match uffd.copy(RemoteAddr(at), page, true) {
+            Ok(()) => installed += 1,
+            Err(UffdError::Partial {
+                errno: rustix::io::Errno::EXIST,
+                ..
+            }) => {}
+            Err(source) => return Err(LazyError::Setup { pid, source }),
+        }
+    }
+    Ok(installed)
+}
+
 /// Freeze-free start (`--lazy-prefetch-hot`): installs, before the tree resumes, the lazy
 /// pages its threads touch first: at each thread's instruction pointer, around its stack
 /// pointer (the page below too: pushes go there), and wherever a general register or the

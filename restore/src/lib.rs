@@ -13,6 +13,10 @@
 //! - rebuild: ckpt-restore seizes every process and rebuilds each in tree order
 //!   (memory, threads, state), joins the groups led by others, lets the zombies die with
 //!   their status, then resumes everything at once.
+//!
+//! A prepared post-copy ([`prepared`]) splits this at the resume: the tree is built from
+//! images taken while the source ran on and held stopped (`build` with `hold`), the
+//! source's final changes are put into it, and only then does it run (`finish`).
 #![forbid(unsafe_code)]
 
 pub mod child;
@@ -26,6 +30,7 @@ pub mod locks;
 pub mod memory;
 pub mod objects;
 pub mod plan;
+pub mod prepared;
 pub mod read;
 pub mod remote;
 pub mod resume;
@@ -125,6 +130,8 @@ pub enum RestoreError {
     Creds(#[from] creds::CredsError),
     #[error("handing lazy pages to ckpt-lazy-pages")]
     Lazy(#[from] lazy::LazyError),
+    #[error("prepared post-copy")]
+    Prepared(#[from] prepared::PreparedError),
     #[error("resuming")]
     Resume(#[from] resume::ResumeError),
     #[error("/proc shows pid {proc_pid} as ours, but we are pid {pid}: this /proc belongs to another PID namespace (mount one for ours, e.g. unshare --pid --fork --mount-proc)")]
@@ -157,6 +164,104 @@ pub enum RestoreError {
 /// root, which forks the tree (each process its children) and places its fds → seize
 /// every process → rebuild each in tree order → zombies die → resume everything.
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
+    let held = build(opts, false, None)?;
+    finish(held, opts, &mut |_| Ok(()))
+}
+
+/// A tree rebuilt and held: every process seized and stopped with its final registers
+/// loaded, nothing resumed. Dropping it kills and reaps the tree and undoes what the
+/// restore made (ghost copies, SysV segments).
+struct Held {
+    // Dropped first: the guards kill the tree before the tracees detach.
+    guard: Option<fork::TreeGuard>,
+    reaper_guard: Option<fork::KillOnDrop>,
+    root_guard: Option<fork::KillOnDrop>,
+    /// Per process, its threads but the leader (held only for a prepared restore: a
+    /// plain one lets them go at the end of the process's rebuild).
+    threads: Vec<Vec<Tracee>>,
+    tracees: Vec<Option<Tracee>>,
+    lazy: Option<lazy::LazySession>,
+    /// A prepared restore's userfaultfds, not handed over yet.
+    prepared: Option<lazy::PreparedHandoff>,
+    /// Per process, its helper page (prepared restore: it serves injections after the
+    /// switch) and the rseq areas registered only once the daemon serves the memory.
+    helpers: Vec<Option<memory::Helper>>,
+    deferred_rseq: Vec<Vec<Option<images_format::pb::RseqEntry>>>,
+    tree: plan::TreePlan,
+    images: read::TreeImages,
+    hosts: Vec<Pid>,
+    root_host: Pid,
+    reaper: Option<Pid>,
+    go_w: Option<std::os::fd::OwnedFd>,
+    _status_r: std::os::fd::OwnedFd,
+    shared: shmem::SharedMaps,
+    affinity: Option<rustix::thread::CpuSet>,
+    dir: ImageDir,
+    work_dir: PathBuf,
+    forking_time: std::time::Duration,
+    restore_time: std::time::Duration,
+    pages_restored: u64,
+    started: Instant,
+    subreaper: Option<Subreaper>,
+    _pin: Option<tracee::cpu::CpuPin>,
+}
+
+impl Drop for Held {
+    /// A held tree's threads are traced by us: killed, each stays a zombie until its
+    /// tracer reaps it, and its leader cannot be reaped before. Killed and reaped here,
+    /// before the guards reap the processes.
+    fn drop(&mut self) {
+        if self.guard.is_none() || self.threads.iter().all(Vec::is_empty) {
+            return;
+        }
+        for (i, threads) in self.threads.iter_mut().enumerate() {
+            if threads.is_empty() {
+                continue;
+            }
+            if let Some(host) = self.hosts.get(i) {
+                let host = nix::unistd::Pid::from_raw(host.as_raw());
+                let _ = nix::sys::signal::kill(host, nix::sys::signal::Signal::SIGKILL);
+            }
+            for t in threads.drain(..) {
+                let tid = nix::unistd::Pid::from_raw(t.tid().as_raw());
+                // Gone by now, or going: nothing to detach.
+                let _ = t.detach();
+                let deadline = Instant::now() + ZOMBIE_TIMEOUT;
+                while Instant::now() < deadline {
+                    match nix::sys::wait::waitpid(
+                        tid,
+                        Some(
+                            nix::sys::wait::WaitPidFlag::__WALL
+                                | nix::sys::wait::WaitPidFlag::WNOHANG,
+                        ),
+                    ) {
+                        Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                            std::thread::sleep(std::time::Duration::from_micros(100));
+                        }
+                        Ok(
+                            nix::sys::wait::WaitStatus::Exited(..)
+                            | nix::sys::wait::WaitStatus::Signaled(..),
+                        )
+                        | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything up to the tree's resume: read, plan, fork, rebuild. With `hold` (a prepared
+/// restore), the userfaultfds are kept for a later hand-off, every thread stays attached,
+/// and each process keeps its helper page and its threads' rseq areas unregistered: the
+/// kernel writes those at each return to user mode, and until the hand-off nobody
+/// serves a fault on lazy memory. `session`: a hand-off connection to the daemon opened
+/// already (otherwise one is opened here, unless `hold`).
+fn build(
+    opts: &RestoreOptions,
+    hold: bool,
+    session: Option<lazy::LazySession>,
+) -> Result<Held, RestoreError> {
     let started = Instant::now();
     // Every step reads the new processes through /proc by their pid: a /proc of
     // another PID namespace would show someone else's processes, or none.
@@ -340,11 +445,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     tracing::info!(pid = %root_host, processes = tree.procs.len(), us = micros(forking_time), "forked");
 
     let restore_start = Instant::now();
-    let mut lazy = if opts.lazy_pages {
-        Some(lazy::LazySession::open(&work_dir)?)
-    } else {
-        None
+    let mut lazy = match session {
+        _ if !opts.lazy_pages || hold => None,
+        Some(session) => Some(session),
+        None => Some(lazy::LazySession::open(&work_dir)?),
     };
+    let mut prepared = (opts.lazy_pages && hold).then(lazy::PreparedHandoff::default);
+    let mut deferred_rseq: Vec<Vec<Option<images_format::pb::RseqEntry>>> = Vec::new();
+    for p in tree.procs.iter_mut() {
+        let rseq = match &mut p.kind {
+            plan::ProcKind::Live(plan) if hold => {
+                plan.threads.iter_mut().map(|t| t.rseq.take()).collect()
+            }
+            _ => Vec::new(),
+        };
+        deferred_rseq.push(rseq);
+    }
+    let mut threads_of: Vec<Vec<Tracee>> = Vec::new();
+    let mut helpers: Vec<Option<memory::Helper>> = Vec::new();
     let mut pages_restored = 0;
     for (i, p) in tree.procs.iter().enumerate() {
         let t = tracees.get_mut(i).and_then(Option::as_mut);
@@ -354,6 +472,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
                 if let Some(l) = lazy.as_mut() {
                     l.add_zombie(p.pid)?;
                 }
+                if let Some(l) = prepared.as_mut() {
+                    l.add_zombie(p.pid);
+                }
+                threads_of.push(Vec::new());
+                helpers.push(None);
                 continue;
             }
             (plan::ProcKind::Live(_), None) => {
@@ -369,42 +492,93 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
             .get(i)
             .and_then(Option::as_ref)
             .ok_or(RestoreError::NoThreads { pid: t.pid() })?;
+        let target = match (lazy.as_mut(), prepared.as_mut()) {
+            (Some(session), _) => Some(LazyTarget::Now(session)),
+            (None, Some(later)) => Some(LazyTarget::Later(later)),
+            (None, None) => None,
+        };
         let how = Rebuild {
             fill: opts.fill,
             cpus: affinity.as_ref(),
-            lazy: lazy.as_mut().map(|session| LazyPlan {
-                session,
+            lazy: target.map(|target| LazyPlan {
+                target,
                 ranges: lazy_ranges,
-                prefetch_from: opts.lazy_prefetch_hot.then_some(&dir),
+                // The local images are the prepared ones: their pages may be stale.
+                prefetch_from: (opts.lazy_prefetch_hot && !hold).then_some(&dir),
             }),
             nested: opts.new_pid_ns,
+            hold,
         };
-        pages_restored += rebuild(t, plan, pages, how, &mut shared)?;
+        let done = rebuild(t, plan, pages, how, &mut shared)?;
+        pages_restored += done.pages;
+        threads_of.push(done.threads);
+        helpers.push(done.helper);
     }
     // Every mapping of the tree's memfds is back: their seals against writing may go on.
     shared.finish().map_err(memory::MemoryRestoreError::from)?;
     // Opened and mapped by now: unlinked, as they were at dump time.
     drop(ghosts);
     let restore_time = restore_start.elapsed();
+    Ok(Held {
+        guard: Some(guard),
+        reaper_guard,
+        root_guard: Some(root_guard),
+        threads: threads_of,
+        tracees,
+        lazy,
+        prepared,
+        helpers,
+        deferred_rseq,
+        tree,
+        images,
+        hosts,
+        root_host,
+        reaper,
+        go_w: Some(go_w),
+        _status_r: status_r,
+        shared,
+        affinity,
+        dir,
+        work_dir,
+        forking_time,
+        restore_time,
+        pages_restored,
+        started,
+        subreaper,
+        _pin,
+    })
+}
+
+/// From a held tree to a running one: pidfile, extras, zombies, the daemon's end marker,
+/// detach (children first). `on_running` is called once every process runs, before the
+/// watch starts; if it fails, the tree is killed.
+fn finish(
+    mut held: Held,
+    opts: &RestoreOptions,
+    on_running: &mut dyn FnMut(Pid) -> Result<(), RestoreError>,
+) -> Result<RestoreOutcome, RestoreError> {
+    let root_host = held.root_host;
+    let reaper = held.reaper;
+    let started = held.started;
     if let Some(path) = &opts.pidfile {
         std::fs::write(path, format!("{root_host}\n")).map_err(|source| RestoreError::Pidfile {
             path: path.clone(),
             source,
         })?;
     }
-    for (i, t) in tracees.iter_mut().enumerate() {
+    for (i, t) in held.tracees.iter_mut().enumerate() {
         let Some(t) = t.as_mut() else { continue };
-        if let Some(set) = &affinity {
+        if let Some(set) = &held.affinity {
             give_back_affinity(t.pid(), set);
         }
-        if let Some(images) = images.processes.get(i) {
+        if let Some(images) = held.images.processes.get(i) {
             extras::restore(t, images)?;
         }
     }
     // Last: every group is joined, every parent is stopped and cannot reap them yet.
-    drop(go_w);
-    for (i, p) in tree.procs.iter().enumerate() {
-        if let (plan::ProcKind::Zombie { .. }, Some(host)) = (&p.kind, hosts.get(i)) {
+    drop(held.go_w.take());
+    for (i, p) in held.tree.procs.iter().enumerate() {
+        if let (plan::ProcKind::Zombie { .. }, Some(host)) = (&p.kind, held.hosts.get(i)) {
             wait_zombie(*host)?;
         }
     }
@@ -415,20 +589,33 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         Some(reaper) => lazy::Victim::Namespace(reaper),
         None => lazy::Victim::Tree(root_host),
     };
-    let watch = match lazy {
+    let watch = match held.lazy.take() {
         Some(l) => Some(l.finish()?),
         None => None,
     };
     // From here the restore stands: the SysV segments it created are the tree's.
-    shared.keep_segments();
-    guard.release();
-    root_guard.disarm();
-    if let Some(g) = reaper_guard {
+    held.shared.keep_segments();
+    if let Some(g) = held.guard.take() {
+        g.release();
+    }
+    if let Some(g) = held.root_guard.take() {
         g.disarm();
     }
+    if let Some(g) = held.reaper_guard.take() {
+        g.disarm();
+    }
+    let tracees = std::mem::take(&mut held.tracees);
+    let mut threads_of = std::mem::take(&mut held.threads);
     // Children first: a parent that runs finds its children running.
     for (i, t) in tracees.into_iter().enumerate().rev() {
-        let (Some(t), Some(p)) = (t, tree.procs.get(i)) else {
+        for other in threads_of
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default()
+        {
+            resume::detach(other)?;
+        }
+        let (Some(t), Some(p)) = (t, held.tree.procs.get(i)) else {
             continue;
         };
         let stopped = matches!(&p.kind, plan::ProcKind::Live(plan) if plan.task.stopped);
@@ -437,6 +624,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
             (true, 0) => resume::detach_stopped(t)?,
             (true, _) => resume::detach_into_stop(t)?,
         }
+    }
+    if let Err(error) = on_running(root_host) {
+        lazy::kill_victim(victim);
+        return Err(error);
     }
     // The watchdog is forked only now, off the path to the tree's first instruction:
     // until then we hold every userfaultfd, and a daemon that died meanwhile is seen
@@ -454,11 +645,16 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
         }
         other => other,
     };
-    drop(subreaper);
+    drop(held.subreaper.take());
     // The tree runs by now: the statistics file is written off its path.
-    stats::write(&dir, forking_time, restore_time, pages_restored);
+    stats::write(
+        &held.dir,
+        held.forking_time,
+        held.restore_time,
+        held.pages_restored,
+    );
     let pid = root_host;
-    tracing::info!(%pid, us = micros(started.elapsed()), restore_us = micros(restore_time), "restored");
+    tracing::info!(%pid, us = micros(started.elapsed()), restore_us = micros(held.restore_time), "restored");
     // Held here only if the watch thread could not start: the references then last as
     // long as we wait, without the kill on the daemon's death.
     let mut _unwatched = None;
@@ -634,26 +830,45 @@ struct Rebuild<'a> {
     lazy: Option<LazyPlan<'a>>,
     /// The process is in a pid namespace of its own: its ids there are not ours.
     nested: bool,
+    /// Prepared restore: keep the threads attached and the helper page mapped.
+    hold: bool,
 }
 
 /// Post-copy: the tree's hand-off to the daemon and this process's lazy ranges.
 struct LazyPlan<'a> {
-    session: &'a mut lazy::LazySession,
+    target: LazyTarget<'a>,
     ranges: &'a [plan::Range],
     /// Install the threads' hot pages from these images before resume.
     prefetch_from: Option<&'a ImageDir>,
 }
 
+/// Where a process's userfaultfd goes.
+enum LazyTarget<'a> {
+    /// To the daemon, at once.
+    Now(&'a mut lazy::LazySession),
+    /// Kept for the hand-off after the switch (prepared restore).
+    Later(&'a mut lazy::PreparedHandoff),
+}
+
+/// What [`rebuild`] leaves.
+struct Rebuilt {
+    pages: u64,
+    /// The threads but the leader, still attached (`hold` only).
+    threads: Vec<Tracee>,
+    /// The helper page, still mapped (`hold` only).
+    helper: Option<memory::Helper>,
+}
+
 /// Rebuilds the stopped child into the dumped process, all threads included, and
-/// leaves only the leader attached, with its final registers loaded. Returns the
-/// number of pages written.
+/// leaves only the leader attached (every thread, with `how.hold`), with its final
+/// registers loaded.
 fn rebuild(
     leader: &mut Tracee,
     plan: &plan::Plan,
     pages: &memory::PagesToFill,
     how: Rebuild<'_>,
     shared: &mut shmem::SharedMaps,
-) -> Result<u64, RestoreError> {
+) -> Result<Rebuilt, RestoreError> {
     let fill = how.fill;
     let cpus = how.cpus;
     let pid = leader.pid();
@@ -699,7 +914,10 @@ fn rebuild(
     if let Some(l) = how.lazy {
         let vmas = lazy::lazy_vmas(pid, &plan.memory, l.ranges)?;
         let image_pid = plan.pid;
-        let uffd = l.session.add(leader, image_pid, &vmas)?;
+        let uffd = match l.target {
+            LazyTarget::Now(session) => session.add(leader, image_pid, &vmas)?,
+            LazyTarget::Later(later) => later.add(leader, image_pid, &vmas)?,
+        };
         if let Some(dir) = l.prefetch_from {
             let step = Instant::now();
             let pages = lazy::prefetch_hot(uffd, pid, dir, image_pid, l.ranges, &plan.threads)?;
@@ -747,15 +965,28 @@ fn rebuild(
         resume::load_registers(t, p)?;
     }
     tracing::debug!(%pid, us = micros(step.elapsed()), threads = plan.threads.len(), "threads set");
-    // The last injected syscall; no thread runs code from the helper page.
-    memory::drop_helper(leader, &helper)?;
+    if !how.hold {
+        // The last injected syscall; no thread runs code from the helper page.
+        memory::drop_helper(leader, &helper)?;
+    }
     batch(leader, Tracee::end_batch)?;
     resume::load_registers(leader, leader_plan)?;
     killer.disarm();
+    if how.hold {
+        return Ok(Rebuilt {
+            pages: fill.pages_restored,
+            threads: others,
+            helper: Some(helper),
+        });
+    }
     for t in others {
         resume::detach(t)?;
     }
-    Ok(fill.pages_restored)
+    Ok(Rebuilt {
+        pages: fill.pages_restored,
+        threads: Vec::new(),
+        helper: None,
+    })
 }
 
 /// Starts or ends a batch of injections in `t` (see [`Tracee::begin_batch`]).

@@ -47,6 +47,11 @@ struct Cli {
     /// (at its instruction and stack pointers, and where its registers point).
     #[arg(long = "lazy-prefetch-hot", requires = "lazy_pages")]
     lazy_prefetch_hot: bool,
+    /// Prepared post-copy: the images are the source's prepared ones. Connect to the
+    /// source (`ckpt-dump --lazy-pages --prepare`) at ADDR:PORT, rebuild the process and
+    /// hold it; apply the changes the source sends once it freezes, then resume.
+    #[arg(long = "prepared", value_name = "ADDR:PORT", requires = "lazy_pages")]
+    prepared: Option<String>,
     /// Directory of `lazy-pages.socket` (default: the images directory).
     #[arg(short = 'W', long = "work-dir", value_name = "DIR")]
     work_dir: Option<PathBuf>,
@@ -98,7 +103,19 @@ fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
         shell_job: cli.shell_job,
         inherit_fds: cli.inherit_fd.clone(),
     };
-    restore(&opts).with_context(|| format!("restore from {}", cli.images_dir.display()))
+    match &cli.prepared {
+        Some(source) => {
+            ckpt_restore::prepared::restore_prepared(&opts, source).with_context(|| {
+                format!(
+                    "prepared restore from {} switching with {source}",
+                    cli.images_dir.display()
+                )
+            })
+        }
+        None => {
+            restore(&opts).with_context(|| format!("restore from {}", cli.images_dir.display()))
+        }
+    }
 }
 
 /// Blocks until a line arrives on standard input.

@@ -61,19 +61,7 @@ pub fn set_thread_state(
         )?;
     }
     if let Some(r) = &plan.rseq {
-        remote::call(
-            t,
-            format!("rseq register at {:#x}", r.rseq_abi_pointer),
-            nr::RSEQ,
-            [
-                r.rseq_abi_pointer,
-                u64::from(r.rseq_abi_size),
-                0,
-                u64::from(r.signature),
-                0,
-                0,
-            ],
-        )?;
+        register_rseq(t, r)?;
     }
     // Always set in the leader: the child inherited our runtime's alternate stack, now
     // unmapped, and a SA_ONSTACK handler would fault on it. A thread `created` with CLONE_VM
@@ -101,6 +89,25 @@ pub fn set_thread_state(
         [helper.data(), 0, 0, 0, 0, 0],
     )?;
     set_rest(t, helper, plan)
+}
+
+/// Registers the thread's rseq area. The kernel writes the area at the next return to
+/// user mode: its page must be in, or served.
+pub fn register_rseq(t: &mut Tracee, r: &images_format::pb::RseqEntry) -> Result<(), RemoteError> {
+    remote::call(
+        t,
+        format!("rseq register at {:#x}", r.rseq_abi_pointer),
+        nr::RSEQ,
+        [
+            r.rseq_abi_pointer,
+            u64::from(r.rseq_abi_size),
+            0,
+            u64::from(r.signature),
+            0,
+            0,
+        ],
+    )?;
+    Ok(())
 }
 
 /// The thread's name and scheduling.

@@ -1,0 +1,1275 @@
+//! The destination of a prepared post-copy (`ckpt-restore --lazy-pages --prepared A:P`):
+//! which changes between the prepared images and the final ones the held tree can take
+//! as they are, and which force it to be rebuilt.
+//!
+//! The tree is rebuilt from the prepared images while the source runs on; the source then
+//! freezes and sends the images whose bytes changed (see `images_format::switch`). Most of
+//! a process's state does not change in the few milliseconds between the two dumps, and
+//! what does (registers, the signal mask, the lazy page lists, file positions) can be put
+//! into the held tree with a few ptrace calls: that is the fast path. Anything else — a new
+//! mapping, a new fd, a new thread, a changed signal handler — was built into the held
+//! tree from the old images, and only a full restore from the new ones gets it right.
+//!
+//! [`judge`] decides from the images alone (decoded, field by field) and says which image
+//! and field forced the fallback; it touches no process.
+//!
+//! [`restore_prepared`] is the sequence: connect to the source and open the switch; build
+//! the tree from the prepared images and hold it (userfaultfds created but not handed to
+//! the daemon, rseq areas not registered: until the daemon has the memory, nothing may
+//! fault on a lazy page); READY; wait for the DELTA; write its images into the directory
+//! (the daemon reads the page lists from there) and judge. Fast path: install the hot
+//! pages, hand the userfaultfds to the daemon, register the rseq areas, load the new
+//! registers and masks, move file positions, detach, RESUMED. Fallback: kill and reap
+//! the held tree, restore from the updated directory as a plain lazy restore, RESUMED.
+//! Whatever fails before the tree runs is reported with FAILED, so that the source runs
+//! on; an ABORT or the link closing before the delta drops the held tree.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use images_format::pb;
+use images_format::switch::{self, HotPages, NamedImage, SwitchError, SwitchMessage};
+use images_format::{ImageKind, ImageReader, PageFlags, PageRange, Pagemap};
+use prost::Message;
+use tracee::{Pid, Tracee};
+
+use crate::plan::Range;
+use crate::{micros, plan, resume, threads, Held, RestoreError, RestoreOptions, RestoreOutcome};
+
+/// How long the destination keeps trying to reach the source (it may still be starting).
+/// How long the delta may take once READY is sent: a freeze and one collection at the source.
+const DELTA_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreparedError {
+    #[error("connect to the source's switch at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+    #[error("the source called the switch off: {why}")]
+    Aborted { why: String },
+    #[error("the source sent {what} instead of the delta")]
+    Unexpected { what: &'static str },
+    #[error("writing the delta's image {path}")]
+    WriteImage {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the prepared image {path}")]
+    ReadImage {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pid {pid} fd {fd}: moving file id {file_id} to position {pos}")]
+    Position {
+        pid: Pid,
+        fd: i32,
+        file_id: u32,
+        pos: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pid {pid}: writing the changed pages at {vaddr:#x}")]
+    WritePages {
+        pid: Pid,
+        vaddr: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("file id {file_id}: no process of the tree holds it")]
+    NoHolder { file_id: u32 },
+    #[error("image tid {tid}: not a thread of the held tree")]
+    NoThread { tid: i32 },
+    #[error("sending RESUMED to the source")]
+    Resumed(#[source] SwitchError),
+}
+
+/// Restores as `ckpt-restore --lazy-pages --prepared SOURCE` (see the module's docs).
+pub fn restore_prepared(
+    opts: &RestoreOptions,
+    source: &str,
+) -> Result<RestoreOutcome, RestoreError> {
+    let started = Instant::now();
+    let mut link = connect(source)?;
+    let mut held = match crate::build(opts, true, None) {
+        Ok(held) => held,
+        Err(error) => {
+            tell_failed(&mut link, &error);
+            return Err(error);
+        }
+    };
+    let work_dir = held.work_dir.clone();
+    if let Some(p) = held.prepared.as_mut() {
+        p.connect_early(&work_dir);
+    }
+    // The prepared bytes of every image, for the comparison at the switch.
+    let old = snapshot(held.dir.path());
+    tracing::info!(
+        us = micros(started.elapsed()),
+        "prepared tree held: ready for the switch"
+    );
+    let ready = SwitchMessage::Ready {
+        hot_pages: opts.lazy_prefetch_hot,
+    };
+    if let Err(error) = switch::write_message(&mut link, &ready, false) {
+        drop(held);
+        return Err(PreparedError::from(error).into());
+    }
+    // The source freezes and answers at once; a link that stays silent is a lost one.
+    let _ = link.set_read_timeout(Some(DELTA_TIMEOUT));
+    let message = switch::read_message(&mut link);
+    let _ = link.set_read_timeout(None);
+    let received = Instant::now();
+    let (images, hot) = match message {
+        Ok(SwitchMessage::Delta { images, hot }) => (images, hot),
+        Ok(SwitchMessage::Abort { why }) => {
+            drop(held);
+            return Err(PreparedError::Aborted { why }.into());
+        }
+        Ok(other) => {
+            drop(held);
+            let what = match other {
+                SwitchMessage::Ready { .. } => "READY",
+                SwitchMessage::Resumed => "RESUMED",
+                SwitchMessage::Failed { .. } => "FAILED",
+                _ => "another message",
+            };
+            let error = PreparedError::Unexpected { what }.into();
+            tell_failed(&mut link, &error);
+            return Err(error);
+        }
+        Err(error) => {
+            // The source is gone or the link broke: it runs on, or is dead.
+            drop(held);
+            return Err(PreparedError::from(error).into());
+        }
+    };
+    let mut resumed = false;
+    let result = switch_over(
+        held,
+        opts,
+        &mut link,
+        Delta {
+            images: &images,
+            hot: &hot,
+            old,
+            received,
+        },
+        &mut resumed,
+    );
+    if let Err(error) = &result {
+        if !resumed {
+            tell_failed(&mut link, error);
+        }
+    }
+    result
+}
+
+fn connect(source: &str) -> Result<TcpStream, PreparedError> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let mut link = loop {
+        match TcpStream::connect(source) {
+            Ok(link) => break link,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(CONNECT_RETRY);
+            }
+            Err(source_error) => {
+                return Err(PreparedError::Connect {
+                    addr: source.to_string(),
+                    source: source_error,
+                })
+            }
+        }
+    };
+    // One small frame each way at the switch: no waiting for more to send.
+    let _ = link.set_nodelay(true);
+    switch::write_magic(&mut link)?;
+    Ok(link)
+}
+
+/// Tells the source that the destination will not run: it resumes its process.
+fn tell_failed(link: &mut TcpStream, error: &RestoreError) {
+    let mut why = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    let _ = switch::write_message(link, &SwitchMessage::Failed { why }, false);
+}
+
+/// Image files up to this size are read into memory while the tree is held.
+const SNAPSHOT_MAX: u64 = 4 << 20;
+
+/// The bytes of the images in `dir` (those small enough; others are read when needed).
+fn snapshot(dir: &Path) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let small = e
+            .metadata()
+            .is_ok_and(|m| m.is_file() && m.len() <= SNAPSHOT_MAX);
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if small {
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                out.insert(name, bytes);
+            }
+        }
+    }
+    out
+}
+
+/// What the source sent, with the prepared bytes of the images.
+struct Delta<'a> {
+    images: &'a [NamedImage],
+    hot: &'a [HotPages],
+    old: HashMap<String, Vec<u8>>,
+    received: Instant,
+}
+
+/// Whether the daemon reads the image: the page lists are written before the hand-off;
+/// the others may wait until the tree runs (the source of a prepared restore is remote:
+/// the daemon takes no page from the pages images).
+fn read_by_daemon(name: &str) -> bool {
+    name.starts_with("pagemap-")
+}
+
+/// From the delta on: write it, judge, take the fast path or fall back.
+fn switch_over(
+    mut held: Held,
+    opts: &RestoreOptions,
+    link: &mut TcpStream,
+    delta: Delta<'_>,
+    resumed: &mut bool,
+) -> Result<RestoreOutcome, RestoreError> {
+    let Delta {
+        images,
+        hot,
+        mut old,
+        received,
+    } = delta;
+    let dir = held.dir.path().to_path_buf();
+    for image in images {
+        if old.contains_key(&image.name) {
+            continue;
+        }
+        let path = dir.join(&image.name);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                old.insert(image.name.clone(), bytes);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PreparedError::ReadImage { path, source }.into()),
+        }
+    }
+    write_images(&dir, images.iter().filter(|i| read_by_daemon(&i.name)))?;
+    let written_us = micros(received.elapsed());
+    let registered = held
+        .prepared
+        .as_ref()
+        .map(crate::lazy::PreparedHandoff::registered)
+        .unwrap_or_default();
+    let mut pagemaps = HashMap::new();
+    if images.iter().any(|i| i.name.starts_with("pages-")) {
+        for p in held.tree.live() {
+            let name = ImageKind::Pagemap.file_name(u64::from(p.pid.unsigned_abs()));
+            let bytes = match images.iter().find(|i| i.name == name) {
+                Some(new) => new.bytes.clone(),
+                None => match old.get(&name) {
+                    Some(bytes) => bytes.clone(),
+                    None => {
+                        let path = dir.join(&name);
+                        std::fs::read(&path)
+                            .map_err(|source| PreparedError::ReadImage { path, source })?
+                    }
+                },
+            };
+            pagemaps.insert(p.pid.unsigned_abs(), bytes);
+        }
+    }
+    let verdict = judge(images, &old, &registered, &pagemaps);
+    let delta_bytes: usize = images.iter().map(|i| i.bytes.len()).sum();
+    let later: Vec<&NamedImage> = images.iter().filter(|i| !read_by_daemon(&i.name)).collect();
+    let mut on_running = |pid: Pid, path: &'static str| -> Result<(), RestoreError> {
+        switch::write_message(link, &SwitchMessage::Resumed, false)
+            .map_err(PreparedError::Resumed)?;
+        *resumed = true;
+        tracing::info!(%pid, path, us = micros(received.elapsed()),
+            "prepared switch: delta received to tree resumed");
+        // The directory is the final image set again (the fallback wrote them all).
+        if path == "fast" {
+            if let Err(error) = write_images(&dir, later.iter().copied()) {
+                tracing::warn!(%error, "writing the rest of the delta after the resume");
+            }
+        }
+        Ok(())
+    };
+    match verdict {
+        Verdict::Fast(fast) => {
+            tracing::info!(
+                images = images.len(),
+                bytes = delta_bytes,
+                hot_runs = hot.len(),
+                threads = fast.threads.len(),
+                positions = fast.positions.len(),
+                pagemaps = fast.pagemaps.len(),
+                pages = fast.pages.len(),
+                written_us,
+                us = micros(received.elapsed()),
+                "prepared switch: fast path"
+            );
+            apply(&mut held, &fast, hot)?;
+            crate::finish(held, opts, &mut |pid| on_running(pid, "fast"))
+        }
+        Verdict::Fallback(why) => {
+            tracing::warn!(image = %why.image, field = %why.field,
+                "prepared switch: the held tree cannot take the delta: restoring from the new images");
+            write_images(&dir, images.iter().filter(|i| !read_by_daemon(&i.name)))?;
+            let step = Instant::now();
+            let session = held.prepared.as_mut().and_then(|p| p.take_session());
+            drop(held);
+            if opts.new_pid_ns {
+                // The held tree's namespace is dead: the next tree gets a new one.
+                crate::fork::children_in_our_pid_namespace()?;
+            }
+            tracing::info!(us = micros(step.elapsed()), "prepared tree dropped");
+            let held = crate::build(opts, false, session)?;
+            crate::finish(held, opts, &mut |pid| on_running(pid, "fallback"))
+        }
+    }
+}
+
+/// Replaces `images` in `dir`, each written aside and renamed over the old one.
+fn write_images<'a>(
+    dir: &Path,
+    images: impl Iterator<Item = &'a NamedImage>,
+) -> Result<(), PreparedError> {
+    for image in images {
+        let path = dir.join(&image.name);
+        let aside = dir.join(format!(".{}.switch", image.name));
+        std::fs::write(&aside, &image.bytes)
+            .and_then(|()| std::fs::rename(&aside, &path))
+            .map_err(|source| PreparedError::WriteImage { path, source })?;
+    }
+    Ok(())
+}
+
+/// The fast path on the held tree: hot pages, hand-off, rseq areas, registers, positions.
+fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), RestoreError> {
+    let step = Instant::now();
+    let mut installed = 0;
+    if let Some(prepared) = held.prepared.as_ref() {
+        for run in hot {
+            let Some((uffd, vmas)) = prepared.uffd(run.pid) else {
+                continue;
+            };
+            let Some(host) = host_of(held, run.pid) else {
+                continue;
+            };
+            installed += crate::lazy::install_pages(uffd, host, vmas, run.vaddr, &run.data)?;
+        }
+    }
+    for w in &fast.pages {
+        let Some(host) = host_of(held, w.pid.try_into().unwrap_or(i32::MAX)) else {
+            return Err(PreparedError::NoThread {
+                tid: w.pid.try_into().unwrap_or(i32::MAX),
+            }
+            .into());
+        };
+        // Pages in already (restore wrote them): no fault, whatever is registered.
+        let mem = tracee::RemoteMem::open(host)
+            .and_then(|m| m.write_at(tracee::RemoteAddr(w.vaddr), &w.data))
+            .map_err(|e| PreparedError::WritePages {
+                pid: host,
+                vaddr: w.vaddr,
+                source: io::Error::other(e.to_string()),
+            });
+        mem?;
+    }
+    let hot_us = micros(step.elapsed());
+    // From here the daemon serves every fault: the kernel may touch lazy memory.
+    if let Some(prepared) = held.prepared.take() {
+        held.lazy = Some(prepared.hand_over(&held.work_dir)?);
+    }
+    let handoff_us = micros(step.elapsed());
+    let mut rseq_us = 0;
+    for (i, p) in held.tree.procs.iter().enumerate() {
+        let plan::ProcKind::Live(plan) = &p.kind else {
+            continue;
+        };
+        let (Some(Some(leader)), Some(others)) = (held.tracees.get_mut(i), held.threads.get_mut(i))
+        else {
+            continue;
+        };
+        let rseq = held.deferred_rseq.get(i);
+        let rseq_step = Instant::now();
+        for (j, t) in plan.threads.iter().enumerate() {
+            let tracee =
+                thread_at(leader, others, j).ok_or(PreparedError::NoThread { tid: t.tid })?;
+            if let Some(r) = rseq.and_then(|v| v.get(j)).and_then(Option::as_ref) {
+                threads::register_rseq(tracee, r)
+                    .map_err(crate::threads::ThreadStateError::from)?;
+            }
+        }
+        if let Some(helper) = held.helpers.get_mut(i).and_then(Option::take) {
+            crate::memory::drop_helper(leader, &helper)?;
+        }
+        rseq_us += micros(rseq_step.elapsed());
+        for (j, t) in plan.threads.iter().enumerate() {
+            let Some(update) = fast
+                .threads
+                .iter()
+                .find(|u| i64::from(u.tid) == i64::from(t.tid))
+            else {
+                continue;
+            };
+            let tracee =
+                thread_at(leader, others, j).ok_or(PreparedError::NoThread { tid: t.tid })?;
+            let mut now = t.clone();
+            let (regs, restart) = plan::thread_regs(&update.gpregs);
+            now.regs = regs;
+            now.restart = restart;
+            now.fpregs = update.fpregs.clone();
+            now.sigmask = update.sigmask(j == 0);
+            resume::load_registers(tracee, &now)?;
+        }
+    }
+    for &(file_id, pos) in &fast.positions {
+        set_position(held, file_id, pos)?;
+    }
+    tracing::info!(
+        hot_pages = installed,
+        hot_us,
+        handoff_us,
+        rseq_us,
+        us = micros(step.elapsed()),
+        "prepared switch: delta applied"
+    );
+    Ok(())
+}
+
+/// Thread `j` of a process (0: the leader).
+fn thread_at<'a>(
+    leader: &'a mut Tracee,
+    others: &'a mut [Tracee],
+    j: usize,
+) -> Option<&'a mut Tracee> {
+    match j {
+        0 => Some(leader),
+        _ => others.get_mut(j - 1),
+    }
+}
+
+fn host_of(held: &Held, image_pid: i32) -> Option<Pid> {
+    let i = held.tree.procs.iter().position(|p| p.pid == image_pid)?;
+    held.hosts.get(i).copied()
+}
+
+/// Moves the description of `file_id` (shared by every fd that has it) to `pos`, through
+/// a duplicate taken from a process that holds it.
+fn set_position(held: &Held, file_id: u32, pos: u64) -> Result<(), RestoreError> {
+    for (i, p) in held.tree.procs.iter().enumerate() {
+        let plan::ProcKind::Live(plan) = &p.kind else {
+            continue;
+        };
+        let Some(fd) = plan.child.fds.iter().find(|f| f.file_id == file_id) else {
+            continue;
+        };
+        let Some(&host) = held.hosts.get(i) else {
+            continue;
+        };
+        let failed = |source: io::Error| PreparedError::Position {
+            pid: host,
+            fd: fd.fd,
+            file_id,
+            pos,
+            source,
+        };
+        let pidfd = tracee::pidfd::PidFd::open(host)
+            .map_err(|e| failed(io::Error::other(e.to_string())))?;
+        let ours = pidfd
+            .getfd(tracee::TargetFd(fd.fd))
+            .map_err(|e| failed(io::Error::other(e.to_string())))?;
+        rustix::fs::seek(&ours, rustix::fs::SeekFrom::Start(pos)).map_err(|e| failed(e.into()))?;
+        return Ok(());
+    }
+    Err(PreparedError::NoHolder { file_id }.into())
+}
+
+/// The final registers of one thread, from its new core image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThreadUpdate {
+    /// The thread's id in the images.
+    pub tid: u32,
+    pub gpregs: pb::UserX86RegsEntry,
+    pub fpregs: pb::UserX86FpregsEntry,
+    /// `thread_core.blk_sigset`.
+    pub thread_mask: Option<u64>,
+    /// `tc.blk_sigset` (the leader's mask where the thread core has none).
+    pub task_mask: Option<u64>,
+}
+
+impl ThreadUpdate {
+    /// The signal mask to load, resolved as the plan resolves it.
+    pub fn sigmask(&self, leader: bool) -> u64 {
+        self.thread_mask
+            .or(if leader { self.task_mask } else { None })
+            .unwrap_or(0)
+    }
+}
+
+/// What the held tree needs to become the final state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FastPath {
+    pub threads: Vec<ThreadUpdate>,
+    /// A regular file's description (file id) moved to a new position.
+    pub positions: Vec<(u32, u64)>,
+    /// Image pids whose lazy page lists changed (the daemon reads them after the hand-off).
+    pub pagemaps: Vec<u32>,
+    /// Pages restore wrote into the held tree whose contents changed, to write again.
+    pub pages: Vec<PageWrite>,
+}
+
+/// New contents of whole pages of process `pid` (image pid) from `vaddr` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageWrite {
+    pub pid: u32,
+    pub vaddr: u64,
+    pub data: Vec<u8>,
+}
+
+/// Why the held tree cannot be used: the image and the field that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    pub image: String,
+    pub field: String,
+}
+
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.image, self.field)
+    }
+}
+
+/// The decision of [`judge`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Fast(FastPath),
+    Fallback(Fallback),
+}
+
+fn fallback(image: &str, field: impl Into<String>) -> Verdict {
+    Verdict::Fallback(Fallback {
+        image: image.to_string(),
+        field: field.into(),
+    })
+}
+
+/// Compares the changed images `new` with the prepared ones (`old`: the prepared bytes of
+/// each image by name; an image without them is new). `registered`: per image pid, the
+/// VMAs registered with the process's userfaultfd in the held tree (a lazy page outside
+/// them would never be fetched). `pagemaps`: per image pid, its final pagemap image
+/// (where a pages image's data go).
+pub fn judge(
+    new: &[NamedImage],
+    old: &HashMap<String, Vec<u8>>,
+    registered: &HashMap<u32, Vec<Range>>,
+    pagemaps: &HashMap<u32, Vec<u8>>,
+) -> Verdict {
+    let mut fast = FastPath::default();
+    for image in new {
+        let name = image.name.as_str();
+        // Written by the dump for people, never read by restore.
+        if name == "stats-dump" || name == "stats-restore" {
+            continue;
+        }
+        let Some(before) = old.get(name) else {
+            return fallback(name, "a new image");
+        };
+        if *before == image.bytes {
+            continue;
+        }
+        let Some(kind) = ImageKind::from_file_name(name) else {
+            return fallback(name, "not an image restore knows");
+        };
+        let id = kind.id.and_then(|i| u32::try_from(i).ok());
+        let step = match (kind.kind, id) {
+            (ImageKind::Core, Some(tid)) => core(name, tid, before, &image.bytes, &mut fast),
+            (ImageKind::Pagemap, Some(pid)) => {
+                let regs = registered.get(&pid).map_or(&[][..], Vec::as_slice);
+                pagemap(name, before, &image.bytes, regs).map(|()| fast.pagemaps.push(pid))
+            }
+            (ImageKind::Pages, Some(id)) => {
+                pages(name, id, before, &image.bytes, pagemaps, &mut fast)
+            }
+            (ImageKind::Files, _) => files(name, before, &image.bytes, &mut fast),
+            (ImageKind::Inventory, _) => {
+                same_meaning::<pb::InventoryEntry>(name, before, &image.bytes)
+            }
+            // The clocks at dump time: restore makes no time namespace and reads none.
+            (ImageKind::Timens, _) => Ok(()),
+            _ => Err(Fallback {
+                image: name.to_string(),
+                field: "contents".into(),
+            }),
+        };
+        if let Err(why) = step {
+            return Verdict::Fallback(why);
+        }
+    }
+    Verdict::Fast(fast)
+}
+
+fn decode_all<M: Message + Default>(name: &str, bytes: &[u8]) -> Result<Vec<M>, Fallback> {
+    let damaged = |e: images_format::ImageError| Fallback {
+        image: name.to_string(),
+        field: format!("cannot decode: {e}"),
+    };
+    let mut reader = ImageReader::detect(bytes, name, Some(bytes.len() as u64)).map_err(damaged)?;
+    let mut out = Vec::new();
+    while let Some(m) = reader.read_entry::<M>().map_err(damaged)? {
+        out.push(m);
+    }
+    Ok(out)
+}
+
+fn same_meaning<M: Message + Default + PartialEq>(
+    name: &str,
+    old: &[u8],
+    new: &[u8],
+) -> Result<(), Fallback> {
+    if decode_all::<M>(name, old)? == decode_all::<M>(name, new)? {
+        Ok(())
+    } else {
+        Err(Fallback {
+            image: name.to_string(),
+            field: "entries".into(),
+        })
+    }
+}
+
+/// The first field, of those listed, that differs between `$a` and `$b`.
+macro_rules! first_difference {
+    ($a:expr, $b:expr, $prefix:literal, [$($field:ident),* $(,)?]) => {{
+        let mut out: Option<&'static str> = None;
+        $(
+            if out.is_none() && $a.$field != $b.$field {
+                out = Some(concat!($prefix, ".", stringify!($field)));
+            }
+        )*
+        out
+    }};
+}
+
+fn one<M: Message + Default>(name: &str, bytes: &[u8]) -> Result<M, Fallback> {
+    let mut all = decode_all::<M>(name, bytes)?;
+    if all.len() != 1 {
+        return Err(Fallback {
+            image: name.to_string(),
+            field: format!("{} entries, not one", all.len()),
+        });
+    }
+    all.pop().ok_or_else(|| Fallback {
+        image: name.to_string(),
+        field: "no entry".into(),
+    })
+}
+
+/// A thread's core: registers and signal mask may change; nothing else.
+fn core(name: &str, tid: u32, old: &[u8], new: &[u8], fast: &mut FastPath) -> Result<(), Fallback> {
+    let a: pb::CoreEntry = one(name, old)?;
+    let b: pb::CoreEntry = one(name, new)?;
+    let differs = |field: &str| Fallback {
+        image: name.to_string(),
+        field: field.to_string(),
+    };
+    if let Some(f) = first_difference!(
+        a,
+        b,
+        "core",
+        [
+            mtype,
+            ti_arm,
+            ti_aarch64,
+            ti_ppc64,
+            ti_s390,
+            ti_mips,
+            ti_loongarch64,
+            ti_riscv64,
+            ids
+        ]
+    ) {
+        return Err(differs(f));
+    }
+    let (Some(ta), Some(tb)) = (&a.thread_info, &b.thread_info) else {
+        return Err(differs("core.thread_info"));
+    };
+    if let Some(f) = first_difference!(ta, tb, "thread_info", [clear_tid_addr, tls]) {
+        return Err(differs(f));
+    }
+    if ta.gpregs.mode != tb.gpregs.mode {
+        return Err(differs("thread_info.gpregs.mode"));
+    }
+    match (&a.tc, &b.tc) {
+        (None, None) => {}
+        (Some(x), Some(y)) => {
+            if let Some(f) = first_difference!(
+                x,
+                y,
+                "tc",
+                [
+                    task_state,
+                    exit_code,
+                    personality,
+                    flags,
+                    comm,
+                    timers,
+                    rlimits,
+                    cg_set,
+                    signals_s,
+                    old_seccomp_mode,
+                    old_seccomp_filter,
+                    loginuid,
+                    oom_score_adj,
+                    sigactions,
+                    child_subreaper,
+                    blk_sigset_extended,
+                    stop_signo,
+                    membarrier_registration_mask,
+                    mdwe_flags,
+                ]
+            ) {
+                return Err(differs(f));
+            }
+        }
+        _ => return Err(differs("core.tc")),
+    }
+    match (&a.thread_core, &b.thread_core) {
+        (None, None) => {}
+        (Some(x), Some(y)) => {
+            if let Some(f) = first_difference!(
+                x,
+                y,
+                "thread_core",
+                [
+                    futex_rla,
+                    futex_rla_len,
+                    sched_nice,
+                    sched_policy,
+                    sched_prio,
+                    sas,
+                    pdeath_sig,
+                    signals_p,
+                    creds,
+                    seccomp_mode,
+                    seccomp_filter,
+                    comm,
+                    blk_sigset_extended,
+                    rseq_entry,
+                    cg_set,
+                    cpu_affinity,
+                    timer_slack_ns,
+                    ioprio,
+                ]
+            ) {
+                return Err(differs(f));
+            }
+        }
+        _ => return Err(differs("core.thread_core")),
+    }
+    fast.threads.push(ThreadUpdate {
+        tid,
+        gpregs: tb.gpregs,
+        fpregs: tb.fpregs.clone(),
+        thread_mask: b.thread_core.as_ref().and_then(|t| t.blk_sigset),
+        task_mask: b.tc.as_ref().map(|t| t.blk_sigset),
+    });
+    Ok(())
+}
+
+fn read_pagemap(name: &str, bytes: &[u8]) -> Result<Pagemap, Fallback> {
+    let mut reader = ImageReader::new(bytes, ImageKind::Pagemap, name, Some(bytes.len() as u64))
+        .map_err(|e| Fallback {
+            image: name.to_string(),
+            field: format!("cannot decode: {e}"),
+        })?;
+    Pagemap::read(&mut reader).map_err(|e| Fallback {
+        image: name.to_string(),
+        field: format!("cannot decode: {e}"),
+    })
+}
+
+/// The lazy page lists may change (the daemon reads the new ones), as long as every lazy
+/// page is in a registered VMA; pages restore wrote into the held tree may not.
+fn pagemap(name: &str, old: &[u8], new: &[u8], registered: &[Range]) -> Result<(), Fallback> {
+    let a = read_pagemap(name, old)?;
+    let b = read_pagemap(name, new)?;
+    let differs = |field: String| Fallback {
+        image: name.to_string(),
+        field,
+    };
+    if a.pages_id != b.pages_id {
+        return Err(differs("head.pages_id".into()));
+    }
+    let written = |p: &Pagemap| -> Vec<PageRange> {
+        p.ranges
+            .iter()
+            .filter(|r| !r.flags.contains(PageFlags::LAZY))
+            .cloned()
+            .collect()
+    };
+    if written(&a) != written(&b) {
+        return Err(differs("pages that are not lazy".into()));
+    }
+    for r in b
+        .ranges
+        .iter()
+        .filter(|r| r.flags.contains(PageFlags::LAZY))
+    {
+        let inside = registered
+            .iter()
+            .any(|v| v.start <= r.vaddr && r.end() <= v.end);
+        if !inside {
+            return Err(differs(format!(
+                "lazy pages {:#x}..{:#x} outside the registered memory",
+                r.vaddr,
+                r.end()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A pages image: what the pagemap (unchanged where not lazy, see [`pagemap`]) says was
+/// written into the held tree is written again where its bytes changed; lazy pages are
+/// the daemon's, read from the new image after the hand-off.
+fn pages(
+    name: &str,
+    id: u32,
+    old: &[u8],
+    new: &[u8],
+    pagemaps: &HashMap<u32, Vec<u8>>,
+    fast: &mut FastPath,
+) -> Result<(), Fallback> {
+    let differs = |field: String| Fallback {
+        image: name.to_string(),
+        field,
+    };
+    let mut owner = None;
+    for (&pid, bytes) in pagemaps {
+        let map = read_pagemap(&format!("pagemap-{pid}.img"), bytes)?;
+        if map.pages_id == id {
+            owner = Some((pid, map));
+            break;
+        }
+    }
+    let Some((pid, map)) = owner else {
+        return Err(differs("no pagemap of the tree uses it".into()));
+    };
+    if old.len() != new.len() {
+        return Err(differs(format!("{} bytes, were {}", new.len(), old.len())));
+    }
+    const PAGE: usize = images_format::PAGE_SIZE as usize;
+    let mut offset = 0usize;
+    for r in &map.ranges {
+        if !r.flags.contains(PageFlags::PRESENT) {
+            continue;
+        }
+        let lazy = r.flags.contains(PageFlags::LAZY);
+        for k in 0..r.nr_pages {
+            let end = offset + PAGE;
+            let (Some(a), Some(b)) = (old.get(offset..end), new.get(offset..end)) else {
+                return Err(differs("shorter than its pagemap says".into()));
+            };
+            if !lazy && a != b {
+                let vaddr = r.vaddr + k * images_format::PAGE_SIZE;
+                match fast.pages.last_mut() {
+                    Some(w) if w.pid == pid && w.vaddr + w.data.len() as u64 == vaddr => {
+                        w.data.extend_from_slice(b);
+                    }
+                    _ => fast.pages.push(PageWrite {
+                        pid,
+                        vaddr,
+                        data: b.to_vec(),
+                    }),
+                }
+            }
+            offset = end;
+        }
+    }
+    Ok(())
+}
+
+/// Only regular files' positions (and sizes, which restore checks only for mapped files,
+/// whose mappings would have changed too) may change: positions are set again on the
+/// descriptions.
+fn files(name: &str, old: &[u8], new: &[u8], fast: &mut FastPath) -> Result<(), Fallback> {
+    let a = decode_all::<pb::FileEntry>(name, old)?;
+    let b = decode_all::<pb::FileEntry>(name, new)?;
+    let differs = |field: String| Fallback {
+        image: name.to_string(),
+        field,
+    };
+    if a.len() != b.len() {
+        return Err(differs(format!("{} files, were {}", b.len(), a.len())));
+    }
+    for (x, y) in a.iter().zip(&b) {
+        if x == y {
+            continue;
+        }
+        let (Some(rx), Some(ry)) = (&x.reg, &y.reg) else {
+            return Err(differs(format!("file id {}", y.id)));
+        };
+        let mut moved = rx.clone();
+        moved.pos = ry.pos;
+        moved.size = ry.size;
+        let same_but_pos = x.r#type == y.r#type && x.id == y.id && &moved == ry && {
+            let (mut x2, mut y2) = (x.clone(), y.clone());
+            x2.reg = None;
+            y2.reg = None;
+            x2 == y2
+        };
+        if !same_but_pos {
+            return Err(differs(format!("file id {}: not only its position", y.id)));
+        }
+        fast.positions.push((y.id, ry.pos));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use images_format::ImageWriter;
+
+    fn encode<M: Message>(kind: ImageKind, entries: &[M]) -> Vec<u8> {
+        let mut w = ImageWriter::new(Vec::new(), kind, "test").unwrap();
+        for e in entries {
+            w.write_entry(e).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn core_entry(ip: u64, mask: u64) -> pb::CoreEntry {
+        pb::CoreEntry {
+            mtype: pb::core_entry::March::X8664 as i32,
+            thread_info: Some(pb::ThreadInfoX86 {
+                clear_tid_addr: 0x1000,
+                gpregs: pb::UserX86RegsEntry {
+                    ip,
+                    sp: 0x7ff0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            tc: Some(pb::TaskCoreEntry {
+                comm: "prog".into(),
+                blk_sigset: mask,
+                ..Default::default()
+            }),
+            thread_core: Some(pb::ThreadCoreEntry {
+                blk_sigset: Some(mask),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn image(name: &str, bytes: Vec<u8>) -> NamedImage {
+        NamedImage {
+            name: name.into(),
+            bytes,
+        }
+    }
+
+    fn judge_against(old: &[NamedImage], new: &[NamedImage], regs: &[(u32, Range)]) -> Verdict {
+        let lookup: HashMap<String, Vec<u8>> = old
+            .iter()
+            .map(|i| (i.name.clone(), i.bytes.clone()))
+            .collect();
+        let mut registered: HashMap<u32, Vec<Range>> = HashMap::new();
+        for (pid, r) in regs {
+            registered.entry(*pid).or_default().push(*r);
+        }
+        judge(new, &lookup, &registered, &HashMap::new())
+    }
+
+    #[test]
+    fn new_registers_and_mask_take_the_fast_path() {
+        let old = [image(
+            "core-7.img",
+            encode(ImageKind::Core, &[core_entry(0x400000, 0)]),
+        )];
+        let new = [image(
+            "core-7.img",
+            encode(ImageKind::Core, &[core_entry(0x400010, 4)]),
+        )];
+        let Verdict::Fast(fast) = judge_against(&old, &new, &[]) else {
+            panic!("fast path expected");
+        };
+        assert_eq!(fast.threads.len(), 1);
+        assert_eq!(fast.threads[0].tid, 7);
+        assert_eq!(fast.threads[0].gpregs.ip, 0x400010);
+        assert_eq!(fast.threads[0].sigmask(true), 4);
+    }
+
+    #[test]
+    fn a_changed_signal_handler_or_name_forces_the_fallback() {
+        let old = [image(
+            "core-7.img",
+            encode(ImageKind::Core, &[core_entry(1, 0)]),
+        )];
+        let mut c = core_entry(1, 0);
+        c.tc.as_mut().unwrap().comm = "other".into();
+        let new = [image("core-7.img", encode(ImageKind::Core, &[c]))];
+        assert_eq!(
+            judge_against(&old, &new, &[]),
+            Verdict::Fallback(Fallback {
+                image: "core-7.img".into(),
+                field: "tc.comm".into()
+            })
+        );
+        let mut c = core_entry(1, 0);
+        c.thread_core.as_mut().unwrap().sas = Some(pb::ThreadSasEntry {
+            ss_sp: 1,
+            ss_size: 2,
+            ss_flags: 0,
+        });
+        let new = [image("core-7.img", encode(ImageKind::Core, &[c]))];
+        let Verdict::Fallback(why) = judge_against(&old, &new, &[]) else {
+            panic!("fallback expected");
+        };
+        assert_eq!(why.field, "thread_core.sas");
+        let mut c = core_entry(1, 0);
+        c.thread_info.as_mut().unwrap().clear_tid_addr = 8;
+        let new = [image("core-7.img", encode(ImageKind::Core, &[c]))];
+        let Verdict::Fallback(why) = judge_against(&old, &new, &[]) else {
+            panic!("fallback expected");
+        };
+        assert_eq!(why.field, "thread_info.clear_tid_addr");
+    }
+
+    #[test]
+    fn other_images_and_new_images_force_the_fallback() {
+        let mm_old = encode(ImageKind::Mm, &[pb::MmEntry::default()]);
+        let mm_new = encode(
+            ImageKind::Mm,
+            &[pb::MmEntry {
+                mm_brk: 0x1000,
+                ..Default::default()
+            }],
+        );
+        let old = [image("mm-7.img", mm_old)];
+        let Verdict::Fallback(why) = judge_against(&old, &[image("mm-7.img", mm_new)], &[]) else {
+            panic!("fallback expected");
+        };
+        assert_eq!(why.image, "mm-7.img");
+        let core = encode(ImageKind::Core, &[core_entry(1, 0)]);
+        let Verdict::Fallback(why) = judge_against(&old, &[image("core-8.img", core)], &[]) else {
+            panic!("fallback expected");
+        };
+        assert_eq!(
+            (why.image.as_str(), why.field.as_str()),
+            ("core-8.img", "a new image")
+        );
+    }
+
+    #[test]
+    fn statistics_clocks_and_unchanged_bytes_are_ignored() {
+        let core = encode(ImageKind::Core, &[core_entry(1, 0)]);
+        let old = [
+            image("core-7.img", core.clone()),
+            image("timens-0.img", vec![1, 2, 3]),
+        ];
+        let new = [
+            image("core-7.img", core),
+            image("stats-dump", vec![9]),
+            image("timens-0.img", vec![4, 5, 6]),
+        ];
+        assert_eq!(
+            judge_against(&old, &new, &[]),
+            Verdict::Fast(FastPath::default())
+        );
+    }
+
+    fn pagemap_bytes(ranges: &[(u64, u64, PageFlags)]) -> Vec<u8> {
+        let p = Pagemap {
+            pages_id: 1,
+            ranges: ranges
+                .iter()
+                .map(|&(vaddr, nr_pages, flags)| PageRange {
+                    vaddr,
+                    nr_pages,
+                    flags,
+                })
+                .collect(),
+        };
+        let mut w = ImageWriter::new(Vec::new(), ImageKind::Pagemap, "pagemap").unwrap();
+        p.write(&mut w).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn lazy_lists_may_change_inside_registered_memory_only() {
+        let lazy = PageFlags::PRESENT | PageFlags::LAZY;
+        let old = [image(
+            "pagemap-7.img",
+            pagemap_bytes(&[(0x1000, 1, PageFlags::PRESENT), (0x10000, 2, lazy)]),
+        )];
+        let vma = Range {
+            start: 0x10000,
+            end: 0x20000,
+        };
+        let grown = pagemap_bytes(&[(0x1000, 1, PageFlags::PRESENT), (0x10000, 5, lazy)]);
+        let Verdict::Fast(fast) =
+            judge_against(&old, &[image("pagemap-7.img", grown.clone())], &[(7, vma)])
+        else {
+            panic!("fast path expected");
+        };
+        assert_eq!(fast.pagemaps, vec![7]);
+        // The same change with nothing registered there: the pages would never come.
+        let Verdict::Fallback(why) = judge_against(&old, &[image("pagemap-7.img", grown)], &[])
+        else {
+            panic!("fallback expected");
+        };
+        assert!(why.field.contains("outside the registered memory"), "{why}");
+        // Pages that were written into the held tree changed.
+        let written = pagemap_bytes(&[(0x2000, 1, PageFlags::PRESENT), (0x10000, 2, lazy)]);
+        let Verdict::Fallback(why) =
+            judge_against(&old, &[image("pagemap-7.img", written)], &[(7, vma)])
+        else {
+            panic!("fallback expected");
+        };
+        assert_eq!(why.field, "pages that are not lazy");
+    }
+
+    #[test]
+    fn changed_written_pages_are_written_again_lazy_ones_are_left_to_the_daemon() {
+        let lazy = PageFlags::PRESENT | PageFlags::LAZY;
+        let map = pagemap_bytes(&[
+            (0x1000, 2, PageFlags::PRESENT),
+            (0x8000, 1, lazy),
+            (0x9000, 1, PageFlags::PRESENT),
+        ]);
+        let pagemaps: HashMap<u32, Vec<u8>> = [(7, map)].into_iter().collect();
+        let page = |b: u8| vec![b; 4096];
+        let old_pages = [page(1), page(2), page(3), page(4)].concat();
+        // The second written page and the lazy one changed.
+        let new_pages = [page(1), page(9), page(8), page(4)].concat();
+        let old: HashMap<String, Vec<u8>> = [("pages-1.img".to_string(), old_pages)]
+            .into_iter()
+            .collect();
+        let new = [image("pages-1.img", new_pages.clone())];
+        let Verdict::Fast(fast) = judge(&new, &old, &HashMap::new(), &pagemaps) else {
+            panic!("fast path expected");
+        };
+        assert_eq!(
+            fast.pages,
+            vec![PageWrite {
+                pid: 7,
+                vaddr: 0x2000,
+                data: page(9)
+            }]
+        );
+        // A pages image no pagemap of the tree points to.
+        let other = [image("pages-2.img", new_pages)];
+        let old2: HashMap<String, Vec<u8>> = [("pages-2.img".to_string(), vec![0; 4 * 4096])]
+            .into_iter()
+            .collect();
+        assert!(matches!(
+            judge(&other, &old2, &HashMap::new(), &pagemaps),
+            Verdict::Fallback(_)
+        ));
+    }
+
+    fn reg_file(id: u32, pos: u64, name: &str) -> pb::FileEntry {
+        pb::FileEntry {
+            r#type: pb::FdTypes::Reg as i32,
+            id,
+            reg: Some(pb::RegFileEntry {
+                id,
+                pos,
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn moved_file_positions_are_applied_other_file_changes_are_not() {
+        let old = [image(
+            "files.img",
+            encode(
+                ImageKind::Files,
+                &[reg_file(1, 0, "/a"), reg_file(2, 5, "/b")],
+            ),
+        )];
+        let moved = encode(
+            ImageKind::Files,
+            &[reg_file(1, 0, "/a"), reg_file(2, 99, "/b")],
+        );
+        let Verdict::Fast(fast) = judge_against(&old, &[image("files.img", moved)], &[]) else {
+            panic!("fast path expected");
+        };
+        assert_eq!(fast.positions, vec![(2, 99)]);
+        let renamed = encode(
+            ImageKind::Files,
+            &[reg_file(1, 0, "/a"), reg_file(2, 5, "/c")],
+        );
+        let Verdict::Fallback(why) = judge_against(&old, &[image("files.img", renamed)], &[])
+        else {
+            panic!("fallback expected");
+        };
+        assert_eq!(why.field, "file id 2: not only its position");
+        let more = encode(
+            ImageKind::Files,
+            &[
+                reg_file(1, 0, "/a"),
+                reg_file(2, 5, "/b"),
+                reg_file(3, 0, "/d"),
+            ],
+        );
+        assert!(matches!(
+            judge_against(&old, &[image("files.img", more)], &[]),
+            Verdict::Fallback(_)
+        ));
+    }
+
+    #[test]
+    fn damaged_images_fall_back_without_panicking() {
+        let old = [image(
+            "core-7.img",
+            encode(ImageKind::Core, &[core_entry(1, 0)]),
+        )];
+        let Verdict::Fallback(why) = judge_against(
+            &old,
+            &[image("core-7.img", vec![1, 2, 3, 4, 5, 6, 7, 8, 9])],
+            &[],
+        ) else {
+            panic!("fallback expected");
+        };
+        assert!(why.field.starts_with("cannot decode"), "{why}");
+    }
+}
