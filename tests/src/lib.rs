@@ -778,6 +778,17 @@ pub fn start_lazy_restore(
     w: &Workload,
     images: &Path,
     log: &Path,
+    context: impl FnMut() -> String,
+) -> (std::process::Child, Pid) {
+    start_lazy_restore_with(w, images, log, &[], context)
+}
+
+/// [`start_lazy_restore`] with `extra` options.
+pub fn start_lazy_restore_with(
+    w: &Workload,
+    images: &Path,
+    log: &Path,
+    extra: &[&str],
     mut context: impl FnMut() -> String,
 ) -> (std::process::Child, Pid) {
     let pidfile = images.with_extension("restored.pid");
@@ -786,6 +797,7 @@ pub fn start_lazy_restore(
         .arg(images)
         .args(["--lazy-pages", "--new-pid-ns", "--pidfile"])
         .arg(&pidfile)
+        .args(extra)
         .arg("-v4")
         .arg("-o")
         .arg(log)
@@ -998,6 +1010,165 @@ pub fn round_trip(name: &str, args: &[&str]) {
     let images = w.dump(&[]);
     w.restore(&images);
     w.assert_pass();
+}
+
+/// A daemonised tool re-parented to us (a subreaper): killed and reaped on drop unless
+/// [`Daemon::finish`] saw it exit.
+pub struct Daemon(pub Option<Pid>);
+
+impl Daemon {
+    /// Waits up to `timeout` for the daemon to exit; true if it did.
+    pub fn finish(&mut self, timeout: Duration) -> bool {
+        match self.0.take() {
+            Some(pid) => reap_within(pid, timeout),
+            None => true,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+    }
+}
+
+/// `ckpt-dump --lazy-pages` of a running workload's tree, serving its pages on loopback.
+/// Killed and reaped on drop if a test ends before it did.
+pub struct LazySource {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub images: PathBuf,
+}
+
+impl LazySource {
+    /// Starts the lazy dump of `w` with `extra` options and returns once its images are
+    /// committed (it serves from then on).
+    pub fn start(w: &mut Workload, extra: &[&str]) -> LazySource {
+        LazySource::start_until(w, extra, "stats-dump")
+    }
+
+    /// `start`, returning once the image `committed` exists and is not empty.
+    pub fn start_until(w: &mut Workload, extra: &[&str], committed: &str) -> LazySource {
+        let images = w.new_images_dir();
+        let port = free_port();
+        let timeout: &[&str] = if extra.contains(&"--lazy-connect-timeout") {
+            &[]
+        } else {
+            &["--lazy-connect-timeout", "60"]
+        };
+        let child = Command::new(&w.tools().dump)
+            .arg("-t")
+            .arg(w.pid().to_string())
+            .arg("-D")
+            .arg(&images)
+            .args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(timeout)
+            .args(extra)
+            .arg("-v4")
+            .arg("-o")
+            .arg(images.with_extension("dump.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ckpt-dump --lazy-pages");
+        let mut source = LazySource {
+            child,
+            port,
+            images,
+        };
+        let start = Instant::now();
+        while !fs::metadata(source.images.join(committed)).is_ok_and(|m| m.len() > 0) {
+            if let Ok(Some(status)) = source.child.try_wait() {
+                panic!(
+                    "the lazy dump ended before serving: {status:?}: {}{}",
+                    source.stderr(),
+                    w.logs()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the lazy dump never committed its images{}",
+                w.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        source
+    }
+
+    /// What the dump wrote to stderr (once: it reads to the end).
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.images.with_extension("dump.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the dump to end.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for LazySource {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `ckpt-lazy-pages --page-server` on `images`, fetching from the lazy dump on `port`.
+pub fn start_remote_lazy_pages(w: &Workload, images: &Path, port: u16) -> Daemon {
+    let daemon = w.tools().dump.with_file_name("ckpt-lazy-pages");
+    let pidfile = images.with_extension("lazy-pages.pid");
+    let args: Vec<String> = vec![
+        "-D".into(),
+        images.display().to_string(),
+        "--page-server".into(),
+        "--address".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--daemon".into(),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+        "-o".into(),
+        images
+            .with_extension("lazy-pages.log")
+            .display()
+            .to_string(),
+        "-v".into(),
+        "4".into(),
+    ];
+    let run = run_tool(&daemon, &args, &[]);
+    assert!(
+        run.success(),
+        "ckpt-lazy-pages did not start: {}",
+        run.stderr
+    );
+    Daemon(Some(read_pidfile(&pidfile)))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ckpt_tests::{run_tool, Workload};
+use ckpt_tests::{run_tool, start_remote_lazy_pages, Daemon, LazySource, Workload};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -171,27 +171,6 @@ fn lazy_bytes(images: &Path) -> Option<u64> {
 
 /// A daemonised `ckpt-lazy-pages`, re-parented to us (a subreaper): killed and reaped on drop
 /// if a test ends before it finished.
-struct Daemon(Option<Pid>);
-
-impl Daemon {
-    /// Waits up to `timeout` for the daemon to exit; true if it did.
-    fn finish(&mut self, timeout: Duration) -> bool {
-        match self.0.take() {
-            Some(pid) => ckpt_tests::reap_within(pid, timeout),
-            None => true,
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-        }
-    }
-}
-
 /// Starts `ckpt-lazy-pages` on `images` as a daemon; returns it once restore may connect.
 fn start_lazy_pages(w: &Workload, images: &Path) -> Daemon {
     let daemon = w.tools().dump.with_file_name("ckpt-lazy-pages");
@@ -348,139 +327,6 @@ fn tree_pids(w: &Workload) -> Vec<Pid> {
 }
 
 /// A loopback port nothing listens on right now.
-fn free_loopback_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("find a free loopback port")
-}
-
-/// `ckpt-dump --lazy-pages` of a running workload's tree, serving its pages on loopback.
-/// Killed and reaped on drop if a test ends before it did.
-struct LazySource {
-    child: std::process::Child,
-    port: u16,
-    images: std::path::PathBuf,
-}
-
-impl LazySource {
-    /// Starts the lazy dump of `w` and returns once its images are committed (it serves
-    /// from then on).
-    fn start(w: &mut Workload) -> LazySource {
-        LazySource::start_with_window(w, 2)
-    }
-
-    /// `start` with `--lazy-reconnect-window SECS`.
-    fn start_with_window(w: &mut Workload, secs: u64) -> LazySource {
-        let images = w.new_images_dir();
-        let port = free_loopback_port();
-        let child = std::process::Command::new(&w.tools().dump)
-            .arg("-t")
-            .arg(w.pid().to_string())
-            .arg("-D")
-            .arg(&images)
-            .args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .args(["--lazy-connect-timeout", "60"])
-            .arg("--lazy-reconnect-window")
-            .arg(secs.to_string())
-            .arg("-v4")
-            .arg("-o")
-            .arg(images.with_extension("dump.log"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run ckpt-dump --lazy-pages");
-        let mut source = LazySource {
-            child,
-            port,
-            images,
-        };
-        let start = Instant::now();
-        while !source.images.join("stats-dump").exists() {
-            if let Ok(Some(status)) = source.child.try_wait() {
-                panic!(
-                    "the lazy dump ended before serving: {status:?}: {}{}",
-                    source.stderr(),
-                    w.logs()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the lazy dump never committed its images{}",
-                w.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        source
-    }
-
-    fn stderr(&mut self) -> String {
-        use std::io::Read;
-        let mut text = String::new();
-        if let Some(mut err) = self.child.stderr.take() {
-            let _ = err.read_to_string(&mut text);
-        }
-        text
-    }
-
-    /// Waits up to `timeout` for the dump to end.
-    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for LazySource {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `ckpt-lazy-pages --page-server` on `images`, fetching from the lazy dump on `port`.
-fn start_remote_lazy_pages(w: &Workload, images: &Path, port: u16) -> Daemon {
-    let daemon = w.tools().dump.with_file_name("ckpt-lazy-pages");
-    let pidfile = images.with_extension("lazy-pages.pid");
-    let args: Vec<String> = vec![
-        "-D".into(),
-        images.display().to_string(),
-        "--page-server".into(),
-        "--address".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.to_string(),
-        "--daemon".into(),
-        "--pidfile".into(),
-        pidfile.display().to_string(),
-        "-o".into(),
-        images
-            .with_extension("lazy-pages.log")
-            .display()
-            .to_string(),
-        "-v".into(),
-        "4".into(),
-    ];
-    let run = run_tool(&daemon, &args, &[]);
-    assert!(
-        run.success(),
-        "ckpt-lazy-pages did not start: {}",
-        run.stderr
-    );
-    Daemon(Some(ckpt_tests::read_pidfile(&pidfile)))
-}
-
 /// Waits until every pid is gone (reaping those re-parented to us), asserting that each
 /// died of SIGKILL when we were the one to reap it.
 fn reap_killed_tree(pids: &[Pid], what: &str) {
@@ -516,7 +362,7 @@ fn a_tree_migrates_by_remote_post_copy() {
     let mut w = Workload::start("lazy_tree", &["--mib", "4", "--children", "2"]);
     let pids = tree_pids(&w);
     assert_eq!(pids.len(), 4, "ready file: {}", w.ready_text());
-    let mut source = LazySource::start(&mut w);
+    let mut source = LazySource::start(&mut w, &["--lazy-reconnect-window", "2"]);
     let images = source.images.clone();
     // Every process left at least its regions (4 MiB each: 1024 pages) to the daemon.
     for pid in &pids {
@@ -577,7 +423,7 @@ fn a_tree_migrates_by_remote_post_copy() {
 fn a_tree_source_resumes_when_the_daemon_dies_before_the_destination_runs() {
     let mut w = Workload::start("lazy_tree", &["--mib", "2", "--children", "2"]);
     let pids = tree_pids(&w);
-    let mut source = LazySource::start(&mut w);
+    let mut source = LazySource::start(&mut w, &["--lazy-reconnect-window", "2"]);
     let images = source.images.clone();
     let daemon = start_remote_lazy_pages(&w, &images, source.port);
     // It connected to the source on start; it dies before any restore hands it a task.
@@ -635,7 +481,7 @@ fn a_tree_source_serves_each_pid_and_dies_whole_when_the_link_is_lost_after_resu
     let mut w = Workload::start("lazy_tree", &["--mib", "1", "--children", "2"]);
     let pids = tree_pids(&w);
     assert_eq!(pids.len(), 4, "ready file: {}", w.ready_text());
-    let mut source = LazySource::start_with_window(&mut w, 1);
+    let mut source = LazySource::start(&mut w, &["--lazy-reconnect-window", "1"]);
     // Region A: mapped by the root before forking, at the same address in every process.
     let a = w
         .ready_text()

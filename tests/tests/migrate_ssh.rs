@@ -153,6 +153,27 @@ fn postcopy_over_ssh_compressed_moves_the_process_and_leaves_nothing_at_the_sour
     migrate_over_ssh(&["-a", "postcopy", "--port", "27201", "--compress"]);
 }
 
+#[test]
+fn prepared_postcopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
+    // The destination rebuilds the process before the freeze; the freeze moves what changed.
+    migrate_over_ssh(&["-a", "postcopy", "--prepared", "--port", "27401"]);
+}
+
+#[test]
+fn prepared_freeze_free_through_an_ssh_tunnel_compressed_moves_the_process() {
+    // The switch and the pages go through the tunnel, compressed; the hot pages come with the
+    // switch.
+    migrate_over_ssh(&[
+        "-a",
+        "freeze-free",
+        "--prepared",
+        "--tunnel",
+        "--compress",
+        "--port",
+        "27501",
+    ]);
+}
+
 /// Starts sshd at a destination of its own, migrates a self-checking workload there with
 /// `ckpt-migrate ALGORITHM_ARGS`, and checks it runs there, intact, and nowhere else.
 fn migrate_over_ssh(algorithm_args: &[&str]) {

@@ -55,9 +55,10 @@ fn wall_ns(line: &str) -> Option<i128> {
     Some(i128::from(secs) * 1_000_000_000 + nanos)
 }
 
-/// The monotonic time of the first line of `log` containing `needle`.
-fn logged_at(log: &str, needle: &str, offset: i128) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains(needle))?;
+/// The monotonic time of the last line of `log` containing `needle`: a prepared dump
+/// freezes twice, and the final freeze is the one inside the down time.
+pub fn logged_at(log: &str, needle: &str, offset: i128) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(needle))?;
     u64::try_from(wall_ns(line)? - offset).ok()
 }
 

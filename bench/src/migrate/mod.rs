@@ -74,6 +74,12 @@ pub struct MigrateArgs {
     /// less, where the wire costs more than the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     pub compress: Compress,
+    /// Post-copy and freeze-free with a prepared destination (`ckpt-dump --prepare`,
+    /// `ckpt-restore --prepared`): the process is rebuilt at the destination from a first
+    /// image set while it runs on at the source, and only what changed crosses after the
+    /// freeze. `false` measures the plain pipeline (freeze, dump, transfer, restore).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prepared: bool,
 }
 
 /// When images and pages are compressed on the wire.
@@ -115,6 +121,8 @@ pub struct Run {
     pub round_held: Vec<u64>,
     /// The images and pages crossed the link compressed.
     pub compressed: bool,
+    /// Post-copy ran with a prepared destination.
+    pub prepared: bool,
     /// The down time cut into what happened meanwhile, ms (see `downtime`).
     pub downtime_parts: Vec<(String, f64)>,
     pub final_pages: u64,
@@ -211,6 +219,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
                 precopy,
                 dirty_rate: args.dirty_rate,
                 compress: args.compress,
+                prepared: args.prepared,
             };
             let run = cell.measure(&mut port);
             println!(
@@ -355,6 +364,7 @@ struct Cell<'a> {
     precopy: PrecopyOptions,
     dirty_rate: u64,
     compress: Compress,
+    prepared: bool,
 }
 
 /// The workload at the source: our child, killed and reaped when dropped.
@@ -392,6 +402,7 @@ impl Cell<'_> {
             round_held: Vec::new(),
             downtime_parts: Vec::new(),
             compressed: self.compress.on(self.bandwidth),
+            prepared: false,
             final_pages: 0,
             pages_resent: None,
             stop_reason: None,
@@ -472,6 +483,7 @@ impl Cell<'_> {
             next_port: *port,
             move_service: udp,
             compress: self.compress.on(self.bandwidth),
+            prepared: self.prepared,
             outcome: Default::default(),
         };
         let result = migration.run(self.algorithm);
@@ -481,6 +493,7 @@ impl Cell<'_> {
         run.round_pages = outcome.round_pages.clone();
         run.round_held = outcome.round_held.clone();
         run.final_pages = outcome.final_pages;
+        run.prepared = outcome.prepared;
         run.stop_reason = outcome.stop_reason.clone();
         let restored = match result {
             Ok(restored) => restored,

@@ -158,6 +158,8 @@ pub struct Outcome {
     pub clock_offset: i128,
     /// The harness's own moments inside the down time (see `downtime`).
     pub marks: Vec<Mark>,
+    /// Post-copy ran with a prepared destination.
+    pub prepared: bool,
     /// The final images: where they were written and where they were restored from.
     pub final_images: Option<(PathBuf, PathBuf)>,
 }
@@ -299,6 +301,8 @@ pub struct Migration<'a> {
     /// Compress on the wire, as on a slow link: the images (zlib, fastest level, as `ssh -C`)
     /// and the pages between the tools (`--compress-pages`).
     pub compress: bool,
+    /// Post-copy and freeze-free rebuild the process at the destination before the freeze.
+    pub prepared: bool,
     pub outcome: Outcome,
 }
 
@@ -314,10 +318,14 @@ impl Migration<'_> {
             Algorithm::TotalCopy => self.total_copy(),
             Algorithm::PreCopy => self.pre_copy(false),
             Algorithm::QueuedPreCopy => self.pre_copy(true),
+            Algorithm::PostCopy if self.prepared => self.prepared_post_copy(&[]),
             Algorithm::PostCopy => self.post_copy(false, &[]),
             Algorithm::AssistedPostCopy => self.post_copy(true, &[]),
             // The pages under each thread's instruction and stack pointers (and where its
             // registers point) are installed before it resumes.
+            Algorithm::FreezeFree if self.prepared => {
+                self.prepared_post_copy(&["--lazy-prefetch-hot"])
+            }
             Algorithm::FreezeFree => self.post_copy(false, &["--lazy-prefetch-hot"]),
         };
         if result.is_err() {
@@ -584,6 +592,98 @@ impl Migration<'_> {
                 drop(restored);
                 let _ = server.wait_timeout(Duration::from_secs(10));
                 Err(e.context(format!("ckpt-dump --lazy-pages said: {}", server.tail())))
+            }
+        }
+    }
+
+    /// Post-copy with a prepared destination: `ckpt-dump --prepare` writes a first image set
+    /// and lets the process run on; it crosses, and `ckpt-restore --prepared` rebuilds the
+    /// process from it and holds it, connected to the dump. The dump then freezes the source
+    /// and sends what changed since on that connection; the destination applies it and
+    /// resumes, and from there it is post-copy: the source serves the lazy pages.
+    /// Preparation ends at that final freeze, which the dump logs.
+    fn prepared_post_copy(&mut self, restore_extra: &[&str]) -> Result<Restored> {
+        self.outcome.prepared = true;
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
+        let port = self.port();
+        let (pid, port_s, src_s) = (self.pid.to_string(), port.to_string(), s(&src));
+        let source = format!("{SRC_ADDR}:{port}");
+        let mut restore_args = vec!["--lazy-pages", "--prepared", &source];
+        restore_args.extend(restore_extra);
+        let mut restored = self.prepare_restore(&dst, &restore_args)?;
+        self.outcome.final_images = Some((src.clone(), dst.clone()));
+        let mut args = vec![
+            "-t",
+            &pid,
+            "-D",
+            &src_s,
+            "-o",
+            "dump.log",
+            "--lazy-pages",
+            "--prepare",
+            "--address",
+            SRC_ADDR,
+            "--port",
+            &port_s,
+            "--lazy-connect-timeout",
+            "30",
+        ];
+        if self.compress {
+            args.push("--compress-pages");
+        }
+        let link = self.open_transfer(&dst)?;
+        self.restore_ready(&mut restored)?;
+        let daemon = self.start_daemon(&dst, &port_s);
+        let dump = self.tools.dump.clone();
+        let mut server = self.tool(
+            Side::Source,
+            "ckpt-dump --lazy-pages --prepare",
+            &dump,
+            &args,
+        )?;
+        let result = daemon.and_then(|mut daemon| {
+            // The prepared images: written while the process runs on.
+            wait_for_images(&src.join("inventory.img"), &mut server, self.step_timeout)?;
+            self.transfer(link, &src, &dst)?;
+            wait_for_file(
+                &dst.join("lazy-pages.socket"),
+                &mut daemon,
+                self.step_timeout,
+            )?;
+            self.start_restore(&mut restored)?;
+            let log = restored
+                .log
+                .clone()
+                .ok_or_else(|| anyhow!("{} has no log", restored.name))?;
+            wait_logged(&log, RESTORED, &mut restored, self.step_timeout)?;
+            let dump_log = std::fs::read_to_string(src.join("dump.log")).unwrap_or_default();
+            self.outcome.t_freeze =
+                downtime::logged_at(&dump_log, SWITCH_FROZEN, self.outcome.clock_offset)
+                    .ok_or_else(|| anyhow!("the dump did not log {SWITCH_FROZEN:?}"))?;
+            self.note("the process runs at the destination".to_string());
+            if self.move_service {
+                self.bed.move_service_address()?;
+            }
+            self.outcome.t_resumed = Stamps::read(self.stamps)?
+                .resumed_at(self.outcome.t_freeze)
+                .unwrap_or_else(now_ns);
+            Ok(daemon)
+        });
+        match result {
+            Ok(mut daemon) => {
+                daemon.wait_ok(self.step_timeout)?;
+                server.wait_ok(self.step_timeout)?;
+                self.outcome.t_done = now_ns();
+                Ok(restored)
+            }
+            Err(e) => {
+                drop(restored);
+                let _ = server.wait_timeout(Duration::from_secs(10));
+                Err(e.context(format!(
+                    "ckpt-dump --lazy-pages --prepare said: {}",
+                    server.tail()
+                )))
             }
         }
     }
@@ -934,6 +1034,11 @@ fn wait_status_byte(ready: std::os::fd::OwnedFd, proc: &mut Proc, timeout: Durat
         }
     }
 }
+
+/// What `ckpt-restore` logs once the tree runs.
+const RESTORED: &str = " restored ";
+/// What `ckpt-dump --prepare` logs once the process is frozen for the switch.
+const SWITCH_FROZEN: &str = "switch: frozen";
 
 /// What `ckpt-restore --wait-go` logs once it waits.
 const WAITING_FOR_GO: &str = "waiting for the word to go";

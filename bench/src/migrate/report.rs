@@ -103,6 +103,7 @@ fn run_json(run: &Run) -> Value {
         "pages_per_round": run.round_pages,
         "held_per_round": run.round_held,
         "compressed": run.compressed,
+        "prepared": run.prepared,
         "downtime_parts_ms": run.downtime_parts.iter().map(|(part, ms)| json!([part, ms])).collect::<Vec<_>>(),
         "final_pages": run.final_pages,
         "pages_resent": run.pages_resent,
@@ -170,7 +171,9 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
          figure where it measured one (Noack 2003, Tables 5.1, 5.3, 5.6; execution delay 5.2, \
          5.4). Milliseconds. Down time is the longest gap in the workload's own loop during the \
          migration. Bytes: everything on the migration link, both directions, headers included. \
-         A failed cell shows the step that failed; it is never left out.\n"
+         A failed cell shows the step that failed; it is never left out. \"(prepared)\": the \
+         destination rebuilt the process from a first dump before the freeze \
+         (`ckpt-dump --prepare`, `ckpt-restore --prepared`), so its preparation includes that.\n"
     );
     let _ = writeln!(md, "Kernel: {}\n", kernel_release());
     for ((bw, kind), group) in &groups {
@@ -237,10 +240,15 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                 .map(|t| format!("{}/{}/{}", t[0], t[1], t[2]))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let name = if ok.iter().any(|r| r.prepared) {
+                format!("{} (prepared)", algorithm.name())
+            } else {
+                algorithm.name().to_string()
+            };
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {} |",
-                algorithm.name(),
+                name,
                 cell(&col(|r| r.preparation_ms), thesis.map(|t| t.preparation)),
                 cell(&col(|r| r.downtime_ms), thesis.map(|t| t.down)),
                 cell(&col(|r| r.postprocessing_ms), thesis.map(|t| t.post)),

@@ -1,0 +1,128 @@
+//! Prepared post-copy on one machine: `ckpt-dump --lazy-pages --prepare` writes a first image
+//! set while the process runs on; a copy of it is restored in a new PID namespace by
+//! `ckpt-restore --prepared`, which holds the rebuilt process and connects back; only then is
+//! the source frozen, and what changed since crosses on that connection. The pages come from
+//! the frozen source through `ckpt-lazy-pages`, as in any remote post-copy.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ckpt_tests::{start_remote_lazy_pages, LazySource, Workload};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+
+/// Copies the prepared images as an orchestrator would send them to the destination.
+fn copy_images(from: &Path) -> PathBuf {
+    let to = from.with_extension("dst");
+    std::fs::create_dir_all(&to).expect("create the destination directory");
+    for entry in std::fs::read_dir(from).expect("read the prepared images") {
+        let path = entry.expect("a directory entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().expect("a file name")))
+                .expect("copy an image");
+        }
+    }
+    to
+}
+
+/// Migrates `w` by prepared post-copy (`restore_extra`: more `ckpt-restore` options), asks
+/// the copy to check itself (with the signals `check`, 100 ms apart) and returns the restore's log once it passed. The source must
+/// be gone by SIGKILL, and the dump and the daemon must have finished cleanly.
+fn prepared_post_copy(w: &mut Workload, restore_extra: &[&str], check: &[Signal]) -> String {
+    let mut source = LazySource::start_until(w, &["--prepare"], "inventory.img");
+    let images = copy_images(&source.images);
+    let mut daemon = start_remote_lazy_pages(w, &images, source.port);
+    let address = format!("127.0.0.1:{}", source.port);
+    let mut extra = vec!["--prepared", address.as_str()];
+    extra.extend(restore_extra);
+    let log = images.with_extension("restore.log");
+    let (mut restore, root) = ckpt_tests::start_lazy_restore_with(w, &images, &log, &extra, || {
+        format!("dump: {}\n{}", source.stderr(), source.log())
+    });
+    assert_ne!(root, w.pid(), "the copy kept the source's host pid");
+    // Some time at the destination, writing, before the check.
+    for &signal in check {
+        std::thread::sleep(Duration::from_millis(100));
+        kill(root, signal).expect("signal the restored root");
+    }
+    let status = restore.wait().expect("wait for ckpt-restore");
+    let restore_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        w.result_text().unwrap_or_default(),
+        "PASS",
+        "ckpt-restore ended with {status:?}; restore log:\n{restore_log}\ndump log:\n{}",
+        source.log()
+    );
+    assert!(status.success(), "ckpt-restore ended with {status:?}");
+    assert!(
+        daemon.finish(Duration::from_secs(30)),
+        "ckpt-lazy-pages does not finish{}",
+        w.logs()
+    );
+    let ended = source.wait(Duration::from_secs(30));
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "the dump ended with {ended:?}: {}",
+        source.stderr()
+    );
+    match w.wait_exit(Duration::from_secs(10)) {
+        Some(WaitStatus::Signaled(_, Signal::SIGKILL, _)) => {}
+        other => panic!("the source ended with {other:?}, not SIGKILL"),
+    }
+    restore_log
+}
+
+/// Threads rewrite pages as fast as they can, the mappings never change: the destination
+/// applies the registers and signal masks of the final freeze to the process it rebuilt from
+/// the first images, and every page comes from the moment of that freeze.
+#[test]
+fn a_prepared_post_copy_applies_the_final_state_to_the_rebuilt_process() {
+    let mut w = Workload::start("rewriter", &["--threads", "3", "--mib", "8"]);
+    let log = prepared_post_copy(&mut w, &[], &[Signal::SIGUSR2]);
+    assert!(
+        !log.contains("fallback"),
+        "unchanged mappings should not need a full restore:\n{log}"
+    );
+}
+
+/// The same with the pages under each thread's registers sent with the final state.
+#[test]
+fn a_prepared_freeze_free_start_installs_the_hot_pages_from_the_final_freeze() {
+    let mut w = Workload::start("rewriter", &["--threads", "2", "--mib", "4"]);
+    prepared_post_copy(&mut w, &["--lazy-prefetch-hot"], &[Signal::SIGUSR2]);
+}
+
+/// A process that maps and unmaps all the time has other mappings at the final freeze than
+/// in the first images: the destination drops what it built and restores the final images.
+#[test]
+fn a_prepared_restore_starts_over_when_the_mappings_changed() {
+    let mut w = Workload::start("precopy", &["--mib", "4"]);
+    // SIGUSR1 stops its writers, SIGUSR2 has it check itself.
+    let log = prepared_post_copy(&mut w, &[], &[Signal::SIGUSR1, Signal::SIGUSR2]);
+    assert!(
+        log.contains("fallback"),
+        "the mappings changed between the two freezes, yet no full restore:\n{log}"
+    );
+}
+
+/// No destination ever connects: the dump gives up and the process runs on, intact.
+#[test]
+fn the_source_runs_on_when_no_prepared_restore_comes() {
+    let mut w = Workload::start("rewriter", &["--threads", "2", "--mib", "2"]);
+    let mut source = LazySource::start_until(
+        &mut w,
+        &["--prepare", "--lazy-connect-timeout", "1"],
+        "inventory.img",
+    );
+    let ended = source.wait(Duration::from_secs(30));
+    assert!(
+        ended.is_some_and(|s| !s.success()),
+        "the dump ended with {ended:?} though no destination came"
+    );
+    let state = ckpt_tests::proc_state(w.pid());
+    assert!(
+        state.is_some_and(|s| s != 'T' && s != 't' && s != 'Z'),
+        "the source is in state {state:?} after the migration gave up"
+    );
+    w.assert_pass();
+}
