@@ -66,7 +66,7 @@ use tracee::{Pid, RemoteAddr, SeizedTree, PAGE_SIZE};
 use crate::collect::{self, TreeState};
 use crate::lazy::{self, SwitchLink};
 use crate::release;
-use crate::write::{self, PagesTo, WrittenImages};
+use crate::write::{self, WrittenImages};
 use crate::{
     fault, full_policies, micros, pages, seize, DumpError, DumpMode, DumpOptions, DumpStats,
     FaultPoint, FinalState, SignalShield,
@@ -137,9 +137,16 @@ struct Round {
     write_us: u32,
 }
 
-/// `in_memory`: encode the images in memory (S2) rather than write them into
-/// `opts.images_dir` (S1).
-fn round(pid: Pid, opts: &DumpOptions, in_memory: bool) -> Result<Round, DumpError> {
+/// A frozen tree, its state and its page plans.
+struct Collected {
+    tree: SeizedTree,
+    state: TreeState,
+    stats: DumpStats,
+    frozen_since: Instant,
+}
+
+/// Freezes the tree and reads its state, and plans its pages.
+fn freeze_and_collect(pid: Pid, opts: &DumpOptions) -> Result<Collected, DumpError> {
     // smaps' page walk is done while the tree runs, and kept if the VMAs stay the same.
     let vma_source = tracee::proc::smaps::read(pid)
         .map(collect::VmaSource::SmapsIfUnchanged)
@@ -158,13 +165,25 @@ fn round(pid: Pid, opts: &DumpOptions, in_memory: bool) -> Result<Round, DumpErr
         let policies = full_policies(process, opts, None, false);
         process.plan = pages::plan(&process.pages, &policies);
     }
+    Ok(Collected {
+        tree,
+        state,
+        stats,
+        frozen_since,
+    })
+}
+
+/// S2: the images are encoded in memory while the tree stays frozen.
+fn round(pid: Pid, opts: &DumpOptions) -> Result<Round, DumpError> {
+    let Collected {
+        tree,
+        state,
+        mut stats,
+        frozen_since,
+    } = freeze_and_collect(pid, opts)?;
     let collect_us = micros(frozen_since);
     let write_start = Instant::now();
-    let images = if in_memory {
-        write::images_in_memory(&state, opts, &mut stats)?
-    } else {
-        write::images(&state, opts, &mut PagesTo::Local, &mut stats)?
-    };
+    let images = write::images_in_memory(&state, opts, &mut stats)?;
     Ok(Round {
         tree,
         state,
@@ -174,6 +193,21 @@ fn round(pid: Pid, opts: &DumpOptions, in_memory: bool) -> Result<Round, DumpErr
         collect_us,
         write_us: micros(write_start),
     })
+}
+
+/// S1: freeze, collect, let the tree go. Its images are written afterwards, from a
+/// process that runs again: the first round is not down time, but its freeze is a gap in
+/// the program all the same, so it holds the tree only while the state is read.
+fn first_round(pid: Pid, opts: &DumpOptions) -> Result<(TreeState, DumpStats), DumpError> {
+    let Collected {
+        tree,
+        state,
+        mut stats,
+        frozen_since,
+    } = freeze_and_collect(pid, opts)?;
+    release::finish_tree(tree, FinalState::Running)?;
+    stats.frozen_time_us = micros(frozen_since);
+    Ok((state, stats))
 }
 
 fn read_images(dir: &Path, names: &[String]) -> Result<Images, PrepareError> {
@@ -520,7 +554,7 @@ fn switch_round(
     hot: bool,
     stream: &mut TcpStream,
 ) -> Result<Switched, DumpError> {
-    let mut round = round(pid, opts, true)?;
+    let mut round = round(pid, opts)?;
     let delta_start = Instant::now();
     let now = round.images.take_memory();
     let (images, vanished) = delta(prepared, now);
@@ -538,8 +572,11 @@ fn switch_round(
         inner: stream,
         n: 0,
     };
-    switch::write_message(&mut wire, &msg, opts.compress_pages)
-        .map_err(|source| PrepareError::SendDelta { pid, source })?;
+    // Against the prepared images: mostly the same bytes, which need not cross again.
+    switch::write_message_based(&mut wire, &msg, opts.compress_pages, |name| {
+        prepared.get(name).map(Vec::as_slice)
+    })
+    .map_err(|source| PrepareError::SendDelta { pid, source })?;
     let wire_bytes = wire.n;
     let frozen_to_sent = micros(round.frozen_since);
     let send_us = micros(send_start);
@@ -649,13 +686,10 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         fault: None,
         ..opts.clone()
     };
-    let s1 = round(pid, &s1_opts, false)?;
-    let names = s1.images.file_names();
-    let mut s1_stats = s1.stats;
-    let s1_frozen = s1.frozen_since;
-    release::finish_tree(s1.tree, FinalState::Running)?;
-    s1_stats.frozen_time_us = micros(s1_frozen);
-    s1.images.commit(&s1_stats)?;
+    let (state, mut s1_stats) = first_round(pid, &s1_opts)?;
+    let images = write::images_of_running(&state, &s1_opts, &mut s1_stats)?;
+    let names = images.file_names();
+    images.commit(&s1_stats)?;
     drop(shield);
     tracing::info!(
         s1_frozen_us = s1_stats.frozen_time_us,

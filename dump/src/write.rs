@@ -648,15 +648,27 @@ fn clock(id: rustix::time::ClockId, name: &'static str) -> Result<Timespec, Writ
 
 /// Writes the images of one live process. `fdinfo` is false when an earlier process of the
 /// tree shares its fd table and wrote `fdinfo-<files_id>.img` already.
+/// How one process's images are written: its pages image, whether its fd table is
+/// written with it (the first process of a shared table), whether it runs meanwhile.
+struct ProcessJob {
+    pages_id: u32,
+    fdinfo: bool,
+    running: bool,
+}
+
 fn write_process(
     images: &mut WrittenImages,
     process: &ProcessState,
-    pages_id: u32,
-    fdinfo: bool,
+    job: ProcessJob,
     to: &mut PagesTo<'_>,
     opts: &DumpOptions,
     stats: &mut DumpStats,
 ) -> Result<(), WriteError> {
+    let ProcessJob {
+        pages_id,
+        fdinfo,
+        running,
+    } = job;
     let id = u64::try_from(process.pid.as_raw()).unwrap_or(0);
     for thread in &process.threads {
         let tid = u64::try_from(thread.tid.as_raw()).unwrap_or(0);
@@ -677,7 +689,7 @@ fn write_process(
         pid: process.pid,
         plan: &process.plan,
         pages_id,
-        running: false,
+        running,
     };
     write_pages(images, job, to, opts, stats)
 }
@@ -692,7 +704,20 @@ pub fn images(
     stats: &mut DumpStats,
 ) -> Result<WrittenImages, WriteError> {
     let images = WrittenImages::open(&opts.images_dir, needs_sync(opts))?;
-    images_into(images, state, opts, to, stats)
+    images_into(images, state, opts, to, stats, false)
+}
+
+/// [`images`] of a tree already let go (the first round of a prepared dump): its pages are
+/// read while it runs, and a range it unmapped meanwhile is left out rather than failing
+/// the dump. What changes meanwhile is caught by the next round's comparison.
+#[tracing::instrument(skip_all, fields(dir = %opts.images_dir.display()))]
+pub fn images_of_running(
+    state: &TreeState,
+    opts: &DumpOptions,
+    stats: &mut DumpStats,
+) -> Result<WrittenImages, WriteError> {
+    let images = WrittenImages::open(&opts.images_dir, needs_sync(opts))?;
+    images_into(images, state, opts, &mut PagesTo::Local, stats, true)
 }
 
 /// [`images`] encoded in memory: no file is made (`opts.images_dir` must exist: errors
@@ -704,7 +729,7 @@ pub fn images_in_memory(
     stats: &mut DumpStats,
 ) -> Result<WrittenImages, WriteError> {
     let images = WrittenImages::in_memory(&opts.images_dir)?;
-    images_into(images, state, opts, &mut PagesTo::Local, stats)
+    images_into(images, state, opts, &mut PagesTo::Local, stats, false)
 }
 
 fn images_into(
@@ -713,13 +738,19 @@ fn images_into(
     opts: &DumpOptions,
     to: &mut PagesTo<'_>,
     stats: &mut DumpStats,
+    running: bool,
 ) -> Result<WrittenImages, WriteError> {
     images.link_parent(opts)?;
     // Each process gets its own pages image, numbered from CRIU's first id.
     let mut fd_tables = std::collections::HashSet::new();
     for (pages_id, process) in (FIRST_PAGES_ID..).zip(&state.processes) {
         let fdinfo = fd_tables.insert(process.ids.files_id);
-        write_process(&mut images, process, pages_id, fdinfo, to, opts, stats)?;
+        let job = ProcessJob {
+            pages_id,
+            fdinfo,
+            running,
+        };
+        write_process(&mut images, process, job, to, opts, stats)?;
     }
     // A zombie is its core alone (TASK_DEAD and the exit status).
     for zombie in &state.zombies {

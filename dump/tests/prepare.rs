@@ -233,6 +233,25 @@ fn stats_written(dir: &Path) -> bool {
 }
 
 /// Connects as the prepared restore does: magic, then READY.
+/// The prepared images in `dir`, which a delta's images may be compressed against.
+fn prepared_images(dir: &Path) -> std::collections::HashMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .expect("the prepared images")
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, fs::read(e.path()).ok()?)))
+        .collect()
+}
+
+/// Reads the delta as a destination holding `prepared` does.
+fn read_delta(
+    conn: &mut TcpStream,
+    prepared: &std::collections::HashMap<String, Vec<u8>>,
+) -> SwitchMessage {
+    switch::read_message_based(conn, |name| prepared.get(name).map(Vec::as_slice))
+        .expect("the delta")
+}
+
 fn switch_ready(port: u16, hot_pages: bool) -> TcpStream {
     let mut stream = TcpStream::connect(addr(port)).expect("connect the switch");
     stream
@@ -267,8 +286,9 @@ fn the_delta_arrives_and_the_source_waits_for_resumed_then_the_daemon() {
     let prepared_core = fs::read(dir.join(format!("core-{pid}.img"))).expect("S1 core");
     // The daemon connects first and says nothing yet: it must be kept for later.
     let daemon = TcpStream::connect(addr(port)).expect("connect the daemon");
+    let prepared = prepared_images(&dir);
     let mut switch_conn = switch_ready(port, true);
-    let (images, hot) = match switch::read_message(&mut switch_conn).expect("the delta") {
+    let (images, hot) = match read_delta(&mut switch_conn, &prepared) {
         SwitchMessage::Delta { images, hot } => (images, hot),
         other => panic!("expected DELTA, got {other:?}"),
     };
@@ -378,8 +398,9 @@ fn failed_or_gone_after_the_delta_resumes_the_source() {
         let dir = root.path().join("img");
         let port = free_port();
         let dump = start_prepared(&w, &dir, port, 30);
+        let prepared = prepared_images(&dir);
         let mut switch_conn = switch_ready(port, false);
-        match switch::read_message(&mut switch_conn).expect("the delta") {
+        match read_delta(&mut switch_conn, &prepared) {
             SwitchMessage::Delta { hot, .. } => assert!(hot.is_empty(), "hot pages unasked"),
             other => panic!("expected DELTA, got {other:?}"),
         }

@@ -128,7 +128,7 @@ pub fn restore_prepared(
     }
     // The source freezes and answers at once; a link that stays silent is a lost one.
     let _ = link.set_read_timeout(Some(DELTA_TIMEOUT));
-    let message = switch::read_message(&mut link);
+    let message = switch::read_message_based(&mut link, |name| old.get(name).map(Vec::as_slice));
     let _ = link.set_read_timeout(None);
     let received = Instant::now();
     let (images, hot) = match message {
@@ -216,7 +216,7 @@ fn tell_failed(link: &mut TcpStream, error: &RestoreError) {
 }
 
 /// Image files up to this size are read into memory while the tree is held.
-const SNAPSHOT_MAX: u64 = 4 << 20;
+const SNAPSHOT_MAX: u64 = switch::MAX_BASE as u64;
 
 /// The bytes of the images in `dir` (those small enough; others are read when needed).
 fn snapshot(dir: &Path) -> HashMap<String, Vec<u8>> {
