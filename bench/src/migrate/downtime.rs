@@ -81,6 +81,56 @@ pub fn tool_marks(dump_log: &Path, restore_log: &Path, offset: i128) -> Vec<Mark
     marks
 }
 
+/// What `ckpt-dump --prepare` logs once the delta of the final freeze is on its way, with
+/// the freeze's length (`freezing_us`) and what followed it (`frozen_to_delta_sent_us`).
+pub const DELTA_SENT: &str = "S2: delta sent";
+/// What `ckpt-restore --prepared` logs once the tree it rebuilt runs again.
+const SWITCHED: &str = "prepared switch: delta received to tree resumed";
+
+/// The moments of a prepared post-copy's switch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// When the final freeze began.
+    pub frozen: u64,
+    pub marks: Vec<Mark>,
+}
+
+/// The value of `key=N` in a log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|item| item.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The switch of a prepared post-copy from the dump's log (the delta's line, which says
+/// how long the freeze and the collection before it took) and restore's.
+pub fn switch_marks(dump_log: &str, restore_log: &str, offset: i128) -> Option<Switch> {
+    let line = dump_log.lines().rev().find(|l| l.contains(DELTA_SENT))?;
+    let sent = u64::try_from(wall_ns(line)? - offset).ok()?;
+    let freezing = field(line, "freezing_us")? * 1000;
+    let collected = field(line, "frozen_to_delta_sent_us")? * 1000;
+    let frozen_at = sent.saturating_sub(collected);
+    let mut marks = vec![
+        Mark {
+            part: "freeze",
+            at: frozen_at,
+        },
+        Mark {
+            part: "collect, send what changed",
+            at: sent,
+        },
+    ];
+    if let Some(at) = logged_at(restore_log, SWITCHED, offset) {
+        marks.push(Mark {
+            part: "apply it, resume",
+            at,
+        });
+    }
+    Some(Switch {
+        frozen: frozen_at.saturating_sub(freezing),
+        marks,
+    })
+}
+
 /// Cuts the gap `[start, end)` at the marks (in any order; those outside the gap count for
 /// nothing) into named parts in time order; the last part, up to the end of the gap, is
 /// "resume, first iteration (faults)". Zero-length parts are left out.
@@ -121,6 +171,21 @@ mod tests {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
         assert!(wall_ns("not a stamp").is_none());
+    }
+
+    #[test]
+    fn the_switch_is_read_from_the_delta_line() {
+        let dump = "2026-11-22T03:24:10.000100Z  INFO prepared images written s1_frozen_us=900\n\
+                    2026-11-22T03:24:10.010000Z  INFO x: S2: delta sent freezing_us=200 \
+                    frozen_to_delta_sent_us=1500 collect_us=1200";
+        let restore = "2026-11-22T03:24:10.010600Z  INFO prepared switch: delta received to \
+                       tree resumed pid=7 path=\"fast\" us=550";
+        let base = wall_ns("2026-11-22T03:24:10.000000Z").expect("stamp");
+        let s = switch_marks(dump, restore, base).expect("a switch");
+        assert_eq!(s.frozen, 10_000_000 - 1_500_000 - 200_000);
+        let at: Vec<u64> = s.marks.iter().map(|m| m.at).collect();
+        assert_eq!(at, [10_000_000 - 1_500_000, 10_000_000, 10_600_000]);
+        assert!(switch_marks("no switch here", restore, base).is_none());
     }
 
     #[test]

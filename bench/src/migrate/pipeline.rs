@@ -658,9 +658,12 @@ impl Migration<'_> {
                 .ok_or_else(|| anyhow!("{} has no log", restored.name))?;
             wait_logged(&log, RESTORED, &mut restored, self.step_timeout)?;
             let dump_log = std::fs::read_to_string(src.join("dump.log")).unwrap_or_default();
-            self.outcome.t_freeze =
-                downtime::logged_at(&dump_log, SWITCH_FROZEN, self.outcome.clock_offset)
-                    .ok_or_else(|| anyhow!("the dump did not log {SWITCH_FROZEN:?}"))?;
+            let restore_log = std::fs::read_to_string(&log).unwrap_or_default();
+            let offset = self.outcome.clock_offset;
+            let switch = downtime::switch_marks(&dump_log, &restore_log, offset)
+                .ok_or_else(|| anyhow!("the dump did not log {:?}", downtime::DELTA_SENT))?;
+            self.outcome.t_freeze = switch.frozen;
+            self.outcome.marks.extend(switch.marks);
             self.note("the process runs at the destination".to_string());
             if self.move_service {
                 self.bed.move_service_address()?;
@@ -1037,8 +1040,6 @@ fn wait_status_byte(ready: std::os::fd::OwnedFd, proc: &mut Proc, timeout: Durat
 
 /// What `ckpt-restore` logs once the tree runs.
 const RESTORED: &str = " restored ";
-/// What `ckpt-dump --prepare` logs once the process is frozen for the switch.
-const SWITCH_FROZEN: &str = "switch: frozen";
 
 /// What `ckpt-restore --wait-go` logs once it waits.
 const WAITING_FOR_GO: &str = "waiting for the word to go";
