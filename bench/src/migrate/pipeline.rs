@@ -657,7 +657,16 @@ impl Migration<'_> {
                 .clone()
                 .ok_or_else(|| anyhow!("{} has no log", restored.name))?;
             wait_logged(&log, RESTORED, &mut restored, self.step_timeout)?;
-            let dump_log = std::fs::read_to_string(src.join("dump.log")).unwrap_or_default();
+            // The dump logs the delta once it is sent, which may be after the destination
+            // took it and resumed: a busy CPU may hold the dump back.
+            let dump_log_path = src.join("dump.log");
+            wait_logged(
+                &dump_log_path,
+                downtime::DELTA_SENT,
+                &mut server,
+                self.step_timeout,
+            )?;
+            let dump_log = std::fs::read_to_string(&dump_log_path).unwrap_or_default();
             let restore_log = std::fs::read_to_string(&log).unwrap_or_default();
             let offset = self.outcome.clock_offset;
             let switch = downtime::switch_marks(&dump_log, &restore_log, offset)
