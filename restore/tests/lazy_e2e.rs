@@ -11,15 +11,22 @@
 //! are not a mode filter scenarios by name, as the usual harness does.
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+mod e2e;
+
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use images_format::{ImageDir, ImageKind, PageFlags, PageRange, Pagemap, PagesReader};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+use e2e::{
+    free_addr, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child, wait_for_file, Scenario,
+    Started,
+};
 
 const MIB: u64 = 64;
 
@@ -38,43 +45,8 @@ fn main() -> ExitCode {
         Some("daemon") => return tool_daemon(&args[1..]),
         _ => {}
     }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if args.iter().any(|a| a == "--list") {
-        for (name, _) in scenarios() {
-            println!("{name}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    // Restored processes whose restorer exited come back to us, to be reaped.
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        eprintln!("lazy_e2e: become a subreaper: {e}");
-        return ExitCode::FAILURE;
-    }
-    let mut failed = 0;
-    let mut ran = 0;
-    for (name, scenario) in scenarios() {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let start = Instant::now();
-        match scenario() {
-            Ok(()) => println!("test {name} ... ok ({} ms)", start.elapsed().as_millis()),
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED\n{e}\n");
-            }
-        }
-    }
-    println!("lazy_e2e: {ran} run, {failed} failed");
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    run_scenarios("lazy_e2e", &args, &scenarios())
 }
-
-type Scenario = fn() -> Result<(), String>;
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
@@ -266,74 +238,12 @@ fn build_workload() -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// What a test started: killed and reaped by pid on the way out.
-struct Started {
-    children: Vec<Child>,
-    pids: Vec<Pid>,
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        for &pid in &self.pids {
-            if kill(pid, None).is_ok() {
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
-        }
-    }
-}
-
 struct Ready {
     pid: i32,
     addr: u64,
     len: u64,
     /// An address on the main thread's stack.
     stack: u64,
-}
-
-fn wait_for_file(path: &Path, limit: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.is_empty() {
-                return Ok(text);
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{} did not appear within {limit:?}",
-                path.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wait_child(child: &mut Child, limit: Duration, what: &str) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("wait {what}: {e}"))? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what} still runs after {limit:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn stderr_of(child: &mut Child) -> String {
-    let mut text = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut text);
-    }
-    text
 }
 
 /// Waits for a process that is not a `Child` of ours (re-parented to us).
@@ -384,10 +294,6 @@ fn start_workload_with(dir: &Path, threads: u32, started: &mut Started) -> Resul
         len,
         stack,
     })
-}
-
-fn self_exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| format!("current_exe: {e}"))
 }
 
 /// Marks the pagemap entries inside the region PE_LAZY (their data stays in the pages
@@ -588,20 +494,6 @@ fn local_prefetch_hot() -> Result<(), String> {
         return Err(format!("nothing prefetched: {line}"));
     }
     Ok(())
-}
-
-fn strip_ansi(word: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    for c in word.chars() {
-        match c {
-            '\u{1b}' => skipping = true,
-            'm' if skipping => skipping = false,
-            c if !skipping => out.push(c),
-            _ => {}
-        }
-    }
-    out
 }
 
 /// Runs a local scenario; returns what `ckpt-restore` logged when it waited and succeeded.
@@ -827,11 +719,6 @@ fn wait_gone(pid: Pid, limit: Duration) -> Result<(), String> {
     }
 }
 
-fn free_port() -> Result<SocketAddr, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    l.local_addr().map_err(|e| e.to_string())
-}
-
 struct Remote {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -868,7 +755,7 @@ fn remote_source_threads(reconnect_ms: u64, predump: bool, threads: u32) -> Resu
         pids: Vec::new(),
     };
     let ready = start_workload_with(&dir, threads, &mut started)?;
-    let addr = free_port()?;
+    let addr = free_addr()?;
     let pre = dir.join("pre");
     if predump {
         std::fs::create_dir(&pre).map_err(|e| e.to_string())?;

@@ -16,14 +16,21 @@
 //! daemon ...`, from the libraries).
 #![forbid(unsafe_code)]
 
+mod e2e;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use images_format::switch::{self, NamedImage, SwitchMessage};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use e2e::{
+    free_addr, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child, wait_for_file, Scenario,
+    Started,
+};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,42 +39,8 @@ fn main() -> ExitCode {
         Some("daemon") => return tool_daemon(&args[1..]),
         _ => {}
     }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if args.iter().any(|a| a == "--list") {
-        for (name, _) in scenarios() {
-            println!("{name}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    // Restored processes whose restorer exited come back to us, to be reaped.
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        eprintln!("prepared_e2e: become a subreaper: {e}");
-        return ExitCode::FAILURE;
-    }
-    let (mut ran, mut failed) = (0, 0);
-    for (name, scenario) in scenarios() {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let start = Instant::now();
-        match scenario() {
-            Ok(()) => println!("test {name} ... ok ({} ms)", start.elapsed().as_millis()),
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED\n{e}\n");
-            }
-        }
-    }
-    println!("prepared_e2e: {ran} run, {failed} failed");
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    run_scenarios("prepared_e2e", &args, &scenarios())
 }
-
-type Scenario = fn() -> Result<(), String>;
 
 fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
@@ -156,75 +129,6 @@ fn workload_binary() -> Result<PathBuf, String> {
             Ok(out)
         })
         .clone()
-}
-
-/// What a scenario started: killed and reaped by pid on the way out.
-struct Started {
-    children: Vec<Child>,
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn self_exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| format!("current_exe: {e}"))
-}
-
-fn wait_for_file(path: &Path, limit: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.is_empty() {
-                return Ok(text);
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} never appeared", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wait_child(child: &mut Child, limit: Duration, what: &str) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() > deadline => {
-                return Err(format!("{what} did not end within {limit:?}"))
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("wait for {what}: {e}")),
-        }
-    }
-}
-
-/// What `child` wrote to its standard error; a child still running is killed first (the
-/// pipe would not end before it does).
-fn stderr_of(child: &mut Child) -> String {
-    use std::io::Read;
-    if matches!(child.try_wait(), Ok(None)) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut text = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        let _ = err.read_to_string(&mut text);
-    }
-    text
-}
-
-fn free_addr() -> Result<SocketAddr, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    l.local_addr().map_err(|e| e.to_string())
 }
 
 /// The position of the fd of `pid` open on `path`.
@@ -426,9 +330,7 @@ fn prepare(threads: u32) -> Result<Setup, String> {
     let dir = tmp.path().to_path_buf();
     let work = dir.join("work");
     std::fs::create_dir(&work).map_err(|e| e.to_string())?;
-    let mut started = Started {
-        children: Vec::new(),
-    };
+    let mut started = Started::default();
     let child = Command::new("setsid")
         .arg(workload_binary()?)
         .arg(&dir)
@@ -712,23 +614,5 @@ fn our_children() -> Vec<i32> {
         }
     }
     out.sort_unstable();
-    out
-}
-
-/// `text` without terminal colour sequences.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
     out
 }

@@ -1141,16 +1141,25 @@ impl Drop for LazySource {
 
 /// `ckpt-lazy-pages --page-server` on `images`, fetching from the lazy dump on `port`.
 pub fn start_remote_lazy_pages(w: &Workload, images: &Path, port: u16) -> Daemon {
+    start_lazy_pages(w, images, Some(port))
+}
+
+/// `ckpt-lazy-pages -d` on `images`: pages from the images, or with `page_server` from the
+/// lazy dump on that loopback port. Returns once restore may connect.
+pub fn start_lazy_pages(w: &Workload, images: &Path, page_server: Option<u16>) -> Daemon {
     let daemon = w.tools().dump.with_file_name("ckpt-lazy-pages");
     let pidfile = images.with_extension("lazy-pages.pid");
-    let args: Vec<String> = vec![
-        "-D".into(),
-        images.display().to_string(),
-        "--page-server".into(),
-        "--address".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.to_string(),
+    let mut args: Vec<String> = vec!["-D".into(), images.display().to_string()];
+    if let Some(port) = page_server {
+        args.extend([
+            "--page-server".into(),
+            "--address".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+        ]);
+    }
+    args.extend([
         "--daemon".into(),
         "--pidfile".into(),
         pidfile.display().to_string(),
@@ -1161,7 +1170,7 @@ pub fn start_remote_lazy_pages(w: &Workload, images: &Path, port: u16) -> Daemon
             .to_string(),
         "-v".into(),
         "4".into(),
-    ];
+    ]);
     let run = run_tool(&daemon, &args, &[]);
     assert!(
         run.success(),

@@ -173,32 +173,7 @@ fn lazy_bytes(images: &Path) -> Option<u64> {
 /// if a test ends before it finished.
 /// Starts `ckpt-lazy-pages` on `images` as a daemon; returns it once restore may connect.
 fn start_lazy_pages(w: &Workload, images: &Path) -> Daemon {
-    let daemon = w.tools().dump.with_file_name("ckpt-lazy-pages");
-    let pidfile = images.with_extension("lazy-pages.pid");
-    let run = run_tool(
-        &daemon,
-        &[
-            "-D".into(),
-            images.display().to_string(),
-            "--daemon".into(),
-            "--pidfile".into(),
-            pidfile.display().to_string(),
-            "-o".into(),
-            images
-                .with_extension("lazy-pages.log")
-                .display()
-                .to_string(),
-            "-v".into(),
-            "4".into(),
-        ],
-        &[],
-    );
-    assert!(
-        run.success(),
-        "ckpt-lazy-pages did not start: {}",
-        run.stderr
-    );
-    Daemon(Some(ckpt_tests::read_pidfile(&pidfile)))
+    ckpt_tests::start_lazy_pages(w, images, None)
 }
 
 #[test]

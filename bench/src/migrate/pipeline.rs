@@ -578,22 +578,7 @@ impl Migration<'_> {
             self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
             Ok(daemon)
         });
-        match result {
-            Ok(mut daemon) => {
-                // Post-processing: until the daemon holds every page and the source let go.
-                daemon.wait_ok(self.step_timeout)?;
-                server.wait_ok(self.step_timeout)?;
-                self.outcome.t_done = now_ns();
-                Ok(restored)
-            }
-            Err(e) => {
-                // The destination's processes go: the dump sees its peer leave (or never
-                // come) and resumes the source itself; give it the time to before it is killed.
-                drop(restored);
-                let _ = server.wait_timeout(Duration::from_secs(10));
-                Err(e.context(format!("ckpt-dump --lazy-pages said: {}", server.tail())))
-            }
-        }
+        self.end_post_copy(result, restored, server)
     }
 
     /// Post-copy with a prepared destination: `ckpt-dump --prepare` writes a first image set
@@ -682,6 +667,19 @@ impl Migration<'_> {
                 .unwrap_or_else(now_ns);
             Ok(daemon)
         });
+        self.end_post_copy(result, restored, server)
+    }
+
+    /// The end of a post-copy whose destination runs (`result` holds its daemon) or failed
+    /// to: post-processing until the daemon holds every page and the source let go; or,
+    /// after a failure, the destination's processes go, and the dump, seeing its peer leave
+    /// (or never come), resumes the source itself, given the time to before it is killed.
+    fn end_post_copy(
+        &mut self,
+        result: Result<Proc>,
+        restored: Restored,
+        mut server: Proc,
+    ) -> Result<Restored> {
         match result {
             Ok(mut daemon) => {
                 daemon.wait_ok(self.step_timeout)?;
@@ -692,10 +690,8 @@ impl Migration<'_> {
             Err(e) => {
                 drop(restored);
                 let _ = server.wait_timeout(Duration::from_secs(10));
-                Err(e.context(format!(
-                    "ckpt-dump --lazy-pages --prepare said: {}",
-                    server.tail()
-                )))
+                let said = format!("{} said: {}", server.name, server.tail());
+                Err(e.context(said))
             }
         }
     }
