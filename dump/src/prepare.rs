@@ -565,7 +565,7 @@ fn switch_round(
     };
     let delta_us = micros(delta_start);
     let send_start = Instant::now();
-    let raw = raw_len(&images, &hot);
+    let raw = switch::delta_plain_len(&images, &hot);
     let msg = SwitchMessage::Delta { images, hot };
     // Straight to the socket (the frame is built once, in one write), counting the bytes.
     let mut wire = Counted {
@@ -622,16 +622,6 @@ impl<W: Write> Write for Counted<'_, W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// The plain encoding's length of a DELTA (the frame header included).
-fn raw_len(images: &[NamedImage], hot: &[HotPages]) -> usize {
-    let images: usize = images
-        .iter()
-        .map(|i| 2 + i.name.len() + 4 + i.bytes.len())
-        .sum();
-    let hot: usize = hot.iter().map(|h| 4 + 8 + 4 + h.data.len()).sum();
-    16 + 4 + images + 4 + hot
 }
 
 /// Brings -D to S2's state: the changed images written, the vanished ones removed,
@@ -876,25 +866,5 @@ mod tests {
         opts.track_mem = false;
         opts.prev_images_dir = Some("../1".into());
         assert!(refusal(&opts).is_some());
-    }
-
-    #[test]
-    fn raw_len_is_the_plain_frame() {
-        let images = vec![NamedImage {
-            name: "core-1.img".into(),
-            bytes: vec![1; 100],
-        }];
-        let hot = vec![HotPages {
-            pid: 1,
-            vaddr: 0x1000,
-            data: vec![0; PAGE_SIZE as usize],
-        }];
-        let msg = SwitchMessage::Delta {
-            images: images.clone(),
-            hot: hot.clone(),
-        };
-        let mut wire = Vec::new();
-        switch::write_message(&mut wire, &msg, false).expect("encode");
-        assert_eq!(raw_len(&images, &hot), wire.len());
     }
 }

@@ -120,6 +120,20 @@ pub enum SwitchError {
     NoBase { name: String },
 }
 
+/// The bytes a DELTA of `images` and `hot` takes on the wire uncompressed, header
+/// included: what compression is measured against.
+pub fn delta_plain_len(images: &[NamedImage], hot: &[HotPages]) -> usize {
+    let images: usize = images
+        .iter()
+        .map(|i| 2 + i.name.len() + 1 + 4 + i.bytes.len())
+        .sum();
+    let hot: usize = hot
+        .iter()
+        .map(|h| 4 + 8 + 4 + h.data.len() / PAGE * PAGE)
+        .sum();
+    HEADER_LEN + 4 + images + 4 + hot
+}
+
 /// Writes the opening of a switch connection (the restore's side).
 pub fn write_magic(w: &mut impl Write) -> Result<(), SwitchError> {
     w.write_all(&SWITCH_MAGIC)
@@ -513,6 +527,16 @@ mod tests {
             assert_eq!(&round_trip(msg, false), msg);
             assert_eq!(&round_trip(msg, true), msg);
         }
+    }
+
+    #[test]
+    fn the_plain_length_is_the_plain_frame() {
+        let SwitchMessage::Delta { images, hot } = delta() else {
+            unreachable!()
+        };
+        let mut wire = Vec::new();
+        write_message(&mut wire, &delta(), false).unwrap();
+        assert_eq!(delta_plain_len(&images, &hot), wire.len());
     }
 
     #[test]
