@@ -8,12 +8,14 @@
 //!
 //! ```text
 //! listen on A:P (a busy port costs nothing)
-//! S1  freeze, collect, write the whole lazy image set into -D, let the tree run
-//!     ("prepared images written"; the orchestrator copies -D to the destination)
+//! S1  freeze, collect, let the tree run, then write the whole lazy image set into -D
+//!     ("prepared images written"; the orchestrator copies -D to the destination; pages
+//!     read while it runs may be torn or stale: S2 compares and sends them again)
 //!     accept connections: SWITCH_MAGIC first = the restore's switch, else the daemon
 //!     wait for READY on the switch (--lazy-connect-timeout; none: error, the tree runs on)
 //! S2  freeze, collect, encode the image set in memory,
-//!     compare it with S1's by file name, send DELTA {changed images, hot pages}
+//!     compare it with S1's by file name, send DELTA {changed images, hot pages}, each
+//!     image compressed against its S1 version, which the destination holds too
 //!     (ABORT {why} and resume if anything of S2 fails)
 //!     then -D gets the final images, off the critical path
 //! serve the lazy pages as `lazy::serve` does, hearing the switch too (RESUMED, FAILED)
