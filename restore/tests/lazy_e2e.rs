@@ -24,8 +24,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use e2e::{
-    free_addr, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child, wait_for_file, Scenario,
-    Started,
+    free_addr, run_daemon, run_dump, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child,
+    wait_for_file, Scenario, Started,
 };
 
 const MIB: u64 = 64;
@@ -170,18 +170,7 @@ fn tool_dump(args: &[String]) -> ExitCode {
         }
         _ => {}
     }
-    match ckpt_dump::dump(&opts) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lazy_e2e dump: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
-            ExitCode::FAILURE
-        }
-    }
+    run_dump("lazy_e2e", &opts)
 }
 
 /// `daemon IMAGES WORK RATE_BYTES [PAGE_SERVER_ADDR]`
@@ -202,14 +191,7 @@ fn tool_daemon(args: &[String]) -> ExitCode {
         background_rate: (rate > 0).then_some(rate),
         background_delay: ckpt_lazy_pages::BACKGROUND_DELAY,
     };
-    let result = ckpt_lazy_pages::LazyDaemon::bind(&opts).and_then(|d| d.run());
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lazy_e2e daemon: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_daemon("lazy_e2e", &opts)
 }
 
 // ---------------------------------------------------------------------------------------

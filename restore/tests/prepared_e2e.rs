@@ -28,8 +28,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use e2e::{
-    free_addr, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child, wait_for_file, Scenario,
-    Started,
+    free_addr, run_daemon, run_dump, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child,
+    wait_for_file, Scenario, Started,
 };
 
 fn main() -> ExitCode {
@@ -66,18 +66,7 @@ fn tool_dump(args: &[String]) -> ExitCode {
     opts.mode = ckpt_dump::DumpMode::Lazy;
     opts.lazy_listen = Some(addr);
     opts.lazy_connect_timeout = Duration::from_millis(ms);
-    match ckpt_dump::dump(&opts) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("prepared_e2e dump: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
-            ExitCode::FAILURE
-        }
-    }
+    run_dump("prepared_e2e", &opts)
 }
 
 /// `daemon IMAGES WORK PAGE_SERVER_ADDR`
@@ -98,13 +87,7 @@ fn tool_daemon(args: &[String]) -> ExitCode {
         background_rate: None,
         background_delay: ckpt_lazy_pages::BACKGROUND_DELAY,
     };
-    match ckpt_lazy_pages::LazyDaemon::bind(&opts).and_then(|d| d.run()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("prepared_e2e daemon: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_daemon("prepared_e2e", &opts)
 }
 
 // ---------------------------------------------------------------------------------------

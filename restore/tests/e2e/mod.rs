@@ -2,8 +2,6 @@
 //! scenario runner (no test harness: they are single-threaded, so that a scenario's
 //! children are ours alone to reap) and the small waits every scenario uses.
 
-#![allow(dead_code)]
-
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, ExitStatus};
@@ -73,6 +71,34 @@ impl Drop for Started {
                 let _ = kill(pid, Signal::SIGKILL);
             }
             let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// Runs the dump a scenario asked for (this binary, re-executed as `BINARY dump ...`):
+/// the error and its causes go to stderr, which the scenario reads.
+pub fn run_dump(binary: &str, opts: &ckpt_dump::DumpOptions) -> ExitCode {
+    match ckpt_dump::dump(opts) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary} dump: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the lazy-pages daemon a scenario asked for (`BINARY daemon ...`).
+pub fn run_daemon(binary: &str, opts: &ckpt_lazy_pages::DaemonOptions) -> ExitCode {
+    match ckpt_lazy_pages::LazyDaemon::bind(opts).and_then(|d| d.run()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary} daemon: {e}");
+            ExitCode::FAILURE
         }
     }
 }
