@@ -333,16 +333,22 @@ pub fn install_pages(
         if !registered.iter().any(|v| v.start <= at && at < v.end) {
             continue;
         }
-        match uffd.copy(RemoteAddr(at), page, true) {
-            Ok(()) => installed += 1,
-            Err(UffdError::Partial {
-                errno: rustix::io::Errno::EXIST,
-                ..
-            }) => {}
-            Err(source) => return Err(LazyError::Setup { pid, source }),
-        }
+        installed += u64::from(install_page(uffd, pid, at, page)?);
     }
     Ok(installed)
+}
+
+/// Copies one page in at `at`; false if a page was there already (the daemon's, or a
+/// fault's), which stays.
+fn install_page(uffd: &Userfaultfd, pid: Pid, at: u64, page: &[u8]) -> Result<bool, LazyError> {
+    match uffd.copy(RemoteAddr(at), page, true) {
+        Ok(()) => Ok(true),
+        Err(UffdError::Partial {
+            errno: rustix::io::Errno::EXIST,
+            ..
+        }) => Ok(false),
+        Err(source) => Err(LazyError::Setup { pid, source }),
+    }
 }
 
 /// Freeze-free start (`--lazy-prefetch-hot`): installs, before the tree resumes, the lazy
@@ -402,14 +408,7 @@ pub fn prefetch_hot(
             tracing::trace!(%pid, page, %error, "not in the local images");
             continue;
         }
-        match uffd.copy(RemoteAddr(page), &buf, true) {
-            Ok(()) => installed += 1,
-            Err(UffdError::Partial {
-                errno: rustix::io::Errno::EXIST,
-                ..
-            }) => {}
-            Err(source) => return Err(LazyError::Setup { pid, source }),
-        }
+        installed += u64::from(install_page(uffd, pid, page, &buf)?);
     }
     Ok(installed)
 }
