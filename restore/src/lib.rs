@@ -223,29 +223,10 @@ impl Drop for Held {
                 let _ = nix::sys::signal::kill(host, nix::sys::signal::Signal::SIGKILL);
             }
             for t in threads.drain(..) {
-                let tid = nix::unistd::Pid::from_raw(t.tid().as_raw());
+                let tid = t.tid();
                 // Gone by now, or going: nothing to detach.
                 let _ = t.detach();
-                let deadline = Instant::now() + ZOMBIE_TIMEOUT;
-                while Instant::now() < deadline {
-                    match nix::sys::wait::waitpid(
-                        tid,
-                        Some(
-                            nix::sys::wait::WaitPidFlag::__WALL
-                                | nix::sys::wait::WaitPidFlag::WNOHANG,
-                        ),
-                    ) {
-                        Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                            std::thread::sleep(std::time::Duration::from_micros(100));
-                        }
-                        Ok(
-                            nix::sys::wait::WaitStatus::Exited(..)
-                            | nix::sys::wait::WaitStatus::Signaled(..),
-                        )
-                        | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
+                reap_killed_thread(tid);
             }
         }
     }
@@ -736,6 +717,23 @@ fn set_process_links(
 
 /// Waits until zombie `host` has died (its parent, stopped, cannot reap it; a parent
 /// that ignores SIGCHLD lets the kernel reap it at once).
+/// Reaps a killed thread we trace (it stays a zombie until its tracer does), waiting up
+/// to [`ZOMBIE_TIMEOUT`] for it to die.
+fn reap_killed_thread(tid: tracee::Tid) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let tid = nix::unistd::Pid::from_raw(tid.as_raw());
+    let deadline = Instant::now() + ZOMBIE_TIMEOUT;
+    while Instant::now() < deadline {
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 fn wait_zombie(host: Pid) -> Result<(), RestoreError> {
     let start = Instant::now();
     loop {
