@@ -531,25 +531,12 @@ impl Migration<'_> {
         }
         self.outcome.final_images = Some((src.clone(), dst.clone()));
         let port = self.port();
-        let (pid, port_s, src_s) = (self.pid.to_string(), port.to_string(), s(&src));
-        let mut args = vec![
-            "-t",
-            &pid,
-            "-D",
-            &src_s,
-            "-o",
-            "dump.log",
-            "--lazy-pages",
-            "--address",
-            SRC_ADDR,
-            "--port",
-            &port_s,
-            "--lazy-connect-timeout",
-            "30",
-        ];
-        if let Some(prev) = &prev {
-            args.extend(["--track-mem", "--prev-images-dir", prev]);
+        let port_s = port.to_string();
+        let mut args = self.lazy_dump_args(&src, port);
+        if let Some(prev) = prev {
+            args.extend(["--track-mem".into(), "--prev-images-dir".into(), prev]);
         }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let link = self.open_transfer(&dst)?;
         self.restore_ready(&mut restored)?;
         // The daemon starts first and retries its connection until the dump listens (just
@@ -592,31 +579,18 @@ impl Migration<'_> {
         let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
         std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
         let port = self.port();
-        let (pid, port_s, src_s) = (self.pid.to_string(), port.to_string(), s(&src));
+        let port_s = port.to_string();
         let source = format!("{SRC_ADDR}:{port}");
         let mut restore_args = vec!["--lazy-pages", "--prepared", &source];
         restore_args.extend(restore_extra);
         let mut restored = self.prepare_restore(&dst, &restore_args)?;
         self.outcome.final_images = Some((src.clone(), dst.clone()));
-        let mut args = vec![
-            "-t",
-            &pid,
-            "-D",
-            &src_s,
-            "-o",
-            "dump.log",
-            "--lazy-pages",
-            "--prepare",
-            "--address",
-            SRC_ADDR,
-            "--port",
-            &port_s,
-            "--lazy-connect-timeout",
-            "30",
-        ];
+        let mut args = self.lazy_dump_args(&src, port);
+        args.push("--prepare".into());
         if self.compress {
-            args.push("--compress-pages");
+            args.push("--compress-pages".into());
         }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let link = self.open_transfer(&dst)?;
         self.restore_ready(&mut restored)?;
         let daemon = self.start_daemon(&dst, &port_s);
@@ -668,6 +642,27 @@ impl Migration<'_> {
             Ok(daemon)
         });
         self.end_post_copy(result, restored, server)
+    }
+
+    /// `ckpt-dump --lazy-pages` of the workload into `src`, serving its pages on `port`.
+    fn lazy_dump_args(&self, src: &Path, port: u16) -> Vec<String> {
+        [
+            "-t",
+            &self.pid.to_string(),
+            "-D",
+            &s(src),
+            "-o",
+            "dump.log",
+            "--lazy-pages",
+            "--address",
+            SRC_ADDR,
+            "--port",
+            &port.to_string(),
+            "--lazy-connect-timeout",
+            "30",
+        ]
+        .map(str::to_string)
+        .to_vec()
     }
 
     /// The end of a post-copy whose destination runs (`result` holds its daemon) or failed
