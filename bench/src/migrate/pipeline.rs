@@ -220,16 +220,35 @@ impl Proc {
         Ok(self.reaped)
     }
 
+    /// Waits for the exit, woken by it through a pidfd: a tool that ends inside the down
+    /// time (the final dump) is followed at once by the next step, as in a shell pipeline.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let start = Instant::now();
+        let pidfd = rustix::process::Pid::from_raw(self.child.id() as i32).and_then(|pid| {
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+        });
         loop {
             if let Some(status) = self.try_status()? {
                 return Ok(status);
             }
-            if start.elapsed() > timeout {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
                 bail!("{} did not finish within {timeout:?}", self.name);
             }
-            std::thread::sleep(Duration::from_millis(2));
+            match &pidfd {
+                Some(fd) => {
+                    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                    let wait =
+                        rustix::time::Timespec::try_from(left.min(Duration::from_millis(100)))
+                            .unwrap_or(rustix::time::Timespec {
+                                tv_sec: 0,
+                                tv_nsec: 100_000_000,
+                            });
+                    // EINTR or a timeout: look again.
+                    let _ = rustix::event::poll(&mut fds, Some(&wait));
+                }
+                None => std::thread::sleep(Duration::from_micros(200)),
+            }
         }
     }
 
