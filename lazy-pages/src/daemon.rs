@@ -1,28 +1,44 @@
 //! The daemon: serves the page faults of lazily restored processes and pushes their
 //! remaining pages in the background until none is missing.
 //!
-//! One thread, one epoll set: the hand-off socket, restore's connection and every
-//! userfaultfd. Each turn of the loop first drains every userfaultfd (faults and the
-//! fork, mremap, munmap and madvise events), then copies one background chunk. Chunks grow
-//! from 64 KiB by 64 KiB per fault-free turn up to 4 MiB, and fall back to 64 KiB on a
-//! fault, so that a faulting thread waits for at most one small chunk; on a slow source a
-//! chunk is further held to about 2 ms of transfer at the speed measured on the previous
-//! one, and a fault block shrinks likewise down to one page (see [`crate::pace`]). The background
-//! transfer starts [`DaemonOptions::background_delay`] (10 ms) after restore has sent its
-//! end marker: before the marker restore is still building the tree (CRIU's daemon waits
-//! for it too), and just after it the tree's first steps and restore's last ones need the
-//! CPUs more than a copy loop does. Local pages images are read ahead into the page cache
-//! at the lowest priority from the moment a task is handed over (see [`crate::source`]).
-//! A remote source learns from the GETs' flags whether the end marker came (see
-//! [`crate::source`]): a page fetched before (restore itself touching lazy memory) does not
-//! count as the destination running.
+//! One thread, one epoll set: the hand-off socket, restore's connection, every
+//! userfaultfd and, for a remote source, its connection. Each turn of the loop first
+//! handles what is ready (faults and the fork, mremap, munmap and madvise events of the
+//! userfaultfds, the source's answers), then moves the background transfer on.
+//!
+//! From local images a fault block or a background chunk is read and copied at once.
+//! Chunks grow from 64 KiB by 64 KiB per fault-free turn up to 4 MiB and fall back to
+//! 64 KiB on a fault, so that a faulting thread waits for at most one small chunk, and are
+//! held to about 2 ms of reading at the measured speed ([`crate::pace::Pace`]).
+//!
+//! From a remote source nothing is waited for. A fault sends its GET at once; background
+//! GETs are kept in flight, small and several, as many as fill the round trip plus
+//! [`crate::pace::QUEUE_TIME`] at the measured speed ([`crate::pace::Pipeline`]): the
+//! source answers in order over one link, so everything asked before a fault is ahead of
+//! its answer, and one big chunk at a time held a fault behind up to 2 ms of transfer
+//! plus a round trip (3.4 ms gaps at 1 Gbit/s), while the link idled for a round trip
+//! between chunks. An answer is read only once it has arrived whole (the connection is
+//! edge-triggered, and [`Pages::answer_ready`] peeks), so that faults are heard and asked
+//! for while an answer is still on the wire. A fault on a page already asked for waits for
+//! that answer instead of asking again. An answer is copied only where the pages are still
+//! missing at the addresses asked for: a fork, mremap or munmap meanwhile leaves the rest
+//! to be asked for again.
+//!
+//! The background transfer starts [`DaemonOptions::background_delay`] (10 ms) after
+//! restore has sent its end marker: before the marker restore is still building the tree
+//! (CRIU's daemon waits for it too), and just after it the tree's first steps, each a
+//! fault on a just-resumed process, must not queue behind background data. Local pages
+//! images are read ahead into the page cache at the lowest priority from the moment a task
+//! is handed over (see [`crate::source`]). A remote source learns from the GETs' flags
+//! whether the end marker came (see [`crate::source`]): a page fetched before (restore
+//! itself touching lazy memory) does not count as the destination running.
 //!
 //! A process that exits, or execs, leaves its userfaultfd without an address space: the
 //! next copy fails with ESRCH and the process is dropped. The daemon exits once the end
 //! marker arrived and no process misses a page; closing the userfaultfds then unregisters
 //! their ranges, so pages that were never lazy read as zeroes from then on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -36,8 +52,8 @@ use tracee::uffd::{UffdError, UffdEvent, Userfaultfd};
 use tracee::{CpuPin, RemoteAddr};
 
 use crate::handoff::{HandoffError, HandoffListener, HandoffMessage, HandoffReceiver};
-use crate::missing::{page_of, MissingPages};
-use crate::pace::Pace;
+use crate::missing::{page_of, MissingPages, MissingRun};
+use crate::pace::{Pace, Pipeline};
 use crate::source::{PageSource, Pages, RemotePages, SourceError};
 
 /// Smallest (and post-fault) background chunk.
@@ -51,6 +67,8 @@ pub const FAULT_BLOCK: u64 = 16 << 10;
 const LISTENER: u64 = 0;
 const RESTORE: u64 = 1;
 const FIRST_TASK: u64 = 2;
+/// The remote source's connection (task keys count up from [`FIRST_TASK`]).
+const SOURCE: u64 = u64::MAX;
 
 /// What the daemon is told to do.
 #[derive(Clone, Debug)]
@@ -98,6 +116,9 @@ pub struct DaemonStats {
     pub background_bytes: u64,
     /// Lazy bytes announced by the pagemaps of the tasks restore handed over.
     pub lazy_bytes: u64,
+    /// Answers read from a remote source, and how often its connection woke the daemon.
+    pub answers: u64,
+    pub source_wakeups: u64,
     /// From start to the end marker, and to the last page.
     pub until_finished: Option<Duration>,
     pub total: Duration,
@@ -209,7 +230,22 @@ impl LazyDaemon {
             stats: DaemonStats::default(),
             started: Instant::now(),
             faulted: false,
+            remote: false,
+            inflight: VecDeque::new(),
+            pipeline: Pipeline::new(FAULT_BLOCK),
         };
+        if let Some(fd) = server.pages.remote_fd() {
+            // Edge-triggered: each arrival of data wakes us, and an answer is read only
+            // once it is whole (see `receive_ready`).
+            epoll::add(
+                &server.epoll,
+                fd,
+                epoll::EventData::new_u64(SOURCE),
+                epoll::EventFlags::IN | epoll::EventFlags::ET,
+            )
+            .map_err(|errno| DaemonError::Epoll { op: "add", errno })?;
+            server.remote = true;
+        }
         server.serve()?;
         let Server {
             pages,
@@ -253,6 +289,33 @@ struct Task {
     pending: Vec<u64>,
 }
 
+/// Pages asked of a remote source, not answered yet.
+#[derive(Debug)]
+struct Request {
+    key: u64,
+    /// The image pid asked with.
+    pid: i32,
+    /// `[start, start + len)` in the task when asked, whose pages are the image's from
+    /// `image` on.
+    start: u64,
+    len: u64,
+    image: u64,
+    /// Fault addresses waiting for these pages; a request made for a fault has its own.
+    waiters: Vec<u64>,
+    fault: bool,
+    sent: Instant,
+}
+
+impl Request {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    fn covers(&self, key: u64, page: u64) -> bool {
+        self.key == key && self.start <= page && page < self.end()
+    }
+}
+
 enum Fill {
     Done,
     /// The address space is changing: read its events, then retry.
@@ -282,6 +345,11 @@ struct Server {
     started: Instant,
     /// A fault was served in this turn of the loop.
     faulted: bool,
+    /// Pages come from a remote source, asked for ahead of time (see [`Pipeline`]).
+    remote: bool,
+    /// Requests to the remote source not answered yet, oldest first (it answers in order).
+    inflight: VecDeque<Request>,
+    pipeline: Pipeline,
 }
 
 fn add(epoll: &OwnedFd, fd: impl AsFd, key: u64) -> Result<(), DaemonError> {
@@ -299,7 +367,7 @@ impl Server {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         loop {
             let work_left = self.tasks.values().any(|t| !t.missing.is_empty());
-            if self.finished && !work_left {
+            if self.finished && !work_left && self.inflight.is_empty() {
                 break;
             }
             let waiting = if self.finished && work_left {
@@ -323,7 +391,9 @@ impl Server {
                     tv_sec: 0,
                     tv_nsec: 1_000_000,
                 })
-            } else if background {
+            } else if background && (!self.remote || self.inflight.is_empty()) {
+                // Locally, the next chunk is copied at once; a remote source's answers
+                // wake us.
                 Some(rustix::time::Timespec {
                     tv_sec: 0,
                     tv_nsec: 0,
@@ -352,14 +422,20 @@ impl Server {
                 match key {
                     LISTENER => self.accept()?,
                     RESTORE => self.handoff()?,
+                    SOURCE => self.receive_ready()?,
                     key => self.drain(key)?,
                 }
             }
             self.retry_pending()?;
-            if self.faulted {
+            let background_now =
+                self.finished && self.background_wait().is_none() && !self.background_paused();
+            if self.remote {
+                if background_now {
+                    self.fill_window()?;
+                }
+            } else if self.faulted {
                 self.xfer_len = MIN_XFER;
-            } else if self.finished && self.background_wait().is_none() && !self.background_paused()
-            {
+            } else if background_now {
                 self.background_step()?;
             }
         }
@@ -372,6 +448,8 @@ impl Server {
             faults_zero = self.stats.faults_zero,
             fault_bytes = self.stats.fault_bytes,
             background_bytes = self.stats.background_bytes,
+            answers = self.stats.answers,
+            source_wakeups = self.stats.source_wakeups,
             ms = self.stats.total.as_millis(),
             "every lazy page is in"
         );
@@ -625,6 +703,9 @@ impl Server {
             }
             return Ok(());
         };
+        if self.remote {
+            return self.ask_for_fault(key, addr, run);
+        }
         let size = self.pace.fault_block();
         let block = page & !(size - 1);
         let start = block.max(run.start);
@@ -674,7 +755,13 @@ impl Server {
         };
         let elapsed = self.started.elapsed().saturating_sub(since);
         let allowed = u128::from(rate) * elapsed.as_micros() / 1_000_000;
-        u128::from(self.stats.background_bytes) >= allowed
+        let asked: u64 = self
+            .inflight
+            .iter()
+            .filter(|r| !r.fault)
+            .map(|r| r.len)
+            .sum();
+        u128::from(self.stats.background_bytes + asked) >= allowed
     }
 
     fn background_step(&mut self) -> Result<(), DaemonError> {
@@ -717,6 +804,227 @@ impl Server {
         Ok(())
     }
 
+    /// A fault on `addr`, missing in `run`: asks the remote source for the block around it,
+    /// or waits for the request already asked that holds it.
+    fn ask_for_fault(&mut self, key: u64, addr: u64, run: MissingRun) -> Result<(), DaemonError> {
+        let page = page_of(addr);
+        if let Some(request) = self.inflight.iter_mut().find(|r| r.covers(key, page)) {
+            tracing::debug!(
+                addr = format_args!("{addr:#x}"),
+                "fault waits for pages asked for"
+            );
+            request.waiters.push(addr);
+            return Ok(());
+        }
+        let size = self.pipeline.fault_block();
+        let block = page & !(size - 1);
+        let mut start = block.max(run.start);
+        let mut end = (block + size).min(run.end);
+        // Neighbours already asked for are not asked for twice.
+        for request in self.inflight.iter().filter(|r| r.key == key) {
+            if request.end() <= page {
+                start = start.max(request.end());
+            } else if request.start > page {
+                end = end.min(request.start);
+            }
+        }
+        if let Some(task) = self.tasks.get_mut(&key) {
+            task.cursor = end;
+        }
+        self.ask(key, start, end, run, Some(addr))
+    }
+
+    /// Asks the remote source for `[start, end)` of the task, inside the missing `run`.
+    fn ask(
+        &mut self,
+        key: u64,
+        start: u64,
+        end: u64,
+        run: MissingRun,
+        fault: Option<u64>,
+    ) -> Result<(), DaemonError> {
+        let Some(task) = self.tasks.get(&key) else {
+            return Ok(());
+        };
+        let pid = task.pid;
+        let image = run.image_of(start);
+        let len = end - start;
+        // Before the write: the source may answer before this thread runs again.
+        let sent = Instant::now();
+        self.pages.request(pid, image, len / PAGE_SIZE)?;
+        self.inflight.push_back(Request {
+            key,
+            pid,
+            start,
+            len,
+            image,
+            waiters: fault.into_iter().collect(),
+            fault: fault.is_some(),
+            sent,
+        });
+        Ok(())
+    }
+
+    /// Keeps background requests in flight up to the pipeline's window.
+    fn fill_window(&mut self) -> Result<(), DaemonError> {
+        let chunk = self.pipeline.chunk();
+        // Each turn asks for a chunk or skips past pages already asked for.
+        for _ in 0..16 {
+            let in_flight: u64 = self.inflight.iter().map(|r| r.len).sum();
+            if !self.pipeline.room(in_flight, chunk) || !self.ask_background(chunk)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for the next background chunk, round robin over the tasks; `false` when no
+    /// page is left to ask for.
+    fn ask_background(&mut self, chunk: u64) -> Result<bool, DaemonError> {
+        let next = self
+            .tasks
+            .range(self.background_key..)
+            .chain(self.tasks.range(..self.background_key))
+            .find(|(_, t)| !t.missing.is_empty())
+            .map(|(&k, t)| (k, t.cursor, t.missing.next_from(t.cursor)));
+        let Some((key, cursor, Some(run))) = next else {
+            return Ok(false);
+        };
+        let start = if run.start <= cursor && cursor < run.end {
+            page_of(cursor)
+        } else {
+            run.start
+        };
+        let mut end = run.end.min(start + chunk);
+        for request in self.inflight.iter().filter(|r| r.key == key) {
+            if request.start <= start && start < request.end() {
+                // Asked for already: go on after it.
+                if let Some(task) = self.tasks.get_mut(&key) {
+                    task.cursor = request.end();
+                }
+                return Ok(true);
+            }
+            if start < request.start && request.start < end {
+                end = request.start;
+            }
+        }
+        if let Some(task) = self.tasks.get_mut(&key) {
+            task.cursor = end;
+        }
+        self.background_key = key + 1;
+        self.ask(key, start, end, run, None)?;
+        Ok(true)
+    }
+
+    /// Reads every answer that arrived whole. One still arriving is left to the next
+    /// wake-up: reading it now would leave faults unheard for as long as its rest takes.
+    fn receive_ready(&mut self) -> Result<(), DaemonError> {
+        self.stats.source_wakeups += 1;
+        while self.pages.answer_ready()? {
+            self.receive_answer()?;
+            if self.inflight.is_empty() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the answer to the oldest request and copies what is still missing where the
+    /// request said, then serves the faults that waited for it.
+    fn receive_answer(&mut self) -> Result<(), DaemonError> {
+        let Some(request) = self.inflight.pop_front() else {
+            // Nothing asked: the source closed the connection, or broke the protocol.
+            // Reading says which.
+            let mut buf = std::mem::take(&mut self.buf);
+            let got = self.pages.receive(0, 0, &mut buf[..PAGE_SIZE as usize]);
+            self.buf = buf;
+            got?;
+            return Ok(());
+        };
+        let len = usize::try_from(request.len).expect("at most a chunk");
+        let mut buf = std::mem::take(&mut self.buf);
+        let received = self
+            .pages
+            .receive(request.pid, request.image, &mut buf[..len]);
+        let now = Instant::now();
+        let outcome = received.map_err(DaemonError::from).and_then(|got| {
+            let got = got.min(len);
+            self.pipeline
+                .answered(got as u64, request.sent, now, !self.inflight.is_empty());
+            self.install(&request, &buf[..got])
+        });
+        self.buf = buf;
+        let outcome = outcome?;
+        self.stats.answers += 1;
+        tracing::debug!(
+            bytes = request.len,
+            us = now.duration_since(request.sent).as_micros() as u64,
+            in_flight = self.inflight.len(),
+            window = self.pipeline.window(),
+            "{}",
+            if request.fault {
+                "fault block"
+            } else {
+                "background chunk"
+            }
+        );
+        match outcome {
+            Fill::Done => {
+                if request.fault {
+                    self.stats.faults_copied += 1;
+                }
+                for addr in request.waiters {
+                    let Some(task) = self.tasks.get(&request.key) else {
+                        break;
+                    };
+                    if task.missing.find(page_of(addr)).is_some() {
+                        // A short answer, or the page moved meanwhile: ask again.
+                        self.serve_fault(request.key, addr)?;
+                    } else {
+                        // Copied (which woke it), or dropped as not registered.
+                        wake(task, page_of(addr));
+                    }
+                }
+            }
+            Fill::Again => {
+                if let Some(task) = self.tasks.get_mut(&request.key) {
+                    task.pending.extend(request.waiters);
+                }
+            }
+            Fill::Gone => self.drop_task(request.key),
+        }
+        Ok(())
+    }
+
+    /// Copies an answer to `request` into the task, page runs that are still missing at
+    /// the addresses asked for and come from the same image pages (the task may have
+    /// filled, moved or unmapped some meanwhile).
+    fn install(&mut self, request: &Request, data: &[u8]) -> Result<Fill, DaemonError> {
+        let end = request.start + data.len() as u64;
+        let mut at = request.start;
+        while at < end {
+            let Some(task) = self.tasks.get(&request.key) else {
+                return Ok(Fill::Gone);
+            };
+            let image = request.image + (at - request.start);
+            let stop = match task.missing.find(at) {
+                Some(run) if run.image_of(at) == image => run.end.min(end),
+                _ => {
+                    at += PAGE_SIZE;
+                    continue;
+                }
+            };
+            let from = usize::try_from(at - request.start).expect("inside the answer");
+            let to = usize::try_from(stop - request.start).expect("inside the answer");
+            let (_, outcome) = self.copy_piece(request.key, at, &data[from..to], request.fault)?;
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            at = stop;
+        }
+        Ok(Fill::Done)
+    }
+
     /// Copies the image's pages into `[start, end)` of the task, as far as they are still
     /// missing, and forgets them.
     fn fill(&mut self, key: u64, start: u64, end: u64, fault: bool) -> Result<Fill, DaemonError> {
@@ -731,91 +1039,111 @@ impl Server {
             };
             let stop = end.min(run.end);
             let len = usize::try_from(stop - at).expect("at most a chunk");
-            let got = self
-                .pages
-                .fetch(task.pid, run.image_of(at), &mut self.buf[..len])?;
-            let data = &self.buf[..got];
-            let mut off = 0usize;
-            let mut copied = 0u64;
-            // UFFDIO_COPY stays inside one VMA: a range crossing into the next one (a
-            // run spanning two VMAs, or one split by mprotect since) fails whole with
-            // ENOENT. Halve the copy until it fits, then go back to the whole remainder.
-            let mut try_len = data.len();
-            let outcome = loop {
-                if off >= data.len() {
-                    break None;
-                }
-                let dst = RemoteAddr(at + off as u64);
-                let piece = try_len.min(data.len() - off);
-                match task.uffd.copy(dst, &data[off..off + piece], false) {
-                    Ok(()) => {
-                        copied += piece as u64;
-                        off += piece;
-                        try_len = data.len();
-                    }
-                    Err(UffdError::Partial { done, .. }) if done > 0 => {
-                        copied += done;
-                        off += usize::try_from(done).unwrap_or(piece).min(piece);
-                        try_len = data.len();
-                    }
-                    Err(UffdError::Partial {
-                        errno: Errno::NOENT,
-                        ..
-                    }) if piece > PAGE_SIZE as usize => {
-                        try_len = (piece / 2) & !(PAGE_SIZE as usize - 1);
-                        try_len = try_len.max(PAGE_SIZE as usize);
-                    }
-                    Err(UffdError::Partial { errno, .. }) => match errno {
-                        // Already there (a fork's child shares it, or a racing fault): it
-                        // is not ours to fill; wake whoever waits on it.
-                        Errno::EXIST => {
-                            wake(task, dst.get());
-                            off += PAGE_SIZE as usize;
-                        }
-                        // Not registered (restore did not register it, or it is being
-                        // unmapped): drop the page.
-                        Errno::NOENT => {
-                            off += PAGE_SIZE as usize;
-                            try_len = data.len();
-                        }
-                        Errno::AGAIN => break Some(Fill::Again),
-                        Errno::SRCH => break Some(Fill::Gone),
-                        errno => {
-                            return Err(DaemonError::Fill {
-                                pid: task.pid,
-                                addr: dst,
-                                source: UffdError::Partial {
-                                    op: "UFFDIO_COPY",
-                                    addr: dst,
-                                    done: 0,
-                                    len: piece as u64,
-                                    errno,
-                                },
-                            });
-                        }
-                    },
-                    Err(source) => {
-                        return Err(DaemonError::Fill {
-                            pid: task.pid,
-                            addr: dst,
-                            source,
-                        })
-                    }
-                }
-            };
-            let off = off.min(data.len()) as u64;
-            task.missing.remove(at, at + off);
-            if fault {
-                self.stats.fault_bytes += copied;
-            } else {
-                self.stats.background_bytes += copied;
-            }
+            let pid = task.pid;
+            let mut buf = std::mem::take(&mut self.buf);
+            let fetched = self.pages.fetch(pid, run.image_of(at), &mut buf[..len]);
+            let copied = fetched.map_err(DaemonError::from).and_then(|got| {
+                let got = got.min(len);
+                self.copy_piece(key, at, &buf[..got], fault)
+            });
+            self.buf = buf;
+            let (off, outcome) = copied?;
             if let Some(outcome) = outcome {
                 return Ok(outcome);
             }
             at += off;
         }
         Ok(Fill::Done)
+    }
+
+    /// Copies `data` to `at` in the task, which misses those pages from one run, and
+    /// forgets them; returns how far it got, and why it stopped short if it did.
+    fn copy_piece(
+        &mut self,
+        key: u64,
+        at: u64,
+        data: &[u8],
+        fault: bool,
+    ) -> Result<(u64, Option<Fill>), DaemonError> {
+        let Some(task) = self.tasks.get_mut(&key) else {
+            return Ok((0, Some(Fill::Gone)));
+        };
+        let mut off = 0usize;
+        let mut copied = 0u64;
+        // UFFDIO_COPY stays inside one VMA: a range crossing into the next one (a
+        // run spanning two VMAs, or one split by mprotect since) fails whole with
+        // ENOENT. Halve the copy until it fits, then go back to the whole remainder.
+        let mut try_len = data.len();
+        let outcome = loop {
+            if off >= data.len() {
+                break None;
+            }
+            let dst = RemoteAddr(at + off as u64);
+            let piece = try_len.min(data.len() - off);
+            match task.uffd.copy(dst, &data[off..off + piece], false) {
+                Ok(()) => {
+                    copied += piece as u64;
+                    off += piece;
+                    try_len = data.len();
+                }
+                Err(UffdError::Partial { done, .. }) if done > 0 => {
+                    copied += done;
+                    off += usize::try_from(done).unwrap_or(piece).min(piece);
+                    try_len = data.len();
+                }
+                Err(UffdError::Partial {
+                    errno: Errno::NOENT,
+                    ..
+                }) if piece > PAGE_SIZE as usize => {
+                    try_len = (piece / 2) & !(PAGE_SIZE as usize - 1);
+                    try_len = try_len.max(PAGE_SIZE as usize);
+                }
+                Err(UffdError::Partial { errno, .. }) => match errno {
+                    // Already there (a fork's child shares it, or a racing fault): it
+                    // is not ours to fill; wake whoever waits on it.
+                    Errno::EXIST => {
+                        wake(task, dst.get());
+                        off += PAGE_SIZE as usize;
+                    }
+                    // Not registered (restore did not register it, or it is being
+                    // unmapped): drop the page.
+                    Errno::NOENT => {
+                        off += PAGE_SIZE as usize;
+                        try_len = data.len();
+                    }
+                    Errno::AGAIN => break Some(Fill::Again),
+                    Errno::SRCH => break Some(Fill::Gone),
+                    errno => {
+                        return Err(DaemonError::Fill {
+                            pid: task.pid,
+                            addr: dst,
+                            source: UffdError::Partial {
+                                op: "UFFDIO_COPY",
+                                addr: dst,
+                                done: 0,
+                                len: piece as u64,
+                                errno,
+                            },
+                        });
+                    }
+                },
+                Err(source) => {
+                    return Err(DaemonError::Fill {
+                        pid: task.pid,
+                        addr: dst,
+                        source,
+                    })
+                }
+            }
+        };
+        let off = off.min(data.len()) as u64;
+        task.missing.remove(at, at + off);
+        if fault {
+            self.stats.fault_bytes += copied;
+        } else {
+            self.stats.background_bytes += copied;
+        }
+        Ok((off, outcome))
     }
 }
 
