@@ -65,7 +65,7 @@ use images_format::{ImageKind, ImageWriter};
 use tracee::memory::{self, RemoteRange};
 use tracee::{Pid, RemoteAddr, SeizedTree, PAGE_SIZE};
 
-use crate::collect::{self, TreeState};
+use crate::collect::{self, refresh, TreeState};
 use crate::lazy::{self, SwitchLink};
 use crate::release;
 use crate::write::{self, WrittenImages};
@@ -127,6 +127,9 @@ fn refusal(opts: &DumpOptions) -> Option<&'static str> {
 /// Image file name -> contents.
 type Images = BTreeMap<String, Vec<u8>>;
 
+/// The nice value of the work left for after the switch (the highest: it yields to all).
+const LOWEST_PRIORITY: i32 = 19;
+
 /// One freeze, collection and write: the tree stays frozen.
 struct Round {
     tree: SeizedTree,
@@ -137,6 +140,8 @@ struct Round {
     /// Collecting, then writing (µs).
     collect_us: u32,
     write_us: u32,
+    /// The state was read lightly (`collect::refresh`), not collected in full.
+    light: bool,
 }
 
 /// A frozen tree, its state and its page plans.
@@ -145,10 +150,47 @@ struct Collected {
     state: TreeState,
     stats: DumpStats,
     frozen_since: Instant,
+    light: bool,
 }
 
-/// Freezes the tree and reads its state, and plans its pages.
-fn freeze_and_collect(pid: Pid, opts: &DumpOptions) -> Result<Collected, DumpError> {
+/// What the final round may start from instead of a full collection: the first round's
+/// state and the watch on the tree's syscalls since (see `collect::refresh`).
+struct Earlier<'a> {
+    state: &'a TreeState,
+    watch: &'a refresh::Watch,
+}
+
+/// Reads the frozen tree's state: lightly from `earlier` if the watch allows it (and what
+/// it reads again shows no change it cannot follow), else in full. Says which it did.
+fn read_state(
+    tree: &mut SeizedTree,
+    opts: &DumpOptions,
+    vma_source: collect::VmaSource,
+    earlier: Option<Earlier<'_>>,
+) -> Result<(TreeState, bool), DumpError> {
+    if let Some(earlier) = earlier {
+        let why = match refresh::verdict(earlier.watch, tree) {
+            Ok(()) => match refresh::again(tree, earlier.state, earlier.watch)? {
+                refresh::Refreshed::State(state) => {
+                    fault::check(opts.fault, FaultPoint::AfterInject)?;
+                    return Ok((state, true));
+                }
+                refresh::Refreshed::Stale(why) => why,
+            },
+            Err(why) => why,
+        };
+        tracing::info!(%why, "S2 collects in full");
+    }
+    Ok((collect::tree(tree, opts, vma_source)?, false))
+}
+
+/// Freezes the tree and reads its state (lightly from `earlier` where it can), and plans
+/// its pages.
+fn freeze_and_collect(
+    pid: Pid,
+    opts: &DumpOptions,
+    earlier: Option<Earlier<'_>>,
+) -> Result<Collected, DumpError> {
     // smaps' page walk is done while the tree runs, and kept if the VMAs stay the same.
     let vma_source = tracee::proc::smaps::read(pid)
         .map(collect::VmaSource::SmapsIfUnchanged)
@@ -161,7 +203,7 @@ fn freeze_and_collect(pid: Pid, opts: &DumpOptions) -> Result<Collected, DumpErr
     };
     let frozen_since = Instant::now();
     fault::check(opts.fault, FaultPoint::AfterFreeze)?;
-    let mut state = collect::tree(&mut tree, opts, vma_source)?;
+    let (mut state, light) = read_state(&mut tree, opts, vma_source, earlier)?;
     stats.cow_shared_bytes = state.cow_shared_bytes;
     for process in &mut state.processes {
         let policies = full_policies(process, opts, None, false);
@@ -172,17 +214,19 @@ fn freeze_and_collect(pid: Pid, opts: &DumpOptions) -> Result<Collected, DumpErr
         state,
         stats,
         frozen_since,
+        light,
     })
 }
 
 /// S2: the images are encoded in memory while the tree stays frozen.
-fn round(pid: Pid, opts: &DumpOptions) -> Result<Round, DumpError> {
+fn round(pid: Pid, opts: &DumpOptions, earlier: Option<Earlier<'_>>) -> Result<Round, DumpError> {
     let Collected {
         tree,
         state,
         mut stats,
         frozen_since,
-    } = freeze_and_collect(pid, opts)?;
+        light,
+    } = freeze_and_collect(pid, opts, earlier)?;
     let collect_us = micros(frozen_since);
     let write_start = Instant::now();
     let images = write::images_in_memory(&state, opts, &mut stats)?;
@@ -194,22 +238,32 @@ fn round(pid: Pid, opts: &DumpOptions) -> Result<Round, DumpError> {
         frozen_since,
         collect_us,
         write_us: micros(write_start),
+        light,
     })
 }
 
 /// S1: freeze, collect, let the tree go. Its images are written afterwards, from a
 /// process that runs again: the first round is not down time, but its freeze is a gap in
-/// the program all the same, so it holds the tree only while the state is read.
-fn first_round(pid: Pid, opts: &DumpOptions) -> Result<(TreeState, DumpStats), DumpError> {
+/// the program all the same, so it holds the tree only while the state is read. Before it
+/// goes, the tree's syscalls start being watched, if it qualifies for a light S2 (else
+/// `Err` says why not).
+fn first_round(
+    pid: Pid,
+    opts: &DumpOptions,
+) -> Result<(TreeState, DumpStats, Result<refresh::Watch, String>), DumpError> {
+    let counters = refresh::watch_before_freeze(pid);
     let Collected {
         tree,
         state,
         mut stats,
         frozen_since,
-    } = freeze_and_collect(pid, opts)?;
+        ..
+    } = freeze_and_collect(pid, opts, None)?;
+    let armed = counters.and_then(|counters| refresh::arm(&tree, counters));
     release::finish_tree(tree, FinalState::Running)?;
     stats.frozen_time_us = micros(frozen_since);
-    Ok((state, stats))
+    let watch = armed.and_then(|armed| armed.ready(&state));
+    Ok((state, stats, watch))
 }
 
 fn read_images(dir: &Path, names: &[String]) -> Result<Images, PrepareError> {
@@ -555,8 +609,9 @@ fn switch_round(
     prepared: &Images,
     hot: bool,
     stream: &mut TcpStream,
+    earlier: Option<Earlier<'_>>,
 ) -> Result<Switched, DumpError> {
-    let mut round = round(pid, opts)?;
+    let mut round = round(pid, opts, earlier)?;
     let delta_start = Instant::now();
     let now = round.images.take_memory();
     let (images, vanished) = delta(prepared, now);
@@ -590,6 +645,7 @@ fn switch_round(
     tracing::info!(
         freezing_us = round.stats.freezing_time_us,
         frozen_to_delta_sent_us = frozen_to_sent,
+        light = round.light,
         collect_us = round.collect_us,
         write_us = round.write_us,
         delta_us,
@@ -678,7 +734,10 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         fault: None,
         ..opts.clone()
     };
-    let (state, mut s1_stats) = first_round(pid, &s1_opts)?;
+    let (state, mut s1_stats, watch) = first_round(pid, &s1_opts)?;
+    let watch = watch
+        .map_err(|why| tracing::info!(%why, "S2 will collect in full"))
+        .ok();
     let images = write::images_of_running(&state, &s1_opts, &mut s1_stats)?;
     let names = images.file_names();
     images.commit(&s1_stats)?;
@@ -699,7 +758,18 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     // S2: the delta. Any failure resumes the tree (dropped inside) and tells the
     // destination.
     let _shield = SignalShield::raise();
-    let switched = match switch_round(pid, opts, &prepared, ready.hot_pages, &mut switch_stream) {
+    let earlier = watch.as_ref().map(|watch| Earlier {
+        state: &state,
+        watch,
+    });
+    let switched = match switch_round(
+        pid,
+        opts,
+        &prepared,
+        ready.hot_pages,
+        &mut switch_stream,
+        earlier,
+    ) {
         Ok(switched) => switched,
         Err(err) => {
             let abort = SwitchMessage::Abort {
@@ -727,7 +797,19 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     let images = round.images;
     let updating = std::thread::Builder::new()
         .name("prepared-images".to_owned())
-        .spawn(move || update_images_dir(&dir, images, stats, changed, &vanished));
+        .spawn(move || {
+            // The destination's first faults are served from this process meanwhile, on a
+            // machine of few CPUs: they go first.
+            let me = rustix::thread::gettid();
+            if let Err(error) = rustix::process::setpriority_process(Some(me), LOWEST_PRIORITY) {
+                tracing::debug!(%error, "-D is updated at normal priority");
+            }
+            update_images_dir(&dir, images, stats, changed, &vanished);
+            // Closing the last counter of the tracepoint waits for an RCU grace period
+            // (milliseconds): never where the daemon's first requests would wait behind it.
+            drop(watch);
+            drop(state);
+        });
     let updating = match updating {
         Ok(handle) => Some(handle),
         Err(error) => {
@@ -855,6 +937,223 @@ mod tests {
             Opening::Closed,
             "end of stream"
         );
+    }
+
+    /// Threads rewriting memory while the main thread sleeps in short steps and writes a
+    /// regular file (appending, at offsets, seeking): only allowed syscalls. With `mmap` as
+    /// an argument, the main thread maps a page on each step too.
+    const WORKER: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGES 512
+static volatile uint64_t *region;
+static volatile int started;
+
+static void *writer(void *arg) {
+    uint64_t seed = 0x9E3779B97F4A7C15ULL * ((uintptr_t)arg + 1);
+    double acc = 1.0;
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
+        /* Keeps changing values in the vector registers too. */
+        acc = acc * 1.0000001 + (double)(seed & 7);
+        region[(seed % PAGES) * 512 + (seed % 512)] += seed + (uint64_t)acc;
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    int do_mmap = argc > 1 && !strcmp(argv[1], "mmap");
+    /* What the test harness leaked is not the state under test. */
+    close_range(3, ~0U, 0);
+    region = mmap(NULL, PAGES * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int log = open("log.txt", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    int data = open("data.bin", O_RDWR | O_CREAT, 0600);
+    pthread_t t;
+    for (uintptr_t i = 0; i < 3; i++)
+        pthread_create(&t, NULL, writer, (void *)i);
+    /* Ready once every thread is past its start (rseq, robust list: syscalls of its own). */
+    while (started < 3)
+        ;
+    FILE *f = fopen("ready.tmp", "w");
+    fputs("ready\n", f);
+    fclose(f);
+    rename("ready.tmp", "ready");
+    char line[64];
+    for (unsigned long n = 0;; n++) {
+        int len = snprintf(line, sizeof line, "step %lu\n", n);
+        write(log, line, (size_t)len);
+        pwrite(data, &n, sizeof n, (off_t)((n % 64) * 8));
+        lseek(data, (off_t)(n % 100), SEEK_SET);
+        struct timespec ts = {0, 200 * 1000};
+        nanosleep(&ts, NULL);
+        if (do_mmap)
+            mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
+}
+"#;
+
+    /// The worker, compiled and started in its own directory; killed and reaped on drop.
+    struct Worker {
+        child: std::process::Child,
+        dir: tempfile::TempDir,
+    }
+
+    impl Worker {
+        fn start(args: &[&str]) -> Worker {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let src = dir.path().join("worker.c");
+            std::fs::write(&src, WORKER).expect("write the worker");
+            let exe = dir.path().join("worker");
+            let cc = std::process::Command::new("cc")
+                .args(["-O1", "-pthread", "-o"])
+                .arg(&exe)
+                .arg(&src)
+                .status()
+                .expect("run cc");
+            assert!(cc.success(), "cannot compile the worker");
+            let child = std::process::Command::new(&exe)
+                .args(args)
+                .current_dir(dir.path())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start the worker");
+            let start = Instant::now();
+            while !dir.path().join("ready").exists() {
+                assert!(start.elapsed() < Duration::from_secs(30), "never ready");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Worker { child, dir }
+        }
+
+        /// Waits until the worker has appended to its log since it was `len` bytes long.
+        fn wait_progress(&self, len: u64) {
+            let start = Instant::now();
+            let log = self.dir.path().join("log.txt");
+            while std::fs::metadata(&log).map_or(0, |m| m.len()) < len + 64 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "the worker is stuck"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn pid(&self) -> Pid {
+            Pid::from_raw(i32::try_from(self.child.id()).expect("pid")).expect("pid")
+        }
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The images of `state` (plans made as a round makes them), all but the clocks.
+    fn encoded(mut state: TreeState, opts: &DumpOptions) -> Images {
+        for process in &mut state.processes {
+            let policies = full_policies(process, opts, None, false);
+            process.plan = pages::plan(&process.pages, &policies);
+        }
+        let mut stats = DumpStats::default();
+        let mut images = write::images_in_memory(&state, opts, &mut stats).expect("encode");
+        let mut out = images.take_memory();
+        out.remove("timens-0.img");
+        out
+    }
+
+    /// S1 as a prepared dump does it: collect, arm the watch, let the tree run.
+    fn first_look(pid: Pid, opts: &DumpOptions) -> (TreeState, Result<refresh::Watch, String>) {
+        let counters = refresh::watch_before_freeze(pid);
+        let mut tree = seize::freeze_tree(pid).expect("freeze");
+        let state = collect::tree(&mut tree, opts, collect::VmaSource::Smaps).expect("collect");
+        let armed = counters.and_then(|counters| refresh::arm(&tree, counters));
+        release::finish_tree(tree, FinalState::Running).expect("release");
+        (state.clone(), armed.and_then(|armed| armed.ready(&state)))
+    }
+
+    #[test]
+    fn the_light_second_look_gives_the_images_of_a_full_collection() {
+        let worker = Worker::start(&[]);
+        let pid = worker.pid();
+        let images_dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = DumpOptions::new(pid.as_raw(), images_dir.path());
+        opts.mode = DumpMode::Lazy;
+        let (mut before, watch) = first_look(pid, &opts);
+        let mut watch = watch.expect("the worker qualifies for a light S2");
+        let log_file = |state: &TreeState| {
+            state.processes[0]
+                .files
+                .files
+                .iter()
+                .filter_map(|f| f.reg.as_ref())
+                .find(|r| r.name.ends_with("log.txt"))
+                .map(|r| (r.pos, r.size))
+        };
+        let first_log = log_file(&before).expect("the log file is among the files");
+        for round in 0..3 {
+            worker.wait_progress(log_file(&before).and_then(|l| l.1).unwrap_or(0));
+            let mut tree = seize::freeze_tree(pid).expect("freeze again");
+            refresh::verdict(&watch, &tree).unwrap_or_else(|why| panic!("round {round}: {why}"));
+            let light = match refresh::again(&mut tree, &before, &watch).expect("light look") {
+                refresh::Refreshed::State(state) => state,
+                refresh::Refreshed::Stale(why) => panic!("round {round}: stale: {why}"),
+            };
+            let log_now = log_file(&light).expect("the log file");
+            assert!(
+                log_now.0 > first_log.0,
+                "round {round}: the log's position did not move: {log_now:?} {first_log:?}"
+            );
+            let full = collect::tree(&mut tree, &opts, collect::VmaSource::Smaps).expect("collect");
+            let light = encoded(light, &opts);
+            let full = encoded(full, &opts);
+            assert_eq!(
+                light.keys().collect::<Vec<_>>(),
+                full.keys().collect::<Vec<_>>(),
+                "round {round}"
+            );
+            for (name, bytes) in &full {
+                assert!(
+                    light.get(name) == Some(bytes),
+                    "round {round}: {name} differs"
+                );
+            }
+            // The full collection injected syscalls (the watch counts them): the light look
+            // is off from here, so the next round starts from a fresh first look.
+            release::finish_tree(tree, FinalState::Running).expect("release");
+            let (state, again) = first_look(pid, &opts);
+            before = state;
+            watch = again.expect("the worker still qualifies");
+        }
+    }
+
+    #[test]
+    fn a_syscall_outside_the_allowlist_rules_out_the_light_look() {
+        let worker = Worker::start(&["mmap"]);
+        let pid = worker.pid();
+        let images_dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = DumpOptions::new(pid.as_raw(), images_dir.path());
+        opts.mode = DumpMode::Lazy;
+        let (_, watch) = first_look(pid, &opts);
+        let watch = watch.expect("the worker qualifies for a light S2");
+        std::thread::sleep(Duration::from_millis(30));
+        let tree = seize::freeze_tree(pid).expect("freeze again");
+        let why = refresh::verdict(&watch, &tree).expect_err("mmap was not seen");
+        assert!(why.contains("outside the allowlist"), "{why}");
+        release::finish_tree(tree, FinalState::Running).expect("release");
     }
 
     #[test]

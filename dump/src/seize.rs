@@ -23,16 +23,20 @@ fn check_root(pid: Pid) -> Result<(), SeizeError> {
     if u32::try_from(pid.as_raw()).ok() == Some(std::process::id()) {
         return Err(SeizeError::Ourselves { pid });
     }
-    // ptrace allows one tracer: say who holds the process rather than report EPERM.
-    if let Ok(status) = tracee::proc::status::read(pid) {
-        if status.tracer_pid != 0 {
-            return Err(SeizeError::Traced {
-                pid,
-                tracer: status.tracer_pid,
-            });
-        }
-    }
     Ok(())
+}
+
+/// Why freezing `pid` failed: ptrace allows one tracer, so a process some debugger holds is
+/// named with it rather than reported as EPERM. Asked only once the freeze failed: reading
+/// `/proc/PID/status` first would lengthen every freeze (a final dump's is down time).
+fn freeze_failed(pid: Pid, source: FreezeError) -> SeizeError {
+    match tracee::proc::status::read(pid) {
+        Ok(status) if status.tracer_pid != 0 => SeizeError::Traced {
+            pid,
+            tracer: status.tracer_pid,
+        },
+        _ => SeizeError::Freeze { pid, source },
+    }
 }
 
 /// Seizes and interrupts every thread of `pid` (see [`SeizedProcess::freeze`]).
@@ -40,8 +44,7 @@ fn check_root(pid: Pid) -> Result<(), SeizeError> {
 pub fn freeze_process(pid: Pid) -> Result<SeizedProcess, SeizeError> {
     check_root(pid)?;
     // Never EXITKILL: if ckpt-dump dies, the target must run on.
-    SeizedProcess::freeze(pid, SeizeOptions::DUMP)
-        .map_err(|source| SeizeError::Freeze { pid, source })
+    SeizedProcess::freeze(pid, SeizeOptions::DUMP).map_err(|source| freeze_failed(pid, source))
 }
 
 /// Freezes `pid` and every process below it (see [`SeizedTree::freeze`]); zombies are
@@ -49,5 +52,5 @@ pub fn freeze_process(pid: Pid) -> Result<SeizedProcess, SeizeError> {
 #[tracing::instrument(skip_all, fields(pid = %pid))]
 pub fn freeze_tree(pid: Pid) -> Result<SeizedTree, SeizeError> {
     check_root(pid)?;
-    SeizedTree::freeze(pid, SeizeOptions::DUMP).map_err(|source| SeizeError::Freeze { pid, source })
+    SeizedTree::freeze(pid, SeizeOptions::DUMP).map_err(|source| freeze_failed(pid, source))
 }

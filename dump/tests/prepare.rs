@@ -72,9 +72,29 @@ struct Spinner {
 
 impl Spinner {
     fn start() -> Spinner {
+        Spinner::start_source(SPINNER)
+    }
+
+    /// The spinner, also calling `umask` (a syscall the light S2 does not allow) now and
+    /// then.
+    fn start_umasking() -> Spinner {
+        let source = SPINNER
+            .replace(
+                "#include <unistd.h>",
+                "#include <unistd.h>\n#include <sys/stat.h>",
+            )
+            .replace(
+                "counter++;",
+                "counter++;\n        if ((counter & 0xfffff) == 0) umask(022);",
+            );
+        assert!(source.contains("umask(022)"));
+        Spinner::start_source(&source)
+    }
+
+    fn start_source(source: &str) -> Spinner {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("spinner.c");
-        fs::write(&src, SPINNER).expect("write the workload");
+        fs::write(&src, source).expect("write the workload");
         let child = start_c_workload(
             dir.path(),
             src.to_str().expect("utf-8 path"),
@@ -354,11 +374,49 @@ fn the_delta_arrives_and_the_source_waits_for_resumed_then_the_daemon() {
     let log = log_of(&dir);
     assert!(log.contains("prepared images written"), "{log}");
     assert!(log.contains("delta sent"), "{log}");
+    // A spinning thread makes no syscall at all: S2 reads it lightly, where the kernel
+    // can watch syscalls.
+    if Path::new(TRACEPOINT).exists() {
+        assert!(log.contains("light=true"), "{log}");
+    }
     w.reap_killed();
 }
 
+/// Where tracefs shows the syscall tracepoint the light S2 watches.
+const TRACEPOINT: &str = "/sys/kernel/tracing/events/raw_syscalls/sys_enter/id";
+
 fn names(images: &[switch::NamedImage]) -> Vec<&str> {
     images.iter().map(|i| i.name.as_str()).collect()
+}
+
+#[test]
+fn a_syscall_outside_the_allowlist_makes_s2_collect_in_full() {
+    let mut w = Spinner::start_umasking();
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("img");
+    let port = free_port();
+    let dump = start_prepared(&w, &dir, port, 30);
+    assert!(w.runs(), "the process does not run after the first round");
+    let prepared = prepared_images(&dir);
+    let mut switch_conn = switch_ready(port, false);
+    match read_delta(&mut switch_conn, &prepared) {
+        SwitchMessage::Delta { images, .. } => {
+            assert!(!images.is_empty(), "an empty delta from a running process");
+        }
+        other => panic!("expected DELTA, got {other:?}"),
+    }
+    let why = "the test stops here".to_owned();
+    switch::write_message(&mut switch_conn, &SwitchMessage::Failed { why }, false).expect("FAILED");
+    let (ok, err) = wait_exit(dump);
+    assert!(!ok, "the dump claims success after FAILED: {err}");
+    let log = log_of(&dir);
+    assert!(log.contains("light=false"), "{log}");
+    if Path::new(TRACEPOINT).exists() {
+        assert!(log.contains("S2 collects in full"), "{log}");
+        assert!(log.contains("outside the allowlist"), "{log}");
+    }
+    assert!(w.runs(), "the process does not run on");
+    assert_eq!(w.verdict().trim(), "PASS");
 }
 
 #[test]

@@ -94,3 +94,6 @@ pub use rustix::io::Errno;
 
 /// Size of a page on x86_64; the only page size ckpt handles.
 pub const PAGE_SIZE: u64 = 4096;
+
+pub mod syscall_watch;
+pub use syscall_watch::{SyscallWatch, WatchError};

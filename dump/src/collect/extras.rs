@@ -106,6 +106,22 @@ pub fn thread(
     Ok(())
 }
 
+/// [`thread`] from outside alone, the timer slack already read (`slack`).
+pub fn outside(
+    tid: Tid,
+    cpus: &[usize],
+    slack: u64,
+    tc: &mut ThreadCoreEntry,
+) -> Result<(), CollectError> {
+    tc.cpu_affinity = affinity_words(cpus, online_cpus());
+    tc.timer_slack_ns = Some(slack);
+    let ioprio = tracee::taskinfo::ioprio(tid).map_err(task_info(tid, "I/O priority"))?;
+    tc.ioprio = (ioprio >> IOPRIO_CLASS_SHIFT != 0)
+        .then(|| u32::try_from(ioprio).ok())
+        .flatten();
+    Ok(())
+}
+
 /// `prctl(PR_GET_MDWE)` in the leader: the flags, or `None` if none is set or the kernel
 /// predates MDWE (Linux 6.3), which answers EINVAL and so cannot have any set.
 pub fn mdwe(leader: &mut Tracee) -> Result<Option<u32>, CollectError> {

@@ -108,6 +108,20 @@ pub struct MemoryState {
     pub pages_scanned: u64,
     /// The maps lines the VMAs came from, for dirty tracking to compare between rounds.
     pub maps: Vec<tracee::proc::maps::MapsEntry>,
+    /// How each VMA's pages were looked for, to look again the same way ([`rescan`]).
+    pub scans: Vec<VmaScan>,
+}
+
+/// How the pages of one VMA are found: what [`collect`] decided from its smaps entry, kept
+/// so that a later look at the same VMAs ([`rescan`]) walks them exactly alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmaScan {
+    start: RemoteAddr,
+    end: RemoteAddr,
+    contents: Contents,
+    file: bool,
+    /// A regular VMA whose contents are not scanned: guard markers are looked for apart.
+    guards_apart: bool,
 }
 
 /// How the contents of one VMA are saved.
@@ -369,6 +383,173 @@ fn push_run(pages: &mut Vec<PageRun>, start: u64, end: u64) {
     }
 }
 
+/// Finds the pages to save and the guard markers of one VMA, as [`collect`] decided to.
+fn scan_vma(
+    pagemap: &Pagemap,
+    pid: Pid,
+    scan: &VmaScan,
+    pages: &mut Vec<PageRun>,
+    guards: &mut Vec<VmaEntry>,
+) -> Result<(), CollectError> {
+    let (start, end) = (scan.start, scan.end);
+    match scan.contents {
+        Contents::None => {}
+        Contents::Whole => push_run(pages, start.get(), end.get()),
+        Contents::Scanned => {
+            // One walk finds both the pages and the guard markers: walking the page
+            // tables of a populated GiB costs tens of ms of frozen time.
+            let regions = pagemap
+                .scan(&pages_and_guards_request(start, end, scan.file))
+                .map_err(|source| CollectError::Pagemap { pid, source })?;
+            for r in regions {
+                if r.categories.contains(PageCategories::GUARD) {
+                    guards.push(guard_entry(r.start, r.end));
+                } else if r
+                    .categories
+                    .intersects(PageCategories::PFNZERO | PageCategories::FILE)
+                {
+                    // The shared zero page, or still the file's own page.
+                } else if r.categories.contains(PageCategories::PRESENT) {
+                    push_run(pages, r.start.get(), r.end.get());
+                } else {
+                    swapped_pages(pagemap, pid, &r, pages)?;
+                }
+            }
+        }
+    }
+    if scan.guards_apart {
+        let found = pagemap
+            .scan(&guard_request(start, end))
+            .map_err(|source| CollectError::Pagemap { pid, source })?;
+        guards.extend(found.into_iter().map(|r| guard_entry(r.start, r.end)));
+    }
+    Ok(())
+}
+
+/// How many bytes of other VMAs one walk of [`rescan`] may cross to take in the next VMA
+/// of its kind: walking them costs, a walk more costs too (a few µs each).
+const CROSS_AT_MOST: u64 = 16 << 20;
+
+/// Which walk of [`rescan`] a VMA belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    Anon,
+    File,
+    GuardsOnly,
+}
+
+impl VmaScan {
+    fn walk(&self) -> Option<Walk> {
+        match (self.contents, self.file) {
+            (Contents::Scanned, false) => Some(Walk::Anon),
+            (Contents::Scanned, true) => Some(Walk::File),
+            _ if self.guards_apart => Some(Walk::GuardsOnly),
+            _ => None,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.end.get().saturating_sub(self.start.get())
+    }
+}
+
+/// The VMAs of `scans` (in address order) that walk `kind`, in groups one walk each: a
+/// group ends where more than [`CROSS_AT_MOST`] bytes of other VMAs lie before the next.
+fn walk_groups(scans: &[VmaScan], kind: Walk) -> Vec<Vec<&VmaScan>> {
+    let mut groups: Vec<Vec<&VmaScan>> = Vec::new();
+    let mut crossed = 0u64;
+    for scan in scans {
+        if scan.walk() != Some(kind) {
+            crossed = crossed.saturating_add(scan.len());
+            continue;
+        }
+        match groups.last_mut() {
+            Some(group) if crossed <= CROSS_AT_MOST => group.push(scan),
+            _ => groups.push(vec![scan]),
+        }
+        crossed = 0;
+    }
+    groups
+}
+
+/// `[start, end)` cut to the VMAs of `group` it overlaps.
+fn clipped<'a>(
+    group: &'a [&VmaScan],
+    start: RemoteAddr,
+    end: RemoteAddr,
+) -> impl Iterator<Item = (RemoteAddr, RemoteAddr)> + 'a {
+    group.iter().filter_map(move |v| {
+        let s = start.max(v.start);
+        let e = end.min(v.end);
+        (s < e).then_some((s, e))
+    })
+}
+
+/// The pages to save and the guard regions of VMAs [`collect`] saw (`scans`), looked for
+/// again as it did, for a process whose VMAs are known not to have changed: the same
+/// requests and the same reading of their answers, only with one walk over several VMAs
+/// of a kind where [`collect`] walks each VMA (the answers are cut back to the VMAs).
+pub fn rescan(pid: Pid, scans: &[VmaScan]) -> Result<(Vec<PageRun>, Vec<VmaEntry>), CollectError> {
+    let pagemap = Pagemap::open(pid).map_err(|source| CollectError::Pagemap { pid, source })?;
+    let scan_err = |source| CollectError::Pagemap { pid, source };
+    let mut found: Vec<PageRun> = Vec::new();
+    let mut guards: Vec<(RemoteAddr, RemoteAddr)> = Vec::new();
+    for scan in scans.iter().filter(|s| s.contents == Contents::Whole) {
+        push_run(&mut found, scan.start.get(), scan.end.get());
+    }
+    for kind in [Walk::Anon, Walk::File] {
+        for group in walk_groups(scans, kind) {
+            let (Some(first), Some(last)) = (group.first(), group.last()) else {
+                continue;
+            };
+            let request = pages_and_guards_request(first.start, last.end, kind == Walk::File);
+            for r in pagemap.scan(&request).map_err(scan_err)? {
+                for (start, end) in clipped(&group, r.start, r.end) {
+                    if r.categories.contains(PageCategories::GUARD) {
+                        guards.push((start, end));
+                    } else if r
+                        .categories
+                        .intersects(PageCategories::PFNZERO | PageCategories::FILE)
+                    {
+                        // The shared zero page, or still the file's own page.
+                    } else if r.categories.contains(PageCategories::PRESENT) {
+                        push_run(&mut found, start.get(), end.get());
+                    } else {
+                        let part = tracee::pagemap_scan::PageRegion {
+                            start,
+                            end,
+                            categories: r.categories,
+                        };
+                        let mut pages = Vec::new();
+                        swapped_pages(&pagemap, pid, &part, &mut pages)?;
+                        found.extend(pages);
+                    }
+                }
+            }
+        }
+    }
+    for group in walk_groups(scans, Walk::GuardsOnly) {
+        let (Some(first), Some(last)) = (group.first(), group.last()) else {
+            continue;
+        };
+        for r in pagemap
+            .scan(&guard_request(first.start, last.end))
+            .map_err(scan_err)?
+        {
+            guards.extend(clipped(&group, r.start, r.end));
+        }
+    }
+    // In address order, adjacent runs merged, as a walk VMA after VMA leaves them.
+    found.sort_unstable_by_key(|r| r.start);
+    let mut pages = Vec::with_capacity(found.len());
+    for run in found {
+        push_run(&mut pages, run.start, run.end());
+    }
+    guards.sort_unstable_by_key(|g| g.0);
+    let guards = guards.into_iter().map(|(s, e)| guard_entry(s, e)).collect();
+    Ok((pages, guards))
+}
+
 /// Where the VMA list and its flags come from.
 #[derive(Debug, Clone)]
 pub enum VmaSource {
@@ -430,46 +611,22 @@ pub fn collect(pid: Pid, source: VmaSource) -> Result<MemoryState, CollectError>
             continue;
         };
         let (start, end) = (v.vma.start, v.vma.end);
-        match contents {
-            Contents::None => {}
-            Contents::Whole => {
-                state.pages_scanned += v.vma.len() / PAGE_SIZE;
-                push_run(&mut state.pages, start.get(), end.get());
-            }
-            Contents::Scanned => {
-                state.pages_scanned += v.vma.len() / PAGE_SIZE;
-                // One walk finds both the pages and the guard markers: walking the page
-                // tables of a populated GiB costs tens of ms of frozen time.
-                let regions = pagemap
-                    .scan(&pages_and_guards_request(start, end, v.vma.is_file()))
-                    .map_err(|source| CollectError::Pagemap { pid, source })?;
-                for r in regions {
-                    if r.categories.contains(PageCategories::GUARD) {
-                        guards.push(guard_entry(r.start, r.end));
-                    } else if r
-                        .categories
-                        .intersects(PageCategories::PFNZERO | PageCategories::FILE)
-                    {
-                        // The shared zero page, or still the file's own page.
-                    } else if r.categories.contains(PageCategories::PRESENT) {
-                        push_run(&mut state.pages, r.start.get(), r.end.get());
-                    } else {
-                        swapped_pages(&pagemap, pid, &r, &mut state.pages)?;
-                    }
-                }
-            }
-        }
-        // Guard markers only live in anonymous and private file VMAs (scanned above).
         let status = VmaStatus::from_bits_retain(entry.status);
-        if contents != Contents::Scanned
-            && status.contains(VmaStatus::REGULAR)
-            && !status.contains(VmaStatus::VVAR)
-        {
-            let found = pagemap
-                .scan(&guard_request(start, end))
-                .map_err(|source| CollectError::Pagemap { pid, source })?;
-            guards.extend(found.into_iter().map(|r| guard_entry(r.start, r.end)));
+        let scan = VmaScan {
+            start,
+            end,
+            contents,
+            file: v.vma.is_file(),
+            // Guard markers only live in anonymous and private file VMAs (scanned).
+            guards_apart: contents != Contents::Scanned
+                && status.contains(VmaStatus::REGULAR)
+                && !status.contains(VmaStatus::VVAR),
+        };
+        if contents != Contents::None {
+            state.pages_scanned += v.vma.len() / PAGE_SIZE;
         }
+        scan_vma(&pagemap, pid, &scan, &mut state.pages, &mut guards)?;
+        state.scans.push(scan);
         let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", start.get(), end.get());
         if let Some(kind) = shmem {
             let shown = v.vma.path.as_deref().unwrap_or("");

@@ -13,6 +13,7 @@ mod files;
 mod inject;
 mod kobj;
 mod memory;
+pub mod refresh;
 pub mod shmem;
 mod signals;
 mod threads;
@@ -37,7 +38,7 @@ use crate::fault::{self, FaultPoint, InjectedFault};
 use crate::DumpOptions;
 
 pub use files::{FilesState, Ghost, PipeData};
-pub use memory::{MemoryState, PageRun, VmaSource};
+pub use memory::{MemoryState, PageRun, VmaScan, VmaSource};
 pub use threads::{SeccompTable, ThreadState};
 
 const PR_GET_DUMPABLE: u64 = 3;
@@ -209,6 +210,8 @@ pub struct ProcessState {
     pub pages_scanned: u64,
     /// The maps lines of the VMAs (for dirty tracking).
     pub maps: Vec<tracee::proc::maps::MapsEntry>,
+    /// How each VMA's pages were found (for a light second look, `refresh`).
+    pub scans: Vec<VmaScan>,
     pub files: FilesState,
     pub seccomp: SeccompTable,
 }
@@ -780,6 +783,7 @@ fn collect_one(
         plan: crate::pages::plan(&memory.pages, &[]),
         pages: memory.pages,
         maps: memory.maps,
+        scans: memory.scans,
         pages_scanned: memory.pages_scanned,
         files,
         seccomp,

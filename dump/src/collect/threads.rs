@@ -107,8 +107,31 @@ pub fn creds(st: &status::Status, secbits: u32) -> CredsEntry {
     }
 }
 
-/// The image's view of this CPU's xsave layout for the area the kernel gave.
+/// The image's view of this CPU's xsave layout for the area the kernel gave. Each layout is
+/// worked out once per dump: it takes a `cpuid` per component, which a virtual machine
+/// traps (microseconds each, for every thread).
 fn image_layout(raw_xcr0: Option<u64>) -> ImgXsaveLayout {
+    type Known = Vec<(Option<u64>, ImgXsaveLayout)>;
+    static KNOWN: std::sync::Mutex<Known> = std::sync::Mutex::new(Vec::new());
+    let known = |raw: Option<u64>| {
+        KNOWN.lock().ok().and_then(|known| {
+            known
+                .iter()
+                .find(|(x, _)| *x == raw)
+                .map(|(_, layout)| layout.clone())
+        })
+    };
+    if let Some(layout) = known(raw_xcr0) {
+        return layout;
+    }
+    let layout = layout_of(raw_xcr0);
+    if let Ok(mut known) = KNOWN.lock() {
+        known.push((raw_xcr0, layout.clone()));
+    }
+    layout
+}
+
+fn layout_of(raw_xcr0: Option<u64>) -> ImgXsaveLayout {
     let xcr0 = raw_xcr0.unwrap_or_else(XsaveLayout::cpu_supported_mask);
     let layout = XsaveLayout::for_xcr0(xcr0);
     ImgXsaveLayout::new(
@@ -368,6 +391,61 @@ pub fn collect(
             ..CoreEntry::default()
         },
     })
+}
+
+/// What of a thread can change while it runs making only the syscalls the light second
+/// look allows (see `super::refresh`), read again into a copy of `before`, its state from
+/// the first look: registers, the xsave area, signal mask, private pending signals, the
+/// rseq critical section pointer (plain memory the program writes), and what another
+/// process may change from outside (scheduling, affinity, timer slack, I/O priority), by
+/// the same calls as [`collect`]. `slack`: the timer slack if the caller read it already.
+/// `None` if the timer slack cannot be read from outside (the full collection asks the
+/// thread for it by injection).
+pub fn refresh(
+    thread: &Tracee,
+    before: &ThreadState,
+    slack: Option<u64>,
+) -> Result<Option<ThreadState>, CollectError> {
+    let tid = thread.tid();
+    let regs = thread
+        .program_regs()
+        .map_err(ptrace_err(tid, "read registers"))?;
+    let xsave = thread
+        .get_xsave()
+        .map_err(ptrace_err(tid, "read the xsave area"))?;
+    let fpregs = fpregs_from_raw(xsave.as_bytes(), &image_layout(xsave.xcr0()))
+        .map_err(|source| CollectError::Xsave { tid, source })?;
+    let sigmask = thread
+        .program_sigmask()
+        .map_err(ptrace_err(tid, "read the signal mask"))?;
+    let pending = thread
+        .peek_siginfo(false)
+        .map_err(ptrace_err(tid, "read pending signals"))?;
+    let slack = match slack {
+        Some(slack) => slack,
+        None => match super::read_proc_number(&format!("/proc/{tid}/timerslack_ns"), 10) {
+            Some(slack) => slack,
+            None => return Ok(None),
+        },
+    };
+    let mut core = before.core.clone();
+    let Some(tc) = core.thread_core.as_mut() else {
+        return Ok(None);
+    };
+    tc.blk_sigset = Some(sigmask.0);
+    tc.signals_p = Some(signal_queue(&pending));
+    tc.rseq_entry = rseq(thread)?;
+    // `sched` sets the priority only for a real-time policy.
+    tc.sched_prio = None;
+    sched(tid, tc)?;
+    let cpus = tracee::taskinfo::affinity(tid).map_err(task_info(tid, "cpu affinity"))?;
+    super::extras::outside(tid, &cpus, slack, tc)?;
+    let Some(info) = core.thread_info.as_mut() else {
+        return Ok(None);
+    };
+    info.gpregs = gpregs(&regs);
+    info.fpregs = fpregs;
+    Ok(Some(ThreadState { tid, core }))
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 //!   adds their file objects.
 //! - fdinfo names the inode: pipes, sockets and anonymous inodes are never stat'ed.
 
+pub mod again;
 mod ahead;
 mod inet;
 mod kobj;

@@ -28,6 +28,15 @@ fn build_id_words(bytes: &[u8]) -> Vec<u32> {
         .collect()
 }
 
+/// The build-id of the file at `path` as [`BuildIds`] records it: empty if it has none or
+/// is no ELF file.
+pub fn build_id_of(path: &Path) -> Vec<u32> {
+    match tracee::vdso::build_id(path) {
+        Ok(Some(bytes)) => build_id_words(&bytes),
+        Ok(None) | Err(_) => Vec::new(),
+    }
+}
+
 /// Build-ids already read, by device and inode: a file opened many times in a tree (each
 /// open its own description) is read once per dump, not once per open.
 #[derive(Debug, Default)]

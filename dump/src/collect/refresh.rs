@@ -1,0 +1,601 @@
+//! A light second look at a tree read once already ([`super::tree`]), for the final round
+//! of a prepared dump, inside the down time: only what can have changed is read again, and
+//! the images come out byte for byte as a full collection's would.
+//!
+//! What can change is bounded by watching the tree between the two looks: every thread
+//! counts, in the kernel, the syscalls it enters outside [`ALLOWED_SYSCALLS`] (a
+//! `tracee::SyscallWatch`, opened before the first freeze: [`watch_before_freeze`]); the
+//! counts when the first look ends, the tree still frozen, are the baseline ([`arm`]). At
+//! the second freeze the counts are read first ([`verdict`]): any count above its
+//! baseline, a thread more or less, a zombie, or a counter that cannot be read, and the
+//! caller collects in full.
+//!
+//! The allowed syscalls change nothing the images hold but what is read again here:
+//! - `read`, `write`, `pread64`, `pwrite64`, `readv`, `writev`, `preadv(2)`, `pwritev(2)`,
+//!   `lseek`: an fd's position, and a regular file's size (and contents, hence its build-id
+//!   when it is open for writing): read again ([`super::files::again`]). [`Armed::ready`]
+//!   admits only trees whose fds are regular files, directories, the memory devices that
+//!   hold nothing (null, zero, full, random, urandom) or terminals, on plain filesystems:
+//!   nothing with queued data, and nothing whose writes reach into a process (`/proc`,
+//!   `/sys`...).
+//! - sleeping and waiting (`nanosleep`, `clock_nanosleep`, `pause`, `sched_yield`, `futex`,
+//!   `poll`/`ppoll`/`select`/`pselect6` on such fds, `restart_syscall`), reading clocks and
+//!   ids and statistics (`clock_gettime`, `clock_getres`, `gettimeofday`, `time`, `getpid`,
+//!   `gettid`, `getppid`, `get*id`, `getgroups`, `getrusage`, `times`, `getcpu`, `getrandom`,
+//!   `uname`, `sysinfo`, `getpgrp`, `getpgid`, `getsid`, `getpriority`, `getrlimit`,
+//!   `sched_getaffinity`, `sched_getscheduler`, `sched_getparam`, `capget`, `getcwd`,
+//!   `getitimer`), reading file metadata (`fstat`, `newfstatat`, `statx`, `access`,
+//!   `faccessat(2)`, `readlink(at)`): nothing of the tree. A syscall interrupted by the freeze
+//!   re-enters as itself or as `restart_syscall`.
+//! - `rt_sigprocmask`, `rt_sigpending`, `rt_sigsuspend`, `rt_sigtimedwait` (and the masks of
+//!   `ppoll`/`pselect6`): the signal mask and the pending signals, read again.
+//!
+//! What changes with no syscall at all, and is read again too: registers and the xsave area
+//! (`wrfsbase`, `wrpkru` included), pending signals (sent from outside), the stop state, the
+//! pages present (faults) and the rseq critical section pointer (plain memory), the stack
+//! VMA growing by a fault (the maps are compared: any change and the second look gives up),
+//! and what other processes may change from outside: scheduling, affinity, timer slack, I/O
+//! priority, rlimits, `oom_score_adj`, the process group, the files' names, sizes and modes.
+//! A handled signal delivered meanwhile changes registers, stack, mask and pending signals
+//! (read again); a `SA_RESETHAND` disposition or an alternate signal stack
+//! (`SS_AUTODISARM`, `SS_ONSTACK`) would change more: [`Armed::ready`] refuses trees with
+//! either, and trees with an armed interval timer or any POSIX timer.
+//!
+//! Everything else is kept from the first look: credentials, seccomp, namespaces and ids,
+//! dispositions, robust list, tid address, personality, `brk`, dumpable, THP and MDWE
+//! flags, membarrier registrations, the sigaltstack, the VMAs and the file table, which
+//! only a syscall outside the list (or an exec, a clone, an exit) can change.
+//!
+//! What the watch cannot see: a 64-bit thread making a 32-bit syscall with `int $0x80`,
+//! whose i386 number the tracepoint shows as if it were an x86_64 one.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+
+use images_format::pb::{RlimitEntry, TaskCoreEntry, TaskRlimitsEntry};
+use images_format::vma::VmaStatus;
+use tracee::proc::{self, ProcError};
+use tracee::{Pid, SeizedTree, SyscallWatch, Tid};
+
+use super::{
+    files, memory, read_i32_file, rlimits, signals, threads, CollectError, ProcessState, TreeState,
+    TASK_ALIVE, TASK_STOPPED,
+};
+
+/// The x86_64 syscalls that may run between the two looks (see the module documentation).
+pub const ALLOWED_SYSCALLS: &[(u32, &str)] = &[
+    (0, "read"),
+    (1, "write"),
+    (4, "stat"),
+    (5, "fstat"),
+    (6, "lstat"),
+    (7, "poll"),
+    (8, "lseek"),
+    (14, "rt_sigprocmask"),
+    (17, "pread64"),
+    (18, "pwrite64"),
+    (19, "readv"),
+    (20, "writev"),
+    (21, "access"),
+    (23, "select"),
+    (24, "sched_yield"),
+    (34, "pause"),
+    (35, "nanosleep"),
+    (36, "getitimer"),
+    (39, "getpid"),
+    (63, "uname"),
+    (79, "getcwd"),
+    (89, "readlink"),
+    (96, "gettimeofday"),
+    (97, "getrlimit"),
+    (98, "getrusage"),
+    (99, "sysinfo"),
+    (100, "times"),
+    (102, "getuid"),
+    (104, "getgid"),
+    (107, "geteuid"),
+    (108, "getegid"),
+    (110, "getppid"),
+    (111, "getpgrp"),
+    (115, "getgroups"),
+    (118, "getresuid"),
+    (120, "getresgid"),
+    (121, "getpgid"),
+    (124, "getsid"),
+    (125, "capget"),
+    (127, "rt_sigpending"),
+    (128, "rt_sigtimedwait"),
+    (130, "rt_sigsuspend"),
+    (140, "getpriority"),
+    (143, "sched_getparam"),
+    (145, "sched_getscheduler"),
+    (186, "gettid"),
+    (201, "time"),
+    (202, "futex"),
+    (204, "sched_getaffinity"),
+    (219, "restart_syscall"),
+    (228, "clock_gettime"),
+    (229, "clock_getres"),
+    (230, "clock_nanosleep"),
+    (262, "newfstatat"),
+    (267, "readlinkat"),
+    (269, "faccessat"),
+    (270, "pselect6"),
+    (271, "ppoll"),
+    (295, "preadv"),
+    (296, "pwritev"),
+    (309, "getcpu"),
+    (318, "getrandom"),
+    (327, "preadv2"),
+    (328, "pwritev2"),
+    (332, "statx"),
+    (439, "faccessat2"),
+];
+
+/// `SA_RESETHAND`: the disposition goes back to the default when the signal is delivered.
+const SA_RESETHAND: u64 = 0x8000_0000;
+/// `SS_DISABLE`: the thread has no alternate signal stack.
+const SS_DISABLE: u32 = 2;
+
+/// The counters opened before the first look ([`watch_before_freeze`]).
+#[derive(Debug)]
+pub struct Counters {
+    watch: SyscallWatch,
+}
+
+/// The watch, set up at the end of the first look.
+#[derive(Debug)]
+pub struct Watch {
+    watch: SyscallWatch,
+    /// Each thread's count when the first look ended: its own injected syscalls count.
+    baseline: Vec<(Tid, u64)>,
+    held: Held,
+    /// Every process's threads at the first look, in freeze order.
+    threads: Vec<(Pid, Vec<Tid>)>,
+}
+
+/// Every thread of the tree under `root` now, from `/proc` (the tree runs).
+fn threads_now(root: Pid) -> Result<Vec<Tid>, String> {
+    let mut tids = Vec::new();
+    let mut pids = vec![root];
+    while let Some(pid) = pids.pop() {
+        let threads = proc::task::list_tids(pid).map_err(|e| error_chain(&e))?;
+        for &tid in &threads {
+            // A child that is gone already is simply not there.
+            if let Ok(children) = proc::task::children_of_thread(pid, tid) {
+                pids.extend(children);
+            }
+        }
+        tids.extend(threads);
+    }
+    Ok(tids)
+}
+
+/// Starts counting the syscalls outside [`ALLOWED_SYSCALLS`] of every thread of the tree
+/// under `root`, before the first look freezes it. Opening the first counter of the
+/// tracepoint switches it on for the whole machine (milliseconds): done while the tree
+/// still runs, it costs the program nothing. What the tree does between now and the freeze
+/// counts too, which can only rule the light look out (a thread born meanwhile is born by
+/// a counted `clone`, and then has no counter: [`arm`] sees that).
+pub fn watch_before_freeze(root: Pid) -> Result<Counters, String> {
+    let start = std::time::Instant::now();
+    let tids = threads_now(root)?;
+    let allowed: Vec<u32> = ALLOWED_SYSCALLS.iter().map(|(nr, _)| *nr).collect();
+    let watch = SyscallWatch::open(&tids, &allowed).map_err(|e| error_chain(&e))?;
+    tracing::info!(
+        threads = tids.len(),
+        open_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "syscall watch opened"
+    );
+    Ok(Counters { watch })
+}
+
+fn threads_of(tree: &SeizedTree) -> Vec<(Pid, Vec<Tid>)> {
+    tree.processes().map(|p| (p.pid(), p.tids())).collect()
+}
+
+/// Why the state of `state` rules out a second look lighter than a full collection.
+fn fit(state: &TreeState) -> Result<(), String> {
+    if let Some(zombie) = state.zombies.first() {
+        return Err(format!("pid {} is a zombie", zombie.pid));
+    }
+    for process in &state.processes {
+        let pid = process.pid;
+        let tc = process
+            .threads
+            .first()
+            .and_then(|t| t.core.tc.as_ref())
+            .ok_or_else(|| format!("pid {pid} has no task core"))?;
+        if let Some(timers) = &tc.timers {
+            let armed = |t: &images_format::pb::ItimerEntry| {
+                t.isec != 0 || t.iusec != 0 || t.vsec != 0 || t.vusec != 0
+            };
+            if !timers.posix.is_empty() {
+                return Err(format!("pid {pid} has POSIX timers"));
+            }
+            if [&timers.real, &timers.virt, &timers.prof]
+                .into_iter()
+                .any(armed)
+            {
+                return Err(format!("pid {pid} has an interval timer armed"));
+            }
+        }
+        if let Some(sig) = tc
+            .sigactions
+            .iter()
+            .position(|sa| sa.flags & SA_RESETHAND != 0)
+        {
+            return Err(format!("pid {pid}: signal {} is SA_RESETHAND", sig + 1));
+        }
+        for thread in &process.threads {
+            let sas = thread
+                .core
+                .thread_core
+                .as_ref()
+                .and_then(|tc| tc.sas.as_ref());
+            if sas.is_some_and(|sas| sas.ss_flags & SS_DISABLE == 0) {
+                return Err(format!("tid {} has an alternate signal stack", thread.tid));
+            }
+        }
+        files::again::fit(process)?;
+    }
+    Ok(())
+}
+
+/// The counters with their baseline, taken at the end of the first look.
+#[derive(Debug)]
+pub struct Armed {
+    watch: SyscallWatch,
+    baseline: Vec<(Tid, u64)>,
+    threads: Vec<(Pid, Vec<Tid>)>,
+}
+
+/// Ends the first look at `tree`, still frozen: takes the counts of `counters` (opened
+/// before the freeze) now as the baseline the second round compares with (the first look's
+/// own injected syscalls count). Microseconds: the rest of the setup ([`Armed::ready`])
+/// waits until the tree runs again. `Err` says why the light look is ruled out.
+pub fn arm(tree: &SeizedTree, counters: Counters) -> Result<Armed, String> {
+    let threads = threads_of(tree);
+    let mut watched: Vec<Tid> = counters.watch.tids().collect();
+    let mut frozen: Vec<Tid> = threads
+        .iter()
+        .flat_map(|(_, t)| t.iter().copied())
+        .collect();
+    watched.sort_unstable();
+    frozen.sort_unstable();
+    if watched != frozen {
+        return Err("threads came or went while the counters were opened".to_owned());
+    }
+    let baseline = counters.watch.counts().map_err(|e| error_chain(&e))?;
+    Ok(Armed {
+        watch: counters.watch,
+        baseline,
+        threads,
+    })
+}
+
+impl Armed {
+    /// Whether the tree, whose first look gave `state`, qualifies for a light second look;
+    /// if so, takes the handles on its files and `/proc` files that look reads. Done once
+    /// the tree runs again: what it looks at (the files behind the fds, the threads' `/proc`
+    /// files) stays the same unless a counted syscall changes it.
+    pub fn ready(self, state: &TreeState) -> Result<Watch, String> {
+        fit(state)?;
+        Ok(Watch {
+            watch: self.watch,
+            baseline: self.baseline,
+            held: Held::take(state),
+            threads: self.threads,
+        })
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether the tree, frozen again, may be looked at lightly: no thread made a syscall
+/// outside the list, and the tree has the very threads it had. Read first thing after the
+/// freeze. `Err` says why not.
+pub fn verdict(watch: &Watch, tree: &SeizedTree) -> Result<(), String> {
+    let counts = watch.watch.counts().map_err(|e| error_chain(&e))?;
+    for ((tid, n), (_, before)) in counts.iter().zip(&watch.baseline) {
+        if n != before {
+            let n = n.wrapping_sub(*before);
+            return Err(format!(
+                "tid {tid} made {n} syscall(s) outside the allowlist"
+            ));
+        }
+    }
+    if let Some((pid, _)) = tree.zombies().first() {
+        return Err(format!("pid {pid} is a zombie now"));
+    }
+    if threads_of(tree) != watch.threads {
+        return Err("the tree's processes or threads changed".to_owned());
+    }
+    Ok(())
+}
+
+/// `/proc` files of the tree held open from the first look: read again from their start
+/// they show the present (a `seq_file` starts over at offset 0), without a walk of `/proc`
+/// paths each time. Best effort: what is not held is read by path.
+#[derive(Debug, Default)]
+struct Held {
+    proc_files: HashMap<String, OwnedFd>,
+    files: files::again::Held,
+}
+
+impl Held {
+    fn maps(pid: Pid) -> String {
+        format!("/proc/{pid}/maps")
+    }
+
+    fn stat(pid: Pid) -> String {
+        format!("/proc/{pid}/stat")
+    }
+
+    fn oom(pid: Pid) -> String {
+        format!("/proc/{pid}/oom_score_adj")
+    }
+
+    fn slack(tid: Tid) -> String {
+        format!("/proc/{tid}/timerslack_ns")
+    }
+
+    fn take(state: &TreeState) -> Held {
+        let mut paths = Vec::new();
+        for process in &state.processes {
+            let pid = process.pid;
+            paths.extend([Held::maps(pid), Held::stat(pid), Held::oom(pid)]);
+            paths.extend(process.threads.iter().map(|t| Held::slack(t.tid)));
+        }
+        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC;
+        let proc_files = paths
+            .into_iter()
+            .filter_map(|path| {
+                let fd = rustix::fs::open(&path, flags, rustix::fs::Mode::empty()).ok()?;
+                Some((path, fd))
+            })
+            .collect();
+        Held {
+            proc_files,
+            files: files::again::hold(&state.processes),
+        }
+    }
+
+    /// The whole text of the held file `path`, read from its start; `None` if not held or
+    /// unreadable.
+    fn read(&self, path: String) -> Option<String> {
+        let fd = self.proc_files.get(&path)?;
+        let mut text = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let at = u64::try_from(text.len()).ok()?;
+            match rustix::io::pread(fd, &mut chunk, at) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(chunk.get(..n)?),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return None,
+            }
+        }
+        String::from_utf8(text).ok()
+    }
+}
+
+/// The result of a second look.
+#[derive(Debug)]
+pub enum Refreshed {
+    /// The tree's state now.
+    State(TreeState),
+    /// Something the light look does not read again changed: collect in full.
+    Stale(String),
+}
+
+fn proc_err(pid: Pid, what: &'static str) -> impl FnOnce(ProcError) -> CollectError {
+    move |source| CollectError::Proc { pid, what, source }
+}
+
+/// Reads again what may have changed in the frozen `tree` since `before` was read of it
+/// (with [`verdict`] saying it may be read lightly of `watch`, from [`Armed::ready`]), and
+/// returns the state a full collection would give. The page plans are left
+/// to the caller, as after [`super::tree`].
+pub fn again(
+    tree: &mut SeizedTree,
+    before: &TreeState,
+    watch: &Watch,
+) -> Result<Refreshed, CollectError> {
+    self::tree(tree, before, &watch.held)
+}
+
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+fn tree(tree: &mut SeizedTree, before: &TreeState, held: &Held) -> Result<Refreshed, CollectError> {
+    let mut processes = before.processes.clone();
+    for process in &mut processes {
+        if let Some(why) = process_again(tree, process, held)? {
+            return Ok(Refreshed::Stale(why));
+        }
+    }
+    if let Err(why) = files::again::refresh(&mut processes, &held.files)? {
+        return Ok(Refreshed::Stale(why));
+    }
+    Ok(Refreshed::State(TreeState {
+        processes,
+        zombies: Vec::new(),
+        // A statistic of the first look (copy-on-write sharing), not in any image.
+        cow_shared_bytes: before.cow_shared_bytes,
+    }))
+}
+
+/// Brings `process` up to date but for its files; `Some(why)` if it cannot be.
+fn process_again(
+    tree: &mut SeizedTree,
+    process: &mut ProcessState,
+    held: &Held,
+) -> Result<Option<String>, CollectError> {
+    let pid = process.pid;
+    let maps = match held
+        .read(Held::maps(pid))
+        .and_then(|t| proc::maps::parse(&t).ok())
+    {
+        Some(maps) => maps,
+        None => proc::maps::read(pid).map_err(proc_err(pid, "maps"))?,
+    };
+    if maps != process.maps {
+        return Ok(Some(format!("pid {pid}: the VMAs changed")));
+    }
+    let stat = match held
+        .read(Held::stat(pid))
+        .and_then(|t| proc::stat::parse(&t).ok())
+    {
+        Some(stat) => stat,
+        None => proc::stat::read(pid).map_err(proc_err(pid, "stat"))?,
+    };
+    let Some(seized) = tree.process_mut(pid) else {
+        return Ok(Some(format!("pid {pid} is not in the tree")));
+    };
+    let Some(leader) = seized.leader_mut() else {
+        return Ok(Some(format!("pid {pid} has no threads")));
+    };
+    let stopped = leader.in_group_stop();
+    let stop_signo = match leader.stop_state() {
+        tracee::ptrace::StopState::Stopped { sig, .. } if stopped => u32::try_from(sig).ok(),
+        _ => None,
+    };
+    let leader_mask = leader
+        .get_sigmask()
+        .map_err(|source| CollectError::Ptrace {
+            tid: leader.tid(),
+            what: "read the signal mask",
+            source,
+        })?;
+    let shared_pending = leader
+        .peek_siginfo(true)
+        .map_err(|source| CollectError::Ptrace {
+            tid: leader.tid(),
+            what: "read shared pending signals",
+            source,
+        })?;
+    let mut earlier: HashMap<Tid, &threads::ThreadState> =
+        process.threads.iter().map(|t| (t.tid, t)).collect();
+    let mut now = Vec::with_capacity(process.threads.len());
+    for thread in seized.threads() {
+        let Some(before) = earlier.remove(&thread.tid()) else {
+            return Ok(Some(format!("tid {} is new", thread.tid())));
+        };
+        let slack = held
+            .read(Held::slack(thread.tid()))
+            .and_then(|t| t.trim().parse().ok());
+        match threads::refresh(thread, before, slack)? {
+            Some(state) => now.push(state),
+            None => {
+                return Ok(Some(format!(
+                    "tid {}: its timer slack cannot be read from outside",
+                    thread.tid()
+                )))
+            }
+        }
+    }
+    if !earlier.is_empty() {
+        return Ok(Some(format!("pid {pid} lost threads")));
+    }
+    let (pages, guards) = memory::rescan(pid, &process.scans)?;
+    let guards_before: Vec<_> = process
+        .mm
+        .vmas
+        .iter()
+        .filter(|v| VmaStatus::from_bits_retain(v.status).contains(VmaStatus::GUARD))
+        .cloned()
+        .collect();
+    if guards != guards_before {
+        return Ok(Some(format!("pid {pid}: the guard regions changed")));
+    }
+    let rlimits = match tracee::taskinfo::prlimits(pid) {
+        Ok(mut limits) => {
+            limits.sort_by_key(|l| l.resource);
+            TaskRlimitsEntry {
+                rlimits: limits
+                    .iter()
+                    .map(|l| RlimitEntry {
+                        cur: l.soft,
+                        max: l.hard,
+                    })
+                    .collect(),
+            }
+        }
+        Err(_) => rlimits(pid)?,
+    };
+    let oom_score_adj = match held.read(Held::oom(pid)) {
+        Some(text) => text.trim().parse().ok(),
+        None => read_i32_file(pid, "oom_score_adj"),
+    };
+
+    let Some(old_tc) = process.threads.first().and_then(|t| t.core.tc.clone()) else {
+        return Ok(Some(format!("pid {pid} has no task core")));
+    };
+    let tc = TaskCoreEntry {
+        task_state: if stopped { TASK_STOPPED } else { TASK_ALIVE },
+        flags: stat.flags,
+        blk_sigset: leader_mask.0,
+        comm: stat.comm.clone(),
+        rlimits: Some(rlimits),
+        signals_s: Some(signals::signal_queue(&shared_pending)),
+        oom_score_adj,
+        stop_signo,
+        ..old_tc
+    };
+    if let Some(leader) = now.first_mut() {
+        if let Some(thread_core) = leader.core.thread_core.as_mut() {
+            thread_core.comm = Some(stat.comm.clone());
+        }
+        leader.core.tc = Some(tc);
+    }
+    let mm = &mut process.mm;
+    mm.mm_start_code = stat.start_code;
+    mm.mm_end_code = stat.end_code;
+    mm.mm_start_data = stat.start_data;
+    mm.mm_end_data = stat.end_data;
+    mm.mm_start_stack = stat.start_stack;
+    mm.mm_start_brk = stat.start_brk;
+    mm.mm_arg_start = stat.arg_start;
+    mm.mm_arg_end = stat.arg_end;
+    mm.mm_env_start = stat.env_start;
+    mm.mm_env_end = stat.env_end;
+    process.pstree.pgid = u32::try_from(stat.pgrp).unwrap_or(0);
+    process.pstree.sid = u32::try_from(stat.session).unwrap_or(0);
+    process.pstree.threads = now
+        .iter()
+        .map(|t| u32::try_from(t.tid.as_raw()).unwrap_or(0))
+        .collect();
+    process.threads = now;
+    process.plan = crate::pages::plan(&pages, &[]);
+    process.pages = pages;
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allowlist_is_sorted_unique_and_leaves_out_what_changes_state() {
+        let numbers: Vec<u32> = ALLOWED_SYSCALLS.iter().map(|(nr, _)| *nr).collect();
+        let mut sorted = numbers.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(numbers, sorted);
+        // rt_sigreturn, mmap, mprotect, munmap, brk, rt_sigaction, ioctl, madvise, clone,
+        // fork, execve, exit, fcntl, sigaltstack, prctl, arch_prctl, exit_group, clone3.
+        for forbidden in [
+            15, 9, 10, 11, 12, 13, 16, 28, 56, 57, 59, 60, 72, 131, 157, 158, 231, 435,
+        ] {
+            assert!(!numbers.contains(&forbidden), "{forbidden} is allowed");
+        }
+    }
+}
