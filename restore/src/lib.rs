@@ -162,7 +162,9 @@ pub enum RestoreError {
 ///
 /// read → plan (the whole tree) → create every open file description here → fork the
 /// root, which forks the tree (each process its children) and places its fds → seize
-/// every process → rebuild each in tree order → zombies die → resume everything.
+/// every process → rebuild each in tree order → zombies die → resume everything. Once the
+/// tree runs, the calling thread lowers its priority (nice 19): what it still does is
+/// bookkeeping, which must not take a CPU from the tree's first steps.
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
     let held = build(opts, false, None)?;
     finish(held, opts, &mut |_| Ok(()))
@@ -183,10 +185,17 @@ struct Held {
     lazy: Option<lazy::LazySession>,
     /// A prepared restore's userfaultfds, not handed over yet.
     prepared: Option<lazy::PreparedHandoff>,
-    /// Per process, its helper page (prepared restore: it serves injections after the
-    /// switch) and the rseq areas registered only once the daemon serves the memory.
+    /// Per process, its helper page (prepared restore, where a thread's rseq area lies on
+    /// lazy memory: it serves that registration after the switch) and the rseq areas
+    /// registered only once the daemon serves the memory.
     helpers: Vec<Option<memory::Helper>>,
     deferred_rseq: Vec<Vec<Option<images_format::pb::RseqEntry>>>,
+    /// Per process and thread (a prepared restore's), the xsave area loaded into it: the
+    /// switch's new FPU state is written into it instead of one read back.
+    xsaves: Vec<Vec<Option<tracee::Xsave>>>,
+    /// Affinities given back and the extras set already (a held tree does it before the
+    /// switch, off the down time).
+    settled: bool,
     tree: plan::TreePlan,
     images: read::TreeImages,
     hosts: Vec<Pid>,
@@ -233,11 +242,13 @@ impl Drop for Held {
 }
 
 /// Everything up to the tree's resume: read, plan, fork, rebuild. With `hold` (a prepared
-/// restore), the userfaultfds are kept for a later hand-off, every thread stays attached,
-/// and each process keeps its helper page and its threads' rseq areas unregistered: the
-/// kernel writes those at each return to user mode, and until the hand-off nobody
-/// serves a fault on lazy memory. `session`: a hand-off connection to the daemon opened
-/// already (otherwise one is opened here, unless `hold`).
+/// restore), the userfaultfds are kept for a later hand-off and every thread stays
+/// attached. A thread's rseq area is registered as in any restore unless it lies on lazy
+/// memory: the kernel writes the area at each return to user mode, and until the hand-off
+/// nobody serves a fault there. Such an area waits for the switch, and its process keeps
+/// its helper page for that injection. (A lazy dump keeps the stack and TLS pages, where
+/// libc puts the area, present: the wait is the exception.) `session`: a hand-off
+/// connection to the daemon opened already (otherwise one is opened here, unless `hold`).
 fn build(
     opts: &RestoreOptions,
     hold: bool,
@@ -433,17 +444,34 @@ fn build(
     };
     let mut prepared = (opts.lazy_pages && hold).then(lazy::PreparedHandoff::default);
     let mut deferred_rseq: Vec<Vec<Option<images_format::pb::RseqEntry>>> = Vec::new();
-    for p in tree.procs.iter_mut() {
+    for (i, p) in tree.procs.iter_mut().enumerate() {
+        let lazy_ranges = pages_of
+            .get(i)
+            .and_then(Option::as_ref)
+            .map_or(&[][..], |(_, lazy)| lazy.as_slice());
         let rseq = match &mut p.kind {
-            plan::ProcKind::Live(plan) if hold => {
-                plan.threads.iter_mut().map(|t| t.rseq.take()).collect()
-            }
+            plan::ProcKind::Live(plan) if hold => plan
+                .threads
+                .iter_mut()
+                .map(|t| {
+                    let lazy = t
+                        .rseq
+                        .as_ref()
+                        .is_some_and(|r| rseq_on_lazy(r, lazy_ranges));
+                    if lazy {
+                        t.rseq.take()
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
             _ => Vec::new(),
         };
         deferred_rseq.push(rseq);
     }
     let mut threads_of: Vec<Vec<Tracee>> = Vec::new();
     let mut helpers: Vec<Option<memory::Helper>> = Vec::new();
+    let mut xsaves: Vec<Vec<Option<tracee::Xsave>>> = Vec::new();
     let mut pages_restored = 0;
     for (i, p) in tree.procs.iter().enumerate() {
         let t = tracees.get_mut(i).and_then(Option::as_mut);
@@ -458,6 +486,7 @@ fn build(
                 }
                 threads_of.push(Vec::new());
                 helpers.push(None);
+                xsaves.push(Vec::new());
                 continue;
             }
             (plan::ProcKind::Live(_), None) => {
@@ -478,7 +507,11 @@ fn build(
             (None, Some(later)) => Some(LazyTarget::Later(later)),
             (None, None) => None,
         };
+        let keep_helper = deferred_rseq
+            .get(i)
+            .is_some_and(|r| r.iter().any(Option::is_some));
         let how = Rebuild {
+            keep_helper,
             fill: opts.fill,
             cpus: affinity.as_ref(),
             lazy: target.map(|target| LazyPlan {
@@ -494,6 +527,7 @@ fn build(
         pages_restored += done.pages;
         threads_of.push(done.threads);
         helpers.push(done.helper);
+        xsaves.push(done.xsaves);
     }
     // Every mapping of the tree's memfds is back: their seals against writing may go on.
     shared.finish().map_err(memory::MemoryRestoreError::from)?;
@@ -510,6 +544,8 @@ fn build(
         prepared,
         helpers,
         deferred_rseq,
+        xsaves,
+        settled: false,
         tree,
         images,
         hosts,
@@ -538,6 +574,7 @@ fn finish(
     opts: &RestoreOptions,
     on_running: &mut dyn FnMut(Pid) -> Result<(), RestoreError>,
 ) -> Result<RestoreOutcome, RestoreError> {
+    let finishing = Instant::now();
     let root_host = held.root_host;
     let reaper = held.reaper;
     let started = held.started;
@@ -547,15 +584,8 @@ fn finish(
             source,
         })?;
     }
-    for (i, t) in held.tracees.iter_mut().enumerate() {
-        let Some(t) = t.as_mut() else { continue };
-        if let Some(set) = &held.affinity {
-            give_back_affinity(t.pid(), set);
-        }
-        if let Some(images) = held.images.processes.get(i) {
-            extras::restore(t, images)?;
-        }
-    }
+    settle(&mut held)?;
+    let settled = Instant::now();
     // Last: every group is joined, every parent is stopped and cannot reap them yet.
     drop(held.go_w.take());
     for (i, p) in held.tree.procs.iter().enumerate() {
@@ -565,15 +595,21 @@ fn finish(
     }
     // The daemon learns that every task is restored just before they resume. From then
     // on a watch holds references to the tree's userfaultfds until every page is in, and
-    // kills the tree if the daemon dies first.
+    // kills the tree if the daemon dies first. A held tree's userfaultfds go to the
+    // daemon only now: it starts on them at once, and where CPUs are few its work would
+    // delay ours.
     let victim = match reaper {
         Some(reaper) => lazy::Victim::Namespace(reaper),
         None => lazy::Victim::Tree(root_host),
     };
+    if let Some(prepared) = held.prepared.take() {
+        held.lazy = Some(prepared.hand_over(&held.work_dir)?);
+    }
     let watch = match held.lazy.take() {
         Some(l) => Some(l.finish()?),
         None => None,
     };
+    let handed_over = Instant::now();
     // From here the restore stands: the SysV segments it created are the tree's.
     held.shared.keep_segments();
     if let Some(g) = held.guard.take() {
@@ -606,10 +642,19 @@ fn finish(
             (true, _) => resume::detach_into_stop(t)?,
         }
     }
+    let detached = Instant::now();
     if let Err(error) = on_running(root_host) {
         lazy::kill_victim(victim);
         return Err(error);
     }
+    // The tree runs: what is left here must not take CPU time from it.
+    step_aside();
+    tracing::info!(
+        settle_us = micros(settled.duration_since(finishing)),
+        handoff_us = micros(handed_over.duration_since(settled)),
+        detach_us = micros(detached.duration_since(handed_over)),
+        "tree resumed"
+    );
     // The watchdog is forked only now, off the path to the tree's first instruction:
     // until then we hold every userfaultfd, and a daemon that died meanwhile is seen
     // by the watchdog as the end of its connection.
@@ -674,6 +719,45 @@ fn finish(
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(reaper.as_raw()), None);
     }
     outcome
+}
+
+/// Gives the tree's threads the affinity we pinned them away from and sets what a thread
+/// keeps outside its registers (see [`extras`]); once. After the last injection that
+/// the pin speeds up.
+fn settle(held: &mut Held) -> Result<(), RestoreError> {
+    if held.settled {
+        return Ok(());
+    }
+    for (i, t) in held.tracees.iter_mut().enumerate() {
+        let Some(t) = t.as_mut() else { continue };
+        if let Some(set) = &held.affinity {
+            give_back_affinity(t.pid(), set);
+        }
+        if let Some(images) = held.images.processes.get(i) {
+            extras::restore(t, images)?;
+        }
+    }
+    held.settled = true;
+    Ok(())
+}
+
+/// Lowers our priority as far as it goes: once the tree runs, what this process still
+/// does (logs, statistics, the watchdog's fork) is bookkeeping, and on a machine with
+/// few CPUs it would take them from the tree's first steps.
+fn step_aside() {
+    // Best effort: at worst we keep our priority.
+    let _ = rustix::process::setpriority_process(None, 19);
+}
+
+/// Whether the kernel's writes to rseq area `r` land on lazy memory (`lazy`).
+fn rseq_on_lazy(r: &images_format::pb::RseqEntry, lazy: &[plan::Range]) -> bool {
+    let area = plan::Range {
+        start: r.rseq_abi_pointer,
+        end: r
+            .rseq_abi_pointer
+            .saturating_add(u64::from(r.rseq_abi_size).max(1)),
+    };
+    lazy.iter().any(|l| l.overlaps(&area))
 }
 
 /// How long the forked tree may take to get ready (each process forks its children and
@@ -828,8 +912,10 @@ struct Rebuild<'a> {
     lazy: Option<LazyPlan<'a>>,
     /// The process is in a pid namespace of its own: its ids there are not ours.
     nested: bool,
-    /// Prepared restore: keep the threads attached and the helper page mapped.
+    /// Prepared restore: keep the threads attached.
     hold: bool,
+    /// Keep the helper page mapped (`hold` only): an injection comes after the switch.
+    keep_helper: bool,
 }
 
 /// Post-copy: the tree's hand-off to the daemon and this process's lazy ranges.
@@ -853,8 +939,10 @@ struct Rebuilt {
     pages: u64,
     /// The threads but the leader, still attached (`hold` only).
     threads: Vec<Tracee>,
-    /// The helper page, still mapped (`hold` only).
+    /// The helper page, still mapped (`keep_helper` only).
     helper: Option<memory::Helper>,
+    /// Per thread (the leader first), the xsave area loaded into it (`hold` only).
+    xsaves: Vec<Option<tracee::Xsave>>,
 }
 
 /// Rebuilds the stopped child into the dumped process, all threads included, and
@@ -954,27 +1042,35 @@ fn rebuild(
         None,
     )?;
     let mut fresh = creds::FreshThreads::default();
+    // The leader's comes first; it is loaded last.
+    let mut xsaves: Vec<Option<tracee::Xsave>> = vec![None];
     for (t, p) in others.iter_mut().zip(other_plans) {
         // Every thread injects through the shared helper page.
         t.set_syscall_insn(tracee::RemoteAddr(helper.addr));
         batch(t, Tracee::begin_batch)?;
         set_thread(t, &helper, plan.pid, p, &[], Some(&mut fresh))?;
         batch(t, Tracee::end_batch)?;
-        resume::load_registers(t, p)?;
+        let area = resume::load_registers_kept(t, p)?;
+        xsaves.push(how.hold.then_some(area));
     }
     tracing::debug!(%pid, us = micros(step.elapsed()), threads = plan.threads.len(), "threads set");
-    if !how.hold {
+    let keep_helper = how.hold && how.keep_helper;
+    if !keep_helper {
         // The last injected syscall; no thread runs code from the helper page.
         memory::drop_helper(leader, &helper)?;
     }
     batch(leader, Tracee::end_batch)?;
-    resume::load_registers(leader, leader_plan)?;
+    let area = resume::load_registers_kept(leader, leader_plan)?;
+    if let Some(first) = xsaves.first_mut() {
+        *first = how.hold.then_some(area);
+    }
     killer.disarm();
     if how.hold {
         return Ok(Rebuilt {
             pages: fill.pages_restored,
             threads: others,
-            helper: Some(helper),
+            helper: keep_helper.then_some(helper),
+            xsaves,
         });
     }
     for t in others {
@@ -984,6 +1080,7 @@ fn rebuild(
         pages: fill.pages_restored,
         threads: Vec::new(),
         helper: None,
+        xsaves: Vec::new(),
     })
 }
 
@@ -1040,5 +1137,31 @@ fn wait_for(pid: Pid) -> Result<RestoreOutcome, RestoreError> {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(source) => return Err(RestoreError::Wait { pid, source }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rseq_area_waits_only_when_it_touches_lazy_memory() {
+        let area = |at: u64| images_format::pb::RseqEntry {
+            rseq_abi_pointer: at,
+            rseq_abi_size: 32,
+            signature: 0x5305_3053,
+            ..Default::default()
+        };
+        let lazy = [plan::Range {
+            start: 0x10000,
+            end: 0x12000,
+        }];
+        assert!(rseq_on_lazy(&area(0x10000), &lazy));
+        assert!(rseq_on_lazy(&area(0x11fe0), &lazy));
+        // Straddling into the lazy range from below.
+        assert!(rseq_on_lazy(&area(0xfff0), &lazy));
+        assert!(!rseq_on_lazy(&area(0xffe0), &lazy));
+        assert!(!rseq_on_lazy(&area(0x12000), &lazy));
+        assert!(!rseq_on_lazy(&area(0x10000), &[]));
     }
 }

@@ -15,12 +15,16 @@
 //!
 //! [`restore_prepared`] is the sequence: connect to the source and open the switch; build
 //! the tree from the prepared images and hold it (userfaultfds created but not handed to
-//! the daemon, rseq areas not registered: until the daemon has the memory, nothing may
-//! fault on a lazy page); READY; wait for the DELTA; write its images into the directory
-//! (the daemon reads the page lists from there) and judge. Fast path: install the hot
-//! pages, hand the userfaultfds to the daemon, register the rseq areas, load the new
-//! registers and masks, move file positions, detach, RESUMED. Fallback: kill and reap
-//! the held tree, restore from the updated directory as a plain lazy restore, RESUMED.
+//! the daemon: until the daemon has the memory, nothing may fault on a lazy page; so an
+//! rseq area on lazy memory stays unregistered, the others are registered as in any
+//! restore); give back the CPU affinities and set the threads' extras; READY; wait for the
+//! DELTA; write its page lists into the directory (the daemon reads them from there) and
+//! judge. Fast path: install the hot pages, write the changed pages that are in, load the
+//! new registers and masks, move file positions (none of it touches lazy memory), hand
+//! the userfaultfds to the daemon, detach, RESUMED; the rest of the delta's images are
+//! written once the tree runs. (An rseq area left unregistered is registered right after
+//! an early hand-off, before the registers are loaded.) Fallback: kill and reap the held
+//! tree, restore from the updated directory as a plain lazy restore, RESUMED.
 //! Whatever fails before the tree runs is reported with FAILED, so that the source runs
 //! on; an ABORT or the link closing before the delta drops the held tree.
 
@@ -96,6 +100,10 @@ pub enum PreparedError {
 }
 
 /// Restores as `ckpt-restore --lazy-pages --prepared SOURCE` (see the module's docs).
+/// The calling thread runs the switch, from READY to the tree's resume, at the lowest
+/// real-time priority where it may (a build or the lazy-pages daemon would take the CPU
+/// in the middle of the down time otherwise), and lowers its priority once the
+/// tree runs (as [`crate::restore`] does).
 pub fn restore_prepared(
     opts: &RestoreOptions,
     source: &str,
@@ -113,8 +121,16 @@ pub fn restore_prepared(
     if let Some(p) = held.prepared.as_mut() {
         p.connect_early(&work_dir);
     }
+    // Nothing of it can change without the judge calling the fast path off.
+    if let Err(error) = crate::settle(&mut held) {
+        tell_failed(&mut link, &error);
+        return Err(error);
+    }
     // The prepared bytes of every image, for the comparison at the switch.
     let old = snapshot(held.dir.path());
+    let cores = decode_cores(&old);
+    let mems = open_memories(&held);
+    let mut spare = spare_buffers(&old);
     tracing::info!(
         us = micros(started.elapsed()),
         "prepared tree held: ready for the switch"
@@ -122,15 +138,28 @@ pub fn restore_prepared(
     let ready = SwitchMessage::Ready {
         hot_pages: opts.lazy_prefetch_hot,
     };
+    let hurried = Hurried::start();
     if let Err(error) = switch::write_message(&mut link, &ready, false) {
         drop(held);
         return Err(PreparedError::from(error).into());
     }
     // The source freezes and answers at once; a link that stays silent is a lost one.
     let _ = link.set_read_timeout(Some(DELTA_TIMEOUT));
-    let message = switch::read_message_based(&mut link, |name| old.get(name).map(Vec::as_slice));
-    let _ = link.set_read_timeout(None);
+    let mut arriving = FirstByte {
+        inner: &mut link,
+        at: None,
+        last: None,
+    };
+    let message = switch::read_message_reusing(
+        &mut arriving,
+        |name| old.get(name).map(Vec::as_slice),
+        &mut spare,
+    );
     let received = Instant::now();
+    // The down time runs from the delta's first byte: reading and decoding it are in.
+    let arrived = arriving.at.unwrap_or(received);
+    let all_in = arriving.last.unwrap_or(received);
+    let _ = link.set_read_timeout(None);
     let (images, hot) = match message {
         Ok(SwitchMessage::Delta { images, hot }) => (images, hot),
         Ok(SwitchMessage::Abort { why }) => {
@@ -149,10 +178,18 @@ pub fn restore_prepared(
             tell_failed(&mut link, &error);
             return Err(error);
         }
-        Err(error) => {
+        Err(error @ (SwitchError::Io { .. } | SwitchError::Closed)) => {
             // The source is gone or the link broke: it runs on, or is dead.
             drop(held);
             return Err(PreparedError::from(error).into());
+        }
+        Err(error) => {
+            // A delta that cannot be read here (damaged, or made against another copy of
+            // the prepared images): the source hears why, and runs on.
+            drop(held);
+            let error = PreparedError::from(error).into();
+            tell_failed(&mut link, &error);
+            return Err(error);
         }
     };
     let mut resumed = false;
@@ -160,11 +197,16 @@ pub fn restore_prepared(
         held,
         opts,
         &mut link,
+        &hurried,
         Delta {
             images: &images,
             hot: &hot,
             old,
-            received,
+            cores,
+            mems,
+            received: arrived,
+            arrival_us: micros(all_in.duration_since(arrived)),
+            decode_us: micros(received.duration_since(all_in)),
         },
         &mut resumed,
     );
@@ -173,6 +215,8 @@ pub fn restore_prepared(
             tell_failed(&mut link, error);
         }
     }
+    // Freed only now (large ones are unmapped: not inside the down time).
+    drop(spare);
     result
 }
 
@@ -215,6 +259,37 @@ fn tell_failed(link: &mut TcpStream, error: &RestoreError) {
     let _ = switch::write_message(link, &SwitchMessage::Failed { why }, false);
 }
 
+/// The memory of every process of the held tree, opened while it is held (an open of
+/// /proc takes a path walk; the switch then only writes). One that cannot be opened is
+/// opened again when needed, where its error is reported.
+fn open_memories(held: &Held) -> HashMap<Pid, tracee::RemoteMem> {
+    held.tree
+        .procs
+        .iter()
+        .zip(&held.hosts)
+        .filter(|(p, _)| matches!(p.kind, plan::ProcKind::Live(_)))
+        .filter_map(|(_, &host)| Some((host, tracee::RemoteMem::open(host).ok()?)))
+        .collect()
+}
+
+/// Buffers for the delta's images, one as large as each prepared image (an image that
+/// changed is mostly as long as it was), written once now so that their pages are in:
+/// faulting them in while the delta is decoded costs microseconds a page, inside the down
+/// time.
+fn spare_buffers(old: &HashMap<String, Vec<u8>>) -> Vec<Vec<u8>> {
+    old.values()
+        .map(|prepared| {
+            let mut b = Vec::with_capacity(prepared.len() + SPARE_SLACK);
+            b.resize(b.capacity(), 0xA5);
+            b
+        })
+        .collect()
+}
+
+/// Room a spare buffer has beyond its prepared image: a core image whose registers'
+/// encodings grew.
+const SPARE_SLACK: usize = 256;
+
 /// Image files up to this size are read into memory while the tree is held.
 const SNAPSHOT_MAX: u64 = switch::MAX_BASE as u64;
 
@@ -240,12 +315,96 @@ fn snapshot(dir: &Path) -> HashMap<String, Vec<u8>> {
     out
 }
 
+/// Real-time priority (the lowest) from READY until the tree runs: the switch is down
+/// time, and on a machine with few CPUs a build or the lazy-pages daemon (which starts on
+/// the userfaultfds the moment it gets them) would otherwise take the CPU in the middle of
+/// it. Best effort: without the privilege, the switch runs at normal priority. Children
+/// forked meanwhile (a fallback's tree) start with the normal policy.
+struct Hurried {
+    on: std::cell::Cell<bool>,
+}
+
+const SCHED_OTHER: i32 = 0;
+const SCHED_FIFO: i32 = 1;
+const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
+
+impl Hurried {
+    fn start() -> Hurried {
+        let on = own_tid().is_some_and(|tid| {
+            let rt = tracee::taskinfo::Sched {
+                policy: SCHED_FIFO | SCHED_RESET_ON_FORK,
+                priority: 1,
+                nice: 0,
+            };
+            tracee::taskinfo::set_sched(tid, &rt).is_ok()
+        });
+        Hurried {
+            on: std::cell::Cell::new(on),
+        }
+    }
+
+    /// Back to the normal policy.
+    fn end(&self) {
+        if !self.on.replace(false) {
+            return;
+        }
+        if let Some(tid) = own_tid() {
+            let normal = tracee::taskinfo::Sched {
+                policy: SCHED_OTHER,
+                priority: 0,
+                nice: 0,
+            };
+            if let Err(error) = tracee::taskinfo::set_sched(tid, &normal) {
+                tracing::warn!(%error, "back to the normal scheduling policy");
+            }
+        }
+    }
+}
+
+impl Drop for Hurried {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+fn own_tid() -> Option<tracee::Tid> {
+    tracee::Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get())
+}
+
+/// A reader that notes when its first bytes came, and its last.
+struct FirstByte<'a> {
+    inner: &'a mut TcpStream,
+    at: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl io::Read for FirstByte<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            let now = Instant::now();
+            self.at.get_or_insert(now);
+            self.last = Some(now);
+        }
+        Ok(n)
+    }
+}
+
 /// What the source sent, with the prepared bytes of the images.
 struct Delta<'a> {
     images: &'a [NamedImage],
     hot: &'a [HotPages],
     old: HashMap<String, Vec<u8>>,
+    /// The prepared core images, decoded.
+    cores: HashMap<String, pb::CoreEntry>,
+    /// Per host pid, the memory of each held process, opened for writing.
+    mems: HashMap<Pid, tracee::RemoteMem>,
+    /// When its first bytes came.
     received: Instant,
+    /// From its first byte to its last.
+    arrival_us: u64,
+    /// From its last byte to the decoded message.
+    decode_us: u64,
 }
 
 /// Whether the daemon reads the image: the page lists are written before the hand-off;
@@ -260,6 +419,7 @@ fn switch_over(
     mut held: Held,
     opts: &RestoreOptions,
     link: &mut TcpStream,
+    hurried: &Hurried,
     delta: Delta<'_>,
     resumed: &mut bool,
 ) -> Result<RestoreOutcome, RestoreError> {
@@ -267,7 +427,11 @@ fn switch_over(
         images,
         hot,
         mut old,
+        cores,
+        mems,
         received,
+        arrival_us,
+        decode_us,
     } = delta;
     let dir = held.dir.path().to_path_buf();
     for image in images {
@@ -308,15 +472,20 @@ fn switch_over(
             pagemaps.insert(p.pid.unsigned_abs(), bytes);
         }
     }
-    let verdict = judge(images, &old, &registered, &pagemaps);
+    let judging = Instant::now();
+    let verdict = judge(images, &old, &cores, &registered, &pagemaps);
+    let judge_us = micros(judging.elapsed());
     let delta_bytes: usize = images.iter().map(|i| i.bytes.len()).sum();
     let later: Vec<&NamedImage> = images.iter().filter(|i| !read_by_daemon(&i.name)).collect();
     let mut on_running = |pid: Pid, path: &'static str| -> Result<(), RestoreError> {
         switch::write_message(link, &SwitchMessage::Resumed, false)
             .map_err(PreparedError::Resumed)?;
         *resumed = true;
-        tracing::info!(%pid, path, us = micros(received.elapsed()),
-            "prepared switch: delta received to tree resumed");
+        let us = micros(received.elapsed());
+        // The tree runs: the rest of our work is off its way.
+        hurried.end();
+        crate::step_aside();
+        tracing::info!(%pid, path, us, "prepared switch: delta received to tree resumed");
         // The directory is the final image set again (the fallback wrote them all).
         if path == "fast" {
             if let Err(error) = write_images(&dir, later.iter().copied()) {
@@ -327,27 +496,48 @@ fn switch_over(
     };
     match verdict {
         Verdict::Fast(fast) => {
-            tracing::info!(
-                images = images.len(),
-                bytes = delta_bytes,
-                hot_runs = hot.len(),
-                threads = fast.threads.len(),
-                positions = fast.positions.len(),
-                pagemaps = fast.pagemaps.len(),
-                pages = fast.pages.len(),
-                written_us,
-                us = micros(received.elapsed()),
-                "prepared switch: fast path"
-            );
-            apply(&mut held, &fast, hot)?;
-            crate::finish(held, opts, &mut |pid| on_running(pid, "fast"))
+            let judged_us = micros(received.elapsed());
+            let applied = apply(&mut held, &fast, hot, &mems)?;
+            let applied_us = micros(received.elapsed());
+            // Told once the tree runs: formatting and writing a log line takes time.
+            crate::finish(held, opts, &mut |pid| {
+                on_running(pid, "fast")?;
+                tracing::info!(
+                    images = images.len(),
+                    bytes = delta_bytes,
+                    hot_runs = hot.len(),
+                    threads = fast.threads.len(),
+                    positions = fast.positions.len(),
+                    pagemaps = fast.pagemaps.len(),
+                    pages = fast.pages.len(),
+                    arrival_us,
+                    decode_us,
+                    written_us,
+                    judge_us,
+                    us = judged_us,
+                    "prepared switch: fast path"
+                );
+                tracing::info!(
+                    hot_pages = applied.hot_pages,
+                    hot_us = applied.hot_us,
+                    regs_us = applied.regs_us,
+                    fpu_loads = applied.fpu_loads,
+                    deferred_rseq = applied.deferred_rseq,
+                    us = applied_us,
+                    "prepared switch: delta applied"
+                );
+                Ok(())
+            })
         }
         Verdict::Fallback(why) => {
             tracing::warn!(image = %why.image, field = %why.field,
                 "prepared switch: the held tree cannot take the delta: restoring from the new images");
             write_images(&dir, images.iter().filter(|i| !read_by_daemon(&i.name)))?;
+            // A whole restore, milliseconds of work: not above everything else.
+            hurried.end();
             let step = Instant::now();
             let session = held.prepared.as_mut().and_then(|p| p.take_session());
+            drop(mems);
             drop(held);
             if opts.new_pid_ns {
                 // The held tree's namespace is dead: the next tree gets a new one.
@@ -375,10 +565,30 @@ fn write_images<'a>(
     Ok(())
 }
 
-/// The fast path on the held tree: hot pages, hand-off, rseq areas, registers, positions.
-fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), RestoreError> {
+/// What [`apply`] did, for the log.
+struct Applied {
+    hot_pages: u64,
+    hot_us: u64,
+    regs_us: u64,
+    /// Threads whose FPU state was loaded (it changed).
+    fpu_loads: usize,
+    /// rseq areas registered only now (they lie on lazy memory).
+    deferred_rseq: usize,
+}
+
+/// The fast path on the held tree: hot pages, changed pages, registers, positions. None
+/// of it touches lazy memory, so the userfaultfds go to the daemon only in `finish`, just
+/// before the detach; unless an rseq area lies on lazy memory: its registration waits
+/// for the hand-off (the kernel writes the area at once), and the registers are loaded
+/// after it (an injection puts back the registers it found).
+fn apply(
+    held: &mut Held,
+    fast: &FastPath,
+    hot: &[HotPages],
+    mems: &HashMap<Pid, tracee::RemoteMem>,
+) -> Result<Applied, RestoreError> {
     let step = Instant::now();
-    let mut installed = 0;
+    let mut hot_pages = 0;
     if let Some(prepared) = held.prepared.as_ref() {
         for run in hot {
             let Some((uffd, vmas)) = prepared.uffd(run.pid) else {
@@ -387,7 +597,7 @@ fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), Resto
             let Some(host) = host_of(held, run.pid) else {
                 continue;
             };
-            installed += crate::lazy::install_pages(uffd, host, vmas, run.vaddr, &run.data)?;
+            hot_pages += crate::lazy::install_pages(uffd, host, vmas, run.vaddr, &run.data)?;
         }
     }
     for w in &fast.pages {
@@ -398,22 +608,32 @@ fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), Resto
             .into());
         };
         // Pages in already (restore wrote them): no fault, whatever is registered.
-        let mem = tracee::RemoteMem::open(host)
-            .and_then(|m| m.write_at(tracee::RemoteAddr(w.vaddr), &w.data))
-            .map_err(|e| PreparedError::WritePages {
-                pid: host,
-                vaddr: w.vaddr,
-                source: io::Error::other(e.to_string()),
-            });
-        mem?;
+        let at = tracee::RemoteAddr(w.vaddr);
+        let written = match mems.get(&host) {
+            Some(m) => m.write_at(at, &w.data),
+            None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, &w.data)),
+        };
+        written.map_err(|e| PreparedError::WritePages {
+            pid: host,
+            vaddr: w.vaddr,
+            source: io::Error::other(e.to_string()),
+        })?;
     }
     let hot_us = micros(step.elapsed());
-    // From here the daemon serves every fault: the kernel may touch lazy memory.
-    if let Some(prepared) = held.prepared.take() {
-        held.lazy = Some(prepared.hand_over(&held.work_dir)?);
+    let deferred_rseq = held
+        .deferred_rseq
+        .iter()
+        .flatten()
+        .filter(|r| r.is_some())
+        .count();
+    if deferred_rseq > 0 {
+        // From here the daemon serves every fault: the kernel may touch lazy memory.
+        if let Some(prepared) = held.prepared.take() {
+            held.lazy = Some(prepared.hand_over(&held.work_dir)?);
+        }
     }
-    let handoff_us = micros(step.elapsed());
-    let mut rseq_us = 0;
+    let regs = Instant::now();
+    let mut fpu_loads = 0;
     for (i, p) in held.tree.procs.iter().enumerate() {
         let plan::ProcKind::Live(plan) = &p.kind else {
             continue;
@@ -423,7 +643,7 @@ fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), Resto
             continue;
         };
         let rseq = held.deferred_rseq.get(i);
-        let rseq_step = Instant::now();
+        let injected = rseq.is_some_and(|r| r.iter().any(Option::is_some));
         for (j, t) in plan.threads.iter().enumerate() {
             let tracee =
                 thread_at(leader, others, j).ok_or(PreparedError::NoThread { tid: t.tid })?;
@@ -432,10 +652,10 @@ fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), Resto
                     .map_err(crate::threads::ThreadStateError::from)?;
             }
         }
+        // Kept only for the registrations above.
         if let Some(helper) = held.helpers.get_mut(i).and_then(Option::take) {
             crate::memory::drop_helper(leader, &helper)?;
         }
-        rseq_us += micros(rseq_step.elapsed());
         for (j, t) in plan.threads.iter().enumerate() {
             let Some(update) = fast
                 .threads
@@ -452,21 +672,30 @@ fn apply(held: &mut Held, fast: &FastPath, hot: &[HotPages]) -> Result<(), Resto
             now.restart = restart;
             now.fpregs = update.fpregs.clone();
             now.sigmask = update.sigmask(j == 0);
-            resume::load_registers(tracee, &now)?;
+            if injected {
+                resume::load_registers(tracee, &now)?;
+                fpu_loads += 1;
+            } else {
+                // The held thread has the prepared registers (`t`) loaded.
+                let loaded = held
+                    .xsaves
+                    .get(i)
+                    .and_then(|x| x.get(j))
+                    .and_then(Option::as_ref);
+                fpu_loads += usize::from(resume::load_changed_registers(tracee, t, &now, loaded)?);
+            }
         }
     }
     for &(file_id, pos) in &fast.positions {
         set_position(held, file_id, pos)?;
     }
-    tracing::info!(
-        hot_pages = installed,
+    Ok(Applied {
+        hot_pages,
         hot_us,
-        handoff_us,
-        rseq_us,
-        us = micros(step.elapsed()),
-        "prepared switch: delta applied"
-    );
-    Ok(())
+        regs_us: micros(regs.elapsed()),
+        fpu_loads,
+        deferred_rseq,
+    })
 }
 
 /// Thread `j` of a process (0: the leader).
@@ -587,13 +816,15 @@ fn fallback(image: &str, field: impl Into<String>) -> Verdict {
 }
 
 /// Compares the changed images `new` with the prepared ones (`old`: the prepared bytes of
-/// each image by name; an image without them is new). `registered`: per image pid, the
-/// VMAs registered with the process's userfaultfd in the held tree (a lazy page outside
-/// them would never be fetched). `pagemaps`: per image pid, its final pagemap image
-/// (where a pages image's data go).
+/// each image by name; an image without them is new). `cores`: prepared core images
+/// decoded already (before the switch), by name; others are decoded here. `registered`:
+/// per image pid, the VMAs registered with the process's userfaultfd in the held tree (a
+/// lazy page outside them would never be fetched). `pagemaps`: per image pid, its final
+/// pagemap image (where a pages image's data go).
 pub fn judge(
     new: &[NamedImage],
     old: &HashMap<String, Vec<u8>>,
+    cores: &HashMap<String, pb::CoreEntry>,
     registered: &HashMap<u32, Vec<Range>>,
     pagemaps: &HashMap<u32, Vec<u8>>,
 ) -> Verdict {
@@ -615,7 +846,9 @@ pub fn judge(
         };
         let id = kind.id.and_then(|i| u32::try_from(i).ok());
         let step = match (kind.kind, id) {
-            (ImageKind::Core, Some(tid)) => core(name, tid, before, &image.bytes, &mut fast),
+            (ImageKind::Core, Some(tid)) => {
+                core(name, tid, cores.get(name), before, &image.bytes, &mut fast)
+            }
             (ImageKind::Pagemap, Some(pid)) => {
                 let regs = registered.get(&pid).map_or(&[][..], Vec::as_slice);
                 pagemap(name, before, &image.bytes, regs).map(|()| fast.pagemaps.push(pid))
@@ -696,9 +929,41 @@ fn one<M: Message + Default>(name: &str, bytes: &[u8]) -> Result<M, Fallback> {
     })
 }
 
-/// A thread's core: registers and signal mask may change; nothing else.
-fn core(name: &str, tid: u32, old: &[u8], new: &[u8], fast: &mut FastPath) -> Result<(), Fallback> {
-    let a: pb::CoreEntry = one(name, old)?;
+/// The prepared core images among `images` (name to bytes), decoded: done while the tree
+/// is held, so that the judge decodes only the new ones.
+fn decode_cores(images: &HashMap<String, Vec<u8>>) -> HashMap<String, pb::CoreEntry> {
+    images
+        .iter()
+        .filter(|(name, _)| {
+            ImageKind::from_file_name(name).is_some_and(|k| k.kind == ImageKind::Core)
+        })
+        .filter_map(|(name, bytes)| Some((name.clone(), one(name, bytes).ok()?)))
+        .collect()
+}
+
+/// A thread's core: registers and signal mask may change; nothing else. `decoded`: the
+/// prepared core, `old` decoded, if it was already.
+fn core(
+    name: &str,
+    tid: u32,
+    decoded: Option<&pb::CoreEntry>,
+    old: &[u8],
+    new: &[u8],
+    fast: &mut FastPath,
+) -> Result<(), Fallback> {
+    if let Some(a) = decoded {
+        if let Some(quick) = core_registers_only(name, tid, a, old, new, fast) {
+            return quick;
+        }
+    }
+    let decoded_here;
+    let a: &pb::CoreEntry = match decoded {
+        Some(a) => a,
+        None => {
+            decoded_here = one::<pb::CoreEntry>(name, old)?;
+            &decoded_here
+        }
+    };
     let b: pb::CoreEntry = one(name, new)?;
     let differs = |field: &str| Fallback {
         image: name.to_string(),
@@ -806,6 +1071,112 @@ fn core(name: &str, tid: u32, old: &[u8], new: &[u8], fast: &mut FastPath) -> Re
         task_mask: b.tc.as_ref().map(|t| t.blk_sigset),
     });
     Ok(())
+}
+
+/// The usual change of a core image, judged without decoding all of it: every field but
+/// the thread info (registers) has the very bytes it had. Then only the new thread info
+/// is decoded (the task and thread cores, with their 64 signal handlers, are most of a
+/// core's decoding time, inside the down time). `None` when the bytes say otherwise, or
+/// cannot be split: [`core`] then compares field by field. `a`: the prepared core
+/// `old`, decoded.
+fn core_registers_only(
+    name: &str,
+    tid: u32,
+    a: &pb::CoreEntry,
+    old: &[u8],
+    new: &[u8],
+    fast: &mut FastPath,
+) -> Option<Result<(), Fallback>> {
+    const THREAD_INFO: u64 = 2;
+    let raw = |bytes: &[u8]| -> Option<Vec<u8>> {
+        let mut r =
+            ImageReader::new(bytes, ImageKind::Core, name, Some(bytes.len() as u64)).ok()?;
+        let entry = r.read_raw_entry().ok()??;
+        r.read_raw_entry().ok()?.is_none().then_some(entry)
+    };
+    let (raw_a, raw_b) = (raw(old)?, raw(new)?);
+    let (fields_a, fields_b) = (wire_fields(&raw_a)?, wire_fields(&raw_b)?);
+    let (info_a, rest_a): (Vec<_>, Vec<_>) =
+        fields_a.into_iter().partition(|f| f.number == THREAD_INFO);
+    let (info_b, rest_b): (Vec<_>, Vec<_>) =
+        fields_b.into_iter().partition(|f| f.number == THREAD_INFO);
+    if info_a.len() != 1 || info_b.len() != 1 || rest_a != rest_b {
+        return None;
+    }
+    let tb = pb::ThreadInfoX86::decode(info_b.first()?.payload?).ok()?;
+    let ta = a.thread_info.as_ref()?;
+    let differs = |field: &str| Fallback {
+        image: name.to_string(),
+        field: field.to_string(),
+    };
+    if let Some(f) = first_difference!(ta, tb, "thread_info", [clear_tid_addr, tls]) {
+        return Some(Err(differs(f)));
+    }
+    if ta.gpregs.mode != tb.gpregs.mode {
+        return Some(Err(differs("thread_info.gpregs.mode")));
+    }
+    // The rest is the prepared core's, masks included.
+    fast.threads.push(ThreadUpdate {
+        tid,
+        gpregs: tb.gpregs,
+        fpregs: tb.fpregs,
+        thread_mask: a.thread_core.as_ref().and_then(|t| t.blk_sigset),
+        task_mask: a.tc.as_ref().map(|t| t.blk_sigset),
+    });
+    Some(Ok(()))
+}
+
+/// One field of a protobuf message as it is on the wire.
+#[derive(Debug, PartialEq, Eq)]
+struct WireField<'a> {
+    number: u64,
+    /// The whole field, key included.
+    bytes: &'a [u8],
+    /// A length-delimited field's contents.
+    payload: Option<&'a [u8]>,
+}
+
+/// The top-level fields of the protobuf message `m`, in order; `None` if it does not parse.
+fn wire_fields(m: &[u8]) -> Option<Vec<WireField<'_>>> {
+    fn varint(m: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *m.get(*at)?;
+            *at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < m.len() {
+        let start = at;
+        let key = varint(m, &mut at)?;
+        let mut payload = None;
+        match key & 7 {
+            0 => {
+                varint(m, &mut at)?;
+            }
+            1 => at = at.checked_add(8)?,
+            2 => {
+                let len = usize::try_from(varint(m, &mut at)?).ok()?;
+                let end = at.checked_add(len)?;
+                payload = Some(m.get(at..end)?);
+                at = end;
+            }
+            5 => at = at.checked_add(4)?,
+            _ => return None,
+        }
+        out.push(WireField {
+            number: key >> 3,
+            bytes: m.get(start..at)?,
+            payload,
+        });
+    }
+    Some(out)
 }
 
 fn read_pagemap(name: &str, bytes: &[u8]) -> Result<Pagemap, Fallback> {
@@ -1012,7 +1383,89 @@ mod tests {
         for (pid, r) in regs {
             registered.entry(*pid).or_default().push(*r);
         }
-        judge(new, &lookup, &registered, &HashMap::new())
+        let cold = judge(new, &lookup, &HashMap::new(), &registered, &HashMap::new());
+        // With the prepared cores decoded before the switch (as the restore does), a core
+        // whose other fields kept their bytes is judged from its thread info alone: the
+        // verdict is the same.
+        let warm = judge(
+            new,
+            &lookup,
+            &decode_cores(&lookup),
+            &registered,
+            &HashMap::new(),
+        );
+        assert_eq!(cold, warm);
+        cold
+    }
+
+    #[test]
+    fn a_core_where_only_registers_changed_is_judged_from_its_thread_info() {
+        let old = [image(
+            "core-7.img",
+            encode(ImageKind::Core, &[core_entry(0x400000, 4)]),
+        )];
+        let mut c = core_entry(0x400010, 4);
+        c.thread_info.as_mut().unwrap().fpregs.mxcsr = 0x1f80;
+        let new_bytes = encode(ImageKind::Core, &[c]);
+        let lookup: HashMap<String, Vec<u8>> = old
+            .iter()
+            .map(|i| (i.name.clone(), i.bytes.clone()))
+            .collect();
+        let mut fast = FastPath::default();
+        let quick = core_registers_only(
+            "core-7.img",
+            7,
+            &decode_cores(&lookup)["core-7.img"],
+            &old[0].bytes,
+            &new_bytes,
+            &mut fast,
+        );
+        assert_eq!(quick, Some(Ok(())));
+        assert_eq!(fast.threads.len(), 1);
+        assert_eq!(fast.threads[0].gpregs.ip, 0x400010);
+        assert_eq!(fast.threads[0].fpregs.mxcsr, 0x1f80);
+        assert_eq!(fast.threads[0].sigmask(true), 4);
+        // A changed mask is outside the thread info: left to the field-by-field judge.
+        let masked = encode(ImageKind::Core, &[core_entry(0x400010, 8)]);
+        let quick = core_registers_only(
+            "core-7.img",
+            7,
+            &decode_cores(&lookup)["core-7.img"],
+            &old[0].bytes,
+            &masked,
+            &mut FastPath::default(),
+        );
+        assert_eq!(quick, None);
+        // Damaged bytes are not split: the judge decodes, and reports them.
+        assert_eq!(
+            core_registers_only(
+                "core-7.img",
+                7,
+                &decode_cores(&lookup)["core-7.img"],
+                &old[0].bytes,
+                &[1, 2, 3],
+                &mut FastPath::default(),
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn wire_fields_split_a_message_and_refuse_a_cut_one() {
+        let bytes = core_entry(1, 2).encode_to_vec();
+        let fields = wire_fields(&bytes).unwrap();
+        let numbers: Vec<u64> = fields.iter().map(|f| f.number).collect();
+        assert_eq!(numbers, vec![1, 2, 3, 5]);
+        assert_eq!(
+            fields.iter().map(|f| f.bytes.len()).sum::<usize>(),
+            bytes.len()
+        );
+        for cut in 1..bytes.len() {
+            // A cut inside a field is refused; one between fields is a shorter message.
+            if let Some(f) = wire_fields(&bytes[..cut]) {
+                assert_eq!(f.iter().map(|f| f.bytes.len()).sum::<usize>(), cut);
+            }
+        }
     }
 
     #[test]
@@ -1068,6 +1521,33 @@ mod tests {
             panic!("fallback expected");
         };
         assert_eq!(why.field, "thread_info.clear_tid_addr");
+        // The held tree registered the prepared rseq area before the switch: a thread
+        // whose area moved, or went, needs another registration.
+        for rseq in [
+            Some(pb::RseqEntry {
+                rseq_abi_pointer: 0x7000_0000,
+                rseq_abi_size: 32,
+                signature: 0x5305_3053,
+                ..Default::default()
+            }),
+            None,
+        ] {
+            let mut prepared = core_entry(1, 0);
+            prepared.thread_core.as_mut().unwrap().rseq_entry = Some(pb::RseqEntry {
+                rseq_abi_pointer: 0x7000_1000,
+                rseq_abi_size: 32,
+                signature: 0x5305_3053,
+                ..Default::default()
+            });
+            let old = [image("core-7.img", encode(ImageKind::Core, &[prepared]))];
+            let mut c = core_entry(2, 0);
+            c.thread_core.as_mut().unwrap().rseq_entry = rseq;
+            let new = [image("core-7.img", encode(ImageKind::Core, &[c]))];
+            let Verdict::Fallback(why) = judge_against(&old, &new, &[]) else {
+                panic!("fallback expected");
+            };
+            assert_eq!(why.field, "thread_core.rseq_entry");
+        }
     }
 
     #[test]
@@ -1181,7 +1661,8 @@ mod tests {
             .into_iter()
             .collect();
         let new = [image("pages-1.img", new_pages.clone())];
-        let Verdict::Fast(fast) = judge(&new, &old, &HashMap::new(), &pagemaps) else {
+        let Verdict::Fast(fast) = judge(&new, &old, &HashMap::new(), &HashMap::new(), &pagemaps)
+        else {
             panic!("fast path expected");
         };
         assert_eq!(
@@ -1198,7 +1679,7 @@ mod tests {
             .into_iter()
             .collect();
         assert!(matches!(
-            judge(&other, &old2, &HashMap::new(), &pagemaps),
+            judge(&other, &old2, &HashMap::new(), &HashMap::new(), &pagemaps),
             Verdict::Fallback(_)
         ));
     }

@@ -32,13 +32,13 @@ fn xsave_area(t: &Tracee, plan: &ThreadPlan) -> Result<Xsave, ResumeError> {
         step: "reading the xsave area",
         source,
     })?;
+    xsave_area_from(tid, current, plan)
+}
+
+/// `current`, the xsave area of thread `tid`, with the image's FPU state written in.
+fn xsave_area_from(tid: Tid, current: Xsave, plan: &ThreadPlan) -> Result<Xsave, ResumeError> {
     let xcr0 = current.xcr0().unwrap_or(0b11);
-    let cpu = XsaveLayout::for_xcr0(xcr0);
-    let layout = xsave::XsaveLayout::new(
-        cpu.components
-            .iter()
-            .map(|c| (c.index, usize::try_from(c.offset).unwrap_or(usize::MAX))),
-    );
+    let layout = layout_for(xcr0);
     if let Some(x) = plan.fpregs.xsave.as_ref() {
         let missing = x.xstate_bv & !layout.feature_mask();
         if missing != 0 {
@@ -51,8 +51,36 @@ fn xsave_area(t: &Tracee, plan: &ThreadPlan) -> Result<Xsave, ResumeError> {
     Ok(Xsave::from_bytes(raw))
 }
 
+/// This CPU's xsave layout under `xcr0`, found once per process: it comes from CPUID,
+/// which in a virtual machine traps to the hypervisor (microseconds a leaf, one leaf per
+/// component), and a prepared switch loads registers inside the down time.
+fn layout_for(xcr0: u64) -> xsave::XsaveLayout {
+    static KNOWN: std::sync::Mutex<Vec<(u64, xsave::XsaveLayout)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, layout)) = known.iter().find(|(x, _)| *x == xcr0) {
+        return layout.clone();
+    }
+    let cpu = XsaveLayout::for_xcr0(xcr0);
+    let layout = xsave::XsaveLayout::new(
+        cpu.components
+            .iter()
+            .map(|c| (c.index, usize::try_from(c.offset).unwrap_or(usize::MAX))),
+    );
+    known.push((xcr0, layout.clone()));
+    layout
+}
+
 /// Loads every register and the signal mask into the stopped thread.
 pub fn load_registers(t: &mut Tracee, plan: &ThreadPlan) -> Result<(), ResumeError> {
+    load_registers_kept(t, plan).map(drop)
+}
+
+/// [`load_registers`], returning the xsave area it loaded: a later load into the thread,
+/// stopped since, may start from it instead of reading the thread's again.
+pub fn load_registers_kept(t: &mut Tracee, plan: &ThreadPlan) -> Result<Xsave, ResumeError> {
     let tid = t.tid();
     let xsave = xsave_area(t, plan)?;
     t.set_xsave(&xsave).map_err(|source| ResumeError::Ptrace {
@@ -72,7 +100,50 @@ pub fn load_registers(t: &mut Tracee, plan: &ThreadPlan) -> Result<(), ResumeErr
             step: "setting the signal mask",
             source,
         })?;
-    Ok(())
+    Ok(xsave)
+}
+
+/// Loads into a stopped thread whose registers and mask are `before` (loaded earlier) those
+/// of `now`, leaving out what did not change: each load is a ptrace round trip or more
+/// (the FPU state three, two with `loaded`, the xsave area [`load_registers_kept`] loaded
+/// for `before`), inside a prepared switch's down time. Returns whether the FPU state
+/// changed.
+pub fn load_changed_registers(
+    t: &mut Tracee,
+    before: &ThreadPlan,
+    now: &ThreadPlan,
+    loaded: Option<&Xsave>,
+) -> Result<bool, ResumeError> {
+    let tid = t.tid();
+    let fpu = now.fpregs != before.fpregs;
+    if fpu {
+        let xsave = match loaded {
+            Some(area) => xsave_area_from(tid, area.clone(), now)?,
+            None => xsave_area(t, now)?,
+        };
+        t.set_xsave(&xsave).map_err(|source| ResumeError::Ptrace {
+            tid,
+            step: "setting the xsave area",
+            source,
+        })?;
+    }
+    if now.regs != before.regs {
+        t.set_regs(&now.regs)
+            .map_err(|source| ResumeError::Ptrace {
+                tid,
+                step: "setting registers",
+                source,
+            })?;
+    }
+    if now.sigmask != before.sigmask {
+        t.set_sigmask(SigSet(now.sigmask))
+            .map_err(|source| ResumeError::Ptrace {
+                tid,
+                step: "setting the signal mask",
+                source,
+            })?;
+    }
+    Ok(fpu)
 }
 
 /// Lets the thread run.

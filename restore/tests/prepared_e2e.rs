@@ -9,7 +9,8 @@
 //!
 //! Scenarios: the fast path (only registers, page lists and such changed); the fallback
 //! (the counter maps a new region between the dumps, so the held tree is dropped and the
-//! tree restored from the new images); an ABORT (the restore drops the tree and fails).
+//! tree restored from the new images); an ABORT (the restore drops the tree and fails); a
+//! delta made against another copy of the prepared images (the restore says FAILED).
 //!
 //! No test harness: scenarios run one after the other in this single-threaded process,
 //! which also plays the dumper and the daemon (`prepared_e2e dump ...`, `prepared_e2e
@@ -48,6 +49,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("prepared_fast_path_hot_threads", fast_path_hot_threads),
         ("prepared_fallback", fallback),
         ("prepared_abort", abort),
+        ("prepared_wrong_base", wrong_base),
     ]
 }
 
@@ -249,6 +251,17 @@ fn delta(old: &Path, new: &Path) -> Result<Vec<NamedImage>, String> {
     Ok(out)
 }
 
+/// The bytes of every image in `dir`, by name.
+fn prepared_images(dir: &Path) -> Result<std::collections::HashMap<String, Vec<u8>>, String> {
+    let mut out = std::collections::HashMap::new();
+    for e in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let bytes = std::fs::read(e.path()).map_err(|e| format!("{name}: {e}"))?;
+        out.insert(name, bytes);
+    }
+    Ok(out)
+}
+
 fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
     for e in std::fs::read_dir(from)
@@ -366,6 +379,8 @@ fn start_restore(s: &mut Setup, switch_addr: SocketAddr, hot: bool) -> Result<us
         .arg(switch_addr.to_string())
         .arg("-W")
         .arg(&s.work)
+        .arg("--pidfile")
+        .arg(s.dir.join("restored.pid"))
         // The source still holds the pid.
         .arg("--new-pid-ns")
         .args(["-v", "2"])
@@ -468,7 +483,13 @@ fn switch_to_second_state(grow: bool, threads: u32, hot: bool) -> Result<String,
         Vec::new()
     };
     let msg = SwitchMessage::Delta { images, hot };
-    switch::write_message(&mut link, &msg, true).map_err(|e| format!("send DELTA: {e}"))?;
+    // As the dump sends it: each image against its prepared version (the restore holds a
+    // copy of it), most as their differences.
+    let prepared = prepared_images(&s.dir.join("images1"))?;
+    switch::write_message_based(&mut link, &msg, true, |name| {
+        prepared.get(name).map(Vec::as_slice)
+    })
+    .map_err(|e| format!("send DELTA: {e}"))?;
     match switch::read_message(&mut link) {
         Ok(SwitchMessage::Resumed) => {}
         other => {
@@ -480,6 +501,8 @@ fn switch_to_second_state(grow: bool, threads: u32, hot: bool) -> Result<String,
             ))
         }
     }
+    let rseq = rseq_as_dumped(&s.dir.join("restored.pid"), &images2)
+        .map_err(|e| format!("{e}\nrestore: {}", stderr_of(&mut s.started.children[r])))?;
     std::fs::write(s.dir.join("report"), "1").map_err(|e| e.to_string())?;
     let status = wait_child(
         &mut s.started.children[r],
@@ -534,12 +557,70 @@ fn switch_to_second_state(grow: bool, threads: u32, hot: bool) -> Result<String,
     }
     println!(
         "  delta {names:?}; counts: prepared <= {after_first}, final {frozen}, restored {count}; \
-         log position: final {frozen_pos}, restored {pos}"
+         log position: final {frozen_pos}, restored {pos}; rseq areas registered: {rseq}"
     );
     for line in log.lines().filter(|l| l.contains("prepared")) {
         println!("  {line}");
     }
     Ok(log)
+}
+
+/// Checks that every thread of the restored tree (root pid in `pidfile`) has the rseq
+/// area its core image in `images` names registered (whether held before the switch or
+/// deferred past it): glibc registers one per thread, and a thread without it would read
+/// stale CPU numbers. Returns how many areas the images name.
+fn rseq_as_dumped(pidfile: &Path, images: &Path) -> Result<usize, String> {
+    use images_format::{pb, ImageDir, ImageKind, ImageName};
+    let dir = ImageDir::new(images).map_err(|e| e.to_string())?;
+    let mut want: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(images)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(ImageName {
+            kind: ImageKind::Core,
+            id: Some(tid),
+        }) = ImageKind::from_file_name(&name)
+        else {
+            continue;
+        };
+        let core: pb::CoreEntry = dir
+            .read_one(ImageKind::Core, tid)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if let Some(r) = core.thread_core.and_then(|t| t.rseq_entry) {
+            if r.rseq_abi_pointer != 0 {
+                want.push(r.rseq_abi_pointer);
+            }
+        }
+    }
+    let text = wait_for_file(pidfile, Duration::from_secs(10))?;
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .and_then(tracee::Pid::from_raw)
+        .ok_or_else(|| format!("bad pidfile {text:?}"))?;
+    let mut have: Vec<u64> = Vec::new();
+    for tid in tracee::proc::task::list_tids(pid).map_err(|e| e.to_string())? {
+        let t = tracee::Tracee::seize_and_interrupt(pid, tid, tracee::SeizeOptions::empty())
+            .map_err(|e| format!("seize restored thread {tid}: {e}"))?;
+        let config = t.rseq_config();
+        t.detach()
+            .map_err(|e| format!("detach restored thread {tid}: {e}"))?;
+        match config.map_err(|e| format!("rseq of restored thread {tid}: {e}"))? {
+            Some(c) => have.push(c.addr.0),
+            None => return Err(format!("restored thread {tid} has no rseq area registered")),
+        }
+    }
+    want.sort_unstable();
+    have.sort_unstable();
+    if have != want {
+        return Err(format!(
+            "restored rseq areas {have:x?}, the images name {want:x?}"
+        ));
+    }
+    Ok(want.len())
 }
 
 fn abort() -> Result<(), String> {
@@ -578,6 +659,61 @@ fn abort() -> Result<(), String> {
     let after = count_of(s.pid, s.addr)?;
     if after <= before {
         return Err(format!("the source stopped counting ({before} -> {after})"));
+    }
+    Ok(())
+}
+
+/// A delta whose images cross as differences from prepared images other than the ones the
+/// restore holds: it must not build wrong images from them, but say FAILED (the source runs
+/// on) and drop the held tree.
+fn wrong_base() -> Result<(), String> {
+    let mut s = prepare(0)?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let switch_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let r = start_restore(&mut s, switch_addr, false)?;
+    let (mut link, _) = accept_ready(&listener, &mut s.started.children[r])?;
+    let mut prepared = prepared_images(&s.dir.join("images1"))?;
+    let name = "pages-1.img".to_string();
+    let pages = prepared
+        .get_mut(&name)
+        .ok_or_else(|| format!("no {name} in the prepared images"))?;
+    let mut now = pages.clone();
+    let last = now.len() - 1;
+    now[last] ^= 0xFF;
+    // The source's copy differs from the restore's in one byte, far from the change.
+    pages[0] ^= 1;
+    let msg = SwitchMessage::Delta {
+        images: vec![NamedImage { name, bytes: now }],
+        hot: Vec::new(),
+    };
+    switch::write_message_based(&mut link, &msg, false, |n| {
+        prepared.get(n).map(Vec::as_slice)
+    })
+    .map_err(|e| format!("send DELTA: {e}"))?;
+    let answer = switch::read_message(&mut link);
+    let status = wait_child(
+        &mut s.started.children[r],
+        Duration::from_secs(30),
+        "ckpt-restore",
+    )?;
+    let log = stderr_of(&mut s.started.children[r]);
+    match answer {
+        Ok(SwitchMessage::Failed { why }) if why.contains("prepared image other than") => {}
+        other => {
+            return Err(format!(
+                "expected FAILED for the base, got {other:?}:\n{log}"
+            ))
+        }
+    }
+    if status.success() {
+        return Err(format!("ckpt-restore succeeded on a wrong base:\n{log}"));
+    }
+    let ours = our_children();
+    if ours != vec![s.pid] {
+        return Err(format!(
+            "our children after FAILED: {ours:?}, want only the source {}",
+            s.pid
+        ));
     }
     Ok(())
 }
