@@ -764,20 +764,27 @@ impl Server {
         u128::from(self.stats.background_bytes + asked) >= allowed
     }
 
-    fn background_step(&mut self) -> Result<(), DaemonError> {
-        let next = self
+    /// The next missing run in the background's round robin over the tasks, and the page
+    /// in it to go on from (its task's cursor, if the cursor is inside it).
+    fn next_background_run(&self) -> Option<(u64, u64, MissingRun)> {
+        let (key, cursor, run) = self
             .tasks
             .range(self.background_key..)
             .chain(self.tasks.range(..self.background_key))
             .find(|(_, t)| !t.missing.is_empty())
-            .map(|(&k, t)| (k, t.cursor, t.missing.next_from(t.cursor)));
-        let Some((key, cursor, Some(run))) = next else {
-            return Ok(());
-        };
+            .map(|(&k, t)| (k, t.cursor, t.missing.next_from(t.cursor)))?;
+        let run = run?;
         let start = if run.start <= cursor && cursor < run.end {
             page_of(cursor)
         } else {
             run.start
+        };
+        Some((key, start, run))
+    }
+
+    fn background_step(&mut self) -> Result<(), DaemonError> {
+        let Some((key, start, run)) = self.next_background_run() else {
+            return Ok(());
         };
         let end = run
             .end
@@ -881,19 +888,8 @@ impl Server {
     /// Asks for the next background chunk, round robin over the tasks; `false` when no
     /// page is left to ask for.
     fn ask_background(&mut self, chunk: u64) -> Result<bool, DaemonError> {
-        let next = self
-            .tasks
-            .range(self.background_key..)
-            .chain(self.tasks.range(..self.background_key))
-            .find(|(_, t)| !t.missing.is_empty())
-            .map(|(&k, t)| (k, t.cursor, t.missing.next_from(t.cursor)));
-        let Some((key, cursor, Some(run))) = next else {
+        let Some((key, start, run)) = self.next_background_run() else {
             return Ok(false);
-        };
-        let start = if run.start <= cursor && cursor < run.end {
-            page_of(cursor)
-        } else {
-            run.start
         };
         let mut end = run.end.min(start + chunk);
         for request in self.inflight.iter().filter(|r| r.key == key) {
