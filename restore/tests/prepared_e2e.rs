@@ -184,14 +184,11 @@ fn lazy_dump(
     Ok((i, addr))
 }
 
-/// What a source sends as hot pages: per thread of the frozen `pid` (from its core images
-/// in `images`), the pages at its instruction pointer, around its stack pointer and at
-/// its thread pointer.
-fn hot_pages(pid: i32, images: &Path) -> Result<Vec<switch::HotPages>, String> {
-    use images_format::{pb, ImageDir, ImageKind, ImageName};
-    use std::os::unix::fs::FileExt;
+/// Every thread's core image in `images`.
+fn core_images(images: &Path) -> Result<Vec<images_format::pb::CoreEntry>, String> {
+    use images_format::{ImageDir, ImageKind, ImageName};
     let dir = ImageDir::new(images).map_err(|e| e.to_string())?;
-    let mut pages: Vec<u64> = Vec::new();
+    let mut cores = Vec::new();
     for e in std::fs::read_dir(images)
         .map_err(|e| e.to_string())?
         .flatten()
@@ -204,9 +201,21 @@ fn hot_pages(pid: i32, images: &Path) -> Result<Vec<switch::HotPages>, String> {
         else {
             continue;
         };
-        let core: pb::CoreEntry = dir
-            .read_one(ImageKind::Core, tid)
-            .map_err(|e| format!("{name}: {e}"))?;
+        cores.push(
+            dir.read_one(ImageKind::Core, tid)
+                .map_err(|e| format!("{name}: {e}"))?,
+        );
+    }
+    Ok(cores)
+}
+
+/// What a source sends as hot pages: per thread of the frozen `pid` (from its core images
+/// in `images`), the pages at its instruction pointer, around its stack pointer and at
+/// its thread pointer.
+fn hot_pages(pid: i32, images: &Path) -> Result<Vec<switch::HotPages>, String> {
+    use std::os::unix::fs::FileExt;
+    let mut pages: Vec<u64> = Vec::new();
+    for core in core_images(images)? {
         let Some(ti) = core.thread_info else { continue };
         let r = &ti.gpregs;
         for a in [
@@ -570,24 +579,8 @@ fn switch_to_second_state(grow: bool, threads: u32, hot: bool) -> Result<String,
 /// deferred past it): glibc registers one per thread, and a thread without it would read
 /// stale CPU numbers. Returns how many areas the images name.
 fn rseq_as_dumped(pidfile: &Path, images: &Path) -> Result<usize, String> {
-    use images_format::{pb, ImageDir, ImageKind, ImageName};
-    let dir = ImageDir::new(images).map_err(|e| e.to_string())?;
     let mut want: Vec<u64> = Vec::new();
-    for e in std::fs::read_dir(images)
-        .map_err(|e| e.to_string())?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(ImageName {
-            kind: ImageKind::Core,
-            id: Some(tid),
-        }) = ImageKind::from_file_name(&name)
-        else {
-            continue;
-        };
-        let core: pb::CoreEntry = dir
-            .read_one(ImageKind::Core, tid)
-            .map_err(|e| format!("{name}: {e}"))?;
+    for core in core_images(images)? {
         if let Some(r) = core.thread_core.and_then(|t| t.rseq_entry) {
             if r.rseq_abi_pointer != 0 {
                 want.push(r.rseq_abi_pointer);
