@@ -1304,13 +1304,40 @@ mod tests {
             .all(|b| sent.iter().all(|s| s.name != b.name || s.bytes == b.bytes))
     }
 
+    /// A DELTA of one image `now`, named `name`, and its frame against `prepared`.
+    fn one_image_delta(
+        name: &str,
+        prepared: &[u8],
+        now: Vec<u8>,
+        compress: bool,
+    ) -> (SwitchMessage, Vec<u8>) {
+        let msg = SwitchMessage::Delta {
+            images: vec![NamedImage {
+                name: name.into(),
+                bytes: now,
+            }],
+            hot: Vec::new(),
+        };
+        let mut wire = Vec::new();
+        write_message_based(&mut wire, &msg, compress, |n| {
+            (n == name).then_some(prepared)
+        })
+        .unwrap();
+        (msg, wire)
+    }
+
+    /// Flips bit `bit` of the byte at `at` (modulo the length) of a non-empty frame.
+    fn flip(wire: &mut [u8], at: usize, bit: u8) {
+        let at = at % wire.len();
+        wire[at] ^= 1 << bit;
+    }
+
     proptest! {
         #[test]
         fn flipped_bytes_never_panic(at in 0usize..9000, bit in 0u8..8, compress: bool) {
             let mut wire = Vec::new();
             write_message(&mut wire, &delta(), compress).unwrap();
-            let at = at % wire.len();
-            wire[at] ^= 1 << bit;
+            flip(&mut wire, at, bit);
             let _ = read_message(&mut wire.as_slice());
         }
 
@@ -1321,16 +1348,10 @@ mod tests {
             now[100..200].fill(9);
             // Longer than the prepared image: BASED, not XORED.
             now.extend_from_slice(&[1, 2, 3]);
-            let msg = SwitchMessage::Delta {
-                images: vec![NamedImage { name: "core-1.img".into(), bytes: now }],
-                hot: Vec::new(),
-            };
-            let base = |name: &str| (name == "core-1.img").then_some(prepared.as_slice());
-            let mut wire = Vec::new();
-            write_message_based(&mut wire, &msg, false, base).unwrap();
+            let (msg, mut wire) = one_image_delta("core-1.img", &prepared, now, false);
             prop_assert_eq!(wire[HEADER_LEN + 4 + 2 + "core-1.img".len()], BASED);
-            let at = at % wire.len();
-            wire[at] ^= 1 << bit;
+            flip(&mut wire, at, bit);
+            let base = |name: &str| (name == "core-1.img").then_some(prepared.as_slice());
             if let Ok(back) = read_message_based(&mut wire.as_slice(), base) {
                 // zstd's checksum sees a flip in the frame, the decompressed length one in
                 // the lengths; a flip in the name's length shifts everything after it (what
@@ -1342,16 +1363,10 @@ mod tests {
         #[test]
         fn flipped_bytes_of_a_xored_image_are_errors_or_the_same_delta(at in 0usize..2000, bit in 0u8..8, compress: bool) {
             let (prepared, now) = changed_image(9000);
-            let msg = SwitchMessage::Delta {
-                images: vec![NamedImage { name: "pages-1.img".into(), bytes: now }],
-                hot: Vec::new(),
-            };
+            let (msg, mut wire) = one_image_delta("pages-1.img", &prepared, now, compress);
+            flip(&mut wire, at, bit);
             // As at the destination: another name has another prepared image, or none.
             let base = |name: &str| (name == "pages-1.img").then_some(prepared.as_slice());
-            let mut wire = Vec::new();
-            write_message_based(&mut wire, &msg, compress, base).unwrap();
-            let at = at % wire.len();
-            wire[at] ^= 1 << bit;
             if let Ok(back) = read_message_based(&mut wire.as_slice(), base) {
                 // The hashes see a flip in the runs or the base; see above for the name.
                 prop_assert!(same_or_renamed(&back, &msg));
@@ -1361,15 +1376,9 @@ mod tests {
         #[test]
         fn flipped_bytes_of_a_spliced_image_are_errors_or_the_same_delta(at in 0usize..200, bit in 0u8..8) {
             let (prepared, now) = grown_image();
-            let msg = SwitchMessage::Delta {
-                images: vec![NamedImage { name: "core-1.img".into(), bytes: now }],
-                hot: Vec::new(),
-            };
+            let (msg, mut wire) = one_image_delta("core-1.img", &prepared, now, false);
+            flip(&mut wire, at, bit);
             let base = |name: &str| (name == "core-1.img").then_some(prepared.as_slice());
-            let mut wire = Vec::new();
-            write_message_based(&mut wire, &msg, false, base).unwrap();
-            let at = at % wire.len();
-            wire[at] ^= 1 << bit;
             if let Ok(back) = read_message_based(&mut wire.as_slice(), base) {
                 prop_assert!(same_or_renamed(&back, &msg));
             }
