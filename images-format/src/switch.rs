@@ -934,16 +934,8 @@ mod tests {
     #[test]
     fn an_image_as_long_as_the_prepared_one_crosses_as_the_xor_of_its_changed_blocks() {
         let (prepared, now) = changed_image(48 * 1024 + 17);
-        let msg = SwitchMessage::Delta {
-            images: vec![NamedImage {
-                name: "core-1.img".into(),
-                bytes: now,
-            }],
-            hot: Vec::new(),
-        };
+        let (msg, wire) = one_image_delta("core-1.img", &prepared, now, false);
         let base = |name: &str| (name == "core-1.img").then_some(prepared.as_slice());
-        let mut wire = Vec::new();
-        write_message_based(&mut wire, &msg, false, base).unwrap();
         let how_at = HEADER_LEN + 4 + 2 + "core-1.img".len();
         assert_eq!(wire[how_at], XORED);
         // Six changed bytes, two of them neighbours: five runs.
@@ -1000,16 +992,8 @@ mod tests {
     #[test]
     fn an_image_whose_length_changed_in_one_place_crosses_spliced() {
         let (prepared, now) = grown_image();
-        let msg = SwitchMessage::Delta {
-            images: vec![NamedImage {
-                name: "core-1.img".into(),
-                bytes: now,
-            }],
-            hot: Vec::new(),
-        };
+        let (msg, wire) = one_image_delta("core-1.img", &prepared, now, true);
         let base = |name: &str| (name == "core-1.img").then_some(prepared.as_slice());
-        let mut wire = Vec::new();
-        write_message_based(&mut wire, &msg, true, base).unwrap();
         let how_at = HEADER_LEN + 4 + 2 + "core-1.img".len();
         assert_eq!(wire[how_at], SPLICED);
         // Header, name, hashes, the two ends and the 11 new bytes.
