@@ -634,15 +634,7 @@ fn abort() -> Result<(), String> {
     if status.success() || !log.contains(&why) {
         return Err(format!("ckpt-restore after ABORT: {status}:\n{log}"));
     }
-    // Nothing of the held tree is left: what ckpt-restore left alive would have come to
-    // us, its subreaper; only the source is our child.
-    let ours = our_children();
-    if ours != vec![s.pid] {
-        return Err(format!(
-            "our children after ABORT: {ours:?}, want only the source {}",
-            s.pid
-        ));
-    }
+    only_the_source_left(s.pid, "ABORT")?;
     let source = Pid::from_raw(s.pid);
     if kill(source, None).is_err() {
         return Err("the source died".into());
@@ -701,11 +693,17 @@ fn wrong_base() -> Result<(), String> {
     if status.success() {
         return Err(format!("ckpt-restore succeeded on a wrong base:\n{log}"));
     }
+    only_the_source_left(s.pid, "FAILED")?;
+    Ok(())
+}
+
+/// Checks that nothing of a dropped held tree is left: what ckpt-restore left alive would
+/// have come to us, its subreaper, so only the source `pid` may be our child.
+fn only_the_source_left(pid: i32, after: &str) -> Result<(), String> {
     let ours = our_children();
-    if ours != vec![s.pid] {
+    if ours != vec![pid] {
         return Err(format!(
-            "our children after FAILED: {ours:?}, want only the source {}",
-            s.pid
+            "our children after {after}: {ours:?}, want only the source {pid}"
         ));
     }
     Ok(())
