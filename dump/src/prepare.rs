@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! listen on A:P (a busy port costs nothing)
-//! S1  freeze, collect, let the tree run, then write the whole lazy image set into -D
+//! S1  short freezes, the rest read while the tree runs (see "S1" below), then
+//!     write the whole lazy image set into -D
 //!     ("prepared images written"; the orchestrator copies -D to the destination; pages
 //!     read while it runs may be torn or stale: S2 compares and sends them again)
 //!     accept connections: SWITCH_MAGIC first = the restore's switch, else the daemon
@@ -44,6 +45,67 @@
 //! the destination installs them before it resumes instead of faulting each through the
 //! daemon. This is the same choice of pages as restore's `--lazy-prefetch-hot`.
 //!
+//! S1: its freezes are not down time, but each is a gap in the program as long as any, so
+//! S1 holds the tree only for what needs it stopped, in several short freezes a few
+//! milliseconds apart, each one a gap of a few hundred microseconds:
+//!
+//! ```text
+//! open the syscall watch's counters; read ahead each process's stat, status and auxv and
+//!     the vdso's syscall, and ask the CPU its xsave layout (nothing of it in a freeze)
+//! F1  registers, xsave, masks, pending signals, stop state, rseq, seccomp filters: ptrace
+//!     reads, no injection; counts c1; release; the leaders' personalities from /proc; 2 ms
+//! F2  counts must be c1; injected into each leader: brk, dumpable, THP; counts c2;
+//!     release; 2 ms
+//! F3  counts must be c2; injected: child subreaper, membarrier, MDWE; counts c3; ...
+//! F4  injected: dispositions (of the signals the status read ahead names) and timers; ...
+//! F5+ injected into two threads of each process at a time: sigaltstack, parent-death
+//!     signal, securebits, clear-tid address; the last freeze's counts, as it ends, are
+//!     the watch's baseline (`refresh::arm`); release
+//! ... the tree runs: stat, status and auxv again, robust list, scheduling, affinity,
+//!     timer slack, I/O priority, the address space (smaps, the page scan), rlimits,
+//!     namespaces and object ids, the files: /proc, pidfd_getfd, no ptrace
+//! ```
+//!
+//! The injecting freezes follow each other closely, the long reading comes after the
+//! last: measured, a freeze right after milliseconds of other work ran ~100 us longer
+//! (caches).
+//!
+//! ckpt-dump runs under a real-time policy while it holds the tree (a busy machine would
+//! otherwise delay each round trip, and a released thread of a busy program could take
+//! the CPU while its siblings stay frozen), pinned to the CPU of the thread it injects
+//! into; after each release it moves off that CPU until the images are written, so that
+//! the program is not left waiting behind ckpt-dump's reading.
+//!
+//! The images it gives are as good a base as one freeze's: each value is the tree's at
+//! some moment of S1, and whatever differs at S2 the delta carries (or S2 reads in full).
+//!
+//! Why the light S2 stays sound. A light S2 re-reads only what can change without a
+//! counted syscall (`collect::refresh`), and keeps the rest from S1; it is taken only if no
+//! thread's count grew past the baseline. So every value S1 keeps must be the tree's
+//! value at the baseline, given that no counted syscall follows it. Take a kept value read
+//! at time t. Between t and the baseline the tree is either frozen (nothing changes) or
+//! runs with its syscalls counted; and a counted syscall between two freezes makes the
+//! counts at a freeze's start differ from those at the previous one's end, which rules
+//! the light S2 out at once. Reads in a freeze (F1, F2...) and between freezes are
+//! therefore the tree's values at the baseline whenever the light S2 may be taken, and so
+//! are reads after the last freeze (a change after the baseline is counted past it); a
+//! count that grew in S1 itself is only ever seen as "grew", never absorbed into the
+//! baseline. What must not happen is a kept value read before the first freeze, where a
+//! syscall between the read and F1 would be absorbed: the reads ahead (stat, status,
+//! auxv) only steer the freezes (whether F1 reads seccomp filters, which dispositions F4
+//! injects for; the leader's comm and credentials, replaced afterwards), and are read
+//! again after the last freeze: the images take the values read again, and if what
+//! steered the freezes changed since the reads ahead, the light S2 is ruled out ("moved"):
+//! equal values ahead and after, with no counted syscall from F1 on, are the values the
+//! freezes saw.
+//! The vdso's `syscall` found ahead is checked (its two bytes read) in each freeze before
+//! an injection goes there.
+//! Values that change with no syscall (registers, masks, pending signals, pages, rseq's
+//! critical section, what other processes set from outside: scheduling, affinity, timer
+//! slack, I/O priority, rlimits, oom_score_adj, file sizes...) S2 reads again anyway, so
+//! when S1 reads them does not matter. Threads or processes that come or go between the
+//! freezes make the later freeze read the whole tree again (and arm from its end).
+//!
 //! Fault injection (`CKPT_FAULT`) acts in S2 only, where a failure must reach the
 //! destination as an ABORT.
 //!
@@ -63,7 +125,7 @@ use images_format::pb::UserX86RegsEntry;
 use images_format::switch::{self, HotPages, NamedImage, SwitchError, SwitchMessage};
 use images_format::{ImageKind, ImageWriter};
 use tracee::memory::{self, RemoteRange};
-use tracee::{Pid, RemoteAddr, SeizedTree, PAGE_SIZE};
+use tracee::{Pid, RemoteAddr, SeizedTree, Tid, PAGE_SIZE};
 
 use crate::collect::{self, refresh, TreeState};
 use crate::lazy::{self, SwitchLink};
@@ -242,28 +304,278 @@ fn round(pid: Pid, opts: &DumpOptions, earlier: Option<Earlier<'_>>) -> Result<R
     })
 }
 
-/// S1: freeze, collect, let the tree go. Its images are written afterwards, from a
-/// process that runs again: the first round is not down time, but its freeze is a gap in
-/// the program all the same, so it holds the tree only while the state is read. Before it
-/// goes, the tree's syscalls start being watched, if it qualifies for a light S2 (else
-/// `Err` says why not).
-fn first_round(
-    pid: Pid,
-    opts: &DumpOptions,
-) -> Result<(TreeState, DumpStats, Result<refresh::Watch, String>), DumpError> {
-    let counters = refresh::watch_before_freeze(pid);
-    let Collected {
-        tree,
+/// How many threads of each process a freeze of S1 injects into.
+const THREADS_PER_FREEZE: usize = 2;
+
+/// S1's freezes for the injections into a tree of at most `most` threads a process: the
+/// leaders' values, the leaders' dispositions and timers, then the threads a few at a
+/// time (see "S1" in the module documentation).
+fn injection_steps(most: usize) -> Vec<collect::Injected> {
+    let mut steps = vec![
+        collect::Injected::LeaderMm,
+        collect::Injected::LeaderFlags,
+        collect::Injected::LeaderSignals,
+    ];
+    steps.extend(
+        (0..most)
+            .step_by(THREADS_PER_FREEZE)
+            .map(|from| collect::Injected::Threads {
+                from,
+                to: from + THREADS_PER_FREEZE,
+            }),
+    );
+    steps
+}
+
+/// How long the tree runs between two of S1's freezes that have nothing to read between.
+const BETWEEN_FREEZES: Duration = Duration::from_millis(2);
+
+/// One of S1's freezes: the tree, how long freezing took, when it was frozen.
+struct S1Freeze {
+    tree: SeizedTree,
+    freezing_us: u32,
+    since: Instant,
+    _urgent: Urgent,
+}
+
+/// ckpt-dump's thread under a real-time policy while it holds the tree, given back when
+/// dropped. On a busy machine each injection's round trip may otherwise wait a time slice
+/// behind whatever else runs, and so may the release: once the first thread of a busy
+/// program is let go it can take the CPU from ckpt-dump while the others stay frozen
+/// (milliseconds, measured). ckpt-dump sleeps in every wait, so the program's injected
+/// syscalls still run; the kernel's real-time throttling bounds the rest.
+struct Urgent {
+    previous: Option<(Tid, tracee::taskinfo::Sched)>,
+}
+
+/// The lowest real-time priority: above every normal task, below any real-time one.
+const URGENT: tracee::taskinfo::Sched = tracee::taskinfo::Sched {
+    policy: libc::SCHED_FIFO,
+    priority: 1,
+    nice: 0,
+};
+
+impl Urgent {
+    fn raise() -> Urgent {
+        let none = Urgent { previous: None };
+        let Some(me) = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()) else {
+            return none;
+        };
+        let Ok(previous) = tracee::taskinfo::sched(me) else {
+            return none;
+        };
+        let urgent = tracee::taskinfo::Sched {
+            nice: previous.nice,
+            ..URGENT
+        };
+        if let Err(error) = tracee::taskinfo::set_sched(me, &urgent) {
+            tracing::debug!(%error, "S1 holds the tree under the normal policy");
+            return none;
+        }
+        Urgent {
+            previous: Some((me, previous)),
+        }
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if let Some((me, previous)) = &self.previous {
+            if let Err(error) = tracee::taskinfo::set_sched(*me, previous) {
+                tracing::warn!(%error, "could not give back our scheduling policy");
+            }
+        }
+    }
+}
+
+impl S1Freeze {
+    fn new(pid: Pid) -> Result<S1Freeze, DumpError> {
+        // On the clock a program's own timestamps use, to line its gaps up with S1's freezes.
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let monotonic_ns = now.tv_sec.saturating_mul(1_000_000_000) + now.tv_nsec;
+        tracing::info!(monotonic_ns, "S1 freezes the tree");
+        let urgent = Urgent::raise();
+        let start = Instant::now();
+        let tree = seize::freeze_tree(pid)?;
+        Ok(S1Freeze {
+            tree,
+            freezing_us: micros(start),
+            since: Instant::now(),
+            _urgent: urgent,
+        })
+    }
+
+    /// Lets the tree run, and steps aside from the CPU its root ran on (see [`Aside`]);
+    /// returns how long it was held.
+    fn release(self, pid: Pid) -> Result<(u32, Aside), DumpError> {
+        release::finish_tree(self.tree, FinalState::Running)?;
+        let held = micros(self.since);
+        drop(self._urgent);
+        Ok((held, Aside::from_cpu_of(pid)))
+    }
+}
+
+/// ckpt-dump kept off the CPU the program last ran on, until dropped. The injections pin
+/// ckpt-dump next to the thread they run in; once the tree is let go, ckpt-dump would
+/// otherwise go on there, reading `/proc` for milliseconds, while the program waits for
+/// its turn on that CPU: a gap as long as the freeze's, or longer.
+struct Aside {
+    previous: Option<rustix::thread::CpuSet>,
+}
+
+impl Aside {
+    fn from_cpu_of(pid: Pid) -> Aside {
+        let none = Aside { previous: None };
+        let Ok(stat) = tracee::proc::stat::read(pid) else {
+            return none;
+        };
+        let Ok(cpu) = usize::try_from(stat.processor) else {
+            return none;
+        };
+        let Ok(previous) = rustix::thread::sched_getaffinity(None) else {
+            return none;
+        };
+        let mut elsewhere = previous;
+        if cpu < rustix::thread::CpuSet::MAX_CPU {
+            elsewhere.unset(cpu);
+        }
+        if elsewhere.count() == 0 || rustix::thread::sched_setaffinity(None, &elsewhere).is_err() {
+            return none;
+        }
+        Aside {
+            previous: Some(previous),
+        }
+    }
+}
+
+impl Drop for Aside {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous {
+            if let Err(errno) = rustix::thread::sched_setaffinity(None, previous) {
+                tracing::warn!(%errno, "could not take back our CPU affinity");
+            }
+        }
+    }
+}
+
+/// S1: short freezes, the rest read while the tree runs (see "S1" in the module
+/// documentation). Its images are written afterwards, from a process that runs again: the
+/// first round is not down time, but each freeze is a gap in the program all the same.
+/// Before the tree goes the last time, the counts of its syscalls become the watch's
+/// baseline, if it qualifies for a light S2 (else `Err` says why not).
+fn first_round(pid: Pid, opts: &DumpOptions) -> Result<FirstRound, DumpError> {
+    let mut counters = Some(refresh::watch_before_freeze(pid));
+    let counts = |counters: &Option<Result<refresh::Counters, String>>| {
+        counters
+            .as_ref()
+            .and_then(|c| c.as_ref().ok())
+            .map(refresh::Counters::counts)
+    };
+    let ahead = collect::read_ahead(pid);
+
+    let mut first = S1Freeze::new(pid)?;
+    let mut in_freeze = collect::in_freeze(&mut first.tree, ahead, false, opts)?;
+    let mut counts_last = counts(&counters);
+    let mut freezing_us = vec![first.freezing_us];
+    let (held, mut aside) = first.release(pid)?;
+    let mut held_us = vec![held];
+    collect::between_freezes(&mut in_freeze);
+
+    // The injections, in freezes of their own. What the tree's threads count between two
+    // freezes is the program's own doing: it must be nothing for the reads to hold.
+    let mut moved = None;
+    let mut armed = Err("S1 did not end".to_owned());
+    let mut whole = None;
+    let steps = injection_steps(in_freeze.most_threads());
+    for (n, &step) in steps.iter().enumerate() {
+        // Freezes too close together are one gap to the program: let it run a while.
+        std::thread::sleep(BETWEEN_FREEZES);
+        drop(aside);
+        let mut freeze = S1Freeze::new(pid)?;
+        let counts_now = counts(&counters);
+        if let Some(Err(why)) = &counts_now {
+            moved.get_or_insert_with(|| why.clone());
+        } else if counts_now != counts_last {
+            moved.get_or_insert_with(|| {
+                "the tree made syscalls outside the allowlist between S1's freezes".to_owned()
+            });
+        }
+        let same = collect::injected_in_freeze(&mut freeze.tree, &mut in_freeze, step, opts)?;
+        if !same {
+            // The processes or threads changed between the freezes: this one reads all.
+            tracing::info!("the tree changed between S1's freezes: read whole in this one");
+            whole = Some(collect::in_freeze(
+                &mut freeze.tree,
+                collect::ReadAhead::default(),
+                true,
+                opts,
+            )?);
+        }
+        let last = !same || n + 1 == steps.len();
+        if last {
+            // The baseline: the counts as the last freeze ends.
+            let opened = counters
+                .take()
+                .unwrap_or_else(|| Err("no counters".to_owned()));
+            armed = opened.and_then(|counters| refresh::arm(&freeze.tree, counters));
+        } else {
+            counts_last = counts(&counters);
+        }
+        freezing_us.push(freeze.freezing_us);
+        let (held, now_aside) = freeze.release(pid)?;
+        held_us.push(held);
+        aside = now_aside;
+        if last {
+            break;
+        }
+    }
+    let after_start = Instant::now();
+    let settled = match whole {
+        Some(whole) => {
+            // Read again in the last freeze: what S1 saw before does not count.
+            moved = None;
+            collect::after_release(whole, opts, collect::VmaSource::Smaps)?
+        }
+        None => collect::after_release(in_freeze, opts, collect::VmaSource::Smaps)?,
+    };
+    let after_us = micros(after_start);
+    let collect::Settled {
+        mut state,
+        moved: moved_after,
+    } = settled;
+    if let Some(why) = moved_after {
+        moved.get_or_insert(why);
+    }
+    let mut stats = DumpStats {
+        freezing_time_us: freezing_us.iter().copied().max().unwrap_or(0),
+        frozen_time_us: held_us.iter().copied().max().unwrap_or(0),
+        ..DumpStats::default()
+    };
+    for process in &mut state.processes {
+        let policies = full_policies(process, opts, None, false);
+        process.plan = pages::plan(&process.pages, &policies);
+    }
+    stats.cow_shared_bytes = state.cow_shared_bytes;
+    tracing::info!(?held_us, ?freezing_us, after_us, "S1: read in freezes");
+    let watch = match moved {
+        Some(why) => Err(why),
+        None => armed.and_then(|armed| armed.ready(&state)),
+    };
+    Ok(FirstRound {
         state,
-        mut stats,
-        frozen_since,
-        ..
-    } = freeze_and_collect(pid, opts, None)?;
-    let armed = counters.and_then(|counters| refresh::arm(&tree, counters));
-    release::finish_tree(tree, FinalState::Running)?;
-    stats.frozen_time_us = micros(frozen_since);
-    let watch = armed.and_then(|armed| armed.ready(&state));
-    Ok((state, stats, watch))
+        stats,
+        watch,
+        aside,
+    })
+}
+
+/// What S1 leaves: the state, its statistics, the watch (or why there is none), and
+/// ckpt-dump kept off the program's CPU while it writes the images.
+struct FirstRound {
+    state: TreeState,
+    stats: DumpStats,
+    watch: Result<refresh::Watch, String>,
+    aside: Aside,
 }
 
 fn read_images(dir: &Path, names: &[String]) -> Result<Images, PrepareError> {
@@ -734,13 +1046,19 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         fault: None,
         ..opts.clone()
     };
-    let (state, mut s1_stats, watch) = first_round(pid, &s1_opts)?;
+    let FirstRound {
+        state,
+        stats: mut s1_stats,
+        watch,
+        aside,
+    } = first_round(pid, &s1_opts)?;
     let watch = watch
         .map_err(|why| tracing::info!(%why, "S2 will collect in full"))
         .ok();
     let images = write::images_of_running(&state, &s1_opts, &mut s1_stats)?;
     let names = images.file_names();
     images.commit(&s1_stats)?;
+    drop(aside);
     drop(shield);
     tracing::info!(
         s1_frozen_us = s1_stats.frozen_time_us,
@@ -1075,14 +1393,10 @@ int main(int argc, char **argv) {
         out
     }
 
-    /// S1 as a prepared dump does it: collect, arm the watch, let the tree run.
+    /// S1 as a prepared dump does it: two freezes, the rest read while the tree runs.
     fn first_look(pid: Pid, opts: &DumpOptions) -> (TreeState, Result<refresh::Watch, String>) {
-        let counters = refresh::watch_before_freeze(pid);
-        let mut tree = seize::freeze_tree(pid).expect("freeze");
-        let state = collect::tree(&mut tree, opts, collect::VmaSource::Smaps).expect("collect");
-        let armed = counters.and_then(|counters| refresh::arm(&tree, counters));
-        release::finish_tree(tree, FinalState::Running).expect("release");
-        (state.clone(), armed.and_then(|armed| armed.ready(&state)))
+        let first = first_round(pid, opts).expect("S1");
+        (first.state, first.watch)
     }
 
     #[test]
@@ -1147,8 +1461,19 @@ int main(int argc, char **argv) {
         let images_dir = tempfile::tempdir().expect("tempdir");
         let mut opts = DumpOptions::new(pid.as_raw(), images_dir.path());
         opts.mode = DumpMode::Lazy;
+        // S1 sees it already, between its two freezes.
         let (_, watch) = first_look(pid, &opts);
-        let watch = watch.expect("the worker qualifies for a light S2");
+        let why = watch.expect_err("mmap was not seen between S1's freezes");
+        assert!(why.contains("outside the allowlist"), "{why}");
+        // And the watch sees it at the next freeze, armed at the end of a single one.
+        let counters = refresh::watch_before_freeze(pid);
+        let mut tree = seize::freeze_tree(pid).expect("freeze");
+        let state = collect::tree(&mut tree, &opts, collect::VmaSource::Smaps).expect("collect");
+        let armed = counters.and_then(|counters| refresh::arm(&tree, counters));
+        release::finish_tree(tree, FinalState::Running).expect("release");
+        let watch = armed
+            .and_then(|armed| armed.ready(&state))
+            .expect("the worker qualifies for a light S2");
         std::thread::sleep(Duration::from_millis(30));
         let tree = seize::freeze_tree(pid).expect("freeze again");
         let why = refresh::verdict(&watch, &tree).expect_err("mmap was not seen");

@@ -287,7 +287,13 @@ impl SeizedTree {
                 next += 1;
                 tree.add_children(pid, options)?;
             }
-            // The verification pass: with every process stopped, the lists are final.
+            // The verification pass: with every process stopped, the lists are final. A
+            // root found without children needs none: only the root itself, or a child of
+            // it with CLONE_PARENT, could have added one, and it was listed frozen. (The
+            // pass would read /proc once more inside the freeze.)
+            if tree.processes.len() == 1 && tree.zombies.is_empty() {
+                return Ok(tree);
+            }
             let before = tree.processes.len() + tree.zombies.len();
             let known: Vec<Pid> = tree.processes.iter().map(|(_, p)| p.pid()).collect();
             for pid in known {

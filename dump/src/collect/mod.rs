@@ -31,7 +31,8 @@ use tracee::pagemap_scan::PagemapError;
 use tracee::pidfd::PidfdError;
 use tracee::proc::{self, ProcError};
 use tracee::{
-    InjectError, Pid, PtraceError, RemoteAddr, SeizedProcess, SeizedTree, TargetFd, Tid, PAGE_SIZE,
+    InjectError, Pid, PtraceError, RemoteAddr, SeizedProcess, SeizedTree, TargetFd, Tid, Tracee,
+    PAGE_SIZE,
 };
 
 use crate::fault::{self, FaultPoint, InjectedFault};
@@ -259,12 +260,7 @@ fn point_at_vdso_syscall(
     auxv: &[(u64, u64)],
     offset: &mut Option<u64>,
 ) {
-    let Some(base) = auxv
-        .iter()
-        .find(|(key, _)| *key == AT_SYSINFO_EHDR)
-        .map(|(_, value)| *value)
-        .filter(|base| *base != 0)
-    else {
+    let Some(base) = vdso_base(auxv) else {
         return;
     };
     let pid = leader.pid();
@@ -276,17 +272,28 @@ fn point_at_vdso_syscall(
             return;
         }
     }
-    // The vdso's first page is its ELF header and tables, mapped executable with the rest:
-    // any `0f 05` in it runs as a `syscall`.
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    if tracee::memory::read_remote(pid, RemoteAddr(base), &mut page).is_err() {
-        return;
-    }
-    if let Some(at) = page.windows(2).position(|w| w == [0x0f, 0x05]) {
-        let at = at as u64;
+    if let Some(at) = vdso_syscall_offset(pid, auxv) {
         leader.set_syscall_insn(RemoteAddr(base).saturating_add(at));
         *offset = Some(at);
     }
+}
+
+fn vdso_base(auxv: &[(u64, u64)]) -> Option<u64> {
+    auxv.iter()
+        .find(|(key, _)| *key == AT_SYSINFO_EHDR)
+        .map(|(_, value)| *value)
+        .filter(|base| *base != 0)
+}
+
+/// The offset of a `syscall` instruction in the `[vdso]` of `pid`, whose auxiliary vector
+/// is `auxv`. The vdso's first page is its ELF header and tables, mapped executable with
+/// the rest: any `0f 05` in it runs as a `syscall`.
+fn vdso_syscall_offset(pid: Pid, auxv: &[(u64, u64)]) -> Option<u64> {
+    let base = vdso_base(auxv)?;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    tracee::memory::read_remote(pid, RemoteAddr(base), &mut page).ok()?;
+    let at = page.windows(2).position(|w| w == [0x0f, 0x05])?;
+    u64::try_from(at).ok()
 }
 
 fn proc_err(pid: Pid, what: &'static str) -> impl FnOnce(ProcError) -> CollectError {
@@ -343,6 +350,7 @@ impl ProcReads {
 }
 
 /// Process-wide values only the process itself can tell, read through its leader.
+#[derive(Default, Clone)]
 struct LeaderValues {
     personality: u32,
     brk: u64,
@@ -354,13 +362,45 @@ struct LeaderValues {
     mdwe: Option<u32>,
 }
 
+/// Which of [`LeaderValues`] are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Half {
+    /// Personality, brk, dumpable, THP: what `mm` holds.
+    Mm,
+    /// Child subreaper, membarrier registrations, MDWE.
+    Flags,
+    Both,
+}
+
+/// The values of `half` (the others left default); `personality`, if read already.
 fn leader_values(
     leader: &mut tracee::Tracee,
     scratch: &inject::Scratch,
+    half: Half,
+    personality: Option<u64>,
 ) -> Result<LeaderValues, CollectError> {
+    let mut values = LeaderValues::default();
+    if half != Half::Flags {
+        leader_mm_values(leader, personality, &mut values)?;
+    }
+    if half != Half::Mm {
+        leader_flag_values(leader, scratch, &mut values)?;
+    }
+    Ok(values)
+}
+
+/// `/proc/PID/personality` (the tracer may read it): an injection spared.
+fn personality_of(tid: Tid) -> Option<u64> {
+    read_proc_number(&format!("/proc/{tid}/personality"), 16)
+}
+
+fn leader_mm_values(
+    leader: &mut tracee::Tracee,
+    personality: Option<u64>,
+    values: &mut LeaderValues,
+) -> Result<(), CollectError> {
     let tid = leader.tid();
-    // `/proc/PID/personality` spares an injection (the tracer may read it).
-    let personality = match read_proc_number(&format!("/proc/{tid}/personality"), 16) {
+    let personality = match personality.or_else(|| personality_of(tid)) {
         Some(value) => value,
         None => inject::syscall_u64(
             leader,
@@ -382,6 +422,19 @@ fn leader_values(
         libc::SYS_prctl,
         [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0],
     )?;
+    values.personality = u32::try_from(personality).unwrap_or(0);
+    values.brk = brk;
+    values.dumpable = i32::try_from(dumpable).unwrap_or(0);
+    values.thp_disabled = thp != 0;
+    Ok(())
+}
+
+fn leader_flag_values(
+    leader: &mut tracee::Tracee,
+    scratch: &inject::Scratch,
+    values: &mut LeaderValues,
+) -> Result<(), CollectError> {
+    let tid = leader.tid();
     // prctl stores a whole int: nothing to clear first.
     inject::syscall(
         leader,
@@ -412,16 +465,10 @@ fn leader_values(
             })
         }
     };
-    let mdwe = extras::mdwe(leader)?;
-    Ok(LeaderValues {
-        mdwe,
-        personality: u32::try_from(personality).unwrap_or(0),
-        brk,
-        dumpable: i32::try_from(dumpable).unwrap_or(0),
-        thp_disabled: thp != 0,
-        child_subreaper: subreaper != 0,
-        membarrier: u32::try_from(membarrier).unwrap_or(0),
-    })
+    values.mdwe = extras::mdwe(leader)?;
+    values.child_subreaper = subreaper != 0;
+    values.membarrier = u32::try_from(membarrier).unwrap_or(0);
+    Ok(())
 }
 
 /// Pins ckpt-dump to the CPU the thread last ran on: an injected syscall then costs a few
@@ -599,24 +646,73 @@ fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
     Ok(duplicated * PAGE_SIZE)
 }
 
-/// Reads the state of one frozen process of a tree (`parent`: its parent, `None` for the
-/// root), with the tree's tables; `late` waits for what the reader thread read of it.
-fn collect_one(
+/// What of one process needs its threads stopped: the stop state, masks and pending
+/// signals, and everything read by injection (leader values, sigactions, timers, the
+/// threads). With it, what `/proc` told the injections: `stat` (the leader's comm),
+/// `status` (which sigactions to read, credentials, seccomp) and `auxv` (where the vdso's
+/// `syscall` is).
+pub struct FrozenProcess {
+    pid: Pid,
+    parent: Option<Pid>,
+    stat: proc::stat::Stat,
+    status: proc::status::Status,
+    auxv: Vec<(u64, u64)>,
+    stopped: bool,
+    stop_signo: Option<u32>,
+    leader_mask: u64,
+    shared_pending: Vec<[u8; 128]>,
+    threads: Vec<ThreadState>,
+    /// Left default when read in a freeze of its own (see [`injected_in_freeze`]).
+    leader: LeaderPart,
+    seccomp: SeccompTable,
+    /// The leader's personality, if read between freezes ([`between_freezes`]).
+    personality: Option<u64>,
+}
+
+/// What [`frozen_one`] reads besides the ptrace reads.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    /// The injections (else left for [`injected_in_freeze`]).
+    inject: bool,
+    /// What the kernel tells of a thread from outside (else left for
+    /// [`threads::outside_later`]).
+    outside_now: bool,
+}
+
+/// Reads what of one frozen process needs it frozen (see [`FrozenProcess`]);
+/// `before_map` runs before a scratch page is mapped into it, if one must be.
+fn frozen_one(
     tree: &mut SeizedProcess,
     parent: Option<Pid>,
-    late: impl FnOnce() -> Result<ProcReads, CollectError>,
-    tables: &mut TreeTables,
+    ahead: Option<Ahead>,
+    before_map: &mut dyn FnMut() -> Result<(), CollectError>,
+    vdso_insn: &mut Option<u64>,
+    reading: Reading,
     opts: &DumpOptions,
-) -> Result<ProcessState, CollectError> {
+) -> Result<FrozenProcess, CollectError> {
+    let Reading {
+        inject,
+        outside_now,
+    } = reading;
     let pid = tree.pid();
-    let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
-    let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
+    let (stat, status, auxv) = match ahead {
+        Some(Ahead { stat, status, auxv }) => (stat, status, auxv),
+        None => (
+            proc::stat::read(pid).map_err(proc_err(pid, "stat"))?,
+            proc::status::read(pid).map_err(proc_err(pid, "status"))?,
+            Vec::new(),
+        ),
+    };
     // The memory and files of the process are only reachable through a live leader's
     // /proc.
     if status.state == 'Z' {
         return Err(CollectError::ZombieLeader { pid });
     }
-    let auxv = proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?;
+    let auxv = if auxv.is_empty() {
+        proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?
+    } else {
+        auxv
+    };
     let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
     let stopped = leader.in_group_stop();
     let stop_signo = match leader.stop_state() {
@@ -638,17 +734,13 @@ fn collect_one(
             source,
         })?;
 
-    let (mut ids, shared) = tables.ids.objects(pid)?;
-    if let Some(with) = shared.vm {
-        return Err(CollectError::SharedVm { pid, with });
-    }
     let mut seccomp = SeccompTable::default();
     // Pinned from the scratch mapping on (the first injection) to its unmapping: unpinned,
     // each wakeup of the tracee may wait for another CPU's time slice, milliseconds under load.
     let leader_tid = tree.leader_mut().map(|l| l.tid());
     // Read before the pins change it.
-    let affinities = tree
-        .threads_mut()
+    let outside: &[Tracee] = if outside_now { tree.threads() } else { &[] };
+    let affinities = outside
         .iter()
         .map(|t| {
             let tid = t.tid();
@@ -661,55 +753,206 @@ fn collect_one(
                 })
         })
         .collect::<Result<HashMap<Tid, Vec<usize>>, _>>()?;
-    let leader_pin = leader_tid.and_then(|tid| pin_next_to(pid, tid));
-    if let Some(leader) = tree.leader_mut() {
-        point_at_vdso_syscall(leader, &auxv, &mut tables.vdso_insn);
-    }
-    // Taken before a scratch page is mapped, if one must be: it must not be in the dump.
-    let mut late = Some(late);
-    let mut reads = None;
-    let mut wait_reads = || -> Result<(), CollectError> {
-        if let Some(late) = late.take() {
-            reads = Some(late()?);
-        }
-        Ok(())
+    let cpus_of =
+        |tid: Tid| outside_now.then(|| affinities.get(&tid).map_or(&[][..], Vec::as_slice));
+    let known = threads::LeaderProc {
+        status: &status,
+        comm: &stat.comm,
     };
-    let injected = inject::with_scratch(tree, &mut wait_reads, |tree, scratch| {
-        let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
-        let values = leader_values(leader, scratch)?;
-        fault::check(opts.fault, FaultPoint::AfterInject)?;
-        let sigactions = signals::sigactions(leader, scratch, status.sig_cgt | status.sig_ign)?;
-        let timers = signals::timers(pid, leader, scratch)?;
-        let mut threads = Vec::new();
-        for thread in tree.threads_mut() {
-            let _pin = (Some(thread.tid()) != leader_tid)
-                .then(|| pin_next_to(pid, thread.tid()))
-                .flatten();
-            let cpus = affinities.get(&thread.tid()).map_or(&[][..], Vec::as_slice);
-            let known = (Some(thread.tid()) == leader_tid).then_some(threads::LeaderProc {
-                status: &status,
-                comm: &stat.comm,
-            });
-            threads.push(threads::collect(
-                thread,
-                scratch,
-                cpus,
-                &mut seccomp,
-                known,
-            )?);
+    let injected = if inject {
+        let leader_pin = leader_tid.and_then(|tid| pin_next_to(pid, tid));
+        if let Some(leader) = tree.leader_mut() {
+            point_at_vdso_syscall(leader, &auxv, vdso_insn);
         }
-        Ok((threads, sigactions, timers, values))
-    });
-    drop(leader_pin);
-    let (mut threads, sigactions, timers, values) = injected?;
-    wait_reads()?;
+        let caught = status.sig_cgt | status.sig_ign;
+        let injected = inject::with_scratch(tree, before_map, |tree, scratch| {
+            let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
+            let leader_part = leader_part(leader, scratch, caught, opts)?;
+            let mut threads = Vec::new();
+            for thread in tree.threads_mut() {
+                let tid = thread.tid();
+                let _pin = (Some(tid) != leader_tid)
+                    .then(|| pin_next_to(pid, tid))
+                    .flatten();
+                let known = (Some(tid) == leader_tid).then_some(known);
+                threads.push(threads::collect(
+                    thread,
+                    Some(scratch),
+                    cpus_of(tid),
+                    &mut seccomp,
+                    known,
+                )?);
+            }
+            Ok((threads, leader_part))
+        });
+        drop(leader_pin);
+        injected
+    } else {
+        // No injection, hence no scratch and no pins: what only injections tell is
+        // read in a freeze of its own (`injected_in_freeze`).
+        tree.threads_mut()
+            .iter_mut()
+            .map(|thread| {
+                let tid = thread.tid();
+                let known = (Some(tid) == leader_tid).then_some(known);
+                threads::collect(thread, None, cpus_of(tid), &mut seccomp, known)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|threads| (threads, LeaderPart::default()))
+    };
+    let (threads, leader) = injected?;
+    Ok(FrozenProcess {
+        pid,
+        parent,
+        stat,
+        status,
+        auxv,
+        stopped,
+        stop_signo,
+        leader_mask: leader_mask.0,
+        shared_pending,
+        threads,
+        leader,
+        seccomp,
+        personality: None,
+    })
+}
+
+/// What of a process is read by injections into its leader alone: values only the process
+/// can tell, its signal dispositions and its timers.
+#[derive(Default)]
+pub struct LeaderPart {
+    /// Read with the first half valid ([`Half::Mm`]).
+    mm_values: Option<LeaderValues>,
+    /// Read with the second half valid ([`Half::Flags`]).
+    flag_values: Option<LeaderValues>,
+    sigactions: Option<Vec<pb::SaEntry>>,
+    timers: Option<pb::TaskTimersEntry>,
+}
+
+impl LeaderPart {
+    /// Takes what `other` holds.
+    fn merge(&mut self, other: LeaderPart) {
+        let LeaderPart {
+            mm_values,
+            flag_values,
+            sigactions,
+            timers,
+        } = other;
+        if mm_values.is_some() {
+            self.mm_values = mm_values;
+        }
+        if flag_values.is_some() {
+            self.flag_values = flag_values;
+        }
+        if sigactions.is_some() {
+            self.sigactions = sigactions;
+        }
+        if timers.is_some() {
+            self.timers = timers;
+        }
+    }
+}
+
+/// Reads the [`LeaderPart`] of a frozen process through its leader, the dispositions of
+/// the signals in `caught` (caught or ignored) by injection.
+fn leader_part(
+    leader: &mut tracee::Tracee,
+    scratch: &inject::Scratch,
+    caught: u64,
+    opts: &DumpOptions,
+) -> Result<LeaderPart, CollectError> {
+    let values = leader_values(leader, scratch, Half::Both, None)?;
+    fault::check(opts.fault, FaultPoint::AfterInject)?;
+    let mut part = leader_signals(leader, scratch, caught)?;
+    part.mm_values = Some(values.clone());
+    part.flag_values = Some(values);
+    Ok(part)
+}
+
+/// The signal dispositions (of the signals in `caught`) and the timers of a frozen
+/// process, through its leader.
+fn leader_signals(
+    leader: &mut tracee::Tracee,
+    scratch: &inject::Scratch,
+    caught: u64,
+) -> Result<LeaderPart, CollectError> {
+    let pid = leader.pid();
+    let sigactions = signals::sigactions(leader, scratch, caught)?;
+    let timers = signals::timers(pid, leader, scratch)?;
+    Ok(LeaderPart {
+        sigactions: Some(sigactions),
+        timers: Some(timers),
+        ..LeaderPart::default()
+    })
+}
+
+/// Puts what the [`LeaderPart`] `part` holds into `process`'s `mm` and its leader's task
+/// core.
+fn apply_leader(process: &mut ProcessState, part: LeaderPart) {
+    let LeaderPart {
+        mm_values,
+        flag_values,
+        sigactions,
+        timers,
+    } = part;
+    if let Some(values) = &mm_values {
+        process.mm.mm_brk = values.brk;
+        process.mm.dumpable = Some(values.dumpable);
+        process.mm.thp_disabled = Some(values.thp_disabled);
+    }
+    let Some(tc) = process.threads.first_mut().and_then(|t| t.core.tc.as_mut()) else {
+        return;
+    };
+    if let Some(values) = mm_values {
+        tc.personality = values.personality;
+    }
+    if let Some(values) = flag_values {
+        tc.child_subreaper = Some(values.child_subreaper);
+        // CRIU records the mask only when something is registered.
+        tc.membarrier_registration_mask = (values.membarrier != 0).then_some(values.membarrier);
+        tc.mdwe_flags = values.mdwe;
+    }
+    if let Some(timers) = timers {
+        tc.timers = Some(timers);
+    }
+    if let Some(sigactions) = sigactions {
+        tc.sigactions = sigactions;
+    }
+}
+
+/// Completes the state of one process from what was read of it frozen (`frozen`) and
+/// what needs no ptrace (`reads`, its object ids `ids` and what it shares, `shared`).
+fn finish_one(
+    frozen: FrozenProcess,
+    reads: ProcReads,
+    mut ids: TaskKobjIdsEntry,
+    shared: &kobj::Shared,
+    tables: &mut TreeTables,
+    opts: &DumpOptions,
+) -> Result<ProcessState, CollectError> {
+    let FrozenProcess {
+        pid,
+        parent,
+        stat,
+        status,
+        auxv,
+        stopped,
+        stop_signo,
+        leader_mask,
+        shared_pending,
+        mut threads,
+        leader,
+        seccomp,
+        personality: _,
+    } = frozen;
     let ProcReads {
         mut memory,
         rlimits,
         oom_score_adj,
         own_ns,
         ns,
-    } = reads.ok_or(CollectError::ReaderGone { pid })?;
+    } = reads;
     tables.ids.namespaces(pid, &own_ns, &ns, &mut ids);
     let root_ids = tables.ids.root_ids();
     let files = files::collect(
@@ -728,7 +971,7 @@ fn collect_one(
         mm_end_data: stat.end_data,
         mm_start_stack: stat.start_stack,
         mm_start_brk: stat.start_brk,
-        mm_brk: values.brk,
+        mm_brk: 0,
         mm_arg_start: stat.arg_start,
         mm_arg_end: stat.arg_end,
         mm_env_start: stat.env_start,
@@ -736,27 +979,20 @@ fn collect_one(
         exe_file_id: files.exe_file_id,
         mm_saved_auxv: auxv.iter().flat_map(|(k, v)| [*k, *v]).collect(),
         vmas: memory.vmas.clone(),
-        dumpable: Some(values.dumpable),
+        dumpable: None,
         aios: Vec::new(),
-        thp_disabled: Some(values.thp_disabled),
+        thp_disabled: None,
     };
     let tc = TaskCoreEntry {
         task_state: if stopped { TASK_STOPPED } else { TASK_ALIVE },
         exit_code: 0,
-        personality: values.personality,
         flags: stat.flags,
-        blk_sigset: leader_mask.0,
+        blk_sigset: leader_mask,
         comm: stat.comm.clone(),
-        timers: Some(timers),
         rlimits: Some(rlimits),
         signals_s: Some(signals::signal_queue(&shared_pending)),
         oom_score_adj,
-        sigactions,
-        child_subreaper: Some(values.child_subreaper),
-        // CRIU records the mask only when something is registered.
-        membarrier_registration_mask: (values.membarrier != 0).then_some(values.membarrier),
         stop_signo,
-        mdwe_flags: values.mdwe,
         ..TaskCoreEntry::default()
     };
     if let Some(leader) = threads.first_mut() {
@@ -773,7 +1009,7 @@ fn collect_one(
             .map(|t| u32::try_from(t.tid.as_raw()).unwrap_or(0))
             .collect(),
     };
-    Ok(ProcessState {
+    let mut process = ProcessState {
         pid,
         pstree,
         ids,
@@ -787,5 +1023,404 @@ fn collect_one(
         pages_scanned: memory.pages_scanned,
         files,
         seccomp,
+    };
+    apply_leader(&mut process, leader);
+    Ok(process)
+}
+
+/// Reads the state of one frozen process of a tree (`parent`: its parent, `None` for the
+/// root), with the tree's tables; `late` waits for what the reader thread read of it.
+fn collect_one(
+    tree: &mut SeizedProcess,
+    parent: Option<Pid>,
+    late: impl FnOnce() -> Result<ProcReads, CollectError>,
+    tables: &mut TreeTables,
+    opts: &DumpOptions,
+) -> Result<ProcessState, CollectError> {
+    let pid = tree.pid();
+    let (ids, shared) = tables.ids.objects(pid)?;
+    if let Some(with) = shared.vm {
+        return Err(CollectError::SharedVm { pid, with });
+    }
+    // Taken before a scratch page is mapped, if one must be: it must not be in the dump.
+    let mut late = Some(late);
+    let mut reads = None;
+    let mut wait_reads = || -> Result<(), CollectError> {
+        if let Some(late) = late.take() {
+            reads = Some(late()?);
+        }
+        Ok(())
+    };
+    let frozen = frozen_one(
+        tree,
+        parent,
+        None,
+        &mut wait_reads,
+        &mut tables.vdso_insn,
+        Reading {
+            inject: true,
+            outside_now: true,
+        },
+        opts,
+    )?;
+    wait_reads()?;
+    let reads = reads.ok_or(CollectError::ReaderGone { pid })?;
+    finish_one(frozen, reads, ids, &shared, tables, opts)
+}
+
+/// The first half of a tree's state read in two ([`in_freeze`], then [`after_release`]):
+/// what needs the tree frozen.
+pub struct InFreeze {
+    /// Parents before children, the root first.
+    processes: Vec<FrozenProcess>,
+    /// `(parent, zombie)`.
+    zombies: Vec<(Pid, Pid)>,
+    /// The processes whose `/proc` files were read ahead of the freeze, with what of them
+    /// steered the frozen reads.
+    steered: Vec<(Pid, Steering)>,
+    vdso_insn: Option<u64>,
+}
+
+impl InFreeze {
+    /// The most threads a process of the tree has.
+    pub fn most_threads(&self) -> usize {
+        self.processes
+            .iter()
+            .map(|p| p.threads.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// What a process's `status` tells the frozen reads: which dispositions are read by
+/// injection (the caught and ignored signals) and whether seccomp filters are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Steering {
+    sig_cgt: u64,
+    sig_ign: u64,
+    seccomp: u32,
+    seccomp_filters: u32,
+}
+
+impl Steering {
+    fn of(status: &proc::status::Status) -> Steering {
+        Steering {
+            sig_cgt: status.sig_cgt,
+            sig_ign: status.sig_ign,
+            seccomp: status.seccomp,
+            seccomp_filters: status.seccomp_filters,
+        }
+    }
+}
+
+/// A process's `/proc` files the frozen reads need, read while it still runs.
+struct Ahead {
+    stat: proc::stat::Stat,
+    status: proc::status::Status,
+    auxv: Vec<(u64, u64)>,
+}
+
+/// What [`read_ahead`] read of a running tree.
+#[derive(Default)]
+pub struct ReadAhead {
+    processes: HashMap<Pid, Ahead>,
+    /// Where a `syscall` instruction sits in `[vdso]` (see [`point_at_vdso_syscall`]).
+    vdso_insn: Option<u64>,
+}
+
+/// Reads, while the tree under `root` still runs, the `/proc` files that steer its frozen
+/// reads ([`in_freeze`]), and finds the vdso's `syscall` instruction, so that the freeze
+/// holds the tree only for what needs it stopped. Best effort: what is not read here is
+/// read frozen. Whatever changes between these reads and the freeze, [`after_release`]
+/// finds changed by reading them again (see [`Settled::moved`]).
+pub fn read_ahead(root: Pid) -> ReadAhead {
+    threads::learn_xsave_layout();
+    let mut ahead = ReadAhead::default();
+    let mut pids = vec![root];
+    while let Some(pid) = pids.pop() {
+        if let Ok(children) = proc::task::children(pid) {
+            pids.extend(children);
+        }
+        let read = || -> Result<Ahead, ProcError> {
+            Ok(Ahead {
+                stat: proc::stat::read(pid)?,
+                status: proc::status::read(pid)?,
+                auxv: proc::auxv::read(pid)?,
+            })
+        };
+        let Ok(early) = read() else {
+            continue;
+        };
+        if ahead.vdso_insn.is_none() {
+            ahead.vdso_insn = vdso_syscall_offset(pid, &early.auxv);
+        }
+        ahead.processes.insert(pid, early);
+    }
+    ahead
+}
+
+/// What [`after_release`] read.
+pub struct Settled {
+    pub state: TreeState,
+    /// Why the state may not be what the tree had frozen: a `/proc` file read ahead of the
+    /// freeze said otherwise once read again (see [`read_ahead`]). `None`: it is.
+    pub moved: Option<String>,
+}
+
+/// Which injections a freeze of [`injected_in_freeze`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injected {
+    /// The leaders' values that `mm` holds: brk, personality, dumpable, THP.
+    LeaderMm,
+    /// The leaders' other values: child subreaper, membarrier registrations, MDWE.
+    LeaderFlags,
+    /// The leaders' dispositions and timers.
+    LeaderSignals,
+    /// The own injected state of each process's threads `from..to` (leader first).
+    Threads { from: usize, to: usize },
+}
+
+/// Reads by injection, into `frozen` (read of the tree by [`in_freeze`] without
+/// injections), what only injected syscalls tell of the frozen `tree`, the part `step`
+/// says: of each process's [`LeaderPart`] and each thread's [`threads::injected`] state.
+/// `false` (and `frozen` not to be used) if the tree's processes or threads are not those
+/// of `frozen`.
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+pub fn injected_in_freeze(
+    tree: &mut SeizedTree,
+    frozen: &mut InFreeze,
+    step: Injected,
+    opts: &DumpOptions,
+) -> Result<bool, CollectError> {
+    let shape: Vec<(Pid, Vec<Tid>)> = tree.processes().map(|p| (p.pid(), p.tids())).collect();
+    let expected: Vec<(Pid, Vec<Tid>)> = frozen
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.threads.iter().map(|t| t.tid).collect()))
+        .collect();
+    if shape != expected || tree.zombies() != frozen.zombies.as_slice() {
+        return Ok(false);
+    }
+    let mut vdso_insn = frozen.vdso_insn;
+    for process_state in &mut frozen.processes {
+        let pid = process_state.pid;
+        if matches!(step, Injected::Threads { from, .. } if from >= process_state.threads.len()) {
+            continue;
+        }
+        let Some(process) = tree.process_mut(pid) else {
+            return Ok(false);
+        };
+        let leader = process
+            .leader_mut()
+            .ok_or(CollectError::NoThreads { pid })?;
+        let leader_tid = leader.tid();
+        let leader_pin = pin_next_to(pid, leader_tid);
+        point_at_vdso_syscall(leader, &process_state.auxv, &mut vdso_insn);
+        let caught = process_state.status.sig_cgt | process_state.status.sig_ign;
+        let personality = process_state.personality;
+        let threads = &mut process_state.threads;
+        let mut nothing = || Ok(());
+        let part = inject::with_scratch(process, &mut nothing, |process, scratch| {
+            let leader = process
+                .leader_mut()
+                .ok_or(CollectError::NoThreads { pid })?;
+            match step {
+                Injected::LeaderMm => {
+                    let values = leader_values(leader, scratch, Half::Mm, personality)?;
+                    fault::check(opts.fault, FaultPoint::AfterInject)?;
+                    Ok(LeaderPart {
+                        mm_values: Some(values),
+                        ..LeaderPart::default()
+                    })
+                }
+                Injected::LeaderFlags => {
+                    let values = leader_values(leader, scratch, Half::Flags, None)?;
+                    Ok(LeaderPart {
+                        flag_values: Some(values),
+                        ..LeaderPart::default()
+                    })
+                }
+                Injected::LeaderSignals => leader_signals(leader, scratch, caught),
+                Injected::Threads { from, to } => {
+                    let chosen = process
+                        .threads_mut()
+                        .iter_mut()
+                        .zip(threads.iter_mut())
+                        .skip(from)
+                        .take(to.saturating_sub(from));
+                    for (thread, thread_state) in chosen {
+                        let tid = thread.tid();
+                        let _pin = (tid != leader_tid).then(|| pin_next_to(pid, tid)).flatten();
+                        threads::injected(thread, scratch, thread_state)?;
+                    }
+                    Ok(LeaderPart::default())
+                }
+            }
+        });
+        drop(leader_pin);
+        process_state.leader.merge(part?);
+    }
+    frozen.vdso_insn = vdso_insn;
+    Ok(true)
+}
+
+/// Reads, the tree running between two freezes, what spares the next ones an injection:
+/// each leader's personality, from `/proc` (it changes only by a syscall the watch counts).
+pub fn between_freezes(frozen: &mut InFreeze) {
+    for process in &mut frozen.processes {
+        process.personality = personality_of(process.pid.leader());
+    }
+}
+
+/// Reads of the frozen `tree` only what needs it frozen (see [`FrozenProcess`]), for a
+/// tree let go right after, whose state [`after_release`] completes while it runs; with
+/// `inject` false, what only injections tell is left for [`injected_in_freeze`], in a
+/// freeze of its own. `ahead`: what [`read_ahead`] read before the freeze. The result is
+/// a state read over a stretch of time, not at one instant: it serves where a later look
+/// corrects what moved meanwhile (the first round of a prepared dump), never where the
+/// images must be one consistent moment (a plain dump reads with [`tree`]).
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+pub fn in_freeze(
+    tree: &mut SeizedTree,
+    mut ahead: ReadAhead,
+    inject: bool,
+    opts: &DumpOptions,
+) -> Result<InFreeze, CollectError> {
+    let parents: Vec<(Pid, Option<Pid>)> = tree
+        .with_parents()
+        .map(|(parent, p)| (p.pid(), parent))
+        .collect();
+    let mut vdso_insn = ahead.vdso_insn;
+    let mut steered = Vec::new();
+    let mut processes = Vec::with_capacity(parents.len());
+    for (pid, parent) in parents {
+        let Some(process) = tree.process_mut(pid) else {
+            continue;
+        };
+        // Nothing of the address space is read while frozen: a scratch page is unmapped
+        // again before the memory is read.
+        let mut nothing = || Ok(());
+        let early = ahead.processes.remove(&pid);
+        if let Some(early) = &early {
+            steered.push((pid, Steering::of(&early.status)));
+        }
+        processes.push(frozen_one(
+            process,
+            parent,
+            early,
+            &mut nothing,
+            &mut vdso_insn,
+            Reading {
+                inject,
+                outside_now: false,
+            },
+            opts,
+        )?);
+    }
+    Ok(InFreeze {
+        processes,
+        zombies: tree.zombies().to_vec(),
+        steered,
+        vdso_insn,
     })
+}
+
+/// Completes, from `/proc`, `pidfd_getfd` and the address space, with no ptrace, the state
+/// of a tree of which [`in_freeze`] read the rest: the tree may run meanwhile.
+/// `root_vmas` says where the root's VMA list comes from (the others read smaps).
+#[tracing::instrument(skip_all)]
+pub fn after_release(
+    frozen: InFreeze,
+    opts: &DumpOptions,
+    root_vmas: VmaSource,
+) -> Result<Settled, CollectError> {
+    let pids: Vec<Pid> = frozen.processes.iter().map(|p| p.pid).collect();
+    let mut tables = TreeTables::default();
+    let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
+    files::check_pipe_peers(&ends, &opts.external)?;
+    let own_ns = kobj::ns_keys("self");
+    let mut root_vmas = Some(root_vmas);
+    let mut moved = None;
+    let mut processes = Vec::with_capacity(frozen.processes.len());
+    for mut process in frozen.processes {
+        let pid = process.pid;
+        if let Some((_, steering)) = frozen.steered.iter().find(|(p, _)| *p == pid) {
+            if let Some(why) = read_again(&mut process, steering)? {
+                moved.get_or_insert(why);
+            }
+        }
+        for thread in &mut process.threads {
+            if let Err(why) = threads::outside_later(thread)? {
+                moved.get_or_insert(why);
+            }
+        }
+        let (ids, shared) = tables.ids.objects(pid)?;
+        if let Some(with) = shared.vm {
+            return Err(CollectError::SharedVm { pid, with });
+        }
+        let vmas = root_vmas.take().unwrap_or(VmaSource::Smaps);
+        let reads = ProcReads::read(pid, vmas, own_ns)?;
+        processes.push(finish_one(process, reads, ids, &shared, &mut tables, opts)?);
+    }
+    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
+    if let Some(root) = processes.first_mut() {
+        root.files.files.extend(outside);
+    }
+    let zombies = frozen
+        .zombies
+        .iter()
+        .map(|(parent, pid)| zombie(*pid, *parent))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cow_shared_bytes = if processes.len() > 1 {
+        cow_shared(&processes).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "copy-on-write sharing not measured; counted as 0");
+            0
+        })
+    } else {
+        0
+    };
+    Ok(Settled {
+        state: TreeState {
+            processes,
+            zombies,
+            cow_shared_bytes,
+        },
+        moved,
+    })
+}
+
+/// Reads again, the tree running, the `/proc` files of `process` that [`read_ahead`] read
+/// before the freeze, and takes their values now: what the images keep of them (the
+/// leader's comm and credentials, the `mm` fields, flags, process group, umask, the
+/// auxiliary vector) can only change by a syscall the watch counts, or is read again by a
+/// light second look. What steered the frozen reads (`steering`) must be as it was: else
+/// `Some(why)`.
+fn read_again(
+    process: &mut FrozenProcess,
+    steering: &Steering,
+) -> Result<Option<String>, CollectError> {
+    let pid = process.pid;
+    let stat = proc::stat::read(pid).map_err(proc_err(pid, "stat"))?;
+    let status = proc::status::read(pid).map_err(proc_err(pid, "status"))?;
+    if status.state == 'Z' {
+        return Err(CollectError::ZombieLeader { pid });
+    }
+    let auxv = proc::auxv::read(pid).map_err(proc_err(pid, "auxv"))?;
+    let why = (Steering::of(&status) != *steering).then(|| {
+        format!("pid {pid}: its signal dispositions or seccomp mode changed while S1 read it")
+    });
+    if let Some(thread_core) = process
+        .threads
+        .first_mut()
+        .and_then(|t| t.core.thread_core.as_mut())
+    {
+        thread_core.comm = Some(stat.comm.clone());
+        if let Some(creds) = thread_core.creds.as_mut() {
+            *creds = threads::creds(&status, creds.secbits);
+        }
+    }
+    process.stat = stat;
+    process.status = status;
+    process.auxv = auxv;
+    Ok(why)
 }

@@ -5,7 +5,11 @@
 //! What can change is bounded by watching the tree between the two looks: every thread
 //! counts, in the kernel, the syscalls it enters outside [`ALLOWED_SYSCALLS`] (a
 //! `tracee::SyscallWatch`, opened before the first freeze: [`watch_before_freeze`]); the
-//! counts when the first look ends, the tree still frozen, are the baseline ([`arm`]). At
+//! counts when the first look ends, the tree still frozen, are the baseline ([`arm`]). A
+//! first look made of several freezes compares the counts across them
+//! ([`Counters::counts`]: what grows between two freezes rules the light look out) and
+//! arms at the end of its last one (the prepared dump's module documentation has the
+//! argument). At
 //! the second freeze the counts are read first ([`verdict`]): any count above its
 //! baseline, a thread more or less, a zombie, or a counter that cannot be read, and the
 //! caller collects in full.
@@ -188,6 +192,14 @@ pub fn watch_before_freeze(root: Pid) -> Result<Counters, String> {
         "syscall watch opened"
     );
     Ok(Counters { watch })
+}
+
+impl Counters {
+    /// Every watched thread's count now: compared across the freezes of one look (see
+    /// [`arm`]), what grows between them is the tree's own doing.
+    pub fn counts(&self) -> Result<Vec<(Tid, u64)>, String> {
+        self.watch.counts().map_err(|e| error_chain(&e))
+    }
 }
 
 fn threads_of(tree: &SeizedTree) -> Vec<(Pid, Vec<Tid>)> {

@@ -133,13 +133,33 @@ fn image_layout(raw_xcr0: Option<u64>) -> ImgXsaveLayout {
 
 fn layout_of(raw_xcr0: Option<u64>) -> ImgXsaveLayout {
     let xcr0 = raw_xcr0.unwrap_or_else(XsaveLayout::cpu_supported_mask);
-    let layout = XsaveLayout::for_xcr0(xcr0);
+    // In the standard format a component's offset does not depend on what else is
+    // enabled: the layout of any XCR0 is the supported components it names.
     ImgXsaveLayout::new(
-        layout
+        supported_components()
+            .iter()
+            .filter(|(index, _)| *index < 64 && xcr0 & (1u64 << index) != 0)
+            .copied(),
+    )
+}
+
+/// Every xsave component this CPU supports, with its offset, asked once (see
+/// [`image_layout`]).
+fn supported_components() -> &'static [(u32, usize)] {
+    static SUPPORTED: std::sync::OnceLock<Vec<(u32, usize)>> = std::sync::OnceLock::new();
+    SUPPORTED.get_or_init(|| {
+        XsaveLayout::for_xcr0(XsaveLayout::cpu_supported_mask())
             .components
             .iter()
-            .filter_map(|c| usize::try_from(c.offset).ok().map(|off| (c.index, off))),
-    )
+            .filter_map(|c| usize::try_from(c.offset).ok().map(|off| (c.index, off)))
+            .collect()
+    })
+}
+
+/// Asks the CPU for its xsave layout now, while nothing waits for it, rather than in a
+/// freeze.
+pub fn learn_xsave_layout() {
+    let _ = supported_components();
 }
 
 fn ptrace_err(tid: Tid, what: &'static str) -> impl FnOnce(tracee::PtraceError) -> CollectError {
@@ -164,6 +184,7 @@ fn sigaltstack(raw: &[u8]) -> ThreadSasEntry {
 
 /// What the leader's thread reads of `/proc` is already known from the process's files,
 /// which show the leader: its status and its comm.
+#[derive(Clone, Copy)]
 pub struct LeaderProc<'a> {
     pub status: &'a status::Status,
     pub comm: &'a str,
@@ -256,12 +277,28 @@ fn seccomp(
 }
 
 /// Collects one stopped thread. `scratch` must be mapped in its process; `cpus` is the
-/// thread's affinity, read before any pinning.
+/// thread's affinity, read before any pinning; `None`: what the kernel tells of the thread
+/// from outside (robust list, scheduling, affinity, timer slack, I/O priority) is left
+/// for [`outside_later`], once the thread runs again.
 #[tracing::instrument(skip_all, fields(tid = %thread.tid()))]
 pub fn collect(
     thread: &mut Tracee,
-    scratch: &Scratch,
-    cpus: &[usize],
+    scratch: Option<&Scratch>,
+    cpus: Option<&[usize]>,
+    seccomp_table: &mut SeccompTable,
+    leader: Option<LeaderProc<'_>>,
+) -> Result<ThreadState, CollectError> {
+    let mut state = by_ptrace(thread, cpus, seccomp_table, leader)?;
+    if let Some(scratch) = scratch {
+        injected(thread, scratch, &mut state)?;
+    }
+    Ok(state)
+}
+
+/// What [`collect`] reads of a stopped thread with no injection.
+fn by_ptrace(
+    thread: &mut Tracee,
+    cpus: Option<&[usize]>,
     seccomp_table: &mut SeccompTable,
     leader: Option<LeaderProc<'_>>,
 ) -> Result<ThreadState, CollectError> {
@@ -306,11 +343,48 @@ pub fn collect(
         rseq_entry: rseq(thread)?,
         ..ThreadCoreEntry::default()
     };
-    let (head, len) = robust_list(tid)?;
-    tc.futex_rla = head;
-    tc.futex_rla_len = len;
-    sched(tid, &mut tc)?;
-    super::extras::thread(thread, cpus, &mut tc)?;
+    if let Some(cpus) = cpus {
+        let (head, len) = robust_list(tid)?;
+        tc.futex_rla = head;
+        tc.futex_rla_len = len;
+        sched(tid, &mut tc)?;
+        super::extras::thread(thread, cpus, &mut tc)?;
+    }
+    // Credentials with the securebits only the thread can tell, filled in by `injected`.
+    tc.creds = Some(creds(thread_status, 0));
+    seccomp(thread, thread_status, seccomp_table, &mut tc)?;
+    tracing::debug!(
+        rip = format_args!("{:#x}", regs.rip),
+        orig_rax = regs.orig_rax as i64,
+        rax = regs.rax as i64,
+        xsave_len = xsave.len(),
+        "thread collected"
+    );
+    Ok(ThreadState {
+        tid,
+        core: CoreEntry {
+            mtype: pb::core_entry::March::X8664 as i32,
+            thread_info: Some(ThreadInfoX86 {
+                clear_tid_addr: 0,
+                gpregs: gpregs(&regs),
+                fpregs,
+                tls: Vec::new(),
+            }),
+            thread_core: Some(tc),
+            ..CoreEntry::default()
+        },
+    })
+}
+
+/// What of the stopped `thread` only injected syscalls tell, into `state` (read by
+/// [`collect`] without `scratch`): its alternate signal stack, parent-death signal,
+/// securebits and clear-tid address. `scratch` must be mapped in its process.
+pub fn injected(
+    thread: &mut Tracee,
+    scratch: &Scratch,
+    state: &mut ThreadState,
+) -> Result<(), CollectError> {
+    let tid = thread.tid();
     // Every answer has its own slot, read at once at the end. The kernel fills the whole
     // `stack_t`, and prctl's getters store a whole int (a pointer for the tid address):
     // nothing to clear first.
@@ -339,9 +413,6 @@ pub fn collect(
         libc::SYS_prctl,
         [PR_GET_SECUREBITS, 0, 0, 0, 0, 0],
     )?;
-    tc.creds = Some(creds(thread_status, u32::try_from(secbits).unwrap_or(0)));
-    seccomp(thread, thread_status, seccomp_table, &mut tc)?;
-
     syscall(
         thread,
         "prctl(PR_GET_TID_ADDRESS)",
@@ -356,41 +427,49 @@ pub fn collect(
         ],
     )?;
     let answers = scratch.read::<{ ANSWERS as usize }>(tid, 0)?;
-    tc.sas = Some(sigaltstack(&answers[OFF_SAS as usize..]));
     let int_at = |off: u64| {
         let mut b = [0u8; 4];
         b.copy_from_slice(&answers[off as usize..off as usize + 4]);
         i32::from_ne_bytes(b)
     };
-    let pdeath = int_at(OFF_PDEATHSIG);
-    if pdeath != 0 {
-        tc.pdeath_sig = u32::try_from(pdeath).ok();
-    }
     let mut b = [0u8; 8];
     b.copy_from_slice(&answers[OFF_TID_ADDRESS as usize..OFF_TID_ADDRESS as usize + 8]);
-    let clear_tid_addr = u64::from_ne_bytes(b);
+    if let Some(info) = state.core.thread_info.as_mut() {
+        info.clear_tid_addr = u64::from_ne_bytes(b);
+    }
+    if let Some(tc) = state.core.thread_core.as_mut() {
+        tc.sas = Some(sigaltstack(&answers[OFF_SAS as usize..]));
+        let pdeath = int_at(OFF_PDEATHSIG);
+        tc.pdeath_sig = (pdeath != 0).then(|| u32::try_from(pdeath).ok()).flatten();
+        if let Some(creds) = tc.creds.as_mut() {
+            creds.secbits = u32::try_from(secbits).unwrap_or(0);
+        }
+    }
+    Ok(())
+}
 
-    tracing::debug!(
-        rip = format_args!("{:#x}", regs.rip),
-        orig_rax = regs.orig_rax as i64,
-        rax = regs.rax as i64,
-        xsave_len = xsave.len(),
-        "thread collected"
-    );
-    Ok(ThreadState {
-        tid,
-        core: CoreEntry {
-            mtype: pb::core_entry::March::X8664 as i32,
-            thread_info: Some(ThreadInfoX86 {
-                clear_tid_addr,
-                gpregs: gpregs(&regs),
-                fpregs,
-                tls: Vec::new(),
-            }),
-            thread_core: Some(tc),
-            ..CoreEntry::default()
-        },
-    })
+/// What [`collect`] left for later (`cpus` was `None`), read into `state` from outside
+/// while the thread runs: the robust list (which only the thread's own `set_robust_list`
+/// changes), and scheduling, affinity, timer slack and I/O priority (which a light second
+/// look reads again). `Err(why)` inside: the timer slack cannot be read from outside
+/// (another user's needs `CAP_SYS_NICE`), which only an injection could tell.
+pub fn outside_later(state: &mut ThreadState) -> Result<Result<(), String>, CollectError> {
+    let tid = state.tid;
+    let Some(tc) = state.core.thread_core.as_mut() else {
+        return Ok(Err(format!("tid {tid} has no thread core")));
+    };
+    let (head, len) = robust_list(tid)?;
+    tc.futex_rla = head;
+    tc.futex_rla_len = len;
+    sched(tid, tc)?;
+    let cpus = tracee::taskinfo::affinity(tid).map_err(task_info(tid, "cpu affinity"))?;
+    let Some(slack) = super::read_proc_number(&format!("/proc/{tid}/timerslack_ns"), 10) else {
+        return Ok(Err(format!(
+            "tid {tid}: its timer slack cannot be read from outside"
+        )));
+    };
+    super::extras::outside(tid, &cpus, slack, tc)?;
+    Ok(Ok(()))
 }
 
 /// What of a thread can change while it runs making only the syscalls the light second
