@@ -199,6 +199,8 @@ struct Round {
     images: WrittenImages,
     stats: DumpStats,
     frozen_since: Instant,
+    /// When the freeze began, on the monotonic clock (see [`monotonic_ns`]).
+    freeze_start_ns: i64,
     /// Collecting, then writing (µs).
     collect_us: u32,
     write_us: u32,
@@ -212,6 +214,7 @@ struct Collected {
     state: TreeState,
     stats: DumpStats,
     frozen_since: Instant,
+    freeze_start_ns: i64,
     light: bool,
 }
 
@@ -257,6 +260,7 @@ fn freeze_and_collect(
     let vma_source = tracee::proc::smaps::read(pid)
         .map(collect::VmaSource::SmapsIfUnchanged)
         .unwrap_or(collect::VmaSource::Smaps);
+    let freeze_start_ns = monotonic_ns();
     let freeze_start = Instant::now();
     let mut tree = seize::freeze_tree(pid)?;
     let mut stats = DumpStats {
@@ -276,6 +280,7 @@ fn freeze_and_collect(
         state,
         stats,
         frozen_since,
+        freeze_start_ns,
         light,
     })
 }
@@ -287,6 +292,7 @@ fn round(pid: Pid, opts: &DumpOptions, earlier: Option<Earlier<'_>>) -> Result<R
         state,
         mut stats,
         frozen_since,
+        freeze_start_ns,
         light,
     } = freeze_and_collect(pid, opts, earlier)?;
     let collect_us = micros(frozen_since);
@@ -298,6 +304,7 @@ fn round(pid: Pid, opts: &DumpOptions, earlier: Option<Earlier<'_>>) -> Result<R
         images,
         stats,
         frozen_since,
+        freeze_start_ns,
         collect_us,
         write_us: micros(write_start),
         light,
@@ -390,10 +397,7 @@ impl Drop for Urgent {
 
 impl S1Freeze {
     fn new(pid: Pid) -> Result<S1Freeze, DumpError> {
-        // On the clock a program's own timestamps use, to line its gaps up with S1's freezes.
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let monotonic_ns = now.tv_sec.saturating_mul(1_000_000_000) + now.tv_nsec;
-        tracing::info!(monotonic_ns, "S1 freezes the tree");
+        tracing::info!(monotonic_ns = monotonic_ns(), "S1 freezes the tree");
         let urgent = Urgent::raise();
         let start = Instant::now();
         let tree = seize::freeze_tree(pid)?;
@@ -955,6 +959,7 @@ fn switch_round(
         _ => (Vec::new(), Vec::new()),
     };
     tracing::info!(
+        freeze_start_ns = round.freeze_start_ns,
         freezing_us = round.stats.freezing_time_us,
         frozen_to_delta_sent_us = frozen_to_sent,
         light = round.light,
@@ -974,6 +979,13 @@ fn switch_round(
         changed: images,
         vanished,
     })
+}
+
+/// Now on the monotonic clock, in ns: the clock a program's own timestamps use (the
+/// benchmark's workloads stamp it), so that their gaps line up with the dump's freezes.
+fn monotonic_ns() -> i64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    now.tv_sec.saturating_mul(1_000_000_000) + now.tv_nsec
 }
 
 /// A writer that counts what goes through it.

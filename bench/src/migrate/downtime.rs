@@ -102,31 +102,57 @@ fn field(line: &str, key: &str) -> Option<u64> {
 }
 
 /// The switch of a prepared post-copy from the dump's log (the delta's line, which says
-/// how long the freeze and the collection before it took) and restore's.
+/// when the final freeze began on the monotonic clock, how long the freeze took and how
+/// long collecting and encoding what changed took after it) and restore's (logged once the
+/// tree runs). The delta's line is logged after the send, which restore's real-time switch
+/// may preempt: its own timestamp says nothing of when the delta left. Lines without
+/// `freeze_start_ns` (older dumps) are read back from their timestamp.
 pub fn switch_marks(dump_log: &str, restore_log: &str, offset: i128) -> Option<Switch> {
     let line = dump_log.lines().rev().find(|l| l.contains(DELTA_SENT))?;
-    let sent = u64::try_from(wall_ns(line)? - offset).ok()?;
     let freezing = field(line, "freezing_us")? * 1000;
-    let collected = field(line, "frozen_to_delta_sent_us")? * 1000;
-    let frozen_at = sent.saturating_sub(collected);
+    let (start, frozen_at, out, out_part) = match field(line, "freeze_start_ns") {
+        Some(start) => {
+            let frozen_at = start + freezing;
+            let work: u64 = ["collect_us", "write_us", "delta_us"]
+                .iter()
+                .filter_map(|key| field(line, key))
+                .sum();
+            (
+                start,
+                frozen_at,
+                frozen_at + work * 1000,
+                "collect, encode what changed",
+            )
+        }
+        None => {
+            let sent = u64::try_from(wall_ns(line)? - offset).ok()?;
+            let frozen_at = sent.saturating_sub(field(line, "frozen_to_delta_sent_us")? * 1000);
+            (
+                frozen_at.saturating_sub(freezing),
+                frozen_at,
+                sent,
+                "collect, send what changed",
+            )
+        }
+    };
     let mut marks = vec![
         Mark {
             part: "freeze",
             at: frozen_at,
         },
         Mark {
-            part: "collect, send what changed",
-            at: sent,
+            part: out_part,
+            at: out,
         },
     ];
     if let Some(at) = logged_at(restore_log, SWITCHED, offset) {
         marks.push(Mark {
-            part: "apply it, resume",
+            part: "send, apply it, resume",
             at,
         });
     }
     Some(Switch {
-        frozen: frozen_at.saturating_sub(freezing),
+        frozen: start,
         marks,
     })
 }
@@ -175,12 +201,21 @@ mod tests {
 
     #[test]
     fn the_switch_is_read_from_the_delta_line() {
-        let dump = "2026-11-22T03:24:10.000100Z  INFO prepared images written s1_frozen_us=900\n\
-                    2026-11-22T03:24:10.010000Z  INFO x: S2: delta sent freezing_us=200 \
-                    frozen_to_delta_sent_us=1500 collect_us=1200";
         let restore = "2026-11-22T03:24:10.010600Z  INFO prepared switch: delta received to \
                        tree resumed pid=7 path=\"fast\" us=550";
         let base = wall_ns("2026-11-22T03:24:10.000000Z").expect("stamp");
+        // Logged late (after a preempted send): the fields place the freeze and the delta.
+        let dump = "2026-11-22T03:24:10.011000Z  INFO x: S2: delta sent \
+                    freeze_start_ns=9000000 freezing_us=200 frozen_to_delta_sent_us=1900 \
+                    light=true collect_us=300 write_us=90 delta_us=10 send_us=1500";
+        let s = switch_marks(dump, restore, base).expect("a switch");
+        assert_eq!(s.frozen, 9_000_000);
+        let at: Vec<u64> = s.marks.iter().map(|m| m.at).collect();
+        assert_eq!(at, [9_200_000, 9_600_000, 10_600_000]);
+        // An older line: placed by its own timestamp.
+        let dump = "2026-11-22T03:24:10.000100Z  INFO prepared images written s1_frozen_us=900\n\
+                    2026-11-22T03:24:10.010000Z  INFO x: S2: delta sent freezing_us=200 \
+                    frozen_to_delta_sent_us=1500 collect_us=1200";
         let s = switch_marks(dump, restore, base).expect("a switch");
         assert_eq!(s.frozen, 10_000_000 - 1_500_000 - 200_000);
         let at: Vec<u64> = s.marks.iter().map(|m| m.at).collect();

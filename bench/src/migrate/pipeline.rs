@@ -166,8 +166,14 @@ pub struct Outcome {
 
 impl Outcome {
     /// Every mark of the down time: the harness's and those the final dump and restore logged.
+    /// A prepared switch's marks (taken with the harness's) are the whole story: restore's
+    /// `restored` line comes after its tree runs, at low priority, and marks nothing the
+    /// program waits for.
     pub fn all_marks(&self) -> Vec<Mark> {
         let mut marks = self.marks.clone();
+        if self.prepared {
+            return marks;
+        }
         if let Some((src, dst)) = &self.final_images {
             marks.extend(downtime::tool_marks(
                 &src.join("dump.log"),
