@@ -313,9 +313,14 @@ fn read_i32_file(pid: Pid, name: &'static str) -> Option<i32> {
 }
 
 fn rlimits(pid: Pid) -> Result<TaskRlimitsEntry, CollectError> {
-    let mut limits = proc::limits::read(pid).map_err(proc_err(pid, "limits"))?;
+    let limits = proc::limits::read(pid).map_err(proc_err(pid, "limits"))?;
+    Ok(rlimits_entry(limits))
+}
+
+/// The image's limits, in resource order.
+pub(crate) fn rlimits_entry(mut limits: Vec<proc::limits::Limit>) -> TaskRlimitsEntry {
     limits.sort_by_key(|l| l.resource);
-    Ok(TaskRlimitsEntry {
+    TaskRlimitsEntry {
         rlimits: limits
             .iter()
             .map(|l| RlimitEntry {
@@ -323,7 +328,7 @@ fn rlimits(pid: Pid) -> Result<TaskRlimitsEntry, CollectError> {
                 max: l.hard,
             })
             .collect(),
-    })
+    }
 }
 
 /// What is read of a process without ptrace, by the reader thread of [`tree`], while the
@@ -547,25 +552,7 @@ pub fn tree(
         Ok::<_, CollectError>((processes, tables))
     });
     let (mut processes, mut tables) = processes?;
-    // Unix socket peers are known once every process was read.
-    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
-    if let Some(root) = processes.first_mut() {
-        root.files.files.extend(outside);
-    }
-    let zombies = tree
-        .zombies()
-        .iter()
-        .map(|(parent, pid)| zombie(*pid, *parent))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Only a statistic: failing to read it must not fail the dump.
-    let cow_shared_bytes = if processes.len() > 1 {
-        cow_shared(&processes).unwrap_or_else(|err| {
-            tracing::warn!(error = %err, "copy-on-write sharing not measured; counted as 0");
-            0
-        })
-    } else {
-        0
-    };
+    let (zombies, cow_shared_bytes) = tree_wide(&mut processes, &mut tables, tree.zombies(), opts)?;
     tracing::info!(
         processes = processes.len(),
         zombies = zombies.len(),
@@ -578,6 +565,34 @@ pub fn tree(
         zombies,
         cow_shared_bytes,
     })
+}
+
+/// What is known once every process of the tree was read: the unix socket peers outside
+/// it (given to the root), the zombies' states, and the private memory shared
+/// copy-on-write between processes (only a statistic: failing to read it fails nothing).
+fn tree_wide(
+    processes: &mut [ProcessState],
+    tables: &mut TreeTables,
+    zombies: &[(Pid, Pid)],
+    opts: &DumpOptions,
+) -> Result<(Vec<ZombieState>, u64), CollectError> {
+    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
+    if let Some(root) = processes.first_mut() {
+        root.files.files.extend(outside);
+    }
+    let zombies = zombies
+        .iter()
+        .map(|(parent, pid)| zombie(*pid, *parent))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cow_shared_bytes = if processes.len() > 1 {
+        cow_shared(processes).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "copy-on-write sharing not measured; counted as 0");
+            0
+        })
+    } else {
+        0
+    };
+    Ok((zombies, cow_shared_bytes))
 }
 
 /// A zombie's exit status, from `/proc/PID/stat` (field 52: the raw wait status).
@@ -644,6 +659,40 @@ fn cow_shared(processes: &[ProcessState]) -> Result<u64, CollectError> {
     frames.dedup();
     let duplicated = mappings - frames.len() as u64 + hidden;
     Ok(duplicated * PAGE_SIZE)
+}
+
+/// The process-wide signal state its stopped leader shows: group stop, the leader's mask
+/// and the shared pending queue.
+pub(crate) struct SignalState {
+    pub stopped: bool,
+    pub stop_signo: Option<u32>,
+    pub leader_mask: tracee::SigSet,
+    pub shared_pending: Vec<[u8; 128]>,
+}
+
+pub(crate) fn signal_state(leader: &tracee::Tracee) -> Result<SignalState, CollectError> {
+    let stopped = leader.in_group_stop();
+    let stop_signo = match leader.stop_state() {
+        tracee::ptrace::StopState::Stopped { sig, .. } if stopped => u32::try_from(sig).ok(),
+        _ => None,
+    };
+    let ptrace_err = |what| {
+        move |source| CollectError::Ptrace {
+            tid: leader.tid(),
+            what,
+            source,
+        }
+    };
+    Ok(SignalState {
+        stopped,
+        stop_signo,
+        leader_mask: leader
+            .get_sigmask()
+            .map_err(ptrace_err("read the signal mask"))?,
+        shared_pending: leader
+            .peek_siginfo(true)
+            .map_err(ptrace_err("read shared pending signals"))?,
+    })
 }
 
 /// What of one process needs its threads stopped: the stop state, masks and pending
@@ -714,25 +763,12 @@ fn frozen_one(
         auxv
     };
     let leader = tree.leader_mut().ok_or(CollectError::NoThreads { pid })?;
-    let stopped = leader.in_group_stop();
-    let stop_signo = match leader.stop_state() {
-        tracee::ptrace::StopState::Stopped { sig, .. } if stopped => u32::try_from(sig).ok(),
-        _ => None,
-    };
-    let leader_mask = leader
-        .get_sigmask()
-        .map_err(|source| CollectError::Ptrace {
-            tid: leader.tid(),
-            what: "read the signal mask",
-            source,
-        })?;
-    let shared_pending = leader
-        .peek_siginfo(true)
-        .map_err(|source| CollectError::Ptrace {
-            tid: leader.tid(),
-            what: "read shared pending signals",
-            source,
-        })?;
+    let SignalState {
+        stopped,
+        stop_signo,
+        leader_mask,
+        shared_pending,
+    } = signal_state(leader)?;
 
     let mut seccomp = SeccompTable::default();
     // Pinned from the scratch mapping on (the first injection) to its unmapping: unpinned,
@@ -1362,23 +1398,8 @@ pub fn after_release(
         let reads = ProcReads::read(pid, vmas, own_ns)?;
         processes.push(finish_one(process, reads, ids, &shared, &mut tables, opts)?);
     }
-    let outside = files::check_unix_peers(&mut tables.files, opts.ext_unix_sk)?;
-    if let Some(root) = processes.first_mut() {
-        root.files.files.extend(outside);
-    }
-    let zombies = frozen
-        .zombies
-        .iter()
-        .map(|(parent, pid)| zombie(*pid, *parent))
-        .collect::<Result<Vec<_>, _>>()?;
-    let cow_shared_bytes = if processes.len() > 1 {
-        cow_shared(&processes).unwrap_or_else(|err| {
-            tracing::warn!(error = %err, "copy-on-write sharing not measured; counted as 0");
-            0
-        })
-    } else {
-        0
-    };
+    let (zombies, cow_shared_bytes) =
+        tree_wide(&mut processes, &mut tables, &frozen.zombies, opts)?;
     Ok(Settled {
         state: TreeState {
             processes,

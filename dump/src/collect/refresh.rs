@@ -56,7 +56,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
-use images_format::pb::{RlimitEntry, TaskCoreEntry, TaskRlimitsEntry};
+use images_format::pb::TaskCoreEntry;
 use images_format::vma::VmaStatus;
 use tracee::proc::{self, ProcError};
 use tracee::{Pid, SeizedTree, SyscallWatch, Tid};
@@ -475,25 +475,12 @@ fn process_again(
     let Some(leader) = seized.leader_mut() else {
         return Ok(Some(format!("pid {pid} has no threads")));
     };
-    let stopped = leader.in_group_stop();
-    let stop_signo = match leader.stop_state() {
-        tracee::ptrace::StopState::Stopped { sig, .. } if stopped => u32::try_from(sig).ok(),
-        _ => None,
-    };
-    let leader_mask = leader
-        .get_sigmask()
-        .map_err(|source| CollectError::Ptrace {
-            tid: leader.tid(),
-            what: "read the signal mask",
-            source,
-        })?;
-    let shared_pending = leader
-        .peek_siginfo(true)
-        .map_err(|source| CollectError::Ptrace {
-            tid: leader.tid(),
-            what: "read shared pending signals",
-            source,
-        })?;
+    let super::SignalState {
+        stopped,
+        stop_signo,
+        leader_mask,
+        shared_pending,
+    } = super::signal_state(leader)?;
     let mut earlier: HashMap<Tid, &threads::ThreadState> =
         process.threads.iter().map(|t| (t.tid, t)).collect();
     let mut now = Vec::with_capacity(process.threads.len());
@@ -529,18 +516,7 @@ fn process_again(
         return Ok(Some(format!("pid {pid}: the guard regions changed")));
     }
     let rlimits = match tracee::taskinfo::prlimits(pid) {
-        Ok(mut limits) => {
-            limits.sort_by_key(|l| l.resource);
-            TaskRlimitsEntry {
-                rlimits: limits
-                    .iter()
-                    .map(|l| RlimitEntry {
-                        cur: l.soft,
-                        max: l.hard,
-                    })
-                    .collect(),
-            }
-        }
+        Ok(limits) => super::rlimits_entry(limits),
         Err(_) => rlimits(pid)?,
     };
     let oom_score_adj = match held.read(Held::oom(pid)) {

@@ -295,15 +295,17 @@ pub fn collect(
     Ok(state)
 }
 
-/// What [`collect`] reads of a stopped thread with no injection.
-fn by_ptrace(
-    thread: &mut Tracee,
-    cpus: Option<&[usize]>,
-    seccomp_table: &mut SeccompTable,
-    leader: Option<LeaderProc<'_>>,
-) -> Result<ThreadState, CollectError> {
+/// What a thread changes by running: its registers, FPU state, signal mask and pending
+/// signals (as the program sees them, not as an injection in progress left them).
+struct Running {
+    regs: Regs,
+    fpregs: pb::UserX86FpregsEntry,
+    sigmask: tracee::SigSet,
+    pending: Vec<[u8; 128]>,
+}
+
+fn running(thread: &Tracee) -> Result<Running, CollectError> {
     let tid = thread.tid();
-    let pid = thread.pid();
     let regs = thread
         .program_regs()
         .map_err(ptrace_err(tid, "read registers"))?;
@@ -318,6 +320,29 @@ fn by_ptrace(
     let pending = thread
         .peek_siginfo(false)
         .map_err(ptrace_err(tid, "read pending signals"))?;
+    Ok(Running {
+        regs,
+        fpregs,
+        sigmask,
+        pending,
+    })
+}
+
+/// What [`collect`] reads of a stopped thread with no injection.
+fn by_ptrace(
+    thread: &mut Tracee,
+    cpus: Option<&[usize]>,
+    seccomp_table: &mut SeccompTable,
+    leader: Option<LeaderProc<'_>>,
+) -> Result<ThreadState, CollectError> {
+    let tid = thread.tid();
+    let pid = thread.pid();
+    let Running {
+        regs,
+        fpregs,
+        sigmask,
+        pending,
+    } = running(thread)?;
     let read_status;
     let (thread_status, comm) = match leader {
         Some(known) => (known.status, known.comm.to_owned()),
@@ -357,7 +382,6 @@ fn by_ptrace(
         rip = format_args!("{:#x}", regs.rip),
         orig_rax = regs.orig_rax as i64,
         rax = regs.rax as i64,
-        xsave_len = xsave.len(),
         "thread collected"
     );
     Ok(ThreadState {
@@ -486,20 +510,12 @@ pub fn refresh(
     slack: Option<u64>,
 ) -> Result<Option<ThreadState>, CollectError> {
     let tid = thread.tid();
-    let regs = thread
-        .program_regs()
-        .map_err(ptrace_err(tid, "read registers"))?;
-    let xsave = thread
-        .get_xsave()
-        .map_err(ptrace_err(tid, "read the xsave area"))?;
-    let fpregs = fpregs_from_raw(xsave.as_bytes(), &image_layout(xsave.xcr0()))
-        .map_err(|source| CollectError::Xsave { tid, source })?;
-    let sigmask = thread
-        .program_sigmask()
-        .map_err(ptrace_err(tid, "read the signal mask"))?;
-    let pending = thread
-        .peek_siginfo(false)
-        .map_err(ptrace_err(tid, "read pending signals"))?;
+    let Running {
+        regs,
+        fpregs,
+        sigmask,
+        pending,
+    } = running(thread)?;
     let slack = match slack {
         Some(slack) => slack,
         None => match super::read_proc_number(&format!("/proc/{tid}/timerslack_ns"), 10) {
