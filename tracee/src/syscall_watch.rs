@@ -209,6 +209,32 @@ mod tests {
         assert_eq!(filter_expression(&[]), "id != -1");
     }
 
+    /// A thread that waits for the word, then calls getpid 100 times, and uname too if the
+    /// word is `true`, and stays alive (until unparked, at most 200 ms) so that its exit
+    /// (exit, 60) does not count before the counter is read.
+    fn spawn_worker() -> (
+        Tid,
+        std::sync::mpsc::Sender<bool>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
+        let worker = std::thread::spawn(move || {
+            ready_tx.send(rustix::thread::gettid()).expect("send tid");
+            let uname = go_rx.recv().expect("go");
+            for _ in 0..100 {
+                let _ = rustix::process::getpid();
+            }
+            if uname {
+                let _ = rustix::system::uname();
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(200));
+        });
+        let tid =
+            Tid::from_raw(ready_rx.recv().expect("tid").as_raw_nonzero().get()).expect("a tid");
+        (tid, go_tx, worker)
+    }
+
     /// Our own thread: its allowed syscalls leave the count at 0, the others count.
     #[test]
     fn only_syscalls_outside_the_allowlist_count() {
@@ -216,48 +242,19 @@ mod tests {
             eprintln!("no tracefs here: nothing to test");
             return;
         }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
-        let worker = std::thread::spawn(move || {
-            ready_tx.send(rustix::thread::gettid()).expect("send tid");
-            // Waits for the watch; then getpid only, or getpid and uname.
-            let uname = go_rx.recv().expect("go");
-            for _ in 0..100 {
-                let _ = rustix::process::getpid();
-            }
-            if uname {
-                let _ = rustix::system::uname();
-            }
-        });
-        let tid =
-            Tid::from_raw(ready_rx.recv().expect("tid").as_raw_nonzero().get()).expect("a tid");
         // futex (202) is how the worker waits and wakes; getpid (39).
-        let watch = SyscallWatch::open(&[tid], &[39, 202, 1, 0, 230, 24, 14, 11]).expect("watch");
-        go_tx.send(true).expect("go");
+        let allowed = [39, 202, 1, 0, 230, 24, 14, 11];
+        let (tid, go, worker) = spawn_worker();
+        let watch = SyscallWatch::open(&[tid], &allowed).expect("watch");
+        go.send(true).expect("go");
         worker.join().expect("worker");
         let counts = watch.counts().expect("counts");
         assert_eq!(counts.len(), 1);
         assert!(counts[0].1 >= 1, "uname was not counted: {counts:?}");
 
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
-        let worker = std::thread::spawn(move || {
-            ready_tx.send(rustix::thread::gettid()).expect("send tid");
-            let uname = go_rx.recv().expect("go");
-            for _ in 0..100 {
-                let _ = rustix::process::getpid();
-            }
-            if uname {
-                let _ = rustix::system::uname();
-            }
-            // Stays alive until read: a dead thread's counter reads its final count too,
-            // but the thread exiting (exit, 60) counts.
-            std::thread::park_timeout(std::time::Duration::from_millis(200));
-        });
-        let tid =
-            Tid::from_raw(ready_rx.recv().expect("tid").as_raw_nonzero().get()).expect("a tid");
-        let watch = SyscallWatch::open(&[tid], &[39, 202, 1, 0, 230, 24, 14, 11]).expect("watch");
-        go_tx.send(false).expect("go");
+        let (tid, go, worker) = spawn_worker();
+        let watch = SyscallWatch::open(&[tid], &allowed).expect("watch");
+        go.send(false).expect("go");
         std::thread::sleep(std::time::Duration::from_millis(50));
         let counts = watch.counts().expect("counts");
         assert_eq!(counts, vec![(tid, 0)], "allowed syscalls were counted");
