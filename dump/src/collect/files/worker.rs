@@ -242,9 +242,10 @@ mod tests {
         let b_state = described(&mut files, b.pid(), true);
         let a_state = described(&mut files, a.pid(), true);
         let c_state = described(&mut files, c.pid(), false);
-        // Beside /dev/null, the children hold whatever fds the test runner let them inherit.
+        // Beside /dev/null, the children hold whatever fds the test runner let them inherit:
+        // other tests of this binary open and close fds meanwhile, so the two sets may differ.
         assert!(a_state.fdinfo.len() >= 3);
-        assert_eq!(a_state.fdinfo.len(), b_state.fdinfo.len());
+        assert!(b_state.fdinfo.len() >= 3);
         assert!(c_state.fdinfo.is_empty(), "{:?}", c_state.fdinfo);
         let ids: Vec<u32> = [&a_state, &b_state, &c_state]
             .iter()
@@ -255,9 +256,12 @@ mod tests {
         for fd in a_state.fdinfo.iter().chain(&b_state.fdinfo) {
             assert!(unique.contains(&fd.id), "fd {} names no file object", fd.fd);
         }
-        // Each child opened /dev/null on its own; what they inherited from us is shared.
-        for (in_a, in_b) in a_state.fdinfo.iter().zip(&b_state.fdinfo) {
-            assert_eq!(in_a.fd, in_b.fd);
+        // Each child opened /dev/null on its own; what both inherited from us is shared.
+        for in_a in &a_state.fdinfo {
+            let Some(in_b) = b_state.fdinfo.iter().find(|f| f.fd == in_a.fd) else {
+                assert!(in_a.fd > 2, "b lacks fd {}", in_a.fd);
+                continue;
+            };
             assert_eq!(in_a.fd > 2, in_a.id == in_b.id, "fd {}", in_a.fd);
         }
     }
