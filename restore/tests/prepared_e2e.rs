@@ -282,6 +282,17 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Starts the prepared restore of `s` (`hot`: asking for hot pages) against a listener
+/// of ours, and waits for its READY: the restore's index in `s.started.children`, the
+/// switch connection, and whether it asked for hot pages.
+fn switch_opened(s: &mut Setup, hot: bool) -> Result<(usize, TcpStream, bool), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let switch_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let r = start_restore(s, switch_addr, hot)?;
+    let (link, wants_hot) = accept_ready(&listener, &mut s.started.children[r])?;
+    Ok((r, link, wants_hot))
+}
+
 /// Accepts the restore's switch connection and reads its opening and READY (whether it
 /// asks for hot pages).
 fn accept_ready(listener: &TcpListener, restore: &mut Child) -> Result<(TcpStream, bool), String> {
@@ -442,10 +453,7 @@ fn fallback() -> Result<(), String> {
 fn switch_to_second_state(grow: bool, threads: u32, hot: bool) -> Result<String, String> {
     let mut s = prepare(threads)?;
     let after_first = count_of(s.pid, s.addr)?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let switch_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let r = start_restore(&mut s, switch_addr, hot)?;
-    let (mut link, wants_hot) = accept_ready(&listener, &mut s.started.children[r])?;
+    let (r, mut link, wants_hot) = switch_opened(&mut s, hot)?;
     if wants_hot != hot {
         return Err(format!("READY asked for hot pages: {wants_hot}"));
     }
@@ -618,10 +626,7 @@ fn rseq_as_dumped(pidfile: &Path, images: &Path) -> Result<usize, String> {
 
 fn abort() -> Result<(), String> {
     let mut s = prepare(0)?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let switch_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let r = start_restore(&mut s, switch_addr, false)?;
-    let (mut link, _) = accept_ready(&listener, &mut s.started.children[r])?;
+    let (r, mut link, _) = switch_opened(&mut s, false)?;
     let why = "the source keeps its process".to_string();
     switch::write_message(&mut link, &SwitchMessage::Abort { why: why.clone() }, false)
         .map_err(|e| format!("send ABORT: {e}"))?;
@@ -653,10 +658,7 @@ fn abort() -> Result<(), String> {
 /// on) and drop the held tree.
 fn wrong_base() -> Result<(), String> {
     let mut s = prepare(0)?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let switch_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let r = start_restore(&mut s, switch_addr, false)?;
-    let (mut link, _) = accept_ready(&listener, &mut s.started.children[r])?;
+    let (r, mut link, _) = switch_opened(&mut s, false)?;
     let mut prepared = prepared_images(&s.dir.join("images1"))?;
     let name = "pages-1.img".to_string();
     let pages = prepared
