@@ -125,7 +125,7 @@ use images_format::pb::UserX86RegsEntry;
 use images_format::switch::{self, HotPages, NamedImage, SwitchError, SwitchMessage};
 use images_format::{ImageKind, ImageWriter};
 use tracee::memory::{self, RemoteRange};
-use tracee::{Pid, RemoteAddr, SeizedTree, Tid, PAGE_SIZE};
+use tracee::{Pid, RemoteAddr, SeizedTree, PAGE_SIZE};
 
 use crate::collect::{self, refresh, TreeState};
 use crate::lazy::{self, SwitchLink};
@@ -342,70 +342,26 @@ struct S1Freeze {
     tree: SeizedTree,
     freezing_us: u32,
     since: Instant,
-    _urgent: Urgent,
-}
-
-/// ckpt-dump's thread under a real-time policy while it holds the tree, given back when
-/// dropped. On a busy machine each injection's round trip may otherwise wait a time slice
-/// behind whatever else runs, and so may the release: once the first thread of a busy
-/// program is let go it can take the CPU from ckpt-dump while the others stay frozen
-/// (milliseconds, measured). ckpt-dump sleeps in every wait, so the program's injected
-/// syscalls still run; the kernel's real-time throttling bounds the rest.
-struct Urgent {
-    previous: Option<(Tid, tracee::taskinfo::Sched)>,
-}
-
-/// The lowest real-time priority: above every normal task, below any real-time one.
-const URGENT: tracee::taskinfo::Sched = tracee::taskinfo::Sched {
-    policy: libc::SCHED_FIFO,
-    priority: 1,
-    nice: 0,
-};
-
-impl Urgent {
-    fn raise() -> Urgent {
-        let none = Urgent { previous: None };
-        let Some(me) = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()) else {
-            return none;
-        };
-        let Ok(previous) = tracee::taskinfo::sched(me) else {
-            return none;
-        };
-        let urgent = tracee::taskinfo::Sched {
-            nice: previous.nice,
-            ..URGENT
-        };
-        if let Err(error) = tracee::taskinfo::set_sched(me, &urgent) {
-            tracing::debug!(%error, "S1 holds the tree under the normal policy");
-            return none;
-        }
-        Urgent {
-            previous: Some((me, previous)),
-        }
-    }
-}
-
-impl Drop for Urgent {
-    fn drop(&mut self) {
-        if let Some((me, previous)) = &self.previous {
-            if let Err(error) = tracee::taskinfo::set_sched(*me, previous) {
-                tracing::warn!(%error, "could not give back our scheduling policy");
-            }
-        }
-    }
+    /// ckpt-dump's thread under a real-time policy while it holds the tree: on a busy
+    /// machine each injection's round trip may otherwise wait a time slice behind whatever
+    /// else runs, and so may the release: once the first thread of a busy program is let
+    /// go it can take the CPU from ckpt-dump while the others stay frozen (milliseconds,
+    /// measured). ckpt-dump sleeps in every wait, so the program's injected syscalls still
+    /// run; the kernel's real-time throttling bounds the rest.
+    urgent: tracee::taskinfo::RealTime,
 }
 
 impl S1Freeze {
     fn new(pid: Pid) -> Result<S1Freeze, DumpError> {
         tracing::info!(monotonic_ns = monotonic_ns(), "S1 freezes the tree");
-        let urgent = Urgent::raise();
+        let urgent = tracee::taskinfo::RealTime::raise();
         let start = Instant::now();
         let tree = seize::freeze_tree(pid)?;
         Ok(S1Freeze {
             tree,
             freezing_us: micros(start),
             since: Instant::now(),
-            _urgent: urgent,
+            urgent,
         })
     }
 
@@ -414,7 +370,9 @@ impl S1Freeze {
     fn release(self, pid: Pid) -> Result<(u32, Aside), DumpError> {
         release::finish_tree(self.tree, FinalState::Running)?;
         let held = micros(self.since);
-        drop(self._urgent);
+        if let Err(error) = self.urgent.end() {
+            tracing::warn!(%error, "could not give back our scheduling policy");
+        }
         Ok((held, Aside::from_cpu_of(pid)))
     }
 }

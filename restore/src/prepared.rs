@@ -138,7 +138,12 @@ pub fn restore_prepared(
     let ready = SwitchMessage::Ready {
         hot_pages: opts.lazy_prefetch_hot,
     };
-    let hurried = Hurried::start();
+    // Real-time priority (the lowest) from READY until the tree runs: the switch is down
+    // time, and on a machine with few CPUs a build or the lazy-pages daemon (which starts
+    // on the userfaultfds the moment it gets them) would otherwise take the CPU in the
+    // middle of it. Children forked meanwhile (a fallback's tree) start with the normal
+    // policy.
+    let hurried = tracee::taskinfo::RealTime::raise();
     if let Err(error) = switch::write_message(&mut link, &ready, false) {
         drop(held);
         return Err(PreparedError::from(error).into());
@@ -315,60 +320,11 @@ fn snapshot(dir: &Path) -> HashMap<String, Vec<u8>> {
     out
 }
 
-/// Real-time priority (the lowest) from READY until the tree runs: the switch is down
-/// time, and on a machine with few CPUs a build or the lazy-pages daemon (which starts on
-/// the userfaultfds the moment it gets them) would otherwise take the CPU in the middle of
-/// it. Best effort: without the privilege, the switch runs at normal priority. Children
-/// forked meanwhile (a fallback's tree) start with the normal policy.
-struct Hurried {
-    on: std::cell::Cell<bool>,
-}
-
-const SCHED_OTHER: i32 = 0;
-const SCHED_FIFO: i32 = 1;
-const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
-
-impl Hurried {
-    fn start() -> Hurried {
-        let on = own_tid().is_some_and(|tid| {
-            let rt = tracee::taskinfo::Sched {
-                policy: SCHED_FIFO | SCHED_RESET_ON_FORK,
-                priority: 1,
-                nice: 0,
-            };
-            tracee::taskinfo::set_sched(tid, &rt).is_ok()
-        });
-        Hurried {
-            on: std::cell::Cell::new(on),
-        }
+/// Back to the normal policy after the real-time switch.
+fn end_hurry(hurried: &tracee::taskinfo::RealTime) {
+    if let Err(error) = hurried.end() {
+        tracing::warn!(%error, "back to the normal scheduling policy");
     }
-
-    /// Back to the normal policy.
-    fn end(&self) {
-        if !self.on.replace(false) {
-            return;
-        }
-        if let Some(tid) = own_tid() {
-            let normal = tracee::taskinfo::Sched {
-                policy: SCHED_OTHER,
-                priority: 0,
-                nice: 0,
-            };
-            if let Err(error) = tracee::taskinfo::set_sched(tid, &normal) {
-                tracing::warn!(%error, "back to the normal scheduling policy");
-            }
-        }
-    }
-}
-
-impl Drop for Hurried {
-    fn drop(&mut self) {
-        self.end();
-    }
-}
-
-fn own_tid() -> Option<tracee::Tid> {
-    tracee::Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get())
 }
 
 /// A reader that notes when its first bytes came, and its last.
@@ -419,7 +375,7 @@ fn switch_over(
     mut held: Held,
     opts: &RestoreOptions,
     link: &mut TcpStream,
-    hurried: &Hurried,
+    hurried: &tracee::taskinfo::RealTime,
     delta: Delta<'_>,
     resumed: &mut bool,
 ) -> Result<RestoreOutcome, RestoreError> {
@@ -483,7 +439,7 @@ fn switch_over(
         *resumed = true;
         let us = micros(received.elapsed());
         // The tree runs: the rest of our work is off its way.
-        hurried.end();
+        end_hurry(hurried);
         crate::step_aside();
         tracing::info!(%pid, path, us, "prepared switch: delta received to tree resumed");
         // The directory is the final image set again (the fallback wrote them all).
@@ -534,7 +490,7 @@ fn switch_over(
                 "prepared switch: the held tree cannot take the delta: restoring from the new images");
             write_images(&dir, images.iter().filter(|i| !read_by_daemon(&i.name)))?;
             // A whole restore, milliseconds of work: not above everything else.
-            hurried.end();
+            end_hurry(hurried);
             let step = Instant::now();
             let session = held.prepared.as_mut().and_then(|p| p.take_session());
             drop(mems);

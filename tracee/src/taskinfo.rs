@@ -123,6 +123,53 @@ pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
     Ok(())
 }
 
+/// The calling thread at the lowest real-time priority (`SCHED_FIFO` 1, reset on fork:
+/// children start with the normal policy) until [`RealTime::end`] or drop, then back to
+/// the policy it had. Above every normal task and below any real-time one, for the short
+/// spells the tools hold a process stopped. Best effort: without the privilege the thread
+/// keeps its policy.
+#[derive(Debug)]
+pub struct RealTime {
+    previous: std::cell::Cell<Option<(Tid, Sched)>>,
+}
+
+/// `SCHED_FIFO`, with `SCHED_RESET_ON_FORK`.
+const FIFO_RESET_ON_FORK: i32 = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
+
+impl RealTime {
+    pub fn raise() -> RealTime {
+        let previous = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get())
+            .and_then(|me| sched(me).ok().map(|previous| (me, previous)))
+            .filter(|(me, previous)| {
+                let urgent = Sched {
+                    policy: FIFO_RESET_ON_FORK,
+                    priority: 1,
+                    nice: previous.nice,
+                };
+                set_sched(*me, &urgent).is_ok()
+            });
+        RealTime {
+            previous: std::cell::Cell::new(previous),
+        }
+    }
+
+    /// Back to the policy the thread had.
+    pub fn end(&self) -> Result<(), TaskInfoError> {
+        match self.previous.take() {
+            Some((me, previous)) => set_sched(me, &previous),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RealTime {
+    fn drop(&mut self) {
+        // Dropped on every path out: a failure has nowhere to go, and the policy only
+        // matters for the microseconds the thread still lives here.
+        let _ = self.end();
+    }
+}
+
 /// `sched_getaffinity`: the CPUs the thread may run on, ascending.
 pub fn affinity(tid: Tid) -> Result<Vec<usize>, TaskInfoError> {
     let rpid = rustix::process::Pid::from_raw(tid.as_raw());
