@@ -567,6 +567,21 @@ pub fn tree(
     })
 }
 
+/// The address-space bounds `/proc/PID/stat` tells (code, data, stack, heap start,
+/// arguments, environment) into `mm`.
+pub(crate) fn mm_from_stat(mm: &mut MmEntry, stat: &proc::stat::Stat) {
+    mm.mm_start_code = stat.start_code;
+    mm.mm_end_code = stat.end_code;
+    mm.mm_start_data = stat.start_data;
+    mm.mm_end_data = stat.end_data;
+    mm.mm_start_stack = stat.start_stack;
+    mm.mm_start_brk = stat.start_brk;
+    mm.mm_arg_start = stat.arg_start;
+    mm.mm_arg_end = stat.arg_end;
+    mm.mm_env_start = stat.env_start;
+    mm.mm_env_end = stat.env_end;
+}
+
 /// What is known once every process of the tree was read: the unix socket peers outside
 /// it (given to the root), the zombies' states, and the private memory shared
 /// copy-on-write between processes (only a statistic: failing to read it fails nothing).
@@ -1000,25 +1015,17 @@ fn finish_one(
         !shared.files,
     )?;
 
-    let mm = MmEntry {
-        mm_start_code: stat.start_code,
-        mm_end_code: stat.end_code,
-        mm_start_data: stat.start_data,
-        mm_end_data: stat.end_data,
-        mm_start_stack: stat.start_stack,
-        mm_start_brk: stat.start_brk,
+    let mut mm = MmEntry {
         mm_brk: 0,
-        mm_arg_start: stat.arg_start,
-        mm_arg_end: stat.arg_end,
-        mm_env_start: stat.env_start,
-        mm_env_end: stat.env_end,
         exe_file_id: files.exe_file_id,
         mm_saved_auxv: auxv.iter().flat_map(|(k, v)| [*k, *v]).collect(),
         vmas: memory.vmas.clone(),
         dumpable: None,
         aios: Vec::new(),
         thp_disabled: None,
+        ..MmEntry::default()
     };
+    mm_from_stat(&mut mm, &stat);
     let tc = TaskCoreEntry {
         task_state: if stopped { TASK_STOPPED } else { TASK_ALIVE },
         exit_code: 0,

@@ -544,17 +544,7 @@ fn process_again(
         }
         leader.core.tc = Some(tc);
     }
-    let mm = &mut process.mm;
-    mm.mm_start_code = stat.start_code;
-    mm.mm_end_code = stat.end_code;
-    mm.mm_start_data = stat.start_data;
-    mm.mm_end_data = stat.end_data;
-    mm.mm_start_stack = stat.start_stack;
-    mm.mm_start_brk = stat.start_brk;
-    mm.mm_arg_start = stat.arg_start;
-    mm.mm_arg_end = stat.arg_end;
-    mm.mm_env_start = stat.env_start;
-    mm.mm_env_end = stat.env_end;
+    super::mm_from_stat(&mut process.mm, &stat);
     process.pstree.pgid = u32::try_from(stat.pgrp).unwrap_or(0);
     process.pstree.sid = u32::try_from(stat.session).unwrap_or(0);
     process.pstree.threads = now
