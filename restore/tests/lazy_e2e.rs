@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 
 use e2e::{
     free_addr, run_daemon, run_dump, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child,
-    wait_for_file, Scenario, Started,
+    wait_for_file, wait_images_committed, Scenario, Started,
 };
 
 const MIB: u64 = 64;
@@ -774,16 +774,7 @@ fn remote_source_threads(reconnect_ms: u64, predump: bool, threads: u32) -> Resu
     let dump = started.children.len() - 1;
     // Serving once the images are committed (a probing connection would count as a
     // destination leaving before it resumed).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !images.join("inventory.img").exists() || !images.join("stats-dump").exists() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the lazy dump never listened: {}",
-                stderr_of(&mut started.children[dump])
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_images_committed(&images, &mut started.children[dump])?;
     if predump {
         check_parent_and_lazy(&images, &ready)?;
     }

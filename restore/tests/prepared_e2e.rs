@@ -30,7 +30,7 @@ use nix::unistd::Pid;
 
 use e2e::{
     free_addr, run_daemon, run_dump, run_scenarios, self_exe, stderr_of, strip_ansi, wait_child,
-    wait_for_file, Scenario, Started,
+    wait_for_file, wait_images_committed, Scenario, Started,
 };
 
 fn main() -> ExitCode {
@@ -171,16 +171,7 @@ fn lazy_dump(
         .map_err(|e| format!("spawn the dump: {e}"))?;
     started.children.push(child);
     let i = started.children.len() - 1;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !images.join("inventory.img").exists() || !images.join("stats-dump").exists() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the lazy dump wrote no images: {}",
-                stderr_of(&mut started.children[i])
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_images_committed(images, &mut started.children[i])?;
     Ok((i, addr))
 }
 

@@ -154,6 +154,23 @@ pub fn stderr_of(child: &mut Child) -> String {
     text
 }
 
+/// Waits until a dump's image set in `images` is committed (its inventory and its
+/// statistics, written last, are there), for at most 30 s; `dump` is the dump's process,
+/// whose error output tells why when it is not.
+pub fn wait_images_committed(images: &Path, dump: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !images.join("inventory.img").exists() || !images.join("stats-dump").exists() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the lazy dump wrote no images: {}",
+                stderr_of(dump)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
 /// A loopback address nothing listens on right now.
 pub fn free_addr() -> Result<SocketAddr, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
