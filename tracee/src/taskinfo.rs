@@ -106,6 +106,15 @@ pub fn sched(tid: Tid) -> Result<Sched, TaskInfoError> {
 /// `sched_setscheduler` then `setpriority` on one thread (from outside; needs
 /// CAP_SYS_NICE for real-time policies or a lower nice).
 pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
+    // The nice value first: a real-time thread ignores it, and `sched_setscheduler` to a
+    // normal policy keeps it, so a thread leaving real time lands on its new nice value at
+    // once instead of passing through its old one.
+    let who = libc::id_t::try_from(tid.as_raw()).unwrap_or(0);
+    // SAFETY: takes only integers.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, sched.nice) };
+    if ret < 0 {
+        return Err(thread_err(tid, "setpriority"));
+    }
     let param = libc::sched_param {
         sched_priority: sched.priority,
     };
@@ -114,13 +123,23 @@ pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
     if ret < 0 {
         return Err(thread_err(tid, "sched_setscheduler"));
     }
-    let who = libc::id_t::try_from(tid.as_raw()).unwrap_or(0);
-    // SAFETY: takes only integers.
-    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, sched.nice) };
-    if ret < 0 {
-        return Err(thread_err(tid, "setpriority"));
-    }
     Ok(())
+}
+
+/// Puts the calling thread under `SCHED_IDLE`: it runs only on CPU time no normal task
+/// wants, and never preempts one. For background work that must not delay anything,
+/// where nice 19 still lets a thread that slept long run before a waiting normal task.
+pub fn idle_policy() -> Result<(), TaskInfoError> {
+    let me = rustix::thread::gettid().as_raw_nonzero().get();
+    let idle = Sched {
+        policy: libc::SCHED_IDLE,
+        priority: 0,
+        nice: 19,
+    };
+    match Tid::from_raw(me) {
+        Some(me) => set_sched(me, &idle),
+        None => Ok(()),
+    }
 }
 
 /// The calling thread at the lowest real-time priority (`SCHED_FIFO` 1, reset on fork:
@@ -157,6 +176,16 @@ impl RealTime {
     pub fn end(&self) -> Result<(), TaskInfoError> {
         match self.previous.take() {
             Some((me, previous)) => set_sched(me, &previous),
+            None => Ok(()),
+        }
+    }
+
+    /// Back to the policy the thread had, at nice value `nice` in one step: a thread that
+    /// goes into the background after its spell is never, even for an instant, at its old
+    /// nice value, where a task it just woke would wait behind it.
+    pub fn end_at_nice(&self, nice: i32) -> Result<(), TaskInfoError> {
+        match self.previous.take() {
+            Some((me, previous)) => set_sched(me, &Sched { nice, ..previous }),
             None => Ok(()),
         }
     }
