@@ -746,8 +746,11 @@ fn settle(held: &mut Held) -> Result<(), RestoreError> {
 /// few CPUs it would take them from the tree's first steps.
 fn step_aside() {
     // Best effort: at worst we keep our priority.
-    let _ = rustix::process::setpriority_process(None, 19);
+    let _ = rustix::process::setpriority_process(None, ASIDE_NICE);
 }
+
+/// The nice value of [`step_aside`]: the lowest priority there is.
+const ASIDE_NICE: i32 = 19;
 
 /// Whether the kernel's writes to rseq area `r` land on lazy memory (`lazy`).
 fn rseq_on_lazy(r: &images_format::pb::RseqEntry, lazy: &[plan::Range]) -> bool {

@@ -126,6 +126,21 @@ pub fn restore_prepared(
         tell_failed(&mut link, &error);
         return Err(error);
     }
+    // The switch runs on this CPU, and the tree wakes where it last ran: elsewhere.
+    let ours = rustix::thread::sched_getcpu();
+    let mut pin = u32::try_from(ours)
+        .ok()
+        .and_then(|cpu| tracee::cpu::CpuPin::to_cpu(cpu).ok());
+    let threads = held
+        .tracees
+        .iter_mut()
+        .flatten()
+        .chain(held.threads.iter_mut().flatten());
+    if let Err(error) = crate::resume::move_off_cpu(threads, ours) {
+        let error = error.into();
+        tell_failed(&mut link, &error);
+        return Err(error);
+    }
     // The prepared bytes of every image, for the comparison at the switch.
     let old = snapshot(held.dir.path());
     let cores = decode_cores(&old);
@@ -203,6 +218,7 @@ pub fn restore_prepared(
         opts,
         &mut link,
         &hurried,
+        &mut pin,
         Delta {
             images: &images,
             hot: &hot,
@@ -376,6 +392,7 @@ fn switch_over(
     opts: &RestoreOptions,
     link: &mut TcpStream,
     hurried: &tracee::taskinfo::RealTime,
+    pin: &mut Option<tracee::cpu::CpuPin>,
     delta: Delta<'_>,
     resumed: &mut bool,
 ) -> Result<RestoreOutcome, RestoreError> {
@@ -438,9 +455,11 @@ fn switch_over(
             .map_err(PreparedError::Resumed)?;
         *resumed = true;
         let us = micros(received.elapsed());
-        // The tree runs: the rest of our work is off its way.
-        end_hurry(hurried);
-        crate::step_aside();
+        // The tree runs: the rest of our work is off its way, from real time straight to
+        // the lowest priority (see `crate::step_aside`).
+        if let Err(error) = hurried.end_at_nice(crate::ASIDE_NICE) {
+            tracing::warn!(%error, "back to the normal scheduling policy");
+        }
         tracing::info!(%pid, path, us, "prepared switch: delta received to tree resumed");
         // The directory is the final image set again (the fallback wrote them all).
         if path == "fast" {
@@ -489,8 +508,10 @@ fn switch_over(
             tracing::warn!(image = %why.image, field = %why.field,
                 "prepared switch: the held tree cannot take the delta: restoring from the new images");
             write_images(&dir, images.iter().filter(|i| !read_by_daemon(&i.name)))?;
-            // A whole restore, milliseconds of work: not above everything else.
+            // A whole restore, milliseconds of work: not above everything else, and
+            // not on one CPU (its children would inherit the pin).
             end_hurry(hurried);
+            drop(pin.take());
             let step = Instant::now();
             let session = held.prepared.as_mut().and_then(|p| p.take_session());
             drop(mems);

@@ -22,6 +22,18 @@ pub enum ResumeError {
     },
     #[error("tid {tid}: the image uses xsave components {missing:#x} this CPU does not have")]
     MissingComponents { tid: Tid, missing: u64 },
+    #[error("tid {tid}: moving it to another CPU")]
+    Affinity {
+        tid: Tid,
+        #[source]
+        source: tracee::taskinfo::TaskInfoError,
+    },
+    #[error("tid {tid}: running it once on another CPU")]
+    Inject {
+        tid: Tid,
+        #[source]
+        source: tracee::InjectError,
+    },
 }
 
 /// The thread's xsave area with the image's FPU state in this CPU's layout.
@@ -154,6 +166,40 @@ pub fn detach(t: Tracee) -> Result<(), ResumeError> {
         step: "detaching",
         source,
     })
+}
+
+/// `getpid`: a syscall that changes nothing, to make a stopped thread run once.
+const SYS_GETPID: i64 = 39;
+
+/// Moves the stopped `threads` to CPUs their affinity allows other than `ours`, and gives
+/// each its affinity back. A thread let go wakes where it last ran if that CPU is free;
+/// left where we built it, on our CPU, it would wait there behind what we still do at
+/// the resume (and behind the lazy-pages daemon we wake) while another CPU may idle: the
+/// kernel's search for an idle CPU is cut short when the CPUs were busy of late, as they
+/// are during a migration. A stopped thread only changes CPU by running: each runs one
+/// injected `getpid` with its affinity narrowed to the chosen CPU.
+pub fn move_off_cpu<'a>(
+    threads: impl Iterator<Item = &'a mut Tracee>,
+    ours: usize,
+) -> Result<(), ResumeError> {
+    let mut turn = 0;
+    for t in threads {
+        let tid = t.tid();
+        let affinity_err = |source| ResumeError::Affinity { tid, source };
+        let allowed = tracee::taskinfo::affinity(tid).map_err(affinity_err)?;
+        let others: Vec<usize> = allowed.iter().copied().filter(|&c| c != ours).collect();
+        let Some(&cpu) = others.get(turn % others.len().max(1)) else {
+            continue;
+        };
+        turn += 1;
+        tracee::taskinfo::set_affinity(tid, &[cpu]).map_err(affinity_err)?;
+        // The helper page of the build is gone by now: the vDSO's instruction.
+        t.use_vdso_syscall_insn();
+        let ran = t.syscall(SYS_GETPID, [0; 6]);
+        tracee::taskinfo::set_affinity(tid, &allowed).map_err(affinity_err)?;
+        ran.map_err(|source| ResumeError::Inject { tid, source })?;
+    }
+    Ok(())
 }
 
 /// Lets the process go into a group stop, as it was when dumped.
