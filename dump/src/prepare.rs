@@ -189,9 +189,6 @@ fn refusal(opts: &DumpOptions) -> Option<&'static str> {
 /// Image file name -> contents.
 type Images = BTreeMap<String, Vec<u8>>;
 
-/// The nice value of the work left for after the switch (the highest: it yields to all).
-const LOWEST_PRIORITY: i32 = 19;
-
 /// One freeze, collection and write: the tree stays frozen.
 struct Round {
     tree: SeizedTree,
@@ -873,6 +870,8 @@ struct Switched {
     /// Images that changed (written into -D after the send) and those that vanished.
     changed: Vec<NamedImage>,
     vanished: Vec<String>,
+    sent: DeltaSent,
+    urgent: tracee::taskinfo::RealTime,
 }
 
 /// S2: freeze, collect, encode the images in memory, send DELTA. On error the tree is
@@ -885,6 +884,9 @@ fn switch_round(
     stream: &mut TcpStream,
     earlier: Option<Earlier<'_>>,
 ) -> Result<Switched, DumpError> {
+    // The down time, then the destination's first faults (see `SwitchLink::urgent`): as
+    // S1's freezes, above every normal task.
+    let urgent = tracee::taskinfo::RealTime::raise();
     let mut round = round(pid, opts, earlier)?;
     let delta_start = Instant::now();
     let now = round.images.take_memory();
@@ -916,27 +918,65 @@ fn switch_round(
         SwitchMessage::Delta { images, hot } => (images, hot),
         _ => (Vec::new(), Vec::new()),
     };
-    tracing::info!(
-        freeze_start_ns = round.freeze_start_ns,
-        freezing_us = round.stats.freezing_time_us,
-        frozen_to_delta_sent_us = frozen_to_sent,
-        light = round.light,
-        collect_us = round.collect_us,
-        write_us = round.write_us,
+    let sent = DeltaSent {
+        freeze_start_ns: round.freeze_start_ns,
+        freezing_us: round.stats.freezing_time_us,
+        frozen_to_sent_us: frozen_to_sent,
+        light: round.light,
+        collect_us: round.collect_us,
+        write_us: round.write_us,
         delta_us,
         send_us,
-        raw_bytes = raw,
+        raw_bytes: raw,
         wire_bytes,
-        images = images.len(),
-        names = ?images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
-        hot_pages = hot.iter().map(|h| h.data.len() as u64 / PAGE_SIZE).sum::<u64>(),
-        "S2: delta sent"
-    );
+        names: images.iter().map(|i| i.name.clone()).collect(),
+        hot_pages: hot.iter().map(|h| h.data.len() as u64 / PAGE_SIZE).sum(),
+    };
     Ok(Switched {
         round,
         changed: images,
         vanished,
+        sent,
+        urgent,
     })
+}
+
+/// What S2 did, for its log line: written once the destination's first faults are served,
+/// not between the delta and them.
+struct DeltaSent {
+    freeze_start_ns: i64,
+    freezing_us: u32,
+    frozen_to_sent_us: u32,
+    light: bool,
+    collect_us: u32,
+    write_us: u32,
+    delta_us: u32,
+    send_us: u32,
+    raw_bytes: usize,
+    wire_bytes: usize,
+    names: Vec<String>,
+    hot_pages: u64,
+}
+
+impl DeltaSent {
+    fn log(&self) {
+        tracing::info!(
+            freeze_start_ns = self.freeze_start_ns,
+            freezing_us = self.freezing_us,
+            frozen_to_delta_sent_us = self.frozen_to_sent_us,
+            light = self.light,
+            collect_us = self.collect_us,
+            write_us = self.write_us,
+            delta_us = self.delta_us,
+            send_us = self.send_us,
+            raw_bytes = self.raw_bytes,
+            wire_bytes = self.wire_bytes,
+            images = self.names.len(),
+            names = ?self.names,
+            hot_pages = self.hot_pages,
+            "S2: delta sent"
+        );
+    }
 }
 
 /// Now on the monotonic clock, in ns: the clock a program's own timestamps use (the
@@ -961,6 +1001,36 @@ impl<W: Write> Write for Counted<'_, W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// What is left to do once the delta is sent, off the path of the destination's first
+/// faults.
+struct AfterSwitch {
+    sent: DeltaSent,
+    dir: PathBuf,
+    images: WrittenImages,
+    stats: DumpStats,
+    changed: Vec<NamedImage>,
+    vanished: Vec<String>,
+    watch: Option<refresh::Watch>,
+    state: TreeState,
+}
+
+impl AfterSwitch {
+    fn run(self) {
+        self.sent.log();
+        update_images_dir(
+            &self.dir,
+            self.images,
+            self.stats,
+            self.changed,
+            &self.vanished,
+        );
+        // Closing the last counter of the tracepoint waits for an RCU grace period
+        // (milliseconds): never where the daemon's first requests would wait behind it.
+        drop(self.watch);
+        drop(self.state);
     }
 }
 
@@ -1043,6 +1113,30 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     let mut switch_stream = ready.switch;
     tracing::info!(hot_pages = ready.hot_pages, "the destination is ready");
 
+    // The thread that brings -D up to date once the tree runs at the destination, made
+    // now: creating it after the delta would hold up the destination's first faults.
+    let (to_updater, updates) = std::sync::mpsc::channel::<AfterSwitch>();
+    let updater = std::thread::Builder::new()
+        .name("prepared-images".to_owned())
+        .spawn(move || {
+            // The destination's first faults are served from this process meanwhile, on a
+            // machine of few CPUs: they go first, and so does anything else that waits.
+            if let Err(error) = tracee::taskinfo::idle_policy() {
+                tracing::debug!(%error, "-D is updated at normal priority");
+            }
+            // Nothing comes when S2 fails: the main thread then keeps it all.
+            if let Ok(work) = updates.recv() {
+                work.run();
+            }
+        });
+    let updater = match updater {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            tracing::warn!(%error, "-D keeps the prepared images: no thread to update it");
+            None
+        }
+    };
+
     // S2: the delta. Any failure resumes the tree (dropped inside) and tells the
     // destination.
     let _shield = SignalShield::raise();
@@ -1073,6 +1167,8 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         round,
         changed,
         vanished,
+        sent,
+        urgent,
     } = switched;
     let ranges = round
         .state
@@ -1081,36 +1177,27 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         .map(|p| (p.pid, lazy::lazy_ranges(&p.plan)))
         .collect();
     let stats = round.stats;
-    let dir = opts.images_dir.clone();
-    let images = round.images;
-    let updating = std::thread::Builder::new()
-        .name("prepared-images".to_owned())
-        .spawn(move || {
-            // The destination's first faults are served from this process meanwhile, on a
-            // machine of few CPUs: they go first.
-            let me = rustix::thread::gettid();
-            if let Err(error) = rustix::process::setpriority_process(Some(me), LOWEST_PRIORITY) {
-                tracing::debug!(%error, "-D is updated at normal priority");
-            }
-            update_images_dir(&dir, images, stats, changed, &vanished);
-            // Closing the last counter of the tracepoint waits for an RCU grace period
-            // (milliseconds): never where the daemon's first requests would wait behind it.
-            drop(watch);
-            drop(state);
-        });
-    let updating = match updating {
-        Ok(handle) => Some(handle),
-        Err(error) => {
-            tracing::warn!(%error, "-D keeps the prepared images: no thread to update it");
-            None
-        }
+    let work = AfterSwitch {
+        sent,
+        dir: opts.images_dir.clone(),
+        images: round.images,
+        stats,
+        changed,
+        vanished,
+        watch,
+        state,
     };
+    if let Err(unsent) = to_updater.send(work) {
+        tracing::warn!("-D is updated before the pages are served: its thread is gone");
+        unsent.0.run();
+    }
     let link = SwitchLink {
         switch: switch_stream,
         daemon: ready.daemon,
+        urgent: Some(urgent),
     };
     let served = lazy::serve_prepared(round.tree, listener, ranges, opts, link);
-    if let Some(handle) = updating {
+    if let Some(handle) = updater {
         if handle.join().is_err() {
             tracing::warn!("updating -D panicked");
         }
