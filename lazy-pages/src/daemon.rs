@@ -465,6 +465,9 @@ impl Server {
         }
         add(&self.epoll, &receiver, RESTORE)?;
         self.restore = Some(receiver);
+        // A prepared restore connects once its tree is built from the images here, long
+        // before it hands the tasks over at the switch.
+        self.pages.open_early();
         Ok(())
     }
 

@@ -121,6 +121,14 @@ pub fn lazy_ranges(reader: &PagesReader) -> Vec<LazyRange> {
     out
 }
 
+/// A file's device and inode: the same path names another file once renamed over.
+type FileId = (u64, u64);
+
+fn file_id(path: &std::path::Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// The source of page contents.
 #[derive(Debug)]
 pub enum PageSource {
@@ -135,6 +143,9 @@ pub enum PageSource {
 pub struct Pages {
     dir: ImageDir,
     readers: HashMap<i32, PagesReader>,
+    /// Pagemaps opened before their task was handed over ([`Pages::open_early`]), with
+    /// the identity of the file each was read from.
+    early: HashMap<i32, (FileId, PagesReader)>,
     source: PageSource,
     /// Tells the read-ahead threads to stop when we go.
     stop: StopOnDrop,
@@ -157,8 +168,37 @@ impl Pages {
         Pages {
             dir,
             readers: HashMap::new(),
+            early: HashMap::new(),
             source,
             stop: StopOnDrop::default(),
+        }
+    }
+
+    /// Opens every pagemap image the directory holds now, before restore hands their
+    /// tasks over: a prepared restore hands them over at the switch, where the tree's
+    /// first faults wait for [`Pages::open_task`]. Restore replaces a pagemap the switch
+    /// changed by a rename, so each is kept with the identity of its file, and one
+    /// replaced since is opened again. Best effort: what cannot be opened now is opened
+    /// at the hand-off, whose error then counts.
+    pub fn open_early(&mut self) {
+        let Ok(files) = self.dir.list() else {
+            return;
+        };
+        for file in files.iter().filter(|f| f.name.kind == ImageKind::Pagemap) {
+            let Some(id) = file.name.id else {
+                continue;
+            };
+            let Ok(pid) = i32::try_from(id) else {
+                continue;
+            };
+            // Identified before it is read: a file replaced in between reads as newer
+            // than its identity, and is opened again at the hand-off.
+            let Some(identity) = file_id(&self.dir.file_path(ImageKind::Pagemap, id)) else {
+                continue;
+            };
+            if let Ok(reader) = PagesReader::open(&self.dir, ImageKind::Pagemap, id) {
+                self.early.insert(pid, (identity, reader));
+            }
         }
     }
 
@@ -166,8 +206,14 @@ impl Pages {
     /// lazy pages are read ahead into the page cache from now on (see `read_ahead`).
     pub fn open_task(&mut self, pid: i32) -> Result<Vec<LazyRange>, SourceError> {
         let id = u64::try_from(pid).map_err(|_| SourceError::UnknownPid { pid })?;
-        let reader = PagesReader::open(&self.dir, ImageKind::Pagemap, id)
-            .map_err(|source| SourceError::Pagemap { pid, source })?;
+        let early = self.early.remove(&pid).and_then(|(file, reader)| {
+            (file_id(&self.dir.file_path(ImageKind::Pagemap, id)) == Some(file)).then_some(reader)
+        });
+        let reader = match early {
+            Some(reader) => reader,
+            None => PagesReader::open(&self.dir, ImageKind::Pagemap, id)
+                .map_err(|source| SourceError::Pagemap { pid, source })?,
+        };
         let ranges = lazy_ranges(&reader);
         if matches!(self.source, PageSource::Local) {
             read_ahead(pid, &reader, &ranges, &self.stop.0);
