@@ -307,8 +307,6 @@ struct Source {
     traffic: PageTraffic,
     /// A prepared dump's switch connection, until the destination runs or it ends.
     switch: Option<TcpStream>,
-    /// The switch's real-time spell, until [`FIRST_FAULTS`] after it.
-    urgent: Option<(tracee::taskinfo::RealTime, Instant)>,
 }
 
 impl Source {
@@ -513,13 +511,6 @@ impl Source {
                     if let Err(end) = self.answer_get(&mut stream, &frame) {
                         return Ok(end);
                     }
-                    if self
-                        .urgent
-                        .as_ref()
-                        .is_some_and(|(_, since)| since.elapsed() > FIRST_FAULTS)
-                    {
-                        self.urgent = None;
-                    }
                     // The source stays frozen, not killed, until the daemon closes: a
                     // page two threads faulted on at once may be asked for again.
                     if self.resumed && !self.all_taken_logged && self.all_taken() {
@@ -599,16 +590,7 @@ pub fn serve(
 pub struct SwitchLink {
     pub switch: TcpStream,
     pub daemon: Option<(TcpStream, IpAddr)>,
-    /// The real-time spell of the switch, kept for the destination's first faults
-    /// ([`FIRST_FAULTS`]): they are down time too, and on a machine of few CPUs a
-    /// background task that slept long may otherwise run first for a time slice.
-    pub urgent: Option<tracee::taskinfo::RealTime>,
 }
-
-/// How long after the switch the page server keeps the switch's real-time priority: the
-/// daemon starts its background transfer after this long by default (its
-/// `--background-delay`), so that only faults are asked for meanwhile.
-const FIRST_FAULTS: Duration = Duration::from_millis(10);
 
 /// [`serve`] for a prepared dump: the switch's RESUMED, FAILED or end are heard as well.
 pub fn serve_prepared(
@@ -667,14 +649,12 @@ fn serve_with(
         compressor: None,
         traffic: PageTraffic::default(),
         switch: None,
-        urgent: None,
     };
     let mut pending = None;
     if let Some(link) = link {
         // A switch message already sent is read at once by the first poll.
         let _ = link.switch.set_read_timeout(Some(SWITCH_READ_TIMEOUT));
         source.switch = Some(link.switch);
-        source.urgent = link.urgent.map(|urgent| (urgent, Instant::now()));
         pending = link.daemon;
     }
     tracing::info!(%addr, processes = source.processes.len(), pages = source.untaken_pages(),
@@ -840,7 +820,6 @@ mod tests {
             compressor: None,
             traffic: PageTraffic::default(),
             switch: Some(switch),
-            urgent: None,
         };
         (source, restore)
     }

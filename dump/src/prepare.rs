@@ -871,7 +871,6 @@ struct Switched {
     changed: Vec<NamedImage>,
     vanished: Vec<String>,
     sent: DeltaSent,
-    urgent: tracee::taskinfo::RealTime,
 }
 
 /// S2: freeze, collect, encode the images in memory, send DELTA. On error the tree is
@@ -884,8 +883,8 @@ fn switch_round(
     stream: &mut TcpStream,
     earlier: Option<Earlier<'_>>,
 ) -> Result<Switched, DumpError> {
-    // The down time, then the destination's first faults (see `SwitchLink::urgent`): as
-    // S1's freezes, above every normal task.
+    // Until the delta is sent: as S1's freezes, above every normal task. Not after: the
+    // prepared restore, at the same real-time priority, must not wait for us.
     let urgent = tracee::taskinfo::RealTime::raise();
     let mut round = round(pid, opts, earlier)?;
     let delta_start = Instant::now();
@@ -910,6 +909,7 @@ fn switch_round(
         prepared.get(name).map(Vec::as_slice)
     })
     .map_err(|source| PrepareError::SendDelta { pid, source })?;
+    drop(urgent);
     let wire_bytes = wire.n;
     let frozen_to_sent = micros(round.frozen_since);
     let send_us = micros(send_start);
@@ -937,7 +937,6 @@ fn switch_round(
         changed: images,
         vanished,
         sent,
-        urgent,
     })
 }
 
@@ -1003,6 +1002,11 @@ impl<W: Write> Write for Counted<'_, W> {
         self.inner.flush()
     }
 }
+
+/// How long after the switch -D is brought up to date: the lazy-pages daemon asks only
+/// for faults that long by default (its `--background-delay`), the restored tree's
+/// first steps.
+const UPDATE_DELAY: Duration = Duration::from_millis(10);
 
 /// What is left to do once the delta is sent, off the path of the destination's first
 /// faults.
@@ -1126,6 +1130,10 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
             }
             // Nothing comes when S2 fails: the main thread then keeps it all.
             if let Ok(work) = updates.recv() {
+                // Not among the destination's first faults either: closing the watch
+                // runs kernel code that does not yield the CPU at once, and writing -D
+                // keeps a CPU busy that the restored tree may wake on.
+                std::thread::sleep(UPDATE_DELAY);
                 work.run();
             }
         });
@@ -1168,7 +1176,6 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         changed,
         vanished,
         sent,
-        urgent,
     } = switched;
     let ranges = round
         .state
@@ -1194,7 +1201,6 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     let link = SwitchLink {
         switch: switch_stream,
         daemon: ready.daemon,
-        urgent: Some(urgent),
     };
     let served = lazy::serve_prepared(round.tree, listener, ranges, opts, link);
     if let Some(handle) = updater {
