@@ -642,6 +642,40 @@ mod tests {
     }
 
     #[test]
+    fn a_pagemap_opened_early_is_used_unless_replaced_since() {
+        let (tmp, dir) = images();
+        let path = dir.path().to_path_buf();
+        let mut kept = Pages::new(ImageDir::new(&path).expect("dir"), PageSource::Local);
+        kept.open_early();
+        assert!(kept.early.contains_key(&10));
+        assert_eq!(kept.open_task(10).expect("open").len(), 3);
+        assert!(kept.early.is_empty());
+        let mut replaced = Pages::new(dir, PageSource::Local);
+        replaced.open_early();
+        // Restore's way: the new pagemap written aside, then renamed over the old one.
+        let aside = ImageDir::create_dir(tmp.path().join("aside")).expect("dir");
+        let mut w = aside
+            .pagemap_writer(ImageKind::Pagemap, 10, 2)
+            .expect("writer");
+        w.add_with_data(0x50000, PageFlags::PRESENT | PageFlags::LAZY, &page(5))
+            .expect("lazy");
+        w.finish().expect("finish");
+        for name in ["pagemap-10.img", "pages-2.img"] {
+            std::fs::rename(aside.path().join(name), path.join(name)).expect("rename");
+        }
+        assert_eq!(
+            replaced.open_task(10).expect("open"),
+            [LazyRange {
+                vaddr: 0x50000,
+                len: P
+            }]
+        );
+        let mut buf = vec![0u8; P as usize];
+        replaced.fetch(10, 0x50000, &mut buf).expect("fetch");
+        assert_eq!(buf[0], 5);
+    }
+
+    #[test]
     fn only_lazy_entries_are_lazy_ranges() {
         let (_tmp, dir) = images();
         let mut pages = Pages::new(dir, PageSource::Local);

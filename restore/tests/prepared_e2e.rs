@@ -532,6 +532,14 @@ fn switch_to_second_state(grow: bool, threads: u32, hot: bool) -> Result<String,
     let [count, pos] = words[..] else {
         return Err(format!("bad count file {report:?}"));
     };
+    // Written before the count: every thread's affinity as it started (the switch moves
+    // the held threads off its CPU and gives their affinity back).
+    let affinity = std::fs::read_to_string(s.dir.join("affinity")).map_err(|e| e.to_string())?;
+    if affinity.trim() != "1" {
+        return Err(format!(
+            "a restored thread's CPU affinity is not the one it started with (delta {names:?})\n{log}"
+        ));
+    }
     if pos < frozen_pos {
         return Err(format!(
             "the restored counter's log is at {pos}, before the {frozen_pos} of the final dump \

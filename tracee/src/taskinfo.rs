@@ -356,4 +356,40 @@ mod tests {
         let from_proc = crate::proc::limits::read(pid).expect("limits file");
         assert_eq!(from_proc[7], nofile);
     }
+
+    /// Runs `f` on a thread of its own: policies and nice values are per thread, and the
+    /// test harness reuses its threads.
+    fn on_own_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(f).join().expect("thread")
+    }
+
+    #[test]
+    fn a_real_time_spell_ends_at_the_nice_value_asked() {
+        let (during, after) = on_own_thread(|| {
+            let (_, tid) = me();
+            let spell = RealTime::raise();
+            let during = sched(tid).expect("sched");
+            spell.end_at_nice(19).expect("end");
+            (during, sched(tid).expect("sched"))
+        });
+        // Root here: the spell is real time; without the privilege it is not, and the
+        // thread only gets the nice value.
+        if during.policy & 0xff == libc::SCHED_FIFO {
+            assert_eq!(during.priority, 1);
+        }
+        assert_eq!(after.policy & 0xff, libc::SCHED_OTHER);
+        assert_eq!((after.priority, after.nice), (0, 19));
+    }
+
+    #[test]
+    fn idle_policy_puts_the_calling_thread_under_sched_idle() {
+        let s = on_own_thread(|| {
+            idle_policy().expect("idle policy");
+            let (_, tid) = me();
+            sched(tid).expect("sched")
+        });
+        assert_eq!(s.policy & 0xff, libc::SCHED_IDLE);
+        let (_, tid) = me();
+        assert_eq!(sched(tid).expect("sched").policy & 0xff, libc::SCHED_OTHER);
+    }
 }

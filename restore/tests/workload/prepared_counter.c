@@ -9,12 +9,17 @@
  * prepared_counter DIR [THREADS]: starts THREADS more threads that sleep in a loop (held
  * and switched too), writes DIR/ready ("pid address-of-the-count"); on DIR/grow maps
  * and touches a new region (the memory layout changes) and writes DIR/grown; on
- * DIR/report writes its count and its log's position to DIR/count and exits 0. */
+ * DIR/report writes 1 to DIR/affinity if every thread's CPU affinity is still the one it
+ * started with (0 if not), then its count and its log's position to DIR/count, and exits
+ * 0. */
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static int exists(const char *dir, const char *name) {
@@ -39,9 +44,11 @@ static void put(const char *dir, const char *name, unsigned long a, unsigned lon
 }
 
 static int running;
+#define MAX_THREADS 64
+static pid_t tids[MAX_THREADS + 1];
 
 static void *sleeper(void *arg) {
-    (void)arg;
+    tids[(long)arg] = (pid_t)syscall(SYS_gettid);
     __atomic_add_fetch(&running, 1, __ATOMIC_SEQ_CST);
     for (;;)
         usleep(700);
@@ -65,9 +72,15 @@ int main(int argc, char **argv) {
         return 2;
     *mem = 0;
     int threads = argc > 2 ? atoi(argv[2]) : 0;
-    for (int i = 0; i < threads; i++) {
+    if (threads > MAX_THREADS)
+        return 2;
+    cpu_set_t initial;
+    if (sched_getaffinity(0, sizeof initial, &initial) != 0)
+        return 2;
+    tids[0] = (pid_t)syscall(SYS_gettid);
+    for (long i = 0; i < threads; i++) {
         pthread_t t;
-        if (pthread_create(&t, NULL, sleeper, NULL) != 0)
+        if (pthread_create(&t, NULL, sleeper, (void *)(i + 1)) != 0)
             return 2;
     }
     /* Started for good (robust list, rseq) before the first dump. */
@@ -91,6 +104,13 @@ int main(int argc, char **argv) {
             put(dir, "grown", 1, 0, 0);
         }
         if (exists(dir, "report")) {
+            int same = 1;
+            for (int i = 0; i <= threads; i++) {
+                cpu_set_t now;
+                if (sched_getaffinity(tids[i], sizeof now, &now) != 0 || !CPU_EQUAL(&now, &initial))
+                    same = 0;
+            }
+            put(dir, "affinity", (unsigned long)same, 0, 0);
             put(dir, "count", count, (unsigned long)lseek(logfd, 0, SEEK_CUR), 1);
             return 0;
         }
