@@ -255,6 +255,8 @@ fn build(
     session: Option<lazy::LazySession>,
 ) -> Result<Held, RestoreError> {
     let started = Instant::now();
+    // Where each CPU idled while we read and plan: the build goes to the idlest.
+    let idle = tracee::IdleTimes::now();
     // Every step reads the new processes through /proc by their pid: a /proc of
     // another PID namespace would show someone else's processes, or none.
     let pid = std::process::id();
@@ -319,7 +321,7 @@ fn build(
     // Injection round trips cost 5-8 µs on one CPU and ~100 µs across CPUs here:
     // pin ourselves, and the children inherit the pin until it is given back.
     let affinity = rustix::thread::sched_getaffinity(None).ok();
-    let _pin = pin_here();
+    let _pin = pin_to_idlest(idle.as_ref(), affinity.as_ref());
 
     if !opts.new_pid_ns {
         for p in &tree.procs {
@@ -1118,9 +1120,25 @@ fn set_thread(
     Ok(())
 }
 
-/// Pins us to the CPU we run on now.
-fn pin_here() -> Option<tracee::cpu::CpuPin> {
-    let cpu = rustix::thread::sched_getcpu();
+/// Pins us to the CPU of `allowed` that idled most since `idle` was read, or to the one
+/// we run on now. The build keeps that CPU busy for milliseconds: on a CPU a busy program
+/// runs on, each would wait for the other (the program being migrated, when source and
+/// destination share a machine).
+fn pin_to_idlest(
+    idle: Option<&tracee::IdleTimes>,
+    allowed: Option<&rustix::thread::CpuSet>,
+) -> Option<tracee::cpu::CpuPin> {
+    let here = rustix::thread::sched_getcpu();
+    let allowed: Vec<usize> = allowed
+        .map(|set| {
+            (0..rustix::thread::CpuSet::MAX_CPU)
+                .filter(|&c| set.is_set(c))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cpu = idle
+        .and_then(|idle| idle.idlest_since(&allowed, here))
+        .unwrap_or(here);
     tracee::cpu::CpuPin::to_cpu(u32::try_from(cpu).ok()?).ok()
 }
 

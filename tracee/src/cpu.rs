@@ -79,6 +79,65 @@ impl Drop for CpuPin {
     }
 }
 
+/// Where the kernel's cpuidle driver counts each CPU's time in each idle state.
+const SYS_CPUS: &str = "/sys/devices/system/cpu";
+
+/// Each CPU's idle time so far (µs, all idle states together), from the cpuidle counters.
+/// Two readings tell which CPU idled most in between: there a burst of work neither
+/// delays a busy task nor waits behind one.
+#[derive(Debug, Clone)]
+pub struct IdleTimes(Vec<(usize, u64)>);
+
+impl IdleTimes {
+    /// `None` where no cpuidle driver counts idle time.
+    pub fn now() -> Option<IdleTimes> {
+        let mut times = Vec::new();
+        for entry in std::fs::read_dir(SYS_CPUS).ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(cpu) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("cpu"))
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            let Ok(states) = std::fs::read_dir(entry.path().join("cpuidle")) else {
+                continue;
+            };
+            let idle: u64 = states
+                .flatten()
+                .filter_map(|state| std::fs::read_to_string(state.path().join("time")).ok())
+                .filter_map(|text| text.trim().parse::<u64>().ok())
+                .sum();
+            times.push((cpu, idle));
+        }
+        (!times.is_empty()).then_some(IdleTimes(times))
+    }
+
+    /// Among `allowed`, the CPU that idled most since this reading; `prefer` on a tie
+    /// (when none idled, say), else the first allowed. `None` without a second reading.
+    pub fn idlest_since(&self, allowed: &[usize], prefer: usize) -> Option<usize> {
+        self.idlest_until(&IdleTimes::now()?, allowed, prefer)
+    }
+
+    fn idlest_until(&self, now: &IdleTimes, allowed: &[usize], prefer: usize) -> Option<usize> {
+        let idled = |cpu: usize| -> u64 {
+            let at = |t: &IdleTimes| t.0.iter().find(|(c, _)| *c == cpu).map(|(_, us)| *us);
+            match (at(self), at(now)) {
+                (Some(before), Some(after)) => after.saturating_sub(before),
+                _ => 0,
+            }
+        };
+        // `max_by_key` keeps the last of equals: reversed, the first allowed wins a tie.
+        let best = allowed.iter().rev().copied().max_by_key(|&cpu| idled(cpu))?;
+        Some(if idled(best) > idled(prefer) || !allowed.contains(&prefer) {
+            best
+        } else {
+            prefer
+        })
+    }
+}
+
 /// Our thread and one tracee thread both pinned to the CPU the tracee last ran on. Pinning
 /// only ourselves is not enough: each wakeup of the tracee then finds that CPU busy with us
 /// and the scheduler runs it on another one, about 50 µs each way. Dropping it gives both
@@ -141,6 +200,29 @@ impl crate::ptrace::Tracee {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_idlest_cpu_is_the_one_that_idled_most_in_between() {
+        let before = IdleTimes(vec![(0, 1_000), (1, 5_000), (2, 9_000), (3, 0)]);
+        let after = IdleTimes(vec![(0, 1_010), (1, 5_900), (2, 9_400), (3, 0)]);
+        assert_eq!(before.idlest_until(&after, &[0, 1, 2, 3], 0), Some(1));
+        // Only among the allowed ones.
+        assert_eq!(before.idlest_until(&after, &[0, 2, 3], 0), Some(2));
+        // A tie (no CPU idled) keeps the preferred one, if it is allowed.
+        assert_eq!(before.idlest_until(&after, &[3], 3), Some(3));
+        assert_eq!(before.idlest_until(&before, &[0, 1, 2], 2), Some(2));
+        assert_eq!(before.idlest_until(&before, &[0, 1], 2), Some(0));
+        assert_eq!(before.idlest_until(&after, &[], 0), None);
+    }
+
+    #[test]
+    fn idle_times_are_read_where_cpuidle_counts_them() {
+        // Where a cpuidle driver exists, every online CPU has a counter.
+        if std::path::Path::new("/sys/devices/system/cpu/cpu0/cpuidle").exists() {
+            let times = IdleTimes::now().expect("idle times");
+            assert!(times.0.iter().any(|(cpu, _)| *cpu == 0));
+        }
+    }
 
     #[test]
     fn pin_and_restore() {

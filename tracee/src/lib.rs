@@ -77,7 +77,7 @@ pub mod vdso;
 mod wait;
 mod xsave;
 
-pub use cpu::{CpuPin, PairPin};
+pub use cpu::{CpuPin, IdleTimes, PairPin};
 pub use ids::{InvalidId, Pid, RemoteAddr, TargetFd, Tid};
 pub use inject::{InjectError, RemoteScratch};
 pub use kernel::KernelFeatures;

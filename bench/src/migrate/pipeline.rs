@@ -799,10 +799,16 @@ impl Migration<'_> {
         // as its input, and then waits: the restored process is not the child of a restorer
         // that waits for it, as it is on a destination host. ckpt-restore starts now and
         // waits for the word: its start is not down time. The FIFO is opened read-write, so
-        // the open does not wait for a writer. --kill-child: if unshare dies, so does the
-        // init and with it the namespace.
+        // the open does not wait for a writer, and the shell waits on it with a builtin
+        // (nobody writes again): an exec there, when restore exits just after the resume,
+        // would take a CPU from the restored process's first steps for a millisecond.
+        // --kill-child: if unshare dies, so does the init and with it the namespace.
         cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
-            .args(["sh", "-c", r#""$@" <>"$0" && exec sleep 1000000"#])
+            .args([
+                "sh",
+                "-c",
+                r#""$@" <>"$0" && while read -r _; do :; done <>"$0""#,
+            ])
             .arg(&go)
             .arg(&self.tools.restore)
             .arg("--wait-go")
