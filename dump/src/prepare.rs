@@ -1517,6 +1517,49 @@ int main(int argc, char **argv) {
         }
     }
 
+    /// The light S2's two steps on a frozen 4-thread worker, many times over: reading
+    /// again and encoding the images (median µs). A micro benchmark, not a test:
+    /// `cargo test --release -p ckpt-dump --lib -- --ignored --nocapture s2_timing`.
+    #[test]
+    #[ignore]
+    fn s2_timing() {
+        let worker = Worker::start(&[]);
+        let pid = worker.pid();
+        let images_dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = DumpOptions::new(pid.as_raw(), images_dir.path());
+        opts.mode = DumpMode::Lazy;
+        let (before, watch) = first_look(pid, &opts);
+        let watch = watch.expect("the worker qualifies for a light S2");
+        let mut tree = seize::freeze_tree(pid).expect("freeze again");
+        let (mut look, mut encode) = (Vec::new(), Vec::new());
+        for _ in 0..500 {
+            let start = Instant::now();
+            let refresh::Refreshed::State(mut state) =
+                refresh::again(&mut tree, &before, &watch).expect("light look")
+            else {
+                panic!("stale");
+            };
+            look.push(start.elapsed().as_micros());
+            let start = Instant::now();
+            for process in &mut state.processes {
+                let policies = full_policies(process, &opts, None, false);
+                process.plan = pages::plan(&process.pages, &policies);
+            }
+            let mut stats = DumpStats::default();
+            let images = write::images_in_memory(&state, &opts, &mut stats).expect("encode");
+            encode.push(start.elapsed().as_micros());
+            drop(images);
+        }
+        look.sort_unstable();
+        encode.sort_unstable();
+        println!(
+            "light S2 of a 4-thread process: read again {} µs, encode {} µs (medians of 500)",
+            look[look.len() / 2],
+            encode[encode.len() / 2]
+        );
+        release::finish_tree(tree, FinalState::Running).expect("release");
+    }
+
     #[test]
     fn a_syscall_outside_the_allowlist_rules_out_the_light_look() {
         let worker = Worker::start(&["mmap"]);

@@ -129,12 +129,18 @@ impl IdleTimes {
             }
         };
         // `max_by_key` keeps the last of equals: reversed, the first allowed wins a tie.
-        let best = allowed.iter().rev().copied().max_by_key(|&cpu| idled(cpu))?;
-        Some(if idled(best) > idled(prefer) || !allowed.contains(&prefer) {
-            best
-        } else {
-            prefer
-        })
+        let best = allowed
+            .iter()
+            .rev()
+            .copied()
+            .max_by_key(|&cpu| idled(cpu))?;
+        Some(
+            if idled(best) > idled(prefer) || !allowed.contains(&prefer) {
+                best
+            } else {
+                prefer
+            },
+        )
     }
 }
 

@@ -29,6 +29,8 @@ const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
 const NT_X86_XSTATE: usize = 0x202;
 /// The largest xsave area we accept (AMX tiles need ~11 KiB).
 const XSAVE_MAX: usize = 64 * 1024;
+/// The xstate regset's size on this machine, once a first read told it (0 before).
+static XSAVE_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 pub(crate) const PTRACE_EVENT_STOP: i32 = 128;
 pub(crate) const PTRACE_EVENT_CLONE: i32 = 3;
 
@@ -568,7 +570,11 @@ impl Tracee {
 
     /// `PTRACE_GETREGSET` with `NT_X86_XSTATE`: the xsave area, sized by the kernel.
     pub fn get_xsave(&self) -> Result<Xsave, PtraceError> {
-        let mut buf = vec![0u8; XSAVE_MAX];
+        // The regset's size is the kernel's largest xstate, the same for every task: learnt
+        // once. A fresh zeroed 64 KiB buffer for each call costs its page faults, tens of
+        // microseconds in a VM, where the call itself takes one or two.
+        let known = XSAVE_LEN.load(std::sync::atomic::Ordering::Relaxed);
+        let mut buf = vec![0u8; if known == 0 { XSAVE_MAX } else { known }];
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -586,7 +592,11 @@ impl Tracee {
         if ret < 0 {
             return Err(self.err("getregset(NT_X86_XSTATE)"));
         }
-        buf.truncate(iov.iov_len.min(XSAVE_MAX));
+        let len = iov.iov_len.min(XSAVE_MAX);
+        if known == 0 {
+            XSAVE_LEN.store(len, std::sync::atomic::Ordering::Relaxed);
+        }
+        buf.truncate(len);
         Ok(Xsave::from_bytes(buf))
     }
 
