@@ -28,12 +28,6 @@ pub enum ResumeError {
         #[source]
         source: tracee::taskinfo::TaskInfoError,
     },
-    #[error("tid {tid}: running it once on another CPU")]
-    Inject {
-        tid: Tid,
-        #[source]
-        source: tracee::InjectError,
-    },
 }
 
 /// The thread's xsave area with the image's FPU state in this CPU's layout.
@@ -197,7 +191,11 @@ pub fn move_off_cpu<'a>(
         t.use_vdso_syscall_insn();
         let ran = t.syscall(SYS_GETPID, [0; 6]);
         tracee::taskinfo::set_affinity(tid, &allowed).map_err(affinity_err)?;
-        ran.map_err(|source| ResumeError::Inject { tid, source })?;
+        // Only a placement: a thread that cannot run one here (a process without a
+        // vDSO, say) wakes where it is.
+        if let Err(error) = ran {
+            tracing::debug!(%tid, %error, "the thread stays on the CPU it was built on");
+        }
     }
     Ok(())
 }
