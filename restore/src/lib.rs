@@ -255,8 +255,10 @@ fn build(
     session: Option<lazy::LazySession>,
 ) -> Result<Held, RestoreError> {
     let started = Instant::now();
-    // Where each CPU idled while we read and plan: the build goes to the idlest.
-    let idle = tracee::IdleTimes::now();
+    // Where each CPU idled while we read and plan: a prepared build goes to the idlest,
+    // beside a program that runs on (reading the counters twice takes about 0.1 ms, not
+    // worth it in a restore inside the down time, where the program is frozen).
+    let idle = if hold { tracee::IdleTimes::now() } else { None };
     // Every step reads the new processes through /proc by their pid: a /proc of
     // another PID namespace would show someone else's processes, or none.
     let pid = std::process::id();
