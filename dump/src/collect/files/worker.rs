@@ -208,6 +208,18 @@ mod tests {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn sleep");
+            // Spawning returns once the exec has taken over the memory, before it closes
+            // the close-on-exec fds inherited from this test process (other tests' files):
+            // wait until `sleep` sleeps, with only its own fds.
+            let stat = format!("/proc/{}/stat", child.id());
+            let start = std::time::Instant::now();
+            while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains("(sleep) S")) {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(10),
+                    "sleep never slept"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             Sleeper(child)
         }
 
