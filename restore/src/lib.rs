@@ -1131,13 +1131,7 @@ fn pin_to_idlest(
     allowed: Option<&rustix::thread::CpuSet>,
 ) -> Option<tracee::cpu::CpuPin> {
     let here = rustix::thread::sched_getcpu();
-    let allowed: Vec<usize> = allowed
-        .map(|set| {
-            (0..rustix::thread::CpuSet::MAX_CPU)
-                .filter(|&c| set.is_set(c))
-                .collect()
-        })
-        .unwrap_or_default();
+    let allowed = allowed.map(tracee::taskinfo::cpus_in).unwrap_or_default();
     let cpu = idle
         .and_then(|idle| idle.idlest_since(&allowed, here))
         .unwrap_or(here);

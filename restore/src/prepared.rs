@@ -336,9 +336,13 @@ fn snapshot(dir: &Path) -> HashMap<String, Vec<u8>> {
     out
 }
 
-/// Back to the normal policy after the real-time switch.
-fn end_hurry(hurried: &tracee::taskinfo::RealTime) {
-    if let Err(error) = hurried.end() {
+/// Back to the normal policy after the real-time switch, at nice value `nice` if given.
+fn end_hurry(hurried: &tracee::taskinfo::RealTime, nice: Option<i32>) {
+    let ended = match nice {
+        Some(nice) => hurried.end_at_nice(nice),
+        None => hurried.end(),
+    };
+    if let Err(error) = ended {
         tracing::warn!(%error, "back to the normal scheduling policy");
     }
 }
@@ -457,9 +461,7 @@ fn switch_over(
         let us = micros(received.elapsed());
         // The tree runs: the rest of our work is off its way, from real time straight to
         // the lowest priority (see `crate::step_aside`).
-        if let Err(error) = hurried.end_at_nice(crate::ASIDE_NICE) {
-            tracing::warn!(%error, "back to the normal scheduling policy");
-        }
+        end_hurry(hurried, Some(crate::ASIDE_NICE));
         tracing::info!(%pid, path, us, "prepared switch: delta received to tree resumed");
         // The directory is the final image set again (the fallback wrote them all).
         if path == "fast" {
@@ -510,7 +512,7 @@ fn switch_over(
             write_images(&dir, images.iter().filter(|i| !read_by_daemon(&i.name)))?;
             // A whole restore, milliseconds of work: not above everything else, and
             // not on one CPU (its children would inherit the pin).
-            end_hurry(hurried);
+            end_hurry(hurried, None);
             drop(pin.take());
             let step = Instant::now();
             let session = held.prepared.as_mut().and_then(|p| p.take_session());

@@ -207,9 +207,14 @@ pub fn affinity(tid: Tid) -> Result<Vec<usize>, TaskInfoError> {
         call: "sched_getaffinity",
         errno,
     })?;
-    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+    Ok(cpus_in(&set))
+}
+
+/// The CPUs in `set`, ascending.
+pub fn cpus_in(set: &rustix::thread::CpuSet) -> Vec<usize> {
+    (0..rustix::thread::CpuSet::MAX_CPU)
         .filter(|&c| set.is_set(c))
-        .collect())
+        .collect()
 }
 
 /// `sched_setaffinity` on one thread. CPUs this machine lacks are dropped;
