@@ -19,7 +19,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -936,15 +936,8 @@ impl Migration<'_> {
                 .join(" ")
         );
         self.note(line);
-        let stdout =
-            std::fs::File::create(&out).with_context(|| format!("create {}", out.display()))?;
-        let stderr = stdout.try_clone().context("dup log")?;
-        let mut full = Command::new(cmd.get_program());
-        full.args(cmd.get_args())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        let child = spawn_in_netns(&ns, &mut full).with_context(|| format!("spawn {name}"))?;
+        let child =
+            super::workload::spawn_in(&ns, cmd, &out).with_context(|| format!("spawn {name}"))?;
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -954,24 +947,6 @@ impl Migration<'_> {
             reaped: None,
         })
     }
-}
-
-/// Spawns `cmd` in the network namespace at `ns`, from a thread that enters it first (a
-/// network namespace is a thread's own, and children start in their parent thread's).
-/// `nsenter` would cost an exec more per tool, a millisecond of CPU inside the measured
-/// preparation, on this machine of two CPUs.
-fn spawn_in_netns(ns: &Path, cmd: &mut Command) -> Result<std::process::Child> {
-    let netns = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("enter {}", ns.display()))?;
-                cmd.spawn().context("spawn")
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the spawning thread panicked"))?
-    })
 }
 
 fn s(path: &Path) -> String {
