@@ -100,6 +100,7 @@ pub mod pages;
 pub mod prepare;
 pub mod release;
 pub mod seize;
+pub mod switch_pages;
 pub mod track;
 pub mod write;
 

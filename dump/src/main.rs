@@ -80,11 +80,14 @@ struct Cli {
     /// of the tree), frozen, to the lazy-pages daemon that connects to --address:--port.
     #[arg(long = "lazy-pages", requires = "port", conflicts_with = "page_server")]
     lazy_pages: bool,
-    /// With --lazy-pages: prepared post-copy. Write the images while the tree runs on, wait
-    /// for the destination's `ckpt-restore --prepared` to rebuild it and say READY, then
-    /// freeze and send only what changed (and the hot pages it asks for) before serving
-    /// the lazy pages. Not with --prev-images-dir or --track-mem.
-    #[arg(long = "prepare", requires = "lazy_pages")]
+    /// Prepared migration: write the images while the tree runs on, wait for the
+    /// destination's `ckpt-restore --prepared` (connecting to --address:--port) to rebuild
+    /// it and say READY, then freeze and send only what changed. With --lazy-pages
+    /// (post-copy), then serve the lazy pages; not with --prev-images-dir or --track-mem.
+    /// Without (the end of a pre-copy: one process, --prev-images-dir naming the last
+    /// round, which the destination holds), the pages written since the first images
+    /// cross with the change, found by dirty tracking.
+    #[arg(long = "prepare", requires = "port")]
     prepare: bool,
     /// Address of the page server, or to serve lazy pages on (default: 0.0.0.0 to serve,
     /// required to send).
@@ -137,7 +140,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         (true, None, _) => bail!("--page-server needs --address (pages go only where named)"),
         (true, _, None) => bail!("--page-server needs --port"),
     };
-    let lazy_listen = match (cli.lazy_pages, cli.port) {
+    let lazy_listen = match (cli.lazy_pages || cli.prepare, cli.port) {
         (true, Some(port)) => Some(SocketAddr::new(
             cli.address.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             port,

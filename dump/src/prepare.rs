@@ -1,4 +1,7 @@
-//! The source side of a prepared post-copy (`ckpt-dump --lazy-pages --prepare`).
+//! The source side of a prepared post-copy (`ckpt-dump --lazy-pages --prepare`), and of the
+//! prepared end of a pre-copy (`ckpt-dump --prepare` after pre-dump rounds, no lazy pages:
+//! its memory is the business of `switch_pages`, the rest is as below; it serves no page,
+//! and ends the source once the destination says RESUMED).
 //!
 //! Why: in a plain post-copy the whole pipeline (collect, write, transfer, read, rebuild
 //! every process) runs while the process is frozen, milliseconds even for a small one.
@@ -130,6 +133,7 @@ use tracee::{Pid, RemoteAddr, SeizedTree, PAGE_SIZE};
 use crate::collect::{self, refresh, TreeState};
 use crate::lazy::{self, SwitchLink};
 use crate::release;
+use crate::switch_pages::SwitchPages;
 use crate::write::{self, WrittenImages};
 use crate::{
     fault, full_policies, micros, pages, seize, DumpError, DumpMode, DumpOptions, DumpStats,
@@ -173,16 +177,19 @@ pub enum PrepareError {
 
 /// What `--prepare` cannot be combined with, if `opts` asks for it.
 fn refusal(opts: &DumpOptions) -> Option<&'static str> {
-    if opts.mode != DumpMode::Lazy {
-        Some("needs --lazy-pages")
-    } else if opts.prev_images_dir.is_some() {
-        Some("with --prev-images-dir is not supported yet")
-    } else if opts.track_mem {
-        Some("with --track-mem is not supported yet")
-    } else if opts.page_server.is_some() {
-        Some("with --page-server is not supported")
-    } else {
-        None
+    match opts.mode {
+        DumpMode::PreDump => Some("is a final dump, not a pre-dump"),
+        _ if opts.page_server.is_some() => Some("with --page-server is not supported"),
+        DumpMode::Lazy if opts.prev_images_dir.is_some() => {
+            Some("with --lazy-pages and --prev-images-dir is not supported yet")
+        }
+        DumpMode::Lazy if opts.track_mem => {
+            Some("with --lazy-pages and --track-mem is not supported yet")
+        }
+        DumpMode::Full if opts.final_state == crate::FinalState::Running => {
+            Some("with --leave-running would leave the process running twice")
+        }
+        DumpMode::Lazy | DumpMode::Full => None,
     }
 }
 
@@ -203,6 +210,9 @@ struct Round {
     write_us: u32,
     /// The state was read lightly (`collect::refresh`), not collected in full.
     light: bool,
+    /// The destination holds the memory and S1's page images still describe it: the
+    /// pages written since (see `switch_pages`).
+    written: Option<Vec<HotPages>>,
 }
 
 /// A frozen tree, its state and its page plans.
@@ -283,15 +293,29 @@ fn freeze_and_collect(
 }
 
 /// S2: the images are encoded in memory while the tree stays frozen.
-fn round(pid: Pid, opts: &DumpOptions, earlier: Option<Earlier<'_>>) -> Result<Round, DumpError> {
+/// With `held` (the destination holds the memory), the pages written since S1 instead of
+/// the memory, where S1's page images still stand.
+fn round(
+    pid: Pid,
+    opts: &DumpOptions,
+    earlier: Option<Earlier<'_>>,
+    held: Option<&mut SwitchPages>,
+) -> Result<Round, DumpError> {
     let Collected {
         tree,
-        state,
+        mut state,
         mut stats,
         frozen_since,
         freeze_start_ns,
         light,
     } = freeze_and_collect(pid, opts, earlier)?;
+    let written = held.and_then(|h| state.processes.first().and_then(|p| h.since_s1(p)));
+    if written.is_some() {
+        // S1's page images stand: none is read or encoded again.
+        for process in &mut state.processes {
+            process.plan.clear();
+        }
+    }
     let collect_us = micros(frozen_since);
     let write_start = Instant::now();
     let images = write::images_in_memory(&state, opts, &mut stats)?;
@@ -305,6 +329,7 @@ fn round(pid: Pid, opts: &DumpOptions, earlier: Option<Earlier<'_>>) -> Result<R
         collect_us,
         write_us: micros(write_start),
         light,
+        written,
     })
 }
 
@@ -550,12 +575,13 @@ fn read_images(dir: &Path, names: &[String]) -> Result<Images, PrepareError> {
 }
 
 /// The images of `now` whose bytes differ from `before`'s (by file name), and, for each
-/// image of `before` that `now` lacks, that kind's empty image. Returns the delta and the
-/// names of the vanished images.
-fn delta(before: &Images, now: Images) -> (Vec<NamedImage>, Vec<String>) {
+/// image of `before` that `now` lacks (but those `kept`, which stand as they are), that
+/// kind's empty image. Returns the delta and the names of the vanished images.
+fn delta(before: &Images, now: Images, kept: &[String]) -> (Vec<NamedImage>, Vec<String>) {
     let mut vanished = Vec::new();
     let mut out: Vec<NamedImage> = Vec::new();
-    for name in before.keys().filter(|n| !now.contains_key(*n)) {
+    let gone = |n: &&String| !now.contains_key(*n) && !kept.contains(*n);
+    for name in before.keys().filter(gone) {
         // A name that is no image kind was never written by a dump: nothing to say.
         let Some(kind) = ImageKind::from_file_name(name).map(|n| n.kind) else {
             continue;
@@ -882,18 +908,28 @@ fn switch_round(
     hot: bool,
     stream: &mut TcpStream,
     earlier: Option<Earlier<'_>>,
+    held: Option<&mut SwitchPages>,
 ) -> Result<Switched, DumpError> {
     // Until the delta is sent: as S1's freezes, above every normal task. Not after: the
     // prepared restore, at the same real-time priority, must not wait for us.
     let urgent = tracee::taskinfo::RealTime::raise();
-    let mut round = round(pid, opts, earlier)?;
+    let mut round = round(pid, opts, earlier, held)?;
     let delta_start = Instant::now();
-    let now = round.images.take_memory();
-    let (images, vanished) = delta(prepared, now);
-    let hot = if hot {
-        hot_pages(&round.state)
-    } else {
-        Vec::new()
+    let mut now = round.images.take_memory();
+    let mut kept = Vec::new();
+    if round.written.is_some() {
+        for (i, process) in round.state.processes.iter().enumerate() {
+            for name in write::process_page_images(i, process.pid) {
+                now.remove(&name);
+                kept.push(name);
+            }
+        }
+    }
+    let (images, vanished) = delta(prepared, now, &kept);
+    let hot = match round.written.take() {
+        Some(written) => written,
+        None if hot => hot_pages(&round.state),
+        None => Vec::new(),
     };
     let delta_us = micros(delta_start);
     let send_start = Instant::now();
@@ -1068,6 +1104,29 @@ fn update_images_dir(
     }
 }
 
+/// The end of a prepared dump that serves no pages: RESUMED ends the source as asked
+/// (killed, or left stopped); anything else (FAILED, the link closing) resumes it.
+fn await_destination(
+    tree: SeizedTree,
+    mut switch: TcpStream,
+    opts: &DumpOptions,
+) -> Result<(), DumpError> {
+    let pid = tree.root().pid();
+    let _ = switch.set_read_timeout(None);
+    let why = match switch::read_message(&mut switch) {
+        Ok(SwitchMessage::Resumed) => {
+            tracing::info!(%pid, "the destination runs");
+            release::finish_tree(tree, opts.final_state)?;
+            return Ok(());
+        }
+        Ok(SwitchMessage::Failed { why }) => format!("the restore failed: {why}"),
+        Ok(_) => "an unexpected switch message".to_owned(),
+        Err(error) => error.to_string(),
+    };
+    drop(tree);
+    Err(lazy::LazyError::SwitchFailed { pid, why }.into())
+}
+
 /// A prepared post-copy dump (see the module documentation).
 #[tracing::instrument(skip_all, fields(pid = opts.pid))]
 pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
@@ -1090,12 +1149,34 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         fault: None,
         ..opts.clone()
     };
+    // The destination holds every page unless they are lazy: the pages written since S1
+    // cross with the delta then, and dirty tracking tells which (see `switch_pages`).
+    let tracked = if opts.mode == DumpMode::Lazy {
+        None
+    } else {
+        Some(SwitchPages::start(pid, &s1_opts)?)
+    };
     let FirstRound {
-        state,
+        mut state,
         stats: mut s1_stats,
         watch,
         aside,
     } = first_round(pid, &s1_opts)?;
+    let mut held = None;
+    if let Some((tracking, set)) = tracked {
+        // The pages unwritten since the previous round are the parent's: the destination
+        // holds that round (it restores from our images' `parent`, or fails, and then
+        // the process runs on here).
+        let parent = opts.prev_images_dir.is_some();
+        for process in &mut state.processes {
+            let policies = full_policies(process, opts, set.as_ref(), parent);
+            process.plan = pages::plan(&process.pages, &policies);
+        }
+        held = state
+            .processes
+            .first()
+            .map(|p| SwitchPages::after_s1(tracking, p));
+    }
     let watch = watch
         .map_err(|why| tracing::info!(%why, "S2 will collect in full"))
         .ok();
@@ -1159,6 +1240,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         ready.hot_pages,
         &mut switch_stream,
         earlier,
+        held.as_mut(),
     ) {
         Ok(switched) => switched,
         Err(err) => {
@@ -1198,6 +1280,19 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         tracing::warn!("-D is updated before the pages are served: its thread is gone");
         unsent.0.run();
     }
+    if opts.mode != DumpMode::Lazy {
+        // No page to serve: the destination's word alone decides the source's end.
+        let ended = await_destination(round.tree, switch_stream, opts);
+        // Its write protection goes with it (or comes off the process running on here).
+        drop(held);
+        if let Some(handle) = updater {
+            if handle.join().is_err() {
+                tracing::warn!("updating -D panicked");
+            }
+        }
+        ended?;
+        return Ok(stats);
+    }
     let link = SwitchLink {
         switch: switch_stream,
         daemon: ready.daemon,
@@ -1236,7 +1331,7 @@ mod tests {
             ("mm-7.img", b"vmas"),
             ("core-8.img", b"new thread"),
         ]);
-        let (delta, vanished) = delta(&before, now);
+        let (delta, vanished) = delta(&before, now, &[]);
         let names: Vec<&str> = delta.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["sk-queues.img", "core-7.img", "core-8.img"]);
         assert_eq!(delta[1].bytes, b"regs-b");
@@ -1254,9 +1349,20 @@ mod tests {
     }
 
     #[test]
+    fn kept_images_neither_vanish_nor_cross() {
+        let before = images(&[("pagemap-7.img", b"map"), ("pages-1.img", b"pages")]);
+        let kept = ["pagemap-7.img".to_owned(), "pages-1.img".to_owned()];
+        let (sent, vanished) = delta(&before, Images::new(), &kept);
+        assert!(sent.is_empty() && vanished.is_empty());
+        let (sent, vanished) = delta(&before, Images::new(), &kept[..1]);
+        assert_eq!(vanished, ["pages-1.img"]);
+        assert_eq!(sent.len(), 1);
+    }
+
+    #[test]
     fn an_unchanged_set_has_an_empty_delta() {
         let set = images(&[("core-7.img", b"regs"), ("pstree.img", b"tree")]);
-        let (delta, vanished) = delta(&set, set.clone());
+        let (delta, vanished) = delta(&set, set.clone(), &[]);
         assert!(delta.is_empty() && vanished.is_empty());
     }
 
@@ -1601,13 +1707,21 @@ int main(int argc, char **argv) {
     #[test]
     fn prepare_is_refused_where_unsupported() {
         let mut opts = DumpOptions::new(1, "img");
-        assert!(refusal(&opts).is_some(), "not lazy");
-        opts.mode = DumpMode::Lazy;
-        assert!(refusal(&opts).is_none());
         opts.track_mem = true;
-        assert!(refusal(&opts).is_some());
-        opts.track_mem = false;
         opts.prev_images_dir = Some("../1".into());
-        assert!(refusal(&opts).is_some());
+        assert!(refusal(&opts).is_none(), "the end of a pre-copy");
+        opts.final_state = crate::FinalState::Running;
+        assert!(refusal(&opts).is_some(), "running at both ends");
+        opts.final_state = crate::FinalState::Killed;
+        opts.mode = DumpMode::PreDump;
+        assert!(refusal(&opts).is_some(), "a pre-dump");
+        opts.mode = DumpMode::Lazy;
+        assert!(refusal(&opts).is_some(), "lazy after a round");
+        opts.prev_images_dir = None;
+        assert!(refusal(&opts).is_some(), "lazy and tracked");
+        opts.track_mem = false;
+        assert!(refusal(&opts).is_none());
+        opts.page_server = Some("127.0.0.1:1".parse().expect("an address"));
+        assert!(refusal(&opts).is_some(), "a page server");
     }
 }

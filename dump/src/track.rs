@@ -19,8 +19,8 @@
 use images_format::pb::VmaEntry;
 use images_format::vma::{MapFlags, VmaStatus};
 use tracee::dirty::{
-    Attach, BackendChoice, DirtyError, DirtySet, DirtyTracker, HolderOptions, PageRange, VmaDirty,
-    VmaReport, WholeReason,
+    Attach, BackendChoice, BackendKind, DirtyError, DirtySet, DirtyTracker, HolderOptions,
+    PageRange, VmaDirty, VmaReport, WholeReason,
 };
 use tracee::proc::maps::MapsEntry;
 use tracee::{Pid, RemoteAddr, SeizedProcess, PAGE_SIZE};
@@ -98,6 +98,24 @@ impl Tracking {
         })
     }
 
+    /// Takes over the tracking an earlier round kept, without the process frozen: only
+    /// where that tracking allows collecting while it runs (the userfaultfd back-end);
+    /// `None` otherwise (then [`Tracking::start`], frozen).
+    pub fn attach_running(pid: Pid, opts: &DumpOptions) -> Option<Tracking> {
+        match DirtyTracker::attach(pid, &HolderOptions::default()) {
+            Ok(Attach::Tracking(tracker)) if tracker.backend() == BackendKind::UffdWp => {
+                Some(Tracking {
+                    pid,
+                    tracker: Some(*tracker),
+                    follows_round: opts.prev_images_dir.is_some(),
+                    hold: false,
+                })
+            }
+            // Given back to its holder when dropped, for the frozen attach to take.
+            Ok(_) | Err(_) => None,
+        }
+    }
+
     /// What to save of each VMA in a pre-dump ([`policies`], or with `--hold-hot-pages`
     /// [`queued_policies`], whose held pages the tracker then remembers for the next round).
     /// Without tracking nothing can be held: what is held must be remembered.
@@ -125,6 +143,11 @@ impl Tracking {
                 policies(vmas, set, parent, None)
             }
         }
+    }
+
+    /// The mechanism that tracks, if any.
+    pub fn backend(&self) -> Option<BackendKind> {
+        self.tracker.as_ref().map(DirtyTracker::backend)
     }
 
     /// What was written since the previous round, re-protecting it (`None`: untracked).

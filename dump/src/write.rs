@@ -732,6 +732,16 @@ pub fn images_in_memory(
     images_into(images, state, opts, &mut PagesTo::Local, stats, false)
 }
 
+/// The names of the pagemap and pages images [`images`] gives the `index`-th process of a
+/// tree, `pid`: each process has a pages image of its own, numbered in tree order.
+pub fn process_page_images(index: usize, pid: Pid) -> [String; 2] {
+    let pages_id = FIRST_PAGES_ID.saturating_add(u32::try_from(index).unwrap_or(u32::MAX));
+    [
+        ImageKind::Pagemap.file_name(u64::try_from(pid.as_raw()).unwrap_or(0)),
+        ImageKind::Pages.file_name(u64::from(pages_id)),
+    ]
+}
+
 fn images_into(
     mut images: WrittenImages,
     state: &TreeState,

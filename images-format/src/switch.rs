@@ -104,7 +104,10 @@ pub struct NamedImage {
     pub bytes: Vec<u8>,
 }
 
-/// Pages of process `pid` (its image pid) from `vaddr` on, whole pages.
+/// Pages of process `pid` (its image pid) from `vaddr` on, whole pages. In the delta of a
+/// prepared post-copy, lazy pages the destination installs before it resumes; where the
+/// destination holds every page (the end of a pre-copy), pages written since the prepared
+/// images, which it writes over its copies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HotPages {
     pub pid: i32,

@@ -47,10 +47,11 @@ struct Cli {
     /// (at its instruction and stack pointers, and where its registers point).
     #[arg(long = "lazy-prefetch-hot", requires = "lazy_pages")]
     lazy_prefetch_hot: bool,
-    /// Prepared post-copy: the images are the source's prepared ones. Connect to the
-    /// source (`ckpt-dump --lazy-pages --prepare`) at ADDR:PORT, rebuild the process and
-    /// hold it; apply the changes the source sends once it freezes, then resume.
-    #[arg(long = "prepared", value_name = "ADDR:PORT", requires = "lazy_pages")]
+    /// Prepared migration: the images are the source's prepared ones. Connect to the
+    /// source (`ckpt-dump --prepare`) at ADDR:PORT, rebuild the process and hold it; apply
+    /// the changes the source sends once it freezes, then resume. With --lazy-pages, a
+    /// prepared post-copy (the source's dump has --lazy-pages too).
+    #[arg(long = "prepared", value_name = "ADDR:PORT")]
     prepared: Option<String>,
     /// Directory of `lazy-pages.socket` (default: the images directory).
     #[arg(short = 'W', long = "work-dir", value_name = "DIR")]

@@ -1,4 +1,7 @@
-//! The destination of a prepared post-copy (`ckpt-restore --lazy-pages --prepared A:P`):
+//! The destination of a prepared post-copy (`ckpt-restore --lazy-pages --prepared A:P`), or
+//! of the prepared end of a pre-copy (`--prepared` alone: the held tree has all of its memory,
+//! and the delta's pages, written since the prepared images, are written over it, on the
+//! fast path and after a fallback's rebuild alike):
 //! which changes between the prepared images and the final ones the held tree can take
 //! as they are, and which force it to be rebuilt.
 //!
@@ -524,6 +527,11 @@ fn switch_over(
             }
             tracing::info!(us = micros(step.elapsed()), "prepared tree dropped");
             let held = crate::build(opts, false, session)?;
+            if !opts.lazy_pages {
+                // The new images have the prepared ones' memory where the source found it
+                // unchanged; what was written since came as these pages.
+                write_pages(&held, hot, &HashMap::new())?;
+            }
             crate::finish(held, opts, &mut |pid| on_running(pid, "fallback"))
         }
     }
@@ -568,16 +576,21 @@ fn apply(
 ) -> Result<Applied, RestoreError> {
     let step = Instant::now();
     let mut hot_pages = 0;
-    if let Some(prepared) = held.prepared.as_ref() {
-        for run in hot {
-            let Some((uffd, vmas)) = prepared.uffd(run.pid) else {
-                continue;
-            };
-            let Some(host) = host_of(held, run.pid) else {
-                continue;
-            };
-            hot_pages += crate::lazy::install_pages(uffd, host, vmas, run.vaddr, &run.data)?;
+    match held.prepared.as_ref() {
+        Some(prepared) => {
+            for run in hot {
+                let Some((uffd, vmas)) = prepared.uffd(run.pid) else {
+                    continue;
+                };
+                let Some(host) = host_of(held, run.pid) else {
+                    continue;
+                };
+                hot_pages += crate::lazy::install_pages(uffd, host, vmas, run.vaddr, &run.data)?;
+            }
         }
+        // The tree holds all of its memory: these are the pages written since the
+        // prepared images, over the copies restore wrote.
+        None => hot_pages += write_pages(held, hot, mems)?,
     }
     for w in &fast.pages {
         let Some(host) = host_of(held, w.pid.try_into().unwrap_or(i32::MAX)) else {
@@ -675,6 +688,30 @@ fn apply(
         fpu_loads,
         deferred_rseq,
     })
+}
+
+/// Writes `runs` (pages of image pids) into the held tree's memory; returns the pages.
+fn write_pages(
+    held: &Held,
+    runs: &[HotPages],
+    mems: &HashMap<Pid, tracee::RemoteMem>,
+) -> Result<u64, RestoreError> {
+    let mut pages = 0;
+    for run in runs {
+        let host = host_of(held, run.pid).ok_or(PreparedError::NoThread { tid: run.pid })?;
+        let at = tracee::RemoteAddr(run.vaddr);
+        let written = match mems.get(&host) {
+            Some(m) => m.write_at(at, &run.data),
+            None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, &run.data)),
+        };
+        written.map_err(|e| PreparedError::WritePages {
+            pid: host,
+            vaddr: run.vaddr,
+            source: io::Error::other(e.to_string()),
+        })?;
+        pages += run.data.len() as u64 / images_format::PAGE_SIZE;
+    }
+    Ok(pages)
 }
 
 /// Thread `j` of a process (0: the leader).

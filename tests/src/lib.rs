@@ -789,13 +789,27 @@ pub fn start_lazy_restore_with(
     images: &Path,
     log: &Path,
     extra: &[&str],
+    context: impl FnMut() -> String,
+) -> (std::process::Child, Pid) {
+    start_restore_in_pid_ns(w, images, log, &["--lazy-pages"], extra, context)
+}
+
+/// `ckpt-restore -D images MODE --new-pid-ns EXTRA`, logging to `log`; returns it and the
+/// restored root's host pid once it runs (`context` explains a failure).
+pub fn start_restore_in_pid_ns(
+    w: &Workload,
+    images: &Path,
+    log: &Path,
+    mode: &[&str],
+    extra: &[&str],
     mut context: impl FnMut() -> String,
 ) -> (std::process::Child, Pid) {
     let pidfile = images.with_extension("restored.pid");
     let mut restore = Command::new(&w.tools().restore)
         .arg("-D")
         .arg(images)
-        .args(["--lazy-pages", "--new-pid-ns", "--pidfile"])
+        .args(mode)
+        .args(["--new-pid-ns", "--pidfile"])
         .arg(&pidfile)
         .args(extra)
         .arg("-v4")
@@ -1052,6 +1066,17 @@ impl LazySource {
 
     /// `start`, returning once the image `committed` exists and is not empty.
     pub fn start_until(w: &mut Workload, extra: &[&str], committed: &str) -> LazySource {
+        LazySource::start_mode(w, &["--lazy-pages"], extra, committed)
+    }
+
+    /// `start_until` with `mode` (`--lazy-pages`, or nothing for a prepared dump whose
+    /// destination holds every page) before `extra`.
+    pub fn start_mode(
+        w: &mut Workload,
+        mode: &[&str],
+        extra: &[&str],
+        committed: &str,
+    ) -> LazySource {
         let images = w.new_images_dir();
         let port = free_port();
         let timeout: &[&str] = if extra.contains(&"--lazy-connect-timeout") {
@@ -1064,7 +1089,8 @@ impl LazySource {
             .arg(w.pid().to_string())
             .arg("-D")
             .arg(&images)
-            .args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
+            .args(mode)
+            .args(["--address", "127.0.0.1", "--port"])
             .arg(port.to_string())
             .args(timeout)
             .args(extra)

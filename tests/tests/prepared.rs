@@ -3,6 +3,10 @@
 //! `ckpt-restore --prepared`, which holds the rebuilt process and connects back; only then is
 //! the source frozen, and what changed since crosses on that connection. The pages come from
 //! the frozen source through `ckpt-lazy-pages`, as in any remote post-copy.
+//!
+//! The end of a pre-copy the same way (`ckpt-dump --prepare --track-mem --prev-images-dir`,
+//! no lazy pages): the first image set has the pages written since the last round, the
+//! rest is that round's; the pages written after the first set cross with the final state.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,34 +15,78 @@ use ckpt_tests::{start_remote_lazy_pages, LazySource, Workload};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 
-/// Copies the prepared images as an orchestrator would send them to the destination.
+/// Copies the prepared images as an orchestrator would send them to the destination (the
+/// `parent` link pointing where the source's does).
 fn copy_images(from: &Path) -> PathBuf {
     let to = from.with_extension("dst");
     std::fs::create_dir_all(&to).expect("create the destination directory");
     for entry in std::fs::read_dir(from).expect("read the prepared images") {
         let path = entry.expect("a directory entry").path();
-        if path.is_file() {
-            std::fs::copy(&path, to.join(path.file_name().expect("a file name")))
-                .expect("copy an image");
+        let name = path.file_name().expect("a file name");
+        if path.is_symlink() {
+            let target = std::fs::canonicalize(&path).expect("resolve the parent link");
+            std::os::unix::fs::symlink(target, to.join(name)).expect("link the parent");
+        } else if path.is_file() {
+            std::fs::copy(&path, to.join(name)).expect("copy an image");
         }
     }
     to
+}
+
+/// Where the destination's pages come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    /// Lazily, from the frozen source (post-copy).
+    Lazy,
+    /// Held already: one pre-copy round before the prepared images.
+    AfterRound,
 }
 
 /// Migrates `w` by prepared post-copy (`restore_extra`: more `ckpt-restore` options), asks
 /// the copy to check itself (with the signals `check`, 100 ms apart) and returns the restore's log once it passed. The source must
 /// be gone by SIGKILL, and the dump and the daemon must have finished cleanly.
 fn prepared_post_copy(w: &mut Workload, restore_extra: &[&str], check: &[Signal]) -> String {
-    let mut source = LazySource::start_until(w, &["--prepare"], "inventory.img");
+    prepared_migration(w, Pages::Lazy, restore_extra, check)
+}
+
+/// [`prepared_post_copy`], or with `Pages::AfterRound` the prepared end of a pre-copy.
+fn prepared_migration(
+    w: &mut Workload,
+    pages: Pages,
+    restore_extra: &[&str],
+    check: &[Signal],
+) -> String {
+    let (mut source, mode) = match pages {
+        Pages::Lazy => (
+            LazySource::start_until(w, &["--prepare"], "inventory.img"),
+            ["--lazy-pages"].as_slice(),
+        ),
+        Pages::AfterRound => {
+            let round = w.new_images_dir();
+            let run = w.run_dump(&round, &["--pre-dump", "--track-mem"], &[]);
+            assert!(run.success(), "pre-dump failed: {}{}", run.stderr, w.logs());
+            let prev = format!(
+                "../{}",
+                round.file_name().and_then(|n| n.to_str()).expect("a name")
+            );
+            let dump = ["--prepare", "--track-mem", "--prev-images-dir", &prev];
+            (
+                LazySource::start_mode(w, &[], &dump, "inventory.img"),
+                [].as_slice(),
+            )
+        }
+    };
     let images = copy_images(&source.images);
-    let mut daemon = start_remote_lazy_pages(w, &images, source.port);
+    let mut daemon =
+        (pages == Pages::Lazy).then(|| start_remote_lazy_pages(w, &images, source.port));
     let address = format!("127.0.0.1:{}", source.port);
     let mut extra = vec!["--prepared", address.as_str()];
     extra.extend(restore_extra);
     let log = images.with_extension("restore.log");
-    let (mut restore, root) = ckpt_tests::start_lazy_restore_with(w, &images, &log, &extra, || {
-        format!("dump: {}\n{}", source.stderr(), source.log())
-    });
+    let (mut restore, root) =
+        ckpt_tests::start_restore_in_pid_ns(w, &images, &log, mode, &extra, || {
+            format!("dump: {}\n{}", source.stderr(), source.log())
+        });
     assert_ne!(root, w.pid(), "the copy kept the source's host pid");
     // Some time at the destination, writing, before the check.
     for &signal in check {
@@ -54,11 +102,13 @@ fn prepared_post_copy(w: &mut Workload, restore_extra: &[&str], check: &[Signal]
         source.log()
     );
     assert!(status.success(), "ckpt-restore ended with {status:?}");
-    assert!(
-        daemon.finish(Duration::from_secs(30)),
-        "ckpt-lazy-pages does not finish{}",
-        w.logs()
-    );
+    if let Some(daemon) = daemon.as_mut() {
+        assert!(
+            daemon.finish(Duration::from_secs(30)),
+            "ckpt-lazy-pages does not finish{}",
+            w.logs()
+        );
+    }
     let ended = source.wait(Duration::from_secs(30));
     assert!(
         ended.is_some_and(|s| s.success()),
@@ -99,6 +149,45 @@ fn a_prepared_restore_starts_over_when_the_mappings_changed() {
     let mut w = Workload::start("precopy", &["--mib", "4"]);
     // SIGUSR1 stops its writers, SIGUSR2 has it check itself.
     let log = prepared_post_copy(&mut w, &[], &[Signal::SIGUSR1, Signal::SIGUSR2]);
+    assert!(
+        log.contains("fallback"),
+        "the mappings changed between the two freezes, yet no full restore:\n{log}"
+    );
+}
+
+/// Threads rewrite pages as fast as they can after a pre-copy round: the destination
+/// rebuilds the process from the round and the first images, and takes the pages written
+/// since with the final registers, without starting over.
+#[test]
+fn a_prepared_pre_copy_end_writes_the_pages_written_since_into_the_rebuilt_process() {
+    let mut w = Workload::start("rewriter", &["--threads", "3", "--mib", "8"]);
+    let log = prepared_migration(&mut w, Pages::AfterRound, &[], &[Signal::SIGUSR2]);
+    assert!(
+        log.contains("fast path") && !log.contains("fallback"),
+        "unchanged mappings should take the fast path:\n{log}"
+    );
+    let written = log
+        .split("hot_pages=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        written.is_some_and(|n| n > 0),
+        "no page written since the first images reached the destination:\n{log}"
+    );
+}
+
+/// The same when the mappings change all the time: the final dump saves the memory
+/// whole, and the destination restores from the final images.
+#[test]
+fn a_prepared_pre_copy_end_starts_over_when_the_mappings_changed() {
+    let mut w = Workload::start("precopy", &["--mib", "4"]);
+    let log = prepared_migration(
+        &mut w,
+        Pages::AfterRound,
+        &[],
+        &[Signal::SIGUSR1, Signal::SIGUSR2],
+    );
     assert!(
         log.contains("fallback"),
         "the mappings changed between the two freezes, yet no full restore:\n{log}"

@@ -4,7 +4,12 @@
  * unmapped after the start, so a dump taken a few milliseconds after another differs from it in
  * registers and page contents only: what a prepared restore applies without starting over.
  * On SIGUSR2 the threads stop and every page must match its version: a page that a migration
- * took from the wrong moment shows up as a mismatch. The ready file holds "threads=N". */
+ * took from the wrong moment shows up as a mismatch. Each thread also counts its writes in a
+ * register, which a migration carries with the thread's state: the versions of its slice must
+ * add up to that count, or the memory is older than the registers (a page written since the
+ * first of two dumps that did not reach the destination). Built optimised whatever the build,
+ * so that the count stays in a register. The ready file holds "threads=N". */
+#pragma GCC optimize("O2")
 #include "workload.h"
 
 #include <pthread.h>
@@ -19,6 +24,7 @@ static size_t npages;
 static int nthreads;
 static volatile int stop;
 static volatile int stopped;
+static uint64_t writes[MAX_THREADS];
 
 static uint64_t word(size_t page, uint32_t ver, size_t i)
 {
@@ -38,6 +44,7 @@ static void *writer(void *arg)
 	size_t per = npages / (size_t)nthreads;
 	size_t first = n * per;
 	uint64_t seed = 0x9E3779B97F4A7C15ULL * (n + 1);
+	uint64_t count = 0;
 	while (!stop) {
 		seed ^= seed << 13;
 		seed ^= seed >> 7;
@@ -45,7 +52,9 @@ static void *writer(void *arg)
 		size_t page = first + seed % per;
 		version[page]++;
 		fill(page);
+		count++;
 	}
+	writes[n] = count;
 	__atomic_add_fetch(&stopped, 1, __ATOMIC_SEQ_CST);
 	return NULL;
 }
@@ -86,5 +95,15 @@ int main(int argc, char **argv)
 			}
 	if (bad)
 		wl_fail("%zu of %zu pages differ from their version, the first is page %zu", bad, npages, first_bad);
+	size_t per = npages / (size_t)nthreads;
+	for (int n = 0; n < nthreads; n++) {
+		uint64_t sum = 0;
+		for (size_t p = (size_t)n * per; p < (size_t)(n + 1) * per; p++)
+			sum += version[p];
+		/* The count may be taken a write before or after the version moved. */
+		if (sum + 1 < writes[n] || sum > writes[n] + 1)
+			wl_fail("thread %d wrote %llu times, its pages count %llu writes", n,
+				(unsigned long long)writes[n], (unsigned long long)sum);
+	}
 	wl_finish();
 }

@@ -74,10 +74,12 @@ pub struct MigrateArgs {
     /// less, where the wire costs more than the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     pub compress: Compress,
-    /// Post-copy and freeze-free with a prepared destination (`ckpt-dump --prepare`,
-    /// `ckpt-restore --prepared`): the process is rebuilt at the destination from a first
-    /// image set while it runs on at the source, and only what changed crosses after the
-    /// freeze. `false` measures the plain pipeline (freeze, dump, transfer, restore).
+    /// Post-copy, freeze-free, pre-copy and queued pre-copy with a prepared destination
+    /// (`ckpt-dump --prepare`, `ckpt-restore --prepared`): the process is rebuilt at the
+    /// destination from a first image set while it runs on at the source, and only what
+    /// changed crosses after the freeze (for the pre-copies, with the pages written since
+    /// that first set). `false` measures the plain pipeline (freeze, dump, transfer,
+    /// restore).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub prepared: bool,
 }

@@ -397,7 +397,13 @@ impl Migration<'_> {
         let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
         std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
         // The destination gets ready while the rounds run.
-        let mut restored = self.prepare_restore(&dst, &[])?;
+        let prepared = self.prepared.then(|| self.port());
+        let source = prepared.map(|port| format!("{SRC_ADDR}:{port}"));
+        let restore_args: Vec<&str> = source
+            .as_deref()
+            .map(|source| vec!["--prepared", source])
+            .unwrap_or_default();
+        let mut restored = self.prepare_restore(&dst, &restore_args)?;
         let mut round = 0u32;
         let mut prev: Option<String> = None;
         loop {
@@ -425,6 +431,12 @@ impl Migration<'_> {
         }
         self.outcome.final_images = Some((src.clone(), dst.clone()));
         let prev_dir = prev.unwrap_or_default();
+        if let Some(port) = prepared {
+            // The last round's images are the parent of the prepared ones; the pages
+            // written since cross with the final state.
+            let extra = ["--track-mem", "--prev-images-dir", &prev_dir];
+            return self.prepared_switch(restored, port, &extra, false);
+        }
         let server = self.start_page_server("final", Some(&prev_dir))?;
         let link = self.open_transfer(&dst)?;
         self.restore_ready(&mut restored)?;
@@ -598,43 +610,60 @@ impl Migration<'_> {
     /// process from it and holds it, connected to the dump. The dump then freezes the source
     /// and sends what changed since on that connection; the destination applies it and
     /// resumes, and from there it is post-copy: the source serves the lazy pages.
-    /// Preparation ends at that final freeze, which the dump logs.
     fn prepared_post_copy(&mut self, restore_extra: &[&str]) -> Result<Restored> {
-        self.outcome.prepared = true;
-        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
+        let dst = self.dir.join("dst/final");
         std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
         let port = self.port();
-        let port_s = port.to_string();
         let source = format!("{SRC_ADDR}:{port}");
         let mut restore_args = vec!["--lazy-pages", "--prepared", &source];
         restore_args.extend(restore_extra);
-        let mut restored = self.prepare_restore(&dst, &restore_args)?;
+        let restored = self.prepare_restore(&dst, &restore_args)?;
+        self.prepared_switch(restored, port, &[], true)
+    }
+
+    /// The prepared end of a migration into `dst/final` by `restored` (a prepared restore
+    /// that will connect to `port`): `ckpt-dump --prepare EXTRA` (with `--lazy-pages` if
+    /// `lazy`) writes its first images into `src/final`, they cross, the destination builds
+    /// and connects, and the switch follows. Preparation ends at the final freeze, which
+    /// the dump logs; a lazy migration's post-processing lasts until the daemon has every
+    /// page.
+    fn prepared_switch(
+        &mut self,
+        mut restored: Restored,
+        port: u16,
+        extra: &[&str],
+        lazy: bool,
+    ) -> Result<Restored> {
+        self.outcome.prepared = true;
+        let (src, dst) = (self.dir.join("src/final"), self.dir.join("dst/final"));
         self.outcome.final_images = Some((src.clone(), dst.clone()));
+        let port_s = port.to_string();
         let mut args = self.lazy_dump_args(&src, port);
+        if !lazy {
+            args.retain(|a| a != "--lazy-pages");
+        }
         args.push("--prepare".into());
+        args.extend(extra.iter().map(|a| a.to_string()));
         if self.compress {
             args.push("--compress-pages".into());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let link = self.open_transfer(&dst)?;
         self.restore_ready(&mut restored)?;
-        let daemon = self.start_daemon(&dst, &port_s);
+        let daemon = if lazy {
+            self.start_daemon(&dst, &port_s).map(Some)
+        } else {
+            Ok(None)
+        };
         let dump = self.tools.dump.clone();
-        let mut server = self.tool(
-            Side::Source,
-            "ckpt-dump --lazy-pages --prepare",
-            &dump,
-            &args,
-        )?;
+        let mut server = self.tool(Side::Source, "ckpt-dump --prepare", &dump, &args)?;
         let result = daemon.and_then(|mut daemon| {
             // The prepared images: written while the process runs on.
             wait_for_images(&src.join("inventory.img"), &mut server, self.step_timeout)?;
             self.transfer(link, &src, &dst)?;
-            wait_for_file(
-                &dst.join("lazy-pages.socket"),
-                &mut daemon,
-                self.step_timeout,
-            )?;
+            if let Some(daemon) = daemon.as_mut() {
+                wait_for_file(&dst.join("lazy-pages.socket"), daemon, self.step_timeout)?;
+            }
             self.start_restore(&mut restored)?;
             let log = restored
                 .log
@@ -666,7 +695,16 @@ impl Migration<'_> {
                 .unwrap_or_else(now_ns);
             Ok(daemon)
         });
-        self.end_post_copy(result, restored, server)
+        match result {
+            Ok(Some(daemon)) => self.end_post_copy(Ok(daemon), restored, server),
+            Ok(None) => {
+                // Nothing left to move: the source ends once the destination runs.
+                server.wait_ok(self.step_timeout)?;
+                self.outcome.t_done = self.outcome.t_resumed;
+                Ok(restored)
+            }
+            Err(e) => self.end_post_copy(Err(e), restored, server),
+        }
     }
 
     /// `ckpt-dump --lazy-pages` of the workload into `src`, serving its pages on `port`.

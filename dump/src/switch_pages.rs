@@ -1,0 +1,332 @@
+//! The memory of a prepared dump whose destination holds every page: `ckpt-dump --prepare`
+//! without `--lazy-pages`, the last step of a pre-copy.
+//!
+//! Why: the final dump of a pre-copy rebuilds the whole process inside the down time, when
+//! all that changed since the previous round is a few pages and registers. Prepared, the
+//! destination rebuilds it from S1's images (pages written since the previous round, the
+//! rest in the parent images it already holds) while it runs on, and S2 only has to send
+//! what changed since S1, which for memory dirty tracking tells:
+//!
+//! ```text
+//! T   take over the tracking the rounds kept and collect what was written since the
+//!     previous round, while the process runs (the userfaultfd back-end allows it); or,
+//!     with none to take over, a freeze of its own to arm it
+//! S1  the usual prepared S1 (see `prepare`); its page plan takes T's dirty set, so that
+//!     pages unwritten since the previous round are PE_PARENT; the pages are read after
+//!     T, while the process runs: a page written after T is torn or stale in S1's images,
+//!     and tracked as written
+//! S2  collect what was written since T; if the VMAs are S1's and every private VMA was
+//!     tracked page by page, S1's pagemap and pages images stand for S2's and the pages
+//!     written since T cross as the delta's pages (written over the destination's copy),
+//!     read from the frozen process; else S2 saves the memory whole (and the destination
+//!     rebuilds from the new images)
+//! ```
+//!
+//! S1's page images then stay the set's: the image directories, at both ends, hold the
+//! memory as S1 read it, and the pages written since crossed in the delta only (the
+//! process at the destination has them). T must come before S1's freezes: the tracking's
+//! injections (arming is a `userfaultfd` in the process) would count as the process's own
+//! syscalls after them, and rule the light S2 out.
+//!
+//! Only the userfaultfd back-end allows reading the pages while the process runs; with
+//! another, or none, S2 saves the memory whole. A tree is refused: tracking follows one
+//! process.
+
+use images_format::pb::VmaEntry;
+use images_format::switch::HotPages;
+use images_format::vma::VmaStatus;
+use tracee::dirty::{BackendKind, DirtySet, VmaDirty};
+use tracee::memory::{self, RemoteRange};
+use tracee::{Pid, RemoteAddr, PAGE_SIZE};
+
+use crate::collect::{self, ProcessState};
+use crate::track::Tracking;
+use crate::{release, seize, DumpError, DumpOptions};
+
+/// The tracking between T and S2, and S1's VMAs.
+#[derive(Debug)]
+pub struct SwitchPages {
+    tracking: Tracking,
+    /// S1's VMAs: its page images stand for S2's only over the same ones.
+    vmas: Vec<VmaEntry>,
+}
+
+impl SwitchPages {
+    /// T: freezes the process alone, attaches to (or arms) the tracking and collects what
+    /// was written since the previous round; returns the tracking and that set (`None`:
+    /// untracked, every page is saved).
+    pub fn start(pid: Pid, opts: &DumpOptions) -> Result<(Tracking, Option<DirtySet>), DumpError> {
+        let children = tracee::proc::task::children(pid).map_err(|source| {
+            DumpError::Collect(collect::CollectError::Proc {
+                pid,
+                what: "children",
+                source,
+            })
+        })?;
+        if !children.is_empty() {
+            return Err(DumpError::Tree {
+                pid,
+                children,
+                what: "a prepared dump without --lazy-pages",
+            });
+        }
+        let maps = |pid| {
+            tracee::proc::maps::read(pid).map_err(|source| {
+                DumpError::Collect(collect::CollectError::Proc {
+                    pid,
+                    what: "maps",
+                    source,
+                })
+            })
+        };
+        let started = std::time::Instant::now();
+        // The rounds' tracking, taken over while the process runs: no freeze at all.
+        if let Some(mut tracking) = Tracking::attach_running(pid, opts) {
+            let set = tracking.collect(&maps(pid)?)?;
+            tracing::info!(
+                us = started.elapsed().as_micros() as u64,
+                "T: tracking taken over"
+            );
+            return Ok((tracking, set));
+        }
+        let mut process = seize::freeze_process(pid)?;
+        let tracked = DumpOptions {
+            track_mem: true,
+            ..opts.clone()
+        };
+        let mut tracking = Tracking::start(&mut process, &tracked)?;
+        let set = tracking.collect(&maps(pid)?)?;
+        process
+            .resume()
+            .map_err(|source| DumpError::Release(release::ReleaseError::Resume { pid, source }))?;
+        tracing::info!(
+            us = started.elapsed().as_micros() as u64,
+            "T: tracking armed, frozen"
+        );
+        Ok((tracking, set))
+    }
+
+    /// After S1: keeps the tracking for S2 with S1's VMAs.
+    pub fn after_s1(tracking: Tracking, s1: &ProcessState) -> SwitchPages {
+        SwitchPages {
+            tracking,
+            vmas: s1.mm.vmas.clone(),
+        }
+    }
+
+    /// In S2's freeze: the pages written since T, read from the frozen process, if S1's
+    /// page images still describe the rest of its memory; `None` if S2 must save it whole
+    /// (the log says why).
+    pub fn since_s1(&mut self, process: &ProcessState) -> Option<Vec<HotPages>> {
+        let whole = |why: &str| {
+            tracing::info!(why, "S2 saves the memory whole");
+            None
+        };
+        if process.mm.vmas != self.vmas {
+            return whole("the mappings changed since S1");
+        }
+        if self.tracking.backend() != Some(BackendKind::UffdWp) {
+            return whole("no dirty tracking that allows reading pages while the process runs");
+        }
+        let set = match self.tracking.collect(&process.maps) {
+            Ok(Some(set)) => set,
+            Ok(None) | Err(_) => return whole("the dirty tracking was lost"),
+        };
+        let runs = match written_runs(&set, &process.mm.vmas) {
+            Ok(runs) => runs,
+            Err(why) => return whole(why),
+        };
+        let mut out = Vec::with_capacity(runs.len());
+        let ranges: Vec<RemoteRange> = runs
+            .iter()
+            .filter(|r| !r.zero)
+            .map(|r| RemoteRange {
+                addr: RemoteAddr(r.start),
+                len: r.len(),
+            })
+            .collect();
+        let mut data = vec![0u8; ranges.iter().map(|r| r.len).sum()];
+        if let Err(error) = memory::read_remote_vectored(process.pid, &ranges, &mut data) {
+            tracing::info!(%error, "cannot read the pages written since S1");
+            return whole("the written pages cannot be read");
+        }
+        let mut at = 0;
+        for run in runs {
+            let bytes = if run.zero {
+                vec![0u8; run.len()]
+            } else {
+                at += run.len();
+                data[at - run.len()..at].to_vec()
+            };
+            out.push(HotPages {
+                pid: process.pid.as_raw(),
+                vaddr: run.start,
+                data: bytes,
+            });
+        }
+        Some(out)
+    }
+}
+
+/// Pages written since the previous collect, from `start` on: with their bytes, or zero
+/// (written, then dropped: they read as zero in anonymous memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WrittenRun {
+    start: u64,
+    end: u64,
+    zero: bool,
+}
+
+impl WrittenRun {
+    fn len(&self) -> usize {
+        usize::try_from(self.end - self.start).unwrap_or(usize::MAX)
+    }
+}
+
+/// The runs of `set`, in address order; an error says why they do not tell every change of
+/// the private memory of `vmas` (a private VMA saved whole, or anonymous-looking zeroes in
+/// a file mapping, which would read back the file's bytes instead).
+fn written_runs(set: &DirtySet, vmas: &[VmaEntry]) -> Result<Vec<WrittenRun>, &'static str> {
+    let private = VmaStatus::ANON_PRIVATE | VmaStatus::FILE_PRIVATE;
+    let kernel = VmaStatus::VDSO | VmaStatus::VVAR | VmaStatus::VSYSCALL | VmaStatus::GUARD;
+    let mut runs = Vec::new();
+    for report in &set.vmas {
+        let start = report.vma.start.get();
+        let status = vmas
+            .iter()
+            .find(|v| v.start == start)
+            .map(|v| VmaStatus::from_bits_retain(v.status))
+            .unwrap_or(VmaStatus::empty());
+        let counts = status.intersects(private) && !status.intersects(kernel);
+        match &report.dirty {
+            VmaDirty::Whole(_) if counts => return Err("a private mapping is not tracked"),
+            VmaDirty::Whole(_) => {}
+            VmaDirty::Pages { written, zeroed } => {
+                if !zeroed.is_empty() && !status.contains(VmaStatus::ANON_PRIVATE) {
+                    return Err("pages of a file mapping were dropped");
+                }
+                let runs_of = |ranges: &[tracee::dirty::PageRange], zero: bool| {
+                    ranges
+                        .iter()
+                        .map(|r| WrittenRun {
+                            start: r.start.get(),
+                            end: r.end.get(),
+                            zero,
+                        })
+                        .collect::<Vec<_>>()
+                };
+                runs.extend(runs_of(written, false));
+                runs.extend(runs_of(zeroed, true));
+            }
+        }
+    }
+    runs.sort_unstable_by_key(|r| r.start);
+    debug_assert!(runs.iter().all(|r| r.start % PAGE_SIZE == 0));
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracee::dirty::{PageRange, VmaKey, VmaReport, WholeReason};
+
+    fn vma(start: u64, end: u64, status: VmaStatus) -> VmaEntry {
+        VmaEntry {
+            start,
+            end,
+            status: status.bits(),
+            ..VmaEntry::default()
+        }
+    }
+
+    fn range(start: u64, pages: u64) -> PageRange {
+        PageRange {
+            start: RemoteAddr(start),
+            end: RemoteAddr(start + pages * PAGE_SIZE),
+        }
+    }
+
+    fn report(start: u64, end: u64, dirty: VmaDirty) -> VmaReport {
+        VmaReport {
+            vma: VmaKey {
+                start: RemoteAddr(start),
+                end: RemoteAddr(end),
+                perms: 3,
+                pgoff: 0,
+                dev: (0, 0),
+                inode: 0,
+            },
+            dirty,
+            history: Default::default(),
+            pending: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn written_and_dropped_pages_become_runs_in_address_order() {
+        let anon = VmaStatus::ANON_PRIVATE | VmaStatus::REGULAR;
+        let vmas = [vma(0x10000, 0x20000, anon), vma(0x40000, 0x50000, anon)];
+        let set = DirtySet {
+            round: 2,
+            backend: BackendKind::UffdWp,
+            vmas: vec![
+                report(
+                    0x40000,
+                    0x50000,
+                    VmaDirty::Pages {
+                        written: vec![range(0x41000, 2)],
+                        zeroed: vec![],
+                    },
+                ),
+                report(
+                    0x10000,
+                    0x20000,
+                    VmaDirty::Pages {
+                        written: vec![range(0x13000, 1)],
+                        zeroed: vec![range(0x11000, 1)],
+                    },
+                ),
+            ],
+        };
+        let runs = written_runs(&set, &vmas).expect("tracked page by page");
+        let starts: Vec<(u64, bool)> = runs.iter().map(|r| (r.start, r.zero)).collect();
+        assert_eq!(
+            starts,
+            vec![(0x11000, true), (0x13000, false), (0x41000, false)]
+        );
+        assert_eq!(runs[2].len(), 2 * PAGE_SIZE as usize);
+    }
+
+    #[test]
+    fn an_untracked_private_mapping_or_dropped_file_pages_mean_saving_whole() {
+        let anon = VmaStatus::ANON_PRIVATE | VmaStatus::REGULAR;
+        let file = VmaStatus::FILE_PRIVATE | VmaStatus::REGULAR;
+        let vdso = VmaStatus::VDSO | VmaStatus::REGULAR;
+        let whole = |start, end| report(start, end, VmaDirty::Whole(WholeReason::Untracked));
+        let vmas = [vma(0x1000, 0x2000, vdso), vma(0x10000, 0x20000, anon)];
+        let kernel_only = DirtySet {
+            round: 2,
+            backend: BackendKind::UffdWp,
+            vmas: vec![whole(0x1000, 0x2000)],
+        };
+        assert_eq!(written_runs(&kernel_only, &vmas), Ok(Vec::new()));
+        let anon_whole = DirtySet {
+            vmas: vec![whole(0x10000, 0x20000)],
+            ..kernel_only.clone()
+        };
+        assert!(written_runs(&anon_whole, &vmas).is_err());
+        let files = [vma(0x10000, 0x20000, file)];
+        let dropped = DirtySet {
+            vmas: vec![report(
+                0x10000,
+                0x20000,
+                VmaDirty::Pages {
+                    written: vec![],
+                    zeroed: vec![range(0x10000, 1)],
+                },
+            )],
+            ..kernel_only
+        };
+        assert!(written_runs(&dropped, &files).is_err());
+    }
+}
