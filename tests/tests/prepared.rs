@@ -42,6 +42,18 @@ enum Pages {
     AfterRound,
 }
 
+/// One pre-copy round of `w` into a new image directory; returns it as the next one's
+/// `--prev-images-dir`.
+fn pre_round(w: &mut Workload) -> String {
+    let round = w.new_images_dir();
+    let run = w.run_dump(&round, &["--pre-dump", "--track-mem"], &[]);
+    assert!(run.success(), "pre-dump failed: {}{}", run.stderr, w.logs());
+    format!(
+        "../{}",
+        round.file_name().and_then(|n| n.to_str()).expect("a name")
+    )
+}
+
 /// Migrates `w` by prepared post-copy (`restore_extra`: more `ckpt-restore` options), asks
 /// the copy to check itself (with the signals `check`, 100 ms apart) and returns the restore's log once it passed. The source must
 /// be gone by SIGKILL, and the dump and the daemon must have finished cleanly.
@@ -62,13 +74,7 @@ fn prepared_migration(
             ["--lazy-pages"].as_slice(),
         ),
         Pages::AfterRound => {
-            let round = w.new_images_dir();
-            let run = w.run_dump(&round, &["--pre-dump", "--track-mem"], &[]);
-            assert!(run.success(), "pre-dump failed: {}{}", run.stderr, w.logs());
-            let prev = format!(
-                "../{}",
-                round.file_name().and_then(|n| n.to_str()).expect("a name")
-            );
+            let prev = pre_round(w);
             let dump = ["--prepare", "--track-mem", "--prev-images-dir", &prev];
             (
                 LazySource::start_mode(w, &[], &dump, "inventory.img"),
@@ -198,11 +204,34 @@ fn a_prepared_pre_copy_end_starts_over_when_the_mappings_changed() {
 #[test]
 fn the_source_runs_on_when_no_prepared_restore_comes() {
     let mut w = Workload::start("rewriter", &["--threads", "2", "--mib", "2"]);
-    let mut source = LazySource::start_until(
+    let source = LazySource::start_until(
         &mut w,
         &["--prepare", "--lazy-connect-timeout", "1"],
         "inventory.img",
     );
+    runs_on_after(w, source);
+}
+
+/// The same at the end of a pre-copy: the dirty tracking comes off, and it runs on.
+#[test]
+fn the_source_runs_on_when_no_prepared_restore_comes_after_a_round() {
+    let mut w = Workload::start("rewriter", &["--threads", "2", "--mib", "2"]);
+    let prev = pre_round(&mut w);
+    let dump = [
+        "--prepare",
+        "--track-mem",
+        "--prev-images-dir",
+        &prev,
+        "--lazy-connect-timeout",
+        "1",
+    ];
+    let source = LazySource::start_mode(&mut w, &[], &dump, "inventory.img");
+    runs_on_after(w, source);
+}
+
+/// `source`, a prepared dump of `w` that no destination connects to, fails, and `w` runs
+/// on and passes its check.
+fn runs_on_after(mut w: Workload, mut source: LazySource) {
     let ended = source.wait(Duration::from_secs(30));
     assert!(
         ended.is_some_and(|s| !s.success()),
