@@ -1039,10 +1039,21 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
-/// How long after the switch -D is brought up to date: the lazy-pages daemon asks only
-/// for faults that long by default (its `--background-delay`), the restored tree's
-/// first steps.
+/// How long after the switch -D is brought up to date, unless the pages are all served
+/// before: the lazy-pages daemon asks only for faults that long by default (its
+/// `--background-delay`), the restored tree's first steps.
 const UPDATE_DELAY: Duration = Duration::from_millis(10);
+
+/// Waits for the thread that brings -D up to date, telling it first that nothing is
+/// served any more (`served`, dropped): it need not wait out [`UPDATE_DELAY`].
+fn join_updater(updater: Option<std::thread::JoinHandle<()>>, served: std::sync::mpsc::Sender<()>) {
+    drop(served);
+    if let Some(handle) = updater {
+        if handle.join().is_err() {
+            tracing::warn!("updating -D panicked");
+        }
+    }
+}
 
 /// What is left to do once the delta is sent, off the path of the destination's first
 /// faults.
@@ -1067,9 +1078,12 @@ impl AfterSwitch {
             self.changed,
             &self.vanished,
         );
-        // Closing the last counter of the tracepoint waits for an RCU grace period
-        // (milliseconds): never where the daemon's first requests would wait behind it.
-        drop(self.watch);
+        // Closing the last counter of the tracepoint waits for RCU grace periods (tens of
+        // milliseconds): never where the daemon's first requests would wait behind it, nor
+        // in the way of our exit, the end of the migration for whoever waits for it.
+        if let Some(watch) = self.watch {
+            watch.close_detached();
+        }
         drop(self.state);
     }
 }
@@ -1201,6 +1215,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     // The thread that brings -D up to date once the tree runs at the destination, made
     // now: creating it after the delta would hold up the destination's first faults.
     let (to_updater, updates) = std::sync::mpsc::channel::<AfterSwitch>();
+    let (served, serving) = std::sync::mpsc::channel::<()>();
     let updater = std::thread::Builder::new()
         .name("prepared-images".to_owned())
         .spawn(move || {
@@ -1214,7 +1229,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
                 // Not among the destination's first faults either: closing the watch
                 // runs kernel code that does not yield the CPU at once, and writing -D
                 // keeps a CPU busy that the restored tree may wake on.
-                std::thread::sleep(UPDATE_DELAY);
+                let _ = serving.recv_timeout(UPDATE_DELAY);
                 work.run();
             }
         });
@@ -1285,11 +1300,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         let ended = await_destination(round.tree, switch_stream, opts);
         // Its write protection goes with it (or comes off the process running on here).
         drop(held);
-        if let Some(handle) = updater {
-            if handle.join().is_err() {
-                tracing::warn!("updating -D panicked");
-            }
-        }
+        join_updater(updater, served);
         ended?;
         return Ok(stats);
     }
@@ -1297,13 +1308,9 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         switch: switch_stream,
         daemon: ready.daemon,
     };
-    let served = lazy::serve_prepared(round.tree, listener, ranges, opts, link);
-    if let Some(handle) = updater {
-        if handle.join().is_err() {
-            tracing::warn!("updating -D panicked");
-        }
-    }
-    let outcome = served?;
+    let outcome = lazy::serve_prepared(round.tree, listener, ranges, opts, link);
+    join_updater(updater, served);
+    let outcome = outcome?;
     tracing::info!(?outcome, "lazy pages served; the source is gone");
     Ok(stats)
 }

@@ -201,6 +201,7 @@ fn run(
         background_rate: None,
         // Throughput from the end marker on, not the grace period restore's tree gets.
         background_delay: std::time::Duration::ZERO,
+        background_quiet: std::time::Duration::ZERO,
     };
     let daemon = LazyDaemon::bind(&opts)?;
     let server = std::thread::spawn(move || daemon.run());

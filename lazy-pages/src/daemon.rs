@@ -27,7 +27,8 @@
 //! The background transfer starts [`DaemonOptions::background_delay`] (10 ms) after
 //! restore has sent its end marker: before the marker restore is still building the tree
 //! (CRIU's daemon waits for it too), and just after it the tree's first steps, each a
-//! fault on a just-resumed process, must not queue behind background data. Local pages
+//! fault on a just-resumed process, must not queue behind background data; or sooner, once
+//! no fault came for [`BACKGROUND_QUIET`] (the first steps are over). Local pages
 //! images are read ahead into the page cache at the lowest priority from the moment a task
 //! is handed over (see [`crate::source`]). A remote source learns from the GETs' flags
 //! whether the end marker came (see [`crate::source`]): a page fetched before (restore
@@ -90,10 +91,19 @@ pub struct DaemonOptions {
     /// served at once): the restored tree's first steps, and restore's own last ones, then
     /// do not share the CPUs with a copy loop. [`BACKGROUND_DELAY`] by default.
     pub background_delay: Duration,
+    /// Or sooner, once no fault came this long after the end marker and after the last
+    /// fault. [`BACKGROUND_QUIET`] by default; at least the delay: the delay alone.
+    pub background_quiet: Duration,
 }
 
 /// The default [`DaemonOptions::background_delay`].
 pub const BACKGROUND_DELAY: Duration = Duration::from_millis(10);
+
+/// The first steps are over sooner if no fault came this long after the end marker and
+/// after the last fault: a process that settled (a small one, or one that touches little
+/// of its memory) does not wait the whole delay for the rest of its pages, while one that
+/// keeps faulting gets its first faults answered before any background data.
+pub const BACKGROUND_QUIET: Duration = Duration::from_millis(1);
 
 /// Counts of what the daemon did.
 #[derive(Clone, Debug, Default)]
@@ -167,6 +177,7 @@ pub struct LazyDaemon {
     cpu: Option<u32>,
     background_rate: Option<u64>,
     background_delay: Duration,
+    background_quiet: Duration,
 }
 
 impl LazyDaemon {
@@ -185,6 +196,7 @@ impl LazyDaemon {
             cpu: opts.cpu,
             background_rate: opts.background_rate.filter(|&r| r > 0),
             background_delay: opts.background_delay,
+            background_quiet: opts.background_quiet,
         })
     }
 
@@ -223,6 +235,7 @@ impl LazyDaemon {
             hand_back: false,
             background_rate: self.background_rate,
             background_delay: self.background_delay,
+            background_quiet: self.background_quiet,
             xfer_len: MIN_XFER,
             pace: Pace::new(MAX_XFER, FAULT_BLOCK),
             background_key: FIRST_TASK,
@@ -230,6 +243,7 @@ impl LazyDaemon {
             stats: DaemonStats::default(),
             started: Instant::now(),
             faulted: false,
+            last_fault: None,
             remote: false,
             inflight: VecDeque::new(),
             pipeline: Pipeline::new(FAULT_BLOCK),
@@ -336,6 +350,7 @@ struct Server {
     hand_back: bool,
     background_rate: Option<u64>,
     background_delay: Duration,
+    background_quiet: Duration,
     xfer_len: u64,
     /// Chunk and fault block limits from the source's measured speed.
     pace: Pace,
@@ -345,6 +360,8 @@ struct Server {
     started: Instant,
     /// A fault was served in this turn of the loop.
     faulted: bool,
+    /// When the last fault came (since `started`).
+    last_fault: Option<Duration>,
     /// Pages come from a remote source, asked for ahead of time (see [`Pipeline`]).
     remote: bool,
     /// Requests to the remote source not answered yet, oldest first (it answers in order).
@@ -605,6 +622,7 @@ impl Server {
             match event {
                 UffdEvent::Pagefault { addr, .. } => {
                     self.faulted = true;
+                    self.last_fault = Some(self.started.elapsed());
                     self.serve_fault(key, addr.get())?;
                 }
                 UffdEvent::Fork { uffd } => {
@@ -743,11 +761,19 @@ impl Server {
         Ok(())
     }
 
-    /// How long the background transfer still waits after the end marker, if at all.
+    /// How long the background transfer still waits after the end marker, if at all: the
+    /// delay, or less once faults went quiet (`background_quiet`).
     fn background_wait(&self) -> Option<Duration> {
         let since = self.stats.until_finished?;
-        let elapsed = self.started.elapsed().saturating_sub(since);
-        let left = self.background_delay.checked_sub(elapsed)?;
+        let now = self.started.elapsed();
+        let left = self
+            .background_delay
+            .checked_sub(now.saturating_sub(since))?;
+        let last = self.last_fault.map_or(since, |at| at.max(since));
+        let quiet = self
+            .background_quiet
+            .checked_sub(now.saturating_sub(last))?;
+        let left = left.min(quiet);
         (!left.is_zero()).then_some(left.min(Duration::from_millis(999)))
     }
 

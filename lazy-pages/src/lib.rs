@@ -46,7 +46,9 @@ pub mod missing;
 pub mod pace;
 pub mod source;
 
-pub use daemon::{DaemonError, DaemonOptions, DaemonStats, LazyDaemon, BACKGROUND_DELAY};
+pub use daemon::{
+    DaemonError, DaemonOptions, DaemonStats, LazyDaemon, BACKGROUND_DELAY, BACKGROUND_QUIET,
+};
 pub use handoff::{
     HandoffError, HandoffListener, HandoffMessage, HandoffReceiver, LazyHandoff, END_MARKER,
     SOCKET_NAME,

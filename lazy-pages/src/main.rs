@@ -63,6 +63,10 @@ struct Cli {
     /// served at once), so that the restored tree's first steps have the CPUs
     #[arg(long = "background-delay", value_name = "MS", default_value_t = 10)]
     background_delay: u64,
+    /// Or sooner, once no fault came for this long (after the end marker and the last
+    /// fault): the first steps are over
+    #[arg(long = "background-quiet", value_name = "MS", default_value_t = 1)]
+    background_quiet: u64,
     /// With --page-server: retry a refused connection for this long, so that the daemon
     /// can be started before the dump listens (its start then costs the source no frozen
     /// time)
@@ -102,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cpu: cli.cpu,
         background_rate: cli.background_rate.map(|k| k.saturating_mul(1024)),
         background_delay: Duration::from_millis(cli.background_delay),
+        background_quiet: Duration::from_millis(cli.background_quiet),
     };
     let mut daemon = bind(&opts, Duration::from_millis(cli.connect_wait)).with_context(|| {
         format!(

@@ -487,6 +487,7 @@ fn tool_daemon(args: &[String]) -> anyhow::Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .map_or(ckpt_lazy_pages::BACKGROUND_DELAY, Duration::from_millis),
+        background_quiet: ckpt_lazy_pages::BACKGROUND_QUIET,
     };
     ckpt_lazy_pages::LazyDaemon::bind(&opts)?.run()?;
     Ok(())

@@ -190,6 +190,7 @@ fn tool_daemon(args: &[String]) -> ExitCode {
         cpu: None,
         background_rate: (rate > 0).then_some(rate),
         background_delay: ckpt_lazy_pages::BACKGROUND_DELAY,
+        background_quiet: ckpt_lazy_pages::BACKGROUND_QUIET,
     };
     run_daemon("lazy_e2e", &opts)
 }

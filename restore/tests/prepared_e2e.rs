@@ -88,6 +88,7 @@ fn tool_daemon(args: &[String]) -> ExitCode {
         cpu: None,
         background_rate: None,
         background_delay: ckpt_lazy_pages::BACKGROUND_DELAY,
+        background_quiet: ckpt_lazy_pages::BACKGROUND_QUIET,
     };
     run_daemon("prepared_e2e", &opts)
 }

@@ -138,6 +138,28 @@ fn open_counter(tid: Tid, tracepoint: u64) -> Result<OwnedFd, WatchError> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Closes every fd of this process but `keep` (sorted), with `close_range` alone (it is
+/// called between `fork` and `_exit`: nothing that allocates or locks).
+///
+/// # Safety
+/// Every fd of the process but `keep` is closed: no live object of the process may own
+/// one any more (the caller is a fork's child that only exits after this).
+unsafe fn close_all_but(keep: &[libc::c_int]) {
+    let mut first: libc::c_uint = 0;
+    for &fd in keep {
+        let Ok(fd) = libc::c_uint::try_from(fd) else {
+            continue;
+        };
+        if fd > first {
+            // SAFETY: plain integers; the caller vouches that nothing owns these fds.
+            unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0) };
+        }
+        first = fd.saturating_add(1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 0) };
+}
+
 fn set_filter(tid: Tid, fd: &OwnedFd, filter: &std::ffi::CStr) -> Result<(), WatchError> {
     // SAFETY: `filter` is a NUL-terminated string that outlives the call; the kernel copies
     // it and writes nothing back.
@@ -172,6 +194,59 @@ impl SyscallWatch {
     /// The threads watched, in the order given to [`SyscallWatch::open`].
     pub fn tids(&self) -> impl Iterator<Item = Tid> + '_ {
         self.counters.iter().map(|(tid, _)| *tid)
+    }
+
+    /// Closes the counters without the caller waiting for it. The last counter on the
+    /// tracepoint to close unregisters the kernel's probe, which waits for RCU grace
+    /// periods (40-50 ms measured here), and a process that exits with the counters open
+    /// waits the same in its exit. So a grandchild takes them over: this process closes its
+    /// copies (not the last ones), and only then does the grandchild close the last, off
+    /// every caller's path, and exit (reaped by whoever reaps orphans). If it cannot be
+    /// made, the counters close here.
+    pub fn close_detached(self) {
+        let fds: Vec<libc::c_int> = self.counters.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        let mut pipe = [0 as libc::c_int; 2];
+        // SAFETY: `pipe` is two writable ints.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return;
+        }
+        let [read_end, write_end] = pipe;
+        let mut keep = fds.clone();
+        keep.push(read_end);
+        keep.sort_unstable();
+        // SAFETY: the child and the grandchild call only async-signal-safe functions
+        // (fork, close, read, _exit) on memory made before the fork, so another thread
+        // of ours holding a lock at the fork cannot hurt them.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: as above.
+            if unsafe { libc::fork() } == 0 {
+                // Only the counters and the pipe's read end stay open here: a socket this
+                // process closes must not live on in this copy.
+                // SAFETY: this grandchild owns nothing but what it keeps, and only exits.
+                unsafe { close_all_but(&keep) };
+                // EOF once the parent closed its counters and its end of the pipe.
+                let mut byte = 0u8;
+                // SAFETY: one writable byte; `read_end` is open here.
+                while unsafe { libc::read(read_end, std::ptr::addr_of_mut!(byte).cast(), 1) } > 0 {}
+                for &fd in &keep {
+                    // SAFETY: these fds are this grandchild's own copies.
+                    unsafe { libc::close(fd) };
+                }
+            }
+            // SAFETY: leaves at once, running no destructor or atexit handler of the copy.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: `read_end` is our copy of the pipe's read end, owned by nothing else.
+        unsafe { libc::close(read_end) };
+        if child > 0 {
+            let mut status = 0;
+            // SAFETY: `child` is our child; `status` is a writable int.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+        }
+        drop(self);
+        // SAFETY: `write_end` is ours alone; closing it tells the grandchild to go on.
+        unsafe { libc::close(write_end) };
     }
 
     /// Each thread's count of syscalls outside the allowlist since the watch was opened.

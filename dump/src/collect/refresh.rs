@@ -158,6 +158,14 @@ pub struct Watch {
     threads: Vec<(Pid, Vec<Tid>)>,
 }
 
+impl Watch {
+    /// Ends the watch without waiting for the kernel to let go of the tracepoint (see
+    /// [`SyscallWatch::close_detached`]).
+    pub fn close_detached(self) {
+        self.watch.close_detached();
+    }
+}
+
 /// Every thread of the tree under `root` now, from `/proc` (the tree runs).
 fn threads_now(root: Pid) -> Result<Vec<Tid>, String> {
     let mut tids = Vec::new();
