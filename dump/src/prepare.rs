@@ -180,11 +180,8 @@ fn refusal(opts: &DumpOptions) -> Option<&'static str> {
     match opts.mode {
         DumpMode::PreDump => Some("is a final dump, not a pre-dump"),
         _ if opts.page_server.is_some() => Some("with --page-server is not supported"),
-        DumpMode::Lazy if opts.prev_images_dir.is_some() => {
-            Some("with --lazy-pages and --prev-images-dir is not supported yet")
-        }
-        DumpMode::Lazy if opts.track_mem => {
-            Some("with --lazy-pages and --track-mem is not supported yet")
+        DumpMode::Lazy if opts.prev_images_dir.is_some() && !opts.track_mem => {
+            Some("with --lazy-pages and --prev-images-dir needs --track-mem")
         }
         DumpMode::Full if opts.final_state == crate::FinalState::Running => {
             Some("with --leave-running would leave the process running twice")
@@ -213,6 +210,8 @@ struct Round {
     /// The destination holds the memory and S1's page images still describe it: the
     /// pages written since (see `switch_pages`).
     written: Option<Vec<HotPages>>,
+    /// S1's page images stand for S2's (`written` was taken from here).
+    reused: bool,
 }
 
 /// A frozen tree, its state and its page plans.
@@ -329,6 +328,7 @@ fn round(
         collect_us,
         write_us: micros(write_start),
         light,
+        reused: written.is_some(),
         written,
     })
 }
@@ -656,13 +656,16 @@ fn hot_runs<'a>(
     runs
 }
 
-/// Reads the hot pages of every process of the frozen tree. A run that cannot be read
-/// (the page vanished under a racing unmap, which a frozen tree cannot do, or a guard) is
-/// left to the daemon.
-fn hot_pages(state: &TreeState) -> Vec<HotPages> {
+/// Reads the hot pages of every process of the frozen tree, among the lazy pages
+/// `lazy_of` gives for it. A run that cannot be read (the page vanished under a racing
+/// unmap, which a frozen tree cannot do, or a guard) is left to the daemon.
+fn hot_pages(
+    state: &TreeState,
+    lazy_of: impl Fn(&collect::ProcessState) -> Vec<(u64, u64)>,
+) -> Vec<HotPages> {
     let mut out = Vec::new();
     for process in &state.processes {
-        let lazy = lazy::lazy_ranges(&process.plan);
+        let lazy = lazy_of(process);
         let regs = process
             .threads
             .iter()
@@ -913,7 +916,8 @@ fn switch_round(
     // Until the delta is sent: as S1's freezes, above every normal task. Not after: the
     // prepared restore, at the same real-time priority, must not wait for us.
     let urgent = tracee::taskinfo::RealTime::raise();
-    let mut round = round(pid, opts, earlier, held)?;
+    let mut held = held;
+    let mut round = round(pid, opts, earlier, held.as_deref_mut())?;
     let delta_start = Instant::now();
     let mut now = round.images.take_memory();
     let mut kept = Vec::new();
@@ -926,11 +930,18 @@ fn switch_round(
         }
     }
     let (images, vanished) = delta(prepared, now, &kept);
-    let hot = match round.written.take() {
-        Some(written) => written,
-        None if hot => hot_pages(&round.state),
-        None => Vec::new(),
-    };
+    let mut pages = round.written.take().unwrap_or_default();
+    if hot {
+        // S1's lazy pages, where S2 kept S1's page images.
+        let s1_lazy = held
+            .filter(|_| round.reused)
+            .map(|h| h.lazy_ranges().to_vec());
+        pages.extend(hot_pages(&round.state, |p| match &s1_lazy {
+            Some(lazy) => lazy.clone(),
+            None => lazy::lazy_ranges(&p.plan),
+        }));
+    }
+    let hot = pages;
     let delta_us = micros(delta_start);
     let send_start = Instant::now();
     let raw = switch::delta_plain_len(&images, &hot);
@@ -1163,9 +1174,10 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         fault: None,
         ..opts.clone()
     };
-    // The destination holds every page unless they are lazy: the pages written since S1
-    // cross with the delta then, and dirty tracking tells which (see `switch_pages`).
-    let tracked = if opts.mode == DumpMode::Lazy {
+    // The destination holds every page unless they are lazy, and after a round (assisted
+    // post-copy) those unwritten since: the pages written since S1 cross with the delta
+    // then, and dirty tracking tells which (see `switch_pages`).
+    let tracked = if opts.mode == DumpMode::Lazy && !opts.track_mem {
         None
     } else {
         Some(SwitchPages::start(pid, &s1_opts)?)
@@ -1274,11 +1286,16 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         vanished,
         sent,
     } = switched;
+    // Where S2 kept S1's page images, S1's lazy pages are the ones to serve.
+    let s1_lazy = held.as_ref().filter(|_| round.reused);
     let ranges = round
         .state
         .processes
         .iter()
-        .map(|p| (p.pid, lazy::lazy_ranges(&p.plan)))
+        .map(|p| match s1_lazy {
+            Some(h) => (p.pid, h.lazy_ranges().to_vec()),
+            None => (p.pid, lazy::lazy_ranges(&p.plan)),
+        })
         .collect();
     let stats = round.stats;
     let work = AfterSwitch {
@@ -1723,10 +1740,10 @@ int main(int argc, char **argv) {
         opts.mode = DumpMode::PreDump;
         assert!(refusal(&opts).is_some(), "a pre-dump");
         opts.mode = DumpMode::Lazy;
-        assert!(refusal(&opts).is_some(), "lazy after a round");
-        opts.prev_images_dir = None;
-        assert!(refusal(&opts).is_some(), "lazy and tracked");
+        assert!(refusal(&opts).is_none(), "assisted post-copy");
         opts.track_mem = false;
+        assert!(refusal(&opts).is_some(), "a round but no tracking");
+        opts.prev_images_dir = None;
         assert!(refusal(&opts).is_none());
         opts.page_server = Some("127.0.0.1:1".parse().expect("an address"));
         assert!(refusal(&opts).is_some(), "a page server");

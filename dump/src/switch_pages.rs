@@ -1,5 +1,7 @@
-//! The memory of a prepared dump whose destination holds every page: `ckpt-dump --prepare`
-//! without `--lazy-pages`, the last step of a pre-copy.
+//! The memory of a prepared dump after pre-copy rounds: `ckpt-dump --prepare` without
+//! `--lazy-pages`, the last step of a pre-copy, where the destination holds every page; and
+//! with `--lazy-pages --track-mem` (assisted post-copy), where it holds the pages unwritten
+//! since the round, and the source serves the others.
 //!
 //! Why: the final dump of a pre-copy rebuilds the whole process inside the down time, when
 //! all that changed since the previous round is a few pages and registers. Prepared, the
@@ -17,9 +19,10 @@
 //!     and tracked as written
 //! S2  collect what was written since T; if the VMAs are S1's and every private VMA was
 //!     tracked page by page, S1's pagemap and pages images stand for S2's and the pages
-//!     written since T cross as the delta's pages (written over the destination's copy),
-//!     read from the frozen process; else S2 saves the memory whole (and the destination
-//!     rebuilds from the new images)
+//!     written since T cross as the delta's pages (written over the destination's copy,
+//!     or put in where it has none), read from the frozen process, but S1's lazy pages
+//!     (the source serves them as they are now); else S2 saves the memory whole (and the
+//!     destination rebuilds from the new images)
 //! ```
 //!
 //! S1's page images then stay the set's: the image directories, at both ends, hold the
@@ -43,12 +46,15 @@ use crate::collect::{self, ProcessState};
 use crate::track::Tracking;
 use crate::{release, seize, DumpError, DumpOptions};
 
-/// The tracking between T and S2, and S1's VMAs.
+/// The tracking between T and S2, and S1's VMAs and lazy pages.
 #[derive(Debug)]
 pub struct SwitchPages {
     tracking: Tracking,
     /// S1's VMAs: its page images stand for S2's only over the same ones.
     vmas: Vec<VmaEntry>,
+    /// S1's lazy pages (sorted `[start, end)`): the source serves them as they are at S2,
+    /// so a write since needs nothing more.
+    lazy: Vec<(u64, u64)>,
 }
 
 impl SwitchPages {
@@ -106,12 +112,18 @@ impl SwitchPages {
         Ok((tracking, set))
     }
 
-    /// After S1: keeps the tracking for S2 with S1's VMAs.
+    /// After S1: keeps the tracking for S2 with S1's VMAs and lazy pages.
     pub fn after_s1(tracking: Tracking, s1: &ProcessState) -> SwitchPages {
         SwitchPages {
             tracking,
             vmas: s1.mm.vmas.clone(),
+            lazy: crate::lazy::lazy_ranges(&s1.plan),
         }
+    }
+
+    /// S1's lazy pages, which the source serves when S2 kept S1's page images.
+    pub fn lazy_ranges(&self) -> &[(u64, u64)] {
+        &self.lazy
     }
 
     /// In S2's freeze: the pages written since T, read from the frozen process, if S1's
@@ -133,7 +145,7 @@ impl SwitchPages {
             Ok(None) | Err(_) => return whole("the dirty tracking was lost"),
         };
         let runs = match written_runs(&set, &process.mm.vmas) {
-            Ok(runs) => runs,
+            Ok(runs) => without(runs, &self.lazy),
             Err(why) => return whole(why),
         };
         let mut out = Vec::with_capacity(runs.len());
@@ -225,6 +237,31 @@ fn written_runs(set: &DirtySet, vmas: &[VmaEntry]) -> Result<Vec<WrittenRun>, &'
     Ok(runs)
 }
 
+/// `runs` (in address order) less the pages in `lazy` (sorted, disjoint).
+fn without(runs: Vec<WrittenRun>, lazy: &[(u64, u64)]) -> Vec<WrittenRun> {
+    let mut out = Vec::with_capacity(runs.len());
+    for run in runs {
+        let mut start = run.start;
+        for &(lo, hi) in lazy
+            .iter()
+            .filter(|&&(lo, hi)| lo < run.end && run.start < hi)
+        {
+            if lo > start {
+                out.push(WrittenRun {
+                    start,
+                    end: lo,
+                    ..run
+                });
+            }
+            start = start.max(hi);
+        }
+        if start < run.end {
+            out.push(WrittenRun { start, ..run });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +332,23 @@ mod tests {
             vec![(0x11000, true), (0x13000, false), (0x41000, false)]
         );
         assert_eq!(runs[2].len(), 2 * PAGE_SIZE as usize);
+    }
+
+    #[test]
+    fn lazy_pages_are_left_out_of_the_written_runs() {
+        const P: u64 = PAGE_SIZE;
+        let run = |start: u64, pages: u64| WrittenRun {
+            start,
+            end: start + pages * P,
+            zero: false,
+        };
+        let runs = vec![run(0x10000, 8), run(0x20000, 2)];
+        let lazy = [(0x11000, 0x13000), (0x16000, 0x20000 + P)];
+        assert_eq!(
+            without(runs, &lazy),
+            vec![run(0x10000, 1), run(0x13000, 3), run(0x20000 + P, 1)]
+        );
+        assert_eq!(without(vec![run(0x11000, 2)], &lazy), Vec::new());
     }
 
     #[test]

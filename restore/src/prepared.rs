@@ -527,11 +527,9 @@ fn switch_over(
             }
             tracing::info!(us = micros(step.elapsed()), "prepared tree dropped");
             let held = crate::build(opts, false, session)?;
-            if !opts.lazy_pages {
-                // The new images have the prepared ones' memory where the source found it
-                // unchanged; what was written since came as these pages.
-                write_pages(&held, hot, &HashMap::new())?;
-            }
+            // The new images have the prepared ones' memory where the source found it
+            // unchanged; what was written since came as these pages (with the hot ones).
+            put_pages(&held, hot, &HashMap::new())?;
             crate::finish(held, opts, &mut |pid| on_running(pid, "fallback"))
         }
     }
@@ -575,23 +573,7 @@ fn apply(
     mems: &HashMap<Pid, tracee::RemoteMem>,
 ) -> Result<Applied, RestoreError> {
     let step = Instant::now();
-    let mut hot_pages = 0;
-    match held.prepared.as_ref() {
-        Some(prepared) => {
-            for run in hot {
-                let Some((uffd, vmas)) = prepared.uffd(run.pid) else {
-                    continue;
-                };
-                let Some(host) = host_of(held, run.pid) else {
-                    continue;
-                };
-                hot_pages += crate::lazy::install_pages(uffd, host, vmas, run.vaddr, &run.data)?;
-            }
-        }
-        // The tree holds all of its memory: these are the pages written since the
-        // prepared images, over the copies restore wrote.
-        None => hot_pages += write_pages(held, hot, mems)?,
-    }
+    let hot_pages = put_pages(held, hot, mems)?;
     for w in &fast.pages {
         let Some(host) = host_of(held, w.pid.try_into().unwrap_or(i32::MAX)) else {
             return Err(PreparedError::NoThread {
@@ -690,26 +672,62 @@ fn apply(
     })
 }
 
-/// Writes `runs` (pages of image pids) into the held tree's memory; returns the pages.
-fn write_pages(
+/// Puts `runs` (pages of image pids) into the held tree's memory; returns the pages. Each
+/// page that lies in a registered VMA of a prepared lazy restore and is missing goes in
+/// with `UFFDIO_COPY` (a write there would fault to a userfaultfd nobody serves yet: the
+/// switch's hot pages, a page first written since the prepared images); every other page
+/// (one restore wrote, written since; or after a fallback's hand-off, where the daemon
+/// serves any fault) is written over.
+fn put_pages(
     held: &Held,
     runs: &[HotPages],
     mems: &HashMap<Pid, tracee::RemoteMem>,
 ) -> Result<u64, RestoreError> {
+    const PAGE: usize = images_format::PAGE_SIZE as usize;
     let mut pages = 0;
     for run in runs {
         let host = host_of(held, run.pid).ok_or(PreparedError::NoThread { tid: run.pid })?;
-        let at = tracee::RemoteAddr(run.vaddr);
-        let written = match mems.get(&host) {
-            Some(m) => m.write_at(at, &run.data),
-            None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, &run.data)),
+        let uffd = held.prepared.as_ref().and_then(|p| p.uffd(run.pid));
+        let write = |vaddr: u64, data: &[u8]| -> Result<(), RestoreError> {
+            let at = tracee::RemoteAddr(vaddr);
+            let written = match mems.get(&host) {
+                Some(m) => m.write_at(at, data),
+                None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, data)),
+            };
+            written.map_err(|e| {
+                PreparedError::WritePages {
+                    pid: host,
+                    vaddr,
+                    source: io::Error::other(e.to_string()),
+                }
+                .into()
+            })
         };
-        written.map_err(|e| PreparedError::WritePages {
-            pid: host,
-            vaddr: run.vaddr,
-            source: io::Error::other(e.to_string()),
-        })?;
-        pages += run.data.len() as u64 / images_format::PAGE_SIZE;
+        // Pages to write over, gathered while they follow each other.
+        let mut over: Option<(u64, usize)> = None;
+        for (i, page) in run.data.chunks_exact(PAGE).enumerate() {
+            let at = run.vaddr + (i * PAGE) as u64;
+            let installed = match uffd {
+                Some((uffd, vmas)) => crate::lazy::install_pages(uffd, host, vmas, at, page)? > 0,
+                None => false,
+            };
+            if installed {
+                if let Some((from, len)) = over.take() {
+                    let off = usize::try_from(from - run.vaddr).unwrap_or(0);
+                    write(from, &run.data[off..off + len])?;
+                }
+            } else {
+                over = match over {
+                    Some((from, len)) => Some((from, len + PAGE)),
+                    None => Some((at, PAGE)),
+                };
+            }
+            pages += 1;
+        }
+        if let Some((from, len)) = over {
+            let off = usize::try_from(from - run.vaddr).unwrap_or(0);
+            write(from, &run.data[off..off + len])?;
+        }
     }
     Ok(pages)
 }

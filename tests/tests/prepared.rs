@@ -40,6 +40,9 @@ enum Pages {
     Lazy,
     /// Held already: one pre-copy round before the prepared images.
     AfterRound,
+    /// One pre-copy round, then post-copy: the destination holds the pages unwritten since
+    /// the round, the others are lazy (assisted post-copy).
+    LazyAfterRound,
 }
 
 /// One pre-copy round of `w` into a new image directory; returns it as the next one's
@@ -73,18 +76,22 @@ fn prepared_migration(
             LazySource::start_until(w, &["--prepare"], "inventory.img"),
             ["--lazy-pages"].as_slice(),
         ),
-        Pages::AfterRound => {
+        Pages::AfterRound | Pages::LazyAfterRound => {
             let prev = pre_round(w);
             let dump = ["--prepare", "--track-mem", "--prev-images-dir", &prev];
+            let mode = if pages == Pages::AfterRound {
+                [].as_slice()
+            } else {
+                ["--lazy-pages"].as_slice()
+            };
             (
-                LazySource::start_mode(w, &[], &dump, "inventory.img"),
-                [].as_slice(),
+                LazySource::start_mode(w, mode, &dump, "inventory.img"),
+                mode,
             )
         }
     };
     let images = copy_images(&source.images);
-    let mut daemon =
-        (pages == Pages::Lazy).then(|| start_remote_lazy_pages(w, &images, source.port));
+    let mut daemon = (!mode.is_empty()).then(|| start_remote_lazy_pages(w, &images, source.port));
     let address = format!("127.0.0.1:{}", source.port);
     let mut extra = vec!["--prepared", address.as_str()];
     extra.extend(restore_extra);
@@ -172,15 +179,37 @@ fn a_prepared_pre_copy_end_writes_the_pages_written_since_into_the_rebuilt_proce
         log.contains("fast path") && !log.contains("fallback"),
         "unchanged mappings should take the fast path:\n{log}"
     );
-    let written = log
-        .split("hot_pages=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok());
     assert!(
-        written.is_some_and(|n| n > 0),
+        hot_pages(&log).is_some_and(|n| n > 0),
         "no page written since the first images reached the destination:\n{log}"
     );
+}
+
+/// Assisted post-copy, prepared: the pages written before the first images are lazy, those
+/// written after cross with the final state, the rest are the round's.
+#[test]
+fn a_prepared_assisted_post_copy_takes_the_round_the_lazy_pages_and_those_written_since() {
+    // A page every 20 us a thread: most pages are the round's when the first images are
+    // taken, and some of those are written before the final freeze.
+    let args = ["--threads", "2", "--mib", "8", "--pace", "20"];
+    let mut w = Workload::start("rewriter", &args);
+    let log = prepared_migration(&mut w, Pages::LazyAfterRound, &[], &[Signal::SIGUSR2]);
+    assert!(
+        log.contains("fast path") && !log.contains("fallback"),
+        "unchanged mappings should take the fast path:\n{log}"
+    );
+    assert!(
+        hot_pages(&log).is_some_and(|n| n > 0),
+        "no page written since the first images reached the destination:\n{log}"
+    );
+}
+
+/// The pages the delta put into the held tree, from the restore's log.
+fn hot_pages(log: &str) -> Option<u64> {
+    log.split("hot_pages=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
 }
 
 /// The same when the mappings change all the time: the final dump saves the memory

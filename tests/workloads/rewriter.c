@@ -8,7 +8,9 @@
  * register, which a migration carries with the thread's state: the versions of its slice must
  * add up to that count, or the memory is older than the registers (a page written since the
  * first of two dumps that did not reach the destination). Built optimised whatever the build,
- * so that the count stays in a register. The ready file holds "threads=N". */
+ * so that the count stays in a register. --pace US: each thread writes one page every US
+ * microseconds (spinning on the vDSO clock, no syscall), so that most pages stay unwritten
+ * for milliseconds at a time. The ready file holds "threads=N". */
 #pragma GCC optimize("O2")
 #include "workload.h"
 
@@ -25,6 +27,7 @@ static int nthreads;
 static volatile int stop;
 static volatile int stopped;
 static uint64_t writes[MAX_THREADS];
+static double pace;
 
 static uint64_t word(size_t page, uint32_t ver, size_t i)
 {
@@ -45,7 +48,13 @@ static void *writer(void *arg)
 	size_t first = n * per;
 	uint64_t seed = 0x9E3779B97F4A7C15ULL * (n + 1);
 	uint64_t count = 0;
+	double next = wl_now();
 	while (!stop) {
+		if (pace > 0) {
+			next += pace;
+			while (wl_now() < next && !stop)
+				;
+		}
 		seed ^= seed << 13;
 		seed ^= seed >> 7;
 		seed ^= seed << 17;
@@ -66,6 +75,7 @@ int main(int argc, char **argv)
 	if (nthreads < 1 || nthreads > MAX_THREADS)
 		wl_die("--threads");
 	npages = ((size_t)wl_opt_long("--mib", 8) << 20) / 4096;
+	pace = (double)wl_opt_long("--pace", 0) / 1e6;
 	region = mmap(NULL, npages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	version = mmap(NULL, npages * sizeof *version, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (region == MAP_FAILED || version == MAP_FAILED)

@@ -343,13 +343,14 @@ impl Migration<'_> {
             Algorithm::TotalCopy => self.total_copy(),
             Algorithm::PreCopy => self.pre_copy(false),
             Algorithm::QueuedPreCopy => self.pre_copy(true),
-            Algorithm::PostCopy if self.prepared => self.prepared_post_copy(&[]),
+            Algorithm::PostCopy if self.prepared => self.prepared_post_copy(false, &[]),
             Algorithm::PostCopy => self.post_copy(false, &[]),
+            Algorithm::AssistedPostCopy if self.prepared => self.prepared_post_copy(true, &[]),
             Algorithm::AssistedPostCopy => self.post_copy(true, &[]),
             // The pages under each thread's instruction and stack pointers (and where its
             // registers point) are installed before it resumes.
             Algorithm::FreezeFree if self.prepared => {
-                self.prepared_post_copy(&["--lazy-prefetch-hot"])
+                self.prepared_post_copy(false, &["--lazy-prefetch-hot"])
             }
             Algorithm::FreezeFree => self.post_copy(false, &["--lazy-prefetch-hot"]),
         };
@@ -610,7 +611,10 @@ impl Migration<'_> {
     /// process from it and holds it, connected to the dump. The dump then freezes the source
     /// and sends what changed since on that connection; the destination applies it and
     /// resumes, and from there it is post-copy: the source serves the lazy pages.
-    fn prepared_post_copy(&mut self, restore_extra: &[&str]) -> Result<Restored> {
+    /// `assisted`: one pre-dump round first, whose pages the destination keeps where they
+    /// were not written since (the pages written since the prepared images cross with the
+    /// final state, those written before are lazy).
+    fn prepared_post_copy(&mut self, assisted: bool, restore_extra: &[&str]) -> Result<Restored> {
         let dst = self.dir.join("dst/final");
         std::fs::create_dir_all(&dst).with_context(|| format!("create {}", dst.display()))?;
         let port = self.port();
@@ -618,7 +622,14 @@ impl Migration<'_> {
         let mut restore_args = vec!["--lazy-pages", "--prepared", &source];
         restore_args.extend(restore_extra);
         let restored = self.prepare_restore(&dst, &restore_args)?;
-        self.prepared_switch(restored, port, &[], true)
+        let mut dump_extra: &[&str] = &[];
+        if assisted {
+            let pages =
+                self.dump_through_page_server("pre1", None, &["--pre-dump", "--track-mem"])?;
+            self.outcome.round_pages.push(pages);
+            dump_extra = &["--track-mem", "--prev-images-dir", "../pre1"];
+        }
+        self.prepared_switch(restored, port, dump_extra, true)
     }
 
     /// The prepared end of a migration into `dst/final` by `restored` (a prepared restore
