@@ -1190,6 +1190,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     } = first_round(pid, &s1_opts)?;
     let mut held = None;
     if let Some((tracking, set)) = tracked {
+        let set = SwitchPages::written_until_now(pid, set);
         // The pages unwritten since the previous round are the parent's: the destination
         // holds that round (it restores from our images' `parent`, or fails, and then
         // the process runs on here).

@@ -13,10 +13,12 @@
 //! T   take over the tracking the rounds kept and collect what was written since the
 //!     previous round, while the process runs (the userfaultfd back-end allows it); or,
 //!     with none to take over, a freeze of its own to arm it
-//! S1  the usual prepared S1 (see `prepare`); its page plan takes T's dirty set, so that
-//!     pages unwritten since the previous round are PE_PARENT; the pages are read after
-//!     T, while the process runs: a page written after T is torn or stale in S1's images,
-//!     and tracked as written
+//! S1  the usual prepared S1 (see `prepare`); its page plan takes T's dirty set and what
+//!     was written since T (looked at after S1's page scan, not protected again), so that
+//!     pages unwritten since the previous round, and only those, are PE_PARENT (a page
+//!     first touched after T is not the round's); the pages are read after T, while the
+//!     process runs: a page written after T is torn or stale in S1's images, and tracked
+//!     as written
 //! S2  collect what was written since T; if the VMAs are S1's and every private VMA was
 //!     tracked page by page, S1's pagemap and pages images stand for S2's and the pages
 //!     written since T cross as the delta's pages (written over the destination's copy,
@@ -38,8 +40,9 @@
 use images_format::pb::VmaEntry;
 use images_format::switch::HotPages;
 use images_format::vma::VmaStatus;
-use tracee::dirty::{BackendKind, DirtySet, VmaDirty};
+use tracee::dirty::{BackendKind, DirtySet, PageRange, VmaDirty, WholeReason};
 use tracee::memory::{self, RemoteRange};
+use tracee::pagemap_scan::ScanRequest;
 use tracee::{Pid, RemoteAddr, PAGE_SIZE};
 
 use crate::collect::{self, ProcessState};
@@ -110,6 +113,32 @@ impl SwitchPages {
             "T: tracking armed, frozen"
         );
         Ok((tracking, set))
+    }
+
+    /// S1's dirty set: what T found written since the previous round, and what was
+    /// written since T, looked at without protecting it again (S2 collects it). Call it
+    /// after S1's page scan: a page written (perhaps first touched) after T must not pass
+    /// for one of the round's, which the destination may not hold. A VMA that cannot be
+    /// looked at is saved whole.
+    pub fn written_until_now(pid: Pid, set: Option<DirtySet>) -> Option<DirtySet> {
+        let mut set = set?;
+        for report in &mut set.vmas {
+            let VmaDirty::Pages { written, .. } = &mut report.dirty else {
+                continue;
+            };
+            let request = ScanRequest::written(report.vma.start, report.vma.end);
+            match tracee::pagemap_scan::scan(pid, &request) {
+                Ok(regions) => written.extend(regions.iter().map(|r| PageRange {
+                    start: r.start,
+                    end: r.end,
+                })),
+                Err(error) => {
+                    tracing::info!(%error, start = %report.vma.start, "saved whole in S1");
+                    report.dirty = VmaDirty::Whole(WholeReason::Changed);
+                }
+            }
+        }
+        Some(set)
     }
 
     /// After S1: keeps the tracking for S2 with S1's VMAs and lazy pages.
@@ -217,7 +246,7 @@ fn written_runs(set: &DirtySet, vmas: &[VmaEntry]) -> Result<Vec<WrittenRun>, &'
                 if !zeroed.is_empty() && !status.contains(VmaStatus::ANON_PRIVATE) {
                     return Err("pages of a file mapping were dropped");
                 }
-                let runs_of = |ranges: &[tracee::dirty::PageRange], zero: bool| {
+                let runs_of = |ranges: &[PageRange], zero: bool| {
                     ranges
                         .iter()
                         .map(|r| WrittenRun {
@@ -265,7 +294,7 @@ fn without(runs: Vec<WrittenRun>, lazy: &[(u64, u64)]) -> Vec<WrittenRun> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracee::dirty::{PageRange, VmaKey, VmaReport, WholeReason};
+    use tracee::dirty::{VmaKey, VmaReport};
 
     fn vma(start: u64, end: u64, status: VmaStatus) -> VmaEntry {
         VmaEntry {

@@ -62,8 +62,11 @@ pub const SWITCH_MAGIC: [u8; 8] = *b"CKPTSWCH";
 pub const FLAG_ZSTD: u32 = 1;
 /// READY's flag: send the pages under each thread's instruction and stack pointers.
 pub const FLAG_HOT_PAGES: u32 = 2;
-/// The largest payload either side accepts (plain or compressed).
-pub const MAX_PAYLOAD: u64 = 256 << 20;
+/// The largest payload either side accepts (plain or compressed): the delta at the end of a
+/// pre-copy carries every page written since the prepared images, a gigabyte or more for a
+/// large busy process. Nothing is allocated for a length before its bytes arrive, so a
+/// damaged length costs only what really comes.
+pub const MAX_PAYLOAD: u64 = 16 << 30;
 /// An image is compressed against its prepared version only up to this size of that
 /// version: the destination keeps the prepared images up to it for the switch.
 pub const MAX_BASE: usize = 4 << 20;

@@ -160,6 +160,26 @@ fn prepared_postcopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source
 }
 
 #[test]
+fn prepared_queued_precopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
+    // The rounds, then the first images on the last round; the freeze moves the change and
+    // the pages written since.
+    migrate_over_ssh(&[
+        "-a",
+        "queued",
+        "--rounds",
+        "3",
+        "--prepared",
+        "--port",
+        "27601",
+    ]);
+}
+
+#[test]
+fn prepared_assisted_postcopy_over_ssh_moves_the_process_and_leaves_nothing_at_the_source() {
+    migrate_over_ssh(&["-a", "assisted", "--prepared", "--port", "27701"]);
+}
+
+#[test]
 fn prepared_freeze_free_through_an_ssh_tunnel_compressed_moves_the_process() {
     // The switch and the pages go through the tunnel, compressed; the hot pages come with the
     // switch.

@@ -185,6 +185,27 @@ fn a_prepared_pre_copy_end_writes_the_pages_written_since_into_the_rebuilt_proce
     );
 }
 
+/// Pages first touched while the migration goes on, some between the first images' look
+/// at what was written and their page scan: none may pass for one of the round's, which
+/// the destination does not have.
+#[test]
+fn a_prepared_pre_copy_end_takes_the_pages_first_touched_meanwhile() {
+    let args = [
+        "--threads",
+        "2",
+        "--mib",
+        "16",
+        "--pace",
+        "10",
+        "--untouched",
+        "1",
+    ];
+    for pages in [Pages::AfterRound, Pages::LazyAfterRound] {
+        let mut w = Workload::start("rewriter", &args);
+        prepared_migration(&mut w, pages, &[], &[Signal::SIGUSR2]);
+    }
+}
+
 /// Assisted post-copy, prepared: the pages written before the first images are lazy, those
 /// written after cross with the final state, the rest are the round's.
 #[test]

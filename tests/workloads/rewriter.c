@@ -10,7 +10,9 @@
  * first of two dumps that did not reach the destination). Built optimised whatever the build,
  * so that the count stays in a register. --pace US: each thread writes one page every US
  * microseconds (spinning on the vDSO clock, no syscall), so that most pages stay unwritten
- * for milliseconds at a time. The ready file holds "threads=N". */
+ * for milliseconds at a time. --untouched: the region is not filled first, so that pages are
+ * first touched (and their memory made) while a migration goes on; a page never written
+ * must read as zeroes. The ready file holds "threads=N". */
 #pragma GCC optimize("O2")
 #include "workload.h"
 
@@ -76,12 +78,14 @@ int main(int argc, char **argv)
 		wl_die("--threads");
 	npages = ((size_t)wl_opt_long("--mib", 8) << 20) / 4096;
 	pace = (double)wl_opt_long("--pace", 0) / 1e6;
+	int untouched = wl_opt_long("--untouched", 0) != 0;
 	region = mmap(NULL, npages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	version = mmap(NULL, npages * sizeof *version, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (region == MAP_FAILED || version == MAP_FAILED)
 		wl_die("mmap");
-	for (size_t p = 0; p < npages; p++)
-		fill(p);
+	if (!untouched)
+		for (size_t p = 0; p < npages; p++)
+			fill(p);
 	pthread_t threads[MAX_THREADS];
 	for (int i = 0; i < nthreads; i++)
 		if (pthread_create(&threads[i], NULL, writer, (void *)(uintptr_t)i))
@@ -98,7 +102,7 @@ int main(int argc, char **argv)
 	size_t bad = 0, first_bad = 0;
 	for (size_t p = 0; p < npages; p++)
 		for (size_t i = 0; i < WORDS; i++)
-			if (region[p * WORDS + i] != word(p, version[p], i)) {
+			if (region[p * WORDS + i] != (untouched && !version[p] ? 0 : word(p, version[p], i))) {
 				if (!bad++)
 					first_bad = p;
 				break;

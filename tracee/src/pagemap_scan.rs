@@ -114,6 +114,22 @@ impl ScanRequest {
         }
     }
 
+    /// Pages written since their write protection (an async-WP userfaultfd's), left as
+    /// they are: a look that the next [`ScanRequest::written_and_reprotect`] still sees.
+    /// Outside a registered range every present page counts as written.
+    pub fn written(start: RemoteAddr, end: RemoteAddr) -> ScanRequest {
+        ScanRequest {
+            start,
+            end,
+            flags: ScanFlags::empty(),
+            inverted: PageCategories::empty(),
+            mask: PageCategories::WRITTEN,
+            anyof_mask: PageCategories::PRESENT | PageCategories::SWAPPED,
+            return_mask: PageCategories::WRITTEN,
+            max_pages: 0,
+        }
+    }
+
     /// Written pages, write-protected again as they are reported (one pre-copy
     /// round). Needs the range registered with an async-WP userfaultfd.
     pub fn written_and_reprotect(start: RemoteAddr, end: RemoteAddr) -> ScanRequest {

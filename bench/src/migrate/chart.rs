@@ -53,19 +53,25 @@ pub fn draw_all(out: &Path, runs: &[Run]) -> Result<usize> {
     let mut drawn = 0;
     for ((bw, kind), group) in groups {
         let bandwidth = (bw != u32::MAX).then_some(bw);
-        let bars: Vec<(Algorithm, [f64; 3])> = Algorithm::ALL
+        let bars: Vec<(String, [f64; 3])> = Algorithm::ALL
             .iter()
-            .filter_map(|&a| {
+            .flat_map(|&a| [(a, false), (a, true)])
+            .filter_map(|(a, prepared)| {
+                let runs: Vec<&&Run> = group
+                    .iter()
+                    .filter(|r| r.algorithm == a && r.prepared == prepared)
+                    .collect();
                 let of = |f: fn(&Run) -> f64| {
-                    let v: Vec<f64> = group
-                        .iter()
-                        .filter(|r| r.algorithm == a)
-                        .map(|r| f(r))
-                        .collect();
+                    let v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
                     spread(&v).map(|(m, _, _)| m.max(0.0))
                 };
+                let label = if prepared {
+                    format!("{} (prepared)", a.name())
+                } else {
+                    a.name().to_string()
+                };
                 Some((
-                    a,
+                    label,
                     [
                         of(|r| r.preparation_ms)?,
                         of(|r| r.downtime_ms)?,
@@ -88,7 +94,7 @@ pub fn draw_all(out: &Path, runs: &[Run]) -> Result<usize> {
     Ok(drawn)
 }
 
-fn draw(path: &Path, title: &str, bars: &[(Algorithm, [f64; 3])]) -> Result<()> {
+fn draw(path: &Path, title: &str, bars: &[(String, [f64; 3])]) -> Result<()> {
     let text = font_available();
     let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
@@ -111,7 +117,7 @@ fn draw(path: &Path, title: &str, bars: &[(Algorithm, [f64; 3])]) -> Result<()> 
         .build_cartesian_2d(0f64..count as f64, 0f64..top)
         .map_err(|e| anyhow!("{e}"))?;
     if text {
-        let names: Vec<&str> = bars.iter().map(|(a, _)| a.name()).collect();
+        let names: Vec<&str> = bars.iter().map(|(a, _)| a.as_str()).collect();
         chart
             .configure_mesh()
             .disable_x_mesh()

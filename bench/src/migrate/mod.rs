@@ -74,14 +74,35 @@ pub struct MigrateArgs {
     /// less, where the wire costs more than the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     pub compress: Compress,
-    /// Post-copy, freeze-free, pre-copy and queued pre-copy with a prepared destination
-    /// (`ckpt-dump --prepare`, `ckpt-restore --prepared`): the process is rebuilt at the
-    /// destination from a first image set while it runs on at the source, and only what
-    /// changed crosses after the freeze (for the pre-copies, with the pages written since
-    /// that first set). `false` measures the plain pipeline (freeze, dump, transfer,
-    /// restore).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub prepared: bool,
+    /// Which algorithms run with a prepared destination (`ckpt-dump --prepare`,
+    /// `ckpt-restore --prepared`): the process is rebuilt at the destination from a first
+    /// image set while it runs on at the source, and only what changed crosses after the
+    /// freeze (after the rounds, with the pages written since that first set). `none`: the
+    /// plain pipelines (freeze, dump, transfer, restore); `post-copy`: post-copy and
+    /// freeze-free prepared; `all`: those, and pre-copy, queued pre-copy and assisted
+    /// post-copy measured both ways (preparation traded for down time).
+    #[arg(long, value_enum, default_value = "all")]
+    pub prepared: Prepared,
+}
+
+/// Which algorithms run prepared (see [`MigrateArgs::prepared`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prepared {
+    None,
+    PostCopy,
+    All,
+}
+
+impl Prepared {
+    /// How `algorithm` is measured: plain (`false`), prepared (`true`), or both.
+    pub fn variants(self, algorithm: Algorithm) -> &'static [bool] {
+        match (self, algorithm) {
+            (Prepared::None, _) | (_, Algorithm::TotalCopy) => &[false],
+            (_, Algorithm::PostCopy | Algorithm::FreezeFree) => &[true],
+            (Prepared::PostCopy, _) => &[false],
+            (Prepared::All, _) => &[false, true],
+        }
+    }
 }
 
 /// When images and pages are compressed on the wire.
@@ -123,7 +144,7 @@ pub struct Run {
     pub round_held: Vec<u64>,
     /// The images and pages crossed the link compressed.
     pub compressed: bool,
-    /// Post-copy ran with a prepared destination.
+    /// Ran with a prepared destination.
     pub prepared: bool,
     /// The down time cut into what happened meanwhile, ms (see `downtime`).
     pub downtime_parts: Vec<(String, f64)>,
@@ -137,6 +158,17 @@ pub struct Run {
     /// After a failure: whether the source ran on and passed its own check.
     pub source_intact: Option<bool>,
     pub steps: Vec<String>,
+}
+
+impl Run {
+    /// The algorithm's name, and "(prepared)" for a prepared destination.
+    pub fn label(&self) -> String {
+        if self.prepared {
+            format!("{} (prepared)", self.algorithm.name())
+        } else {
+            self.algorithm.name().to_string()
+        }
+    }
 }
 
 pub fn run(args: MigrateArgs) -> Result<()> {
@@ -170,10 +202,16 @@ pub fn run(args: MigrateArgs) -> Result<()> {
     } else {
         args.repetitions.max(1)
     };
-    let cells = plan(&algorithms, &workloads, &bandwidths, args.quick);
+    let cells = plan(
+        &algorithms,
+        &workloads,
+        &bandwidths,
+        args.quick,
+        args.prepared,
+    );
     let estimate: f64 = cells
         .iter()
-        .map(|(a, w, b)| estimate_seconds(*a, *w, *b))
+        .map(|(a, w, b, _)| estimate_seconds(*a, *w, *b))
         .sum::<f64>()
         * f64::from(repetitions);
     println!(
@@ -196,7 +234,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
     let started = Instant::now();
     let mut current_bw = None;
     let mut port = 20000u16;
-    for (n, &(algorithm, kind, bandwidth)) in cells.iter().enumerate() {
+    for (n, &(algorithm, kind, bandwidth, prepared)) in cells.iter().enumerate() {
         if current_bw != Some(bandwidth) {
             bed.set_bandwidth(bandwidth)?;
             current_bw = Some(bandwidth);
@@ -204,8 +242,9 @@ pub fn run(args: MigrateArgs) -> Result<()> {
         for repetition in 0..repetitions {
             // Short: the lazy-pages socket lives in it, and unix socket paths have 108 bytes.
             let cell_dir = scratch.join(format!(
-                "{}-{}-{}-{repetition}",
+                "{}{}-{}-{}-{repetition}",
                 algorithm.short_name(),
+                if prepared { "p" } else { "" },
                 kind.short_name(),
                 bandwidth.map_or("unl".to_string(), |b| b.to_string())
             ));
@@ -221,7 +260,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
                 precopy,
                 dirty_rate: args.dirty_rate,
                 compress: args.compress,
-                prepared: args.prepared,
+                prepared,
             };
             let run = cell.measure(&mut port);
             println!(
@@ -229,7 +268,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
                 n + 1,
                 cells.len(),
                 started.elapsed().as_secs_f64(),
-                algorithm.name(),
+                run.label(),
                 kind.name(),
                 bw_name(bandwidth),
                 summary(&run)
@@ -288,13 +327,15 @@ fn parse_bandwidths(given: &[String]) -> Result<Vec<Option<u32>>> {
         .collect()
 }
 
-/// The matrix, grouped by bandwidth so the qdisc changes rarely.
+/// The matrix, grouped by bandwidth so the qdisc changes rarely: algorithm, workload,
+/// bandwidth, prepared.
 fn plan(
     algorithms: &[Algorithm],
     workloads: &[WorkloadKind],
     bandwidths: &[Option<u32>],
     quick: bool,
-) -> Vec<(Algorithm, WorkloadKind, Option<u32>)> {
+    prepared: Prepared,
+) -> Vec<(Algorithm, WorkloadKind, Option<u32>, bool)> {
     let mut cells = Vec::new();
     for &bandwidth in bandwidths {
         for &kind in workloads {
@@ -303,7 +344,9 @@ fn plan(
                 continue;
             }
             for &algorithm in algorithms {
-                cells.push((algorithm, kind, bandwidth));
+                for &variant in prepared.variants(algorithm) {
+                    cells.push((algorithm, kind, bandwidth, variant));
+                }
             }
         }
     }
@@ -404,7 +447,7 @@ impl Cell<'_> {
             round_held: Vec::new(),
             downtime_parts: Vec::new(),
             compressed: self.compress.on(self.bandwidth),
-            prepared: false,
+            prepared: self.prepared,
             final_pages: 0,
             pages_resent: None,
             stop_reason: None,
@@ -495,7 +538,7 @@ impl Cell<'_> {
         run.round_pages = outcome.round_pages.clone();
         run.round_held = outcome.round_held.clone();
         run.final_pages = outcome.final_pages;
-        run.prepared = outcome.prepared;
+        run.prepared = self.prepared;
         run.stop_reason = outcome.stop_reason.clone();
         let restored = match result {
             Ok(restored) => restored,
@@ -598,6 +641,7 @@ mod tests {
             &[WorkloadKind::Dirtier, WorkloadKind::Rma],
             &[Some(10), Some(1000), None],
             true,
+            Prepared::All,
         );
         let large: Vec<_> = cells
             .iter()
@@ -606,6 +650,39 @@ mod tests {
             .collect();
         assert_eq!(large, vec![Some(1000), None]);
         assert_eq!(cells.iter().filter(|c| c.1 == WorkloadKind::Rma).count(), 3);
+    }
+
+    #[test]
+    fn the_round_based_algorithms_run_both_ways_when_all_are_prepared() {
+        let algorithms = [
+            Algorithm::TotalCopy,
+            Algorithm::PreCopy,
+            Algorithm::PostCopy,
+        ];
+        let variants = |p: Prepared| -> Vec<(Algorithm, bool)> {
+            plan(&algorithms, &[WorkloadKind::Rma], &[None], false, p)
+                .iter()
+                .map(|c| (c.0, c.3))
+                .collect()
+        };
+        assert_eq!(
+            variants(Prepared::All),
+            vec![
+                (Algorithm::TotalCopy, false),
+                (Algorithm::PreCopy, false),
+                (Algorithm::PreCopy, true),
+                (Algorithm::PostCopy, true)
+            ]
+        );
+        assert_eq!(
+            variants(Prepared::PostCopy),
+            vec![
+                (Algorithm::TotalCopy, false),
+                (Algorithm::PreCopy, false),
+                (Algorithm::PostCopy, true)
+            ]
+        );
+        assert!(variants(Prepared::None).iter().all(|&(_, p)| !p));
     }
 
     #[test]

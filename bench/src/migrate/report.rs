@@ -195,16 +195,21 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
         let mut failures = Vec::new();
-        for algorithm in Algorithm::ALL {
-            let all: Vec<&&Run> = group.iter().filter(|r| r.algorithm == algorithm).collect();
-            if all.is_empty() {
+        let rows = Algorithm::ALL.iter().flat_map(|&a| [(a, false), (a, true)]);
+        for (algorithm, prepared) in rows {
+            let all: Vec<&&Run> = group
+                .iter()
+                .filter(|r| r.algorithm == algorithm && r.prepared == prepared)
+                .collect();
+            let Some(first) = all.first() else {
                 continue;
-            }
+            };
+            let name = first.label();
             let ok: Vec<&&Run> = all.iter().copied().filter(|r| r.error.is_none()).collect();
             for failed in all.iter().filter(|r| r.error.is_some()) {
                 failures.push(format!(
                     "- {} (repetition {}): {}{}",
-                    algorithm.name(),
+                    name,
                     failed.repetition,
                     failed.error.as_deref().unwrap_or(""),
                     match failed.source_intact {
@@ -220,7 +225,7 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                 let _ = writeln!(
                     md,
                     "| {} | failed{} | | | | | | | |",
-                    algorithm.name(),
+                    name,
                     thesis
                         .map(|t| format!(
                             " (thesis: {} / {} / {} / {})",
@@ -240,11 +245,6 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                 .map(|t| format!("{}/{}/{}", t[0], t[1], t[2]))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let name = if ok.iter().any(|r| r.prepared) {
-                format!("{} (prepared)", algorithm.name())
-            } else {
-                algorithm.name().to_string()
-            };
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {} |",
@@ -274,7 +274,7 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                 };
                 format!(
                     "- {} (repetition {}): pages sent per round {:?}{held}, final {}; stopped: {}",
-                    r.algorithm.name(),
+                    r.label(),
                     r.repetition,
                     r.round_pages,
                     r.final_pages,
@@ -293,7 +293,7 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                     .collect();
                 format!(
                     "- {} (repetition {}), {:.1} ms: {}",
-                    r.algorithm.name(),
+                    r.label(),
                     r.repetition,
                     r.downtime_ms,
                     cut.join(", ")
