@@ -285,6 +285,25 @@ fn tree_refusal(opts: &DumpOptions) -> Option<&'static str> {
     }
 }
 
+/// Refuses a process with children for `what`, which handles one process only.
+fn refuse_children(pid: Pid, what: &'static str) -> Result<(), DumpError> {
+    let children = tracee::proc::task::children(pid).map_err(|source| {
+        DumpError::Collect(collect::CollectError::Proc {
+            pid,
+            what: "children",
+            source,
+        })
+    })?;
+    if children.is_empty() {
+        return Ok(());
+    }
+    Err(DumpError::Tree {
+        pid,
+        children,
+        what,
+    })
+}
+
 /// Refuses a tree for the modes that handle one process only.
 fn refuse_tree(pid: Pid, opts: &DumpOptions, tree: &tracee::SeizedTree) -> Result<(), DumpError> {
     match tree_refusal(opts) {
@@ -458,20 +477,7 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let frozen_since = Instant::now();
     tracing::debug!(us = stats.freezing_time_us, "frozen");
     // The children were not frozen: a round of a tree would miss their pages.
-    let children = tracee::proc::task::children(pid).map_err(|source| {
-        DumpError::Collect(collect::CollectError::Proc {
-            pid,
-            what: "children",
-            source,
-        })
-    })?;
-    if !children.is_empty() {
-        return Err(DumpError::Tree {
-            pid,
-            children,
-            what: "pre-copy",
-        });
-    }
+    refuse_children(pid, "pre-copy")?;
     fault::check(opts.fault, FaultPoint::AfterFreeze)?;
     let memory = collect::memory(pid)?;
     stats.pages_scanned = memory.pages_scanned;

@@ -61,24 +61,12 @@ pub struct SwitchPages {
 }
 
 impl SwitchPages {
-    /// T: freezes the process alone, attaches to (or arms) the tracking and collects what
-    /// was written since the previous round; returns the tracking and that set (`None`:
-    /// untracked, every page is saved).
+    /// T: takes over the rounds' tracking while the process runs (or, with none to take
+    /// over, freezes the process alone and arms it) and collects what was written since
+    /// the previous round; returns the tracking and that set (`None`: untracked, every
+    /// page is saved).
     pub fn start(pid: Pid, opts: &DumpOptions) -> Result<(Tracking, Option<DirtySet>), DumpError> {
-        let children = tracee::proc::task::children(pid).map_err(|source| {
-            DumpError::Collect(collect::CollectError::Proc {
-                pid,
-                what: "children",
-                source,
-            })
-        })?;
-        if !children.is_empty() {
-            return Err(DumpError::Tree {
-                pid,
-                children,
-                what: "a prepared dump without --lazy-pages",
-            });
-        }
+        crate::refuse_children(pid, "a prepared dump after rounds")?;
         let maps = |pid| {
             tracee::proc::maps::read(pid).map_err(|source| {
                 DumpError::Collect(collect::CollectError::Proc {

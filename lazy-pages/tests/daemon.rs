@@ -245,9 +245,31 @@ fn the_daemon_exits_once_the_background_transfer_is_done() {
 
 #[test]
 fn the_background_transfer_waits_its_delay_after_the_end_marker() {
+    let took =
+        background_transfer_with(&["--background-delay", "400", "--background-quiet", "400"]);
+    assert!(
+        took >= Duration::from_millis(400),
+        "every page was in after {took:?}, before the 400 ms delay"
+    );
+}
+
+/// A tree that does not fault after the end marker has had its first steps: the rest of
+/// its pages come once the faults stay quiet (1 ms), not after the whole delay.
+#[test]
+fn the_background_transfer_starts_early_when_no_fault_comes() {
+    let took = background_transfer_with(&["--background-delay", "2000"]);
+    assert!(
+        took < Duration::from_millis(1500),
+        "the quiet tree waited {took:?} for its pages, the whole 2 s delay"
+    );
+}
+
+/// Runs the daemon (with `options`) for a child that touches nothing until every page is
+/// in, which it then checks; returns how long the daemon took to have every page.
+fn background_transfer_with(options: &[&str]) -> Duration {
     let s = setup(true);
-    let delay = ["--background-delay", "400", "--background-quiet", "400"];
-    let daemon = start_daemon(&s, &delay.map(String::from));
+    let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+    let daemon = start_daemon(&s, &options);
     let mut running = Running(vec![daemon]);
     let start = Instant::now();
     running.0.push(start_child(&s, "background"));
@@ -259,10 +281,6 @@ fn the_background_transfer_waits_its_delay_after_the_end_marker() {
         daemon_status.success(),
         "daemon {daemon_status}: {daemon_err}"
     );
-    assert!(
-        took >= Duration::from_millis(400),
-        "every page was in after {took:?}, before the 400 ms delay"
-    );
     let mut stdin = running.0[1].stdin.take().expect("stdin");
     stdin.write_all(b"g").expect("tell the workload");
     let child_status = wait_timeout(&mut running.0[1], Duration::from_secs(30), "lazy_child");
@@ -271,36 +289,7 @@ fn the_background_transfer_waits_its_delay_after_the_end_marker() {
         child_status.success(),
         "workload {child_status}: {child_err}"
     );
-}
-
-/// A tree that does not fault after the end marker has had its first steps: the rest of
-/// its pages come once the faults stay quiet (1 ms), not after the whole delay.
-#[test]
-fn the_background_transfer_starts_early_when_no_fault_comes() {
-    let s = setup(true);
-    let daemon = start_daemon(&s, &["--background-delay".into(), "2000".into()]);
-    let mut running = Running(vec![daemon]);
-    let start = Instant::now();
-    running.0.push(start_child(&s, "background"));
-    let daemon_status = wait_timeout(&mut running.0[0], Duration::from_secs(30), "the daemon");
-    let took = start.elapsed();
-    let daemon_err = stderr_of(&mut running.0[0]);
-    assert!(
-        daemon_status.success(),
-        "daemon {daemon_status}: {daemon_err}"
-    );
-    assert!(
-        took < Duration::from_millis(1500),
-        "the quiet tree waited {took:?} for its pages, the whole 2 s delay"
-    );
-    let mut stdin = running.0[1].stdin.take().expect("stdin");
-    stdin.write_all(b"g").expect("tell the workload");
-    let child_status = wait_timeout(&mut running.0[1], Duration::from_secs(30), "lazy_child");
-    let child_err = stderr_of(&mut running.0[1]);
-    assert!(
-        child_status.success(),
-        "workload {child_status}: {child_err}"
-    );
+    took
 }
 
 #[test]

@@ -175,14 +175,7 @@ fn a_prepared_restore_starts_over_when_the_mappings_changed() {
 fn a_prepared_pre_copy_end_writes_the_pages_written_since_into_the_rebuilt_process() {
     let mut w = Workload::start("rewriter", &["--threads", "3", "--mib", "8"]);
     let log = prepared_migration(&mut w, Pages::AfterRound, &[], &[Signal::SIGUSR2]);
-    assert!(
-        log.contains("fast path") && !log.contains("fallback"),
-        "unchanged mappings should take the fast path:\n{log}"
-    );
-    assert!(
-        hot_pages(&log).is_some_and(|n| n > 0),
-        "no page written since the first images reached the destination:\n{log}"
-    );
+    assert_fast_with_written_pages(&log);
 }
 
 /// Pages first touched while the migration goes on, some between the first images' look
@@ -215,22 +208,24 @@ fn a_prepared_assisted_post_copy_takes_the_round_the_lazy_pages_and_those_writte
     let args = ["--threads", "2", "--mib", "8", "--pace", "20"];
     let mut w = Workload::start("rewriter", &args);
     let log = prepared_migration(&mut w, Pages::LazyAfterRound, &[], &[Signal::SIGUSR2]);
+    assert_fast_with_written_pages(&log);
+}
+
+/// The restore's `log` took the fast path, and the delta put pages into the held tree.
+fn assert_fast_with_written_pages(log: &str) {
     assert!(
         log.contains("fast path") && !log.contains("fallback"),
         "unchanged mappings should take the fast path:\n{log}"
     );
-    assert!(
-        hot_pages(&log).is_some_and(|n| n > 0),
-        "no page written since the first images reached the destination:\n{log}"
-    );
-}
-
-/// The pages the delta put into the held tree, from the restore's log.
-fn hot_pages(log: &str) -> Option<u64> {
-    log.split("hot_pages=")
+    let pages = log
+        .split("hot_pages=")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        pages.is_some_and(|n| n > 0),
+        "no page written since the first images reached the destination:\n{log}"
+    );
 }
 
 /// The same when the mappings change all the time: the final dump saves the memory
