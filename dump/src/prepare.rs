@@ -1055,14 +1055,29 @@ impl<W: Write> Write for Counted<'_, W> {
 /// `--background-delay`), the restored tree's first steps.
 const UPDATE_DELAY: Duration = Duration::from_millis(10);
 
+/// The thread that brings -D up to date, and where it says what it ran under before
+/// `SCHED_IDLE`.
+type Updater = (
+    std::thread::JoinHandle<()>,
+    std::sync::mpsc::Receiver<Option<(tracee::Tid, tracee::taskinfo::Sched)>>,
+);
+
 /// Waits for the thread that brings -D up to date, telling it first that nothing is
-/// served any more (`served`, dropped): it need not wait out [`UPDATE_DELAY`].
-fn join_updater(updater: Option<std::thread::JoinHandle<()>>, served: std::sync::mpsc::Sender<()>) {
+/// served any more (`served`, dropped): it need not wait out [`UPDATE_DELAY`], and its
+/// work is now what our exit waits for, so it gets its normal policy back (under
+/// `SCHED_IDLE` it could wait behind the busy program for tens of milliseconds).
+fn join_updater(updater: Option<Updater>, served: std::sync::mpsc::Sender<()>) {
     drop(served);
-    if let Some(handle) = updater {
-        if handle.join().is_err() {
-            tracing::warn!("updating -D panicked");
+    let Some((handle, idle)) = updater else {
+        return;
+    };
+    if let Ok(Some((tid, before))) = idle.recv() {
+        if let Err(error) = tracee::taskinfo::set_sched(tid, &before) {
+            tracing::debug!(%error, "-D is updated under SCHED_IDLE");
         }
+    }
+    if handle.join().is_err() {
+        tracing::warn!("updating -D panicked");
     }
 }
 
@@ -1229,13 +1244,17 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     // now: creating it after the delta would hold up the destination's first faults.
     let (to_updater, updates) = std::sync::mpsc::channel::<AfterSwitch>();
     let (served, serving) = std::sync::mpsc::channel::<()>();
+    let (idled, idle) = std::sync::mpsc::channel();
     let updater = std::thread::Builder::new()
         .name("prepared-images".to_owned())
         .spawn(move || {
             // The destination's first faults are served from this process meanwhile, on a
             // machine of few CPUs: they go first, and so does anything else that waits.
-            if let Err(error) = tracee::taskinfo::idle_policy() {
-                tracing::debug!(%error, "-D is updated at normal priority");
+            match tracee::taskinfo::idle_policy() {
+                Ok(before) => {
+                    let _ = idled.send(before);
+                }
+                Err(error) => tracing::debug!(%error, "-D is updated at normal priority"),
             }
             // Nothing comes when S2 fails: the main thread then keeps it all.
             if let Ok(work) = updates.recv() {
@@ -1247,7 +1266,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
             }
         });
     let updater = match updater {
-        Ok(handle) => Some(handle),
+        Ok(handle) => Some((handle, idle)),
         Err(error) => {
             tracing::warn!(%error, "-D keeps the prepared images: no thread to update it");
             None

@@ -129,17 +129,21 @@ pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
 /// Puts the calling thread under `SCHED_IDLE`: it runs only on CPU time no normal task
 /// wants, and never preempts one. For background work that must not delay anything,
 /// where nice 19 still lets a thread that slept long run before a waiting normal task.
-pub fn idle_policy() -> Result<(), TaskInfoError> {
+/// Returns the thread and what it had, for [`set_sched`] to give back from any thread
+/// once the work is what everything waits for (an idle thread may starve meanwhile).
+pub fn idle_policy() -> Result<Option<(Tid, Sched)>, TaskInfoError> {
     let me = rustix::thread::gettid().as_raw_nonzero().get();
     let idle = Sched {
         policy: libc::SCHED_IDLE,
         priority: 0,
         nice: 19,
     };
-    match Tid::from_raw(me) {
-        Some(me) => set_sched(me, &idle),
-        None => Ok(()),
-    }
+    let Some(me) = Tid::from_raw(me) else {
+        return Ok(None);
+    };
+    let before = sched(me)?;
+    set_sched(me, &idle)?;
+    Ok(Some((me, before)))
 }
 
 /// The calling thread at the lowest real-time priority (`SCHED_FIFO` 1, reset on fork:
@@ -388,12 +392,14 @@ mod tests {
 
     #[test]
     fn idle_policy_puts_the_calling_thread_under_sched_idle() {
-        let s = on_own_thread(|| {
-            idle_policy().expect("idle policy");
-            let (_, tid) = me();
-            sched(tid).expect("sched")
+        let (s, given_back) = on_own_thread(|| {
+            let (tid, before) = idle_policy().expect("idle policy").expect("a tid");
+            let idle = sched(tid).expect("sched");
+            set_sched(tid, &before).expect("give the policy back");
+            (idle, sched(tid).expect("sched"))
         });
         assert_eq!(s.policy & 0xff, libc::SCHED_IDLE);
+        assert_eq!(given_back.policy & 0xff, libc::SCHED_OTHER);
         let (_, tid) = me();
         assert_eq!(sched(tid).expect("sched").policy & 0xff, libc::SCHED_OTHER);
     }
