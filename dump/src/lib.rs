@@ -468,6 +468,11 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let mut client = connect_page_server(opts)?;
     // Asked before the freeze: a round trip to the page server is not the process's time.
     let parent = destination_has_parent(opts, pid, client.as_mut())?;
+    if opts.track_mem {
+        if let Some(tracking) = track::Tracking::attach_running(pid, opts) {
+            return predump_running(pid, opts, tracking, client, parent);
+        }
+    }
     let freeze_start = Instant::now();
     let mut tree = seize::freeze_process(pid)?;
     let mut stats = DumpStats {
@@ -479,9 +484,19 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     // The children were not frozen: a round of a tree would miss their pages.
     refuse_children(pid, "pre-copy")?;
     fault::check(opts.fault, FaultPoint::AfterFreeze)?;
+    let mut tracking = track::Tracking::start(&mut tree, opts)?;
+    if tracking.backend() == Some(tracee::dirty::BackendKind::UffdWp) {
+        // Armed (the injection needs the freeze) and collected; the pages are scanned and
+        // read while it runs, as in a round taken over from a previous one.
+        let set = tracking.collect(&maps_of(pid)?)?;
+        tree.resume()
+            .map_err(|source| DumpError::Release(release::ReleaseError::Resume { pid, source }))?;
+        stats.frozen_time_us = micros(frozen_since);
+        tracing::info!(us = stats.frozen_time_us, "frozen for the pre-dump");
+        return predump_rest(pid, opts, tracking, set, client, parent, stats);
+    }
     let memory = collect::memory(pid)?;
     stats.pages_scanned = memory.pages_scanned;
-    let mut tracking = track::Tracking::start(&mut tree, opts)?;
     let set = tracking.collect(&memory.maps)?;
     let policies = tracking.policies(&memory.vmas, set.as_ref(), parent);
     let plan = pages::plan(&memory.pages, &policies);
@@ -490,11 +505,23 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
         .map_err(|source| DumpError::Release(release::ReleaseError::Resume { pid, source }))?;
     stats.frozen_time_us = micros(frozen_since);
     tracing::info!(us = stats.frozen_time_us, "frozen for the pre-dump");
+    write_round(pid, opts, tracking, &plan, client, stats)
+}
+
+/// Reads and writes a round's pages as `plan` says, then keeps the tracking for the next.
+fn write_round(
+    pid: Pid,
+    opts: &DumpOptions,
+    tracking: track::Tracking,
+    plan: &[pages::PlannedRun],
+    mut client: Option<PageServerClient>,
+    mut stats: DumpStats,
+) -> Result<DumpStats, DumpError> {
     let mut to = match client.as_mut() {
         Some(c) => PagesTo::Server(c),
         None => PagesTo::Local,
     };
-    let images = write::predump_images(pid, &plan, opts, &mut to, &mut stats)?;
+    let images = write::predump_images(pid, plan, opts, &mut to, &mut stats)?;
     close_page_server(client, opts)?;
     tracking.finish(opts, false)?;
     images.commit(&stats)?;
@@ -504,6 +531,63 @@ fn predump(opts: &DumpOptions) -> Result<DumpStats, DumpError> {
         "pre-dump finished"
     );
     Ok(stats)
+}
+
+/// A round after another whose tracking allows collecting while the process runs (the
+/// userfaultfd back-end): no freeze at all. What was written is collected (and protected
+/// again) first, the pages are scanned and read after; a page written between the collect
+/// and the scan is saved too ([`track::with_written_since`]), and anything written from
+/// the collect on is the next round's.
+fn predump_running(
+    pid: Pid,
+    opts: &DumpOptions,
+    mut tracking: track::Tracking,
+    client: Option<PageServerClient>,
+    parent: bool,
+) -> Result<DumpStats, DumpError> {
+    refuse_children(pid, "pre-copy")?;
+    fault::check(opts.fault, FaultPoint::AfterFreeze)?;
+    let set = tracking.collect(&maps_of(pid)?)?;
+    tracing::info!("pre-dump taken while the process runs: not frozen");
+    predump_rest(
+        pid,
+        opts,
+        tracking,
+        set,
+        client,
+        parent,
+        DumpStats::default(),
+    )
+}
+
+/// The VMAs of `pid` from `/proc/PID/maps`.
+fn maps_of(pid: Pid) -> Result<Vec<tracee::proc::maps::MapsEntry>, DumpError> {
+    tracee::proc::maps::read(pid).map_err(|source| {
+        DumpError::Collect(collect::CollectError::Proc {
+            pid,
+            what: "maps",
+            source,
+        })
+    })
+}
+
+/// The rest of a round whose written pages were collected (`set`, protected again): the
+/// page scan and the pages, read while the process runs (the userfaultfd back-end).
+fn predump_rest(
+    pid: Pid,
+    opts: &DumpOptions,
+    mut tracking: track::Tracking,
+    set: Option<tracee::dirty::DirtySet>,
+    client: Option<PageServerClient>,
+    parent: bool,
+    mut stats: DumpStats,
+) -> Result<DumpStats, DumpError> {
+    let memory = collect::memory(pid)?;
+    let set = track::with_written_since(pid, set);
+    stats.pages_scanned = memory.pages_scanned;
+    let policies = tracking.policies(&memory.vmas, set.as_ref(), parent);
+    let plan = pages::plan(&memory.pages, &policies);
+    write_round(pid, opts, tracking, &plan, client, stats)
 }
 
 /// Per VMA of `process`, how its pages are saved in a full or lazy dump.

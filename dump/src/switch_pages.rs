@@ -40,9 +40,8 @@
 use images_format::pb::VmaEntry;
 use images_format::switch::HotPages;
 use images_format::vma::VmaStatus;
-use tracee::dirty::{BackendKind, DirtySet, PageRange, VmaDirty, WholeReason};
+use tracee::dirty::{BackendKind, DirtySet, PageRange, VmaDirty};
 use tracee::memory::{self, RemoteRange};
-use tracee::pagemap_scan::ScanRequest;
 use tracee::{Pid, RemoteAddr, PAGE_SIZE};
 
 use crate::collect::{self, ProcessState};
@@ -104,29 +103,10 @@ impl SwitchPages {
     }
 
     /// S1's dirty set: what T found written since the previous round, and what was
-    /// written since T, looked at without protecting it again (S2 collects it). Call it
-    /// after S1's page scan: a page written (perhaps first touched) after T must not pass
-    /// for one of the round's, which the destination may not hold. A VMA that cannot be
-    /// looked at is saved whole.
+    /// written since T (see [`crate::track::with_written_since`]; S2 collects it). Call it
+    /// after S1's page scan.
     pub fn written_until_now(pid: Pid, set: Option<DirtySet>) -> Option<DirtySet> {
-        let mut set = set?;
-        for report in &mut set.vmas {
-            let VmaDirty::Pages { written, .. } = &mut report.dirty else {
-                continue;
-            };
-            let request = ScanRequest::written(report.vma.start, report.vma.end);
-            match tracee::pagemap_scan::scan(pid, &request) {
-                Ok(regions) => written.extend(regions.iter().map(|r| PageRange {
-                    start: r.start,
-                    end: r.end,
-                })),
-                Err(error) => {
-                    tracing::info!(%error, start = %report.vma.start, "saved whole in S1");
-                    report.dirty = VmaDirty::Whole(WholeReason::Changed);
-                }
-            }
-        }
-        Some(set)
+        crate::track::with_written_since(pid, set)
     }
 
     /// After S1: keeps the tracking for S2 with S1's VMAs and lazy pages.
@@ -282,7 +262,7 @@ fn without(runs: Vec<WrittenRun>, lazy: &[(u64, u64)]) -> Vec<WrittenRun> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracee::dirty::{VmaKey, VmaReport};
+    use tracee::dirty::{VmaKey, VmaReport, WholeReason};
 
     fn vma(start: u64, end: u64, status: VmaStatus) -> VmaEntry {
         VmaEntry {

@@ -108,7 +108,7 @@ impl Tracking {
                     pid,
                     tracker: Some(*tracker),
                     follows_round: opts.prev_images_dir.is_some(),
-                    hold: false,
+                    hold: opts.hold_hot_pages && opts.mode == crate::DumpMode::PreDump,
                 })
             }
             // Given back to its holder when dropped, for the frozen attach to take.
@@ -215,6 +215,32 @@ impl Tracking {
             Ok(())
         }
     }
+}
+
+/// `set` (collected while the process runs) with what was written since, looked at without
+/// protecting it again (the next collect still sees it). Called after a page scan that
+/// follows the collect: a page written (perhaps first touched) between the two must not
+/// pass for one of the previous round's, which may lack it. A VMA that cannot be looked at
+/// is saved whole.
+pub fn with_written_since(pid: Pid, set: Option<DirtySet>) -> Option<DirtySet> {
+    let mut set = set?;
+    for report in &mut set.vmas {
+        let VmaDirty::Pages { written, .. } = &mut report.dirty else {
+            continue;
+        };
+        let request = tracee::pagemap_scan::ScanRequest::written(report.vma.start, report.vma.end);
+        match tracee::pagemap_scan::scan(pid, &request) {
+            Ok(regions) => written.extend(regions.iter().map(|r| PageRange {
+                start: r.start,
+                end: r.end,
+            })),
+            Err(error) => {
+                tracing::info!(%error, start = %report.vma.start, "saved whole");
+                report.dirty = VmaDirty::Whole(WholeReason::Changed);
+            }
+        }
+    }
+    Some(set)
 }
 
 /// Releases tracking an earlier round left on `pid`, if any (after a failed dump, whose own
