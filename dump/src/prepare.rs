@@ -911,12 +911,11 @@ fn switch_round(
     hot: bool,
     stream: &mut TcpStream,
     earlier: Option<Earlier<'_>>,
-    held: Option<&mut SwitchPages>,
+    mut held: Option<&mut SwitchPages>,
 ) -> Result<Switched, DumpError> {
     // Until the delta is sent: as S1's freezes, above every normal task. Not after: the
     // prepared restore, at the same real-time priority, must not wait for us.
     let urgent = tracee::taskinfo::RealTime::raise();
-    let mut held = held;
     let mut round = round(pid, opts, earlier, held.as_deref_mut())?;
     let delta_start = Instant::now();
     let mut now = round.images.take_memory();

@@ -582,16 +582,7 @@ fn apply(
             .into());
         };
         // Pages in already (restore wrote them): no fault, whatever is registered.
-        let at = tracee::RemoteAddr(w.vaddr);
-        let written = match mems.get(&host) {
-            Some(m) => m.write_at(at, &w.data),
-            None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, &w.data)),
-        };
-        written.map_err(|e| PreparedError::WritePages {
-            pid: host,
-            vaddr: w.vaddr,
-            source: io::Error::other(e.to_string()),
-        })?;
+        write_over(mems, host, w.vaddr, &w.data)?;
     }
     let hot_us = micros(step.elapsed());
     let deferred_rseq = held
@@ -688,21 +679,7 @@ fn put_pages(
     for run in runs {
         let host = host_of(held, run.pid).ok_or(PreparedError::NoThread { tid: run.pid })?;
         let uffd = held.prepared.as_ref().and_then(|p| p.uffd(run.pid));
-        let write = |vaddr: u64, data: &[u8]| -> Result<(), RestoreError> {
-            let at = tracee::RemoteAddr(vaddr);
-            let written = match mems.get(&host) {
-                Some(m) => m.write_at(at, data),
-                None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, data)),
-            };
-            written.map_err(|e| {
-                PreparedError::WritePages {
-                    pid: host,
-                    vaddr,
-                    source: io::Error::other(e.to_string()),
-                }
-                .into()
-            })
-        };
+        let write = |vaddr: u64, data: &[u8]| write_over(mems, host, vaddr, data);
         // Pages to write over, gathered while they follow each other.
         let mut over: Option<(u64, usize)> = None;
         for (i, page) in run.data.chunks_exact(PAGE).enumerate() {
@@ -730,6 +707,29 @@ fn put_pages(
         }
     }
     Ok(pages)
+}
+
+/// Writes `data` at `vaddr` of `host` through its memory file (the one in `mems`, if open):
+/// over pages that are in, or after the hand-off, where the daemon serves any fault.
+fn write_over(
+    mems: &HashMap<Pid, tracee::RemoteMem>,
+    host: Pid,
+    vaddr: u64,
+    data: &[u8],
+) -> Result<(), RestoreError> {
+    let at = tracee::RemoteAddr(vaddr);
+    let written = match mems.get(&host) {
+        Some(m) => m.write_at(at, data),
+        None => tracee::RemoteMem::open(host).and_then(|m| m.write_at(at, data)),
+    };
+    written.map_err(|e| {
+        PreparedError::WritePages {
+            pid: host,
+            vaddr,
+            source: io::Error::other(e.to_string()),
+        }
+        .into()
+    })
 }
 
 /// Thread `j` of a process (0: the leader).
