@@ -1204,7 +1204,9 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     } = first_round(pid, &s1_opts)?;
     let mut held = None;
     if let Some((tracking, set)) = tracked {
-        let set = SwitchPages::written_until_now(pid, set);
+        // What was written since T too, looked at after S1's page scan: a page first
+        // touched after T is not the round's (S2 collects it).
+        let set = crate::track::with_written_since(pid, set);
         // The pages unwritten since the previous round are the parent's: the destination
         // holds that round (it restores from our images' `parent`, or fails, and then
         // the process runs on here).

@@ -44,7 +44,7 @@ use tracee::dirty::{BackendKind, DirtySet, PageRange, VmaDirty};
 use tracee::memory::{self, RemoteRange};
 use tracee::{Pid, RemoteAddr, PAGE_SIZE};
 
-use crate::collect::{self, ProcessState};
+use crate::collect::ProcessState;
 use crate::track::Tracking;
 use crate::{release, seize, DumpError, DumpOptions};
 
@@ -66,19 +66,10 @@ impl SwitchPages {
     /// page is saved).
     pub fn start(pid: Pid, opts: &DumpOptions) -> Result<(Tracking, Option<DirtySet>), DumpError> {
         crate::refuse_children(pid, "a prepared dump after rounds")?;
-        let maps = |pid| {
-            tracee::proc::maps::read(pid).map_err(|source| {
-                DumpError::Collect(collect::CollectError::Proc {
-                    pid,
-                    what: "maps",
-                    source,
-                })
-            })
-        };
         let started = std::time::Instant::now();
         // The rounds' tracking, taken over while the process runs: no freeze at all.
         if let Some(mut tracking) = Tracking::attach_running(pid, opts) {
-            let set = tracking.collect(&maps(pid)?)?;
+            let set = tracking.collect(&crate::maps_of(pid)?)?;
             tracing::info!(
                 us = started.elapsed().as_micros() as u64,
                 "T: tracking taken over"
@@ -91,7 +82,7 @@ impl SwitchPages {
             ..opts.clone()
         };
         let mut tracking = Tracking::start(&mut process, &tracked)?;
-        let set = tracking.collect(&maps(pid)?)?;
+        let set = tracking.collect(&crate::maps_of(pid)?)?;
         process
             .resume()
             .map_err(|source| DumpError::Release(release::ReleaseError::Resume { pid, source }))?;
@@ -100,13 +91,6 @@ impl SwitchPages {
             "T: tracking armed, frozen"
         );
         Ok((tracking, set))
-    }
-
-    /// S1's dirty set: what T found written since the previous round, and what was
-    /// written since T (see [`crate::track::with_written_since`]; S2 collects it). Call it
-    /// after S1's page scan.
-    pub fn written_until_now(pid: Pid, set: Option<DirtySet>) -> Option<DirtySet> {
-        crate::track::with_written_since(pid, set)
     }
 
     /// After S1: keeps the tracking for S2 with S1's VMAs and lazy pages.
