@@ -59,6 +59,7 @@ use std::os::fd::OwnedFd;
 use images_format::pb::TaskCoreEntry;
 use images_format::vma::VmaStatus;
 use tracee::proc::{self, ProcError};
+use tracee::syscall_watch::Counts;
 use tracee::{Pid, SeizedTree, SyscallWatch, Tid};
 
 use super::{
@@ -151,8 +152,8 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Watch {
     watch: SyscallWatch,
-    /// Each thread's count when the first look ended: its own injected syscalls count.
-    baseline: Vec<(Tid, u64)>,
+    /// The counts when the first look ended: its own injected syscalls count.
+    baseline: Counts,
     held: Held,
     /// Every process's threads at the first look, in freeze order.
     threads: Vec<(Pid, Vec<Tid>)>,
@@ -196,6 +197,7 @@ pub fn watch_before_freeze(root: Pid) -> Result<Counters, String> {
     let watch = SyscallWatch::open(&tids, &allowed).map_err(|e| error_chain(&e))?;
     tracing::info!(
         threads = tids.len(),
+        per_cpu = watch.per_cpu(),
         open_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
         "syscall watch opened"
     );
@@ -205,7 +207,7 @@ pub fn watch_before_freeze(root: Pid) -> Result<Counters, String> {
 impl Counters {
     /// Every watched thread's count now: compared across the freezes of one look (see
     /// [`arm`]), what grows between them is the tree's own doing.
-    pub fn counts(&self) -> Result<Vec<(Tid, u64)>, String> {
+    pub fn counts(&self) -> Result<Counts, String> {
         self.watch.counts().map_err(|e| error_chain(&e))
     }
 }
@@ -266,7 +268,7 @@ fn fit(state: &TreeState) -> Result<(), String> {
 #[derive(Debug)]
 pub struct Armed {
     watch: SyscallWatch,
-    baseline: Vec<(Tid, u64)>,
+    baseline: Counts,
     threads: Vec<(Pid, Vec<Tid>)>,
 }
 
@@ -326,13 +328,11 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// freeze. `Err` says why not.
 pub fn verdict(watch: &Watch, tree: &SeizedTree) -> Result<(), String> {
     let counts = watch.watch.counts().map_err(|e| error_chain(&e))?;
-    for ((tid, n), (_, before)) in counts.iter().zip(&watch.baseline) {
-        if n != before {
-            let n = n.wrapping_sub(*before);
-            return Err(format!(
-                "tid {tid} made {n} syscall(s) outside the allowlist"
-            ));
-        }
+    if counts != watch.baseline {
+        let n = counts.since(&watch.baseline);
+        return Err(format!(
+            "the tree made {n} syscall(s) outside the allowlist"
+        ));
     }
     if let Some((pid, _)) = tree.zombies().first() {
         return Err(format!("pid {pid} is a zombie now"));
