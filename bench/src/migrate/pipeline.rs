@@ -985,8 +985,12 @@ impl Migration<'_> {
                 .join(" ")
         );
         self.note(line);
-        let child =
-            super::workload::spawn_in(&ns, cmd, &out).with_context(|| format!("spawn {name}"))?;
+        let priority = match side {
+            Side::Destination => super::workload::Priority::Idle,
+            Side::Source | Side::Clients => super::workload::Priority::Normal,
+        };
+        let child = super::workload::spawn_in(&ns, cmd, &out, priority)
+            .with_context(|| format!("spawn {name}"))?;
         Ok(Proc {
             name: name.to_string(),
             child,

@@ -334,12 +334,25 @@ impl ClientStats {
     }
 }
 
+/// The scheduling a program of the testbed runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// The normal policy: the workloads, the source's tools, the clients.
+    Normal,
+    /// `SCHED_IDLE`, for the destination's programs: both hosts share this machine's CPUs,
+    /// and on two machines the destination's work could not take the source's CPU from the
+    /// process being migrated. Under `SCHED_IDLE` it runs on the CPU time no normal task
+    /// wants, and never preempts one. What the destination restores gets back the
+    /// scheduling it was dumped with.
+    Idle,
+}
+
 /// Spawns `cmd` inside the network namespace at `ns` (and nothing else: `ip netns exec` would
 /// also give it a mount namespace of its own), with output to `log`. From a thread that
 /// enters the namespace first (a network namespace is a thread's own, and children start in
 /// their parent thread's): `nsenter` would cost an exec more per program, a millisecond of
 /// CPU, inside the measured preparation when it starts a tool, on this machine of two CPUs.
-pub fn spawn_in(ns: &Path, cmd: &Command, log: &Path) -> Result<Child> {
+pub fn spawn_in(ns: &Path, cmd: &Command, log: &Path, priority: Priority) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone().context("dup log file")?;
     let mut full = Command::new(cmd.get_program());
@@ -353,6 +366,10 @@ pub fn spawn_in(ns: &Path, cmd: &Command, log: &Path) -> Result<Child> {
             .spawn(|| {
                 nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .with_context(|| format!("enter {}", ns.display()))?;
+                // The child inherits its parent thread's policy; this thread ends here.
+                if priority == Priority::Idle {
+                    tracee::taskinfo::idle_policy().context("SCHED_IDLE")?;
+                }
                 full.spawn().context("spawn")
             })
             .join()
