@@ -457,14 +457,18 @@ fn switch_over(
     let judge_us = micros(judging.elapsed());
     let delta_bytes: usize = images.iter().map(|i| i.bytes.len()).sum();
     let later: Vec<&NamedImage> = images.iter().filter(|i| !read_by_daemon(&i.name)).collect();
+    let pin = std::cell::Cell::new(pin.take());
     let mut on_running = |pid: Pid, path: &'static str| -> Result<(), RestoreError> {
         switch::write_message(link, &SwitchMessage::Resumed, false)
             .map_err(PreparedError::Resumed)?;
         *resumed = true;
         let us = micros(received.elapsed());
         // The tree runs: the rest of our work is off its way, from real time straight to
-        // the lowest priority (see `crate::step_aside`).
+        // the lowest priority (see `crate::step_aside`), and free to leave the CPU the
+        // tree may now run on: pinned there at the lowest priority, we would wait for the
+        // program to give the CPU up.
         end_hurry(hurried, Some(crate::ASIDE_NICE));
+        drop(pin.take());
         tracing::info!(%pid, path, us, "prepared switch: delta received to tree resumed");
         // The directory is the final image set again (the fallback wrote them all).
         if path == "fast" {
