@@ -56,9 +56,9 @@
 //! open the syscall watch's counters; read ahead each process's stat, status and auxv and
 //!     the vdso's syscall, and ask the CPU its xsave layout (nothing of it in a freeze)
 //! F1  registers, xsave, masks, pending signals, stop state, rseq, seccomp filters: ptrace
-//!     reads, no injection; counts c1; release; the leaders' personalities from /proc; 2 ms
+//!     reads, no injection; counts c1; release; the leaders' personalities from /proc; 1 ms
 //! F2  counts must be c1; injected into each leader: brk, dumpable, THP; counts c2;
-//!     release; 2 ms
+//!     release; 1 ms
 //! F3  counts must be c2; injected: child subreaper, membarrier, MDWE; counts c3; ...
 //! F4  injected: dispositions (of the signals the status read ahead names) and timers; ...
 //! F5+ injected into two threads of each process at a time: sigaltstack, parent-death
@@ -357,7 +357,7 @@ fn injection_steps(most: usize) -> Vec<collect::Injected> {
 }
 
 /// How long the tree runs between two of S1's freezes that have nothing to read between.
-const BETWEEN_FREEZES: Duration = Duration::from_millis(2);
+const BETWEEN_FREEZES: Duration = Duration::from_millis(1);
 
 /// One of S1's freezes: the tree, how long freezing took, when it was frozen.
 struct S1Freeze {
