@@ -484,7 +484,7 @@ impl Cell<'_> {
             &self.bed.ns_path(Side::Source),
             &cmd,
             &self.dir.join("workload.out"),
-            workload::Priority::Normal,
+            workload::Placement::Workload,
         )?);
         workload::wait_ready(&stamps, &mut source.0, Duration::from_secs(120))?;
         let client_stats = self.dir.join("client.stats");
@@ -493,7 +493,7 @@ impl Cell<'_> {
                 &self.bed.ns_path(Side::Clients),
                 &workload::client_command(self.bin, &client_stats),
                 &self.dir.join("client.out"),
-                workload::Priority::Normal,
+                workload::Placement::Source,
             )?;
             Some(SourceGuard(child))
         } else {

@@ -659,16 +659,21 @@ impl Migration<'_> {
             args.push("--compress-pages".into());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let link = self.open_transfer(&dst)?;
-        self.restore_ready(&mut restored)?;
-        let daemon = if lazy {
-            self.start_daemon(&dst, &port_s).map(Some)
-        } else {
-            Ok(None)
-        };
+        // The dump first: its first round runs while the destination gets ready (the
+        // restore and the daemon connect to it, and wait for it to listen).
         let dump = self.tools.dump.clone();
         let mut server = self.tool(Side::Source, "ckpt-dump --prepare", &dump, &args)?;
-        let result = daemon.and_then(|mut daemon| {
+        let link = self.open_transfer(&dst);
+        let daemon = link.and_then(|link| {
+            self.restore_ready(&mut restored)?;
+            let daemon = if lazy {
+                Some(self.start_daemon(&dst, &port_s)?)
+            } else {
+                None
+            };
+            Ok((link, daemon))
+        });
+        let result = daemon.and_then(|(link, mut daemon)| {
             // The prepared images: written while the process runs on.
             wait_for_images(&src.join("inventory.img"), &mut server, self.step_timeout)?;
             self.transfer(link, &src, &dst)?;
@@ -985,11 +990,11 @@ impl Migration<'_> {
                 .join(" ")
         );
         self.note(line);
-        let priority = match side {
-            Side::Destination => super::workload::Priority::Idle,
-            Side::Source | Side::Clients => super::workload::Priority::Normal,
+        let placement = match side {
+            Side::Destination => super::workload::Placement::Destination,
+            Side::Source | Side::Clients => super::workload::Placement::Source,
         };
-        let child = super::workload::spawn_in(&ns, cmd, &out, priority)
+        let child = super::workload::spawn_in(&ns, cmd, &out, placement)
             .with_context(|| format!("spawn {name}"))?;
         Ok(Proc {
             name: name.to_string(),

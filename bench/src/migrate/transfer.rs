@@ -55,6 +55,8 @@ impl Link {
         let to = to.to_path_buf();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let receiver = in_netns(dst_ns, move || {
+            // The destination's half (see `workload::Placement`).
+            super::workload::Placement::Destination.apply()?;
             let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"));
             let _ = ready_tx.send(listener.is_ok());
             receive(&listener?, &to, compress)

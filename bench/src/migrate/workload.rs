@@ -334,17 +334,50 @@ impl ClientStats {
     }
 }
 
-/// The scheduling a program of the testbed runs under.
+/// Where a program of the testbed runs. Both hosts share this machine's CPUs; on two
+/// machines the destination's work could not take the CPU from the process being
+/// migrated. So the workload has the first CPU to itself as far as the destination goes:
+/// the destination's programs run on the other CPUs, and under `SCHED_IDLE` (on CPU time
+/// no normal task wants: the source's tools, which may run anywhere as they would on the
+/// source's other CPUs, come first). What the destination restores gets back the
+/// scheduling and the affinity it was dumped with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priority {
-    /// The normal policy: the workloads, the source's tools, the clients.
-    Normal,
-    /// `SCHED_IDLE`, for the destination's programs: both hosts share this machine's CPUs,
-    /// and on two machines the destination's work could not take the source's CPU from the
-    /// process being migrated. Under `SCHED_IDLE` it runs on the CPU time no normal task
-    /// wants, and never preempts one. What the destination restores gets back the
-    /// scheduling it was dumped with.
-    Idle,
+pub enum Placement {
+    /// The workload: the first CPU.
+    Workload,
+    /// The source's tools and the clients: anywhere, the normal policy.
+    Source,
+    /// The destination's programs: the other CPUs, `SCHED_IDLE`.
+    Destination,
+}
+
+impl Placement {
+    /// Applies the placement to the calling thread, for a child to inherit. On a machine
+    /// of one CPU only the policy changes.
+    pub fn apply(self) -> Result<()> {
+        let online = rustix::thread::sched_getaffinity(None).context("sched_getaffinity")?;
+        let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| online.is_set(c))
+            .collect();
+        let (first, rest) = match cpus.split_first() {
+            Some((first, rest)) if !rest.is_empty() => (*first, rest),
+            _ => (0, &[][..]),
+        };
+        let mut set = rustix::thread::CpuSet::new();
+        match self {
+            Placement::Source => return Ok(()),
+            Placement::Workload if !rest.is_empty() => set.set(first),
+            Placement::Destination => {
+                tracee::taskinfo::idle_policy().context("SCHED_IDLE")?;
+                rest.iter().for_each(|&c| set.set(c));
+            }
+            Placement::Workload => {}
+        }
+        if !rest.is_empty() {
+            rustix::thread::sched_setaffinity(None, &set).context("sched_setaffinity")?;
+        }
+        Ok(())
+    }
 }
 
 /// Spawns `cmd` inside the network namespace at `ns` (and nothing else: `ip netns exec` would
@@ -352,7 +385,7 @@ pub enum Priority {
 /// enters the namespace first (a network namespace is a thread's own, and children start in
 /// their parent thread's): `nsenter` would cost an exec more per program, a millisecond of
 /// CPU, inside the measured preparation when it starts a tool, on this machine of two CPUs.
-pub fn spawn_in(ns: &Path, cmd: &Command, log: &Path, priority: Priority) -> Result<Child> {
+pub fn spawn_in(ns: &Path, cmd: &Command, log: &Path, placement: Placement) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone().context("dup log file")?;
     let mut full = Command::new(cmd.get_program());
@@ -366,10 +399,9 @@ pub fn spawn_in(ns: &Path, cmd: &Command, log: &Path, priority: Priority) -> Res
             .spawn(|| {
                 nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .with_context(|| format!("enter {}", ns.display()))?;
-                // The child inherits its parent thread's policy; this thread ends here.
-                if priority == Priority::Idle {
-                    tracee::taskinfo::idle_policy().context("SCHED_IDLE")?;
-                }
+                // The child inherits its parent thread's policy and affinity; this thread
+                // ends here.
+                placement.apply()?;
                 full.spawn().context("spawn")
             })
             .join()
