@@ -1104,8 +1104,8 @@ impl AfterSwitch {
             &self.vanished,
         );
         // Closing the last counter of the tracepoint waits for RCU grace periods (tens of
-        // milliseconds): never where the daemon's first requests would wait behind it, nor
-        // in the way of our exit, the end of the migration for whoever waits for it.
+        // milliseconds): never in the way of our exit, the end of the migration for whoever
+        // waits for it. (The updater closes it before anything else.)
         if let Some(watch) = self.watch {
             watch.close_detached();
         }
@@ -1220,7 +1220,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
             .first()
             .map(|p| SwitchPages::after_s1(tracking, p));
     }
-    let watch = watch
+    let mut watch = watch
         .map_err(|why| tracing::info!(%why, "S2 will collect in full"))
         .ok();
     let images = write::images_of_running(&state, &s1_opts, &mut s1_stats)?;
@@ -1236,6 +1236,11 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         "prepared images written"
     );
     let prepared = read_images(&opts.images_dir, &names)?;
+    // While the destination builds: the closing of the watch after the switch then forks
+    // nothing (see `SyscallWatch::prepare_close`).
+    if let Some(watch) = watch.as_mut() {
+        watch.prepare_close();
+    }
 
     let ready = wait_ready(&listener, opts.lazy_connect_timeout, pid)?;
     let mut switch_stream = ready.switch;
@@ -1258,10 +1263,16 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
                 Err(error) => tracing::debug!(%error, "-D is updated at normal priority"),
             }
             // Nothing comes when S2 fails: the main thread then keeps it all.
-            if let Ok(work) = updates.recv() {
-                // Not among the destination's first faults either: closing the watch
-                // runs kernel code that does not yield the CPU at once, and writing -D
-                // keeps a CPU busy that the restored tree may wake on.
+            if let Ok(mut work) = updates.recv() {
+                // The watch first: while its tracepoint is on, every syscall of every
+                // process on this machine takes the slow path (a getpid costs twice as
+                // much), and it has nothing left to watch. Its closer is made already: no
+                // fork here to hold up the serving of the first faults.
+                if let Some(watch) = work.watch.take() {
+                    watch.close_detached();
+                }
+                // Not among the destination's first faults: writing -D keeps a CPU busy
+                // that the restored tree may wake on.
                 let _ = serving.recv_timeout(UPDATE_DELAY);
                 work.run();
             }

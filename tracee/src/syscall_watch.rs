@@ -192,6 +192,9 @@ fn in_initial_pid_namespace() -> bool {
 pub struct SyscallWatch {
     tids: Vec<Tid>,
     counters: Counters,
+    /// The write end of the pipe a closer process waits on (see
+    /// [`SyscallWatch::prepare_close`]).
+    closer: Option<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -377,6 +380,7 @@ impl SyscallWatch {
         Ok(SyscallWatch {
             tids: tids.to_vec(),
             counters: Counters::Threads(fds),
+            closer: None,
         })
     }
 
@@ -407,6 +411,7 @@ impl SyscallWatch {
         Some(SyscallWatch {
             tids: tids.to_vec(),
             counters: Counters::Cpus { cpus, fds },
+            closer: None,
         })
     }
 
@@ -420,14 +425,14 @@ impl SyscallWatch {
         matches!(self.counters, Counters::Cpus { .. })
     }
 
-    /// Closes the counters without the caller waiting for it. The last counter on the
-    /// tracepoint to close unregisters the kernel's probe, which waits for RCU grace
-    /// periods (40-50 ms measured here), and a process that exits with the counters open
-    /// waits the same in its exit. So a grandchild takes them over: this process closes its
-    /// copies (not the last ones), and only then does the grandchild close the last, off
-    /// every caller's path, and exit (reaped by whoever reaps orphans). If it cannot be
-    /// made, the counters close here.
-    pub fn close_detached(self) {
+    /// Makes the process that will close the counters for us ([`SyscallWatch::close_detached`])
+    /// now, ahead of time: the `fork` takes our address space's lock for as long as it
+    /// copies it, which threads serving a destination should not wait for. Idempotent;
+    /// if it cannot be made, the closing makes it, or closes here.
+    pub fn prepare_close(&mut self) {
+        if self.closer.is_some() {
+            return;
+        }
         let fds: Vec<libc::c_int> = self
             .counters
             .fds()
@@ -440,7 +445,7 @@ impl SyscallWatch {
             return;
         }
         let [read_end, write_end] = pipe;
-        let mut keep = fds.clone();
+        let mut keep = fds;
         keep.push(read_end);
         keep.sort_unstable();
         // SAFETY: the child and the grandchild call only async-signal-safe functions
@@ -473,9 +478,23 @@ impl SyscallWatch {
             // SAFETY: `child` is our child; `status` is a writable int.
             unsafe { libc::waitpid(child, &mut status, 0) };
         }
+        // SAFETY: `write_end` is a new fd of ours, owned by nothing else.
+        self.closer = Some(unsafe { OwnedFd::from_raw_fd(write_end) });
+    }
+
+    /// Closes the counters without the caller waiting for it. The last counter on the
+    /// tracepoint to close unregisters the kernel's probe, which waits for RCU grace
+    /// periods (40-50 ms measured here), and a process that exits with the counters open
+    /// waits the same in its exit. So a grandchild ([`SyscallWatch::prepare_close`]) holds
+    /// copies of them: this process closes its own (not the last ones), then the pipe the
+    /// grandchild waits on, and the grandchild closes the last, off every caller's path,
+    /// and exits (reaped by whoever reaps orphans). Without a grandchild, the counters
+    /// close here.
+    pub fn close_detached(mut self) {
+        self.prepare_close();
+        let closer = self.closer.take();
         drop(self);
-        // SAFETY: `write_end` is ours alone; closing it tells the grandchild to go on.
-        unsafe { libc::close(write_end) };
+        drop(closer);
     }
 
     /// What each counter counted of the syscalls outside the allowlist since the watch was

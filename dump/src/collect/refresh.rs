@@ -165,6 +165,12 @@ impl Watch {
     pub fn close_detached(self) {
         self.watch.close_detached();
     }
+
+    /// Makes the closer of [`Watch::close_detached`] ahead of time (see
+    /// [`SyscallWatch::prepare_close`]).
+    pub fn prepare_close(&mut self) {
+        self.watch.prepare_close();
+    }
 }
 
 /// Every thread of the tree under `root` now, from `/proc` (the tree runs).
