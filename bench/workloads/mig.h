@@ -18,6 +18,8 @@
  *   0 magic   8 iterations   16 last_ns   24 verify_request   32 result (0 pending, 1 pass, 2 fail)
  *   40 ngaps  48 start_ns    56 gap_threshold_ns   64 pid   72 ready   80 message[176]
  *   256 gaps[MIG_GAPS] of {start_ns, end_ns}
+ *   256 + 16 * MIG_GAPS   gap_iterations[MIG_GAPS]: the iteration count at each gap's end (the
+ *   same slot as the gap), from which the harness counts what the process did after a resume
  */
 #ifndef MIG_H
 #define MIG_H
@@ -59,9 +61,10 @@ struct mig_stamps {
 	uint64_t ready;
 	char message[176];
 	struct mig_gap gaps[MIG_GAPS];
+	uint64_t gap_iterations[MIG_GAPS];
 };
 
-_Static_assert(sizeof(struct mig_stamps) == 256 + 16 * MIG_GAPS, "layout read by the harness");
+_Static_assert(sizeof(struct mig_stamps) == 256 + 24 * MIG_GAPS, "layout read by the harness");
 
 static struct mig_stamps mig_head; /* only the 256-byte header part is used */
 static int mig_fd = -1;
@@ -161,7 +164,10 @@ static inline void mig_tick(void)
 	mig_head.iterations++;
 	if (now - mig_last > mig_threshold) {
 		struct mig_gap gap = {mig_last, now};
-		mig_put(&gap, sizeof gap, MIG_HEAD + (mig_head.ngaps % MIG_GAPS) * sizeof gap);
+		uint64_t slot = mig_head.ngaps % MIG_GAPS;
+		mig_put(&gap, sizeof gap, MIG_HEAD + slot * sizeof gap);
+		mig_put(&mig_head.iterations, sizeof mig_head.iterations,
+			offsetof(struct mig_stamps, gap_iterations) + slot * sizeof(uint64_t));
 		mig_head.ngaps++;
 		MIG_PUT(ngaps);
 	}

@@ -136,7 +136,14 @@ pub struct Run {
     pub postprocessing_ms: f64,
     pub total_ms: f64,
     pub bytes: u64,
+    /// The time the fixed work took longer than unmigrated, from the request on: the
+    /// preparation's cost to the process, the down time and what follows the resume.
     pub execution_delay_ms: f64,
+    /// The part of it after the process resumed at the destination (its faults, cold
+    /// caches, the tools still at work beside it): the thesis's Tables 5.2 and 5.4, "the
+    /// additional execution time needed after migration", which leave the down time out.
+    /// `None` if the resume's gap is not in the workload's ring.
+    pub delay_after_resume_ms: Option<f64>,
     pub verified: bool,
     pub verdict: String,
     pub round_pages: Vec<u64>,
@@ -230,6 +237,8 @@ pub fn run(args: MigrateArgs) -> Result<()> {
         rounds: args.rounds.max(1),
         max_dirty_percent: args.max_dirty.min(100),
     };
+    // The harness keeps off the workload's CPU; what it starts inherits that.
+    workload::Placement::Source.apply()?;
     let mut runs = Vec::new();
     let started = Instant::now();
     let mut current_bw = None;
@@ -441,6 +450,7 @@ impl Cell<'_> {
             total_ms: 0.0,
             bytes: 0,
             execution_delay_ms: 0.0,
+            delay_after_resume_ms: None,
             verified: false,
             verdict: String::new(),
             round_pages: Vec::new(),
@@ -536,6 +546,12 @@ impl Cell<'_> {
         let result = migration.run(self.algorithm);
         *port = migration.next_port;
         let outcome = std::mem::take(&mut migration.outcome);
+        // The workload's progress as the migration ends, published after the resume: what
+        // it did since the resume, against the time since, is the delay after the resume.
+        let at_done = match &result {
+            Ok(_) => progress_since(&stamps, outcome.t_resumed),
+            Err(_) => None,
+        };
         run.steps = outcome.steps.clone();
         run.round_pages = outcome.round_pages.clone();
         run.round_held = outcome.round_held.clone();
@@ -578,6 +594,12 @@ impl Cell<'_> {
         let wall = after.last_ns.saturating_sub(start.last_ns) as f64;
         if rate > 0.0 {
             run.execution_delay_ms = (wall - did / rate) / 1e6;
+            run.delay_after_resume_ms = at_done.as_ref().and_then(|done| {
+                let at_resume = after.iterations_at_gap_end(outcome.t_resumed)?;
+                let wall = done.last_ns.saturating_sub(outcome.t_resumed) as f64;
+                let did = done.iterations.saturating_sub(at_resume) as f64;
+                Some((wall - did / rate) / 1e6)
+            });
         }
         run.pages_resent = match self.algorithm {
             // Round 1 sends every page: what follows is sent again.
@@ -629,6 +651,22 @@ impl Cell<'_> {
             workload::wait_verdict(stamps, Duration::from_secs(30)),
             Ok((true, _))
         )
+    }
+}
+
+/// The workload's progress once it has published some after `resumed` (it publishes every
+/// millisecond), within 100 ms; `None` if it did not.
+fn progress_since(stamps: &Path, resumed: u64) -> Option<Stamps> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        let now = Stamps::read(stamps).ok()?;
+        if now.last_ns > resumed {
+            return Some(now);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 

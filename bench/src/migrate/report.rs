@@ -97,6 +97,7 @@ fn run_json(run: &Run) -> Value {
         "total_ms": run.total_ms,
         "bytes": run.bytes,
         "execution_delay_ms": run.execution_delay_ms,
+        "delay_after_resume_ms": run.delay_after_resume_ms,
         "verified": run.verified,
         "repetition": run.repetition,
         "verdict": run.verdict,
@@ -149,6 +150,20 @@ fn cell(values: &[f64], thesis: Option<f64>) -> String {
     }
 }
 
+/// The execution delay after the resume beside the thesis's figure (its tables hold that
+/// part), then the whole delay from the request in brackets.
+fn delay_cell(runs: &[&&Run], thesis: Option<f64>) -> String {
+    let after: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.delay_after_resume_ms)
+        .collect();
+    let total: Vec<f64> = runs.iter().map(|r| r.execution_delay_ms).collect();
+    let total = spread(&total)
+        .map(|(m, _, _)| format!(" (from the request: {m:.1})"))
+        .unwrap_or_default();
+    format!("{}{total}", cell(&after, thesis))
+}
+
 type Key = (Option<u32>, WorkloadKind);
 
 pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()> {
@@ -169,8 +184,11 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
         md,
         "Each cell: ours (median, and min-max over {repetitions} repetition(s)) / the thesis's \
          figure where it measured one (Noack 2003, Tables 5.1, 5.3, 5.6; execution delay 5.2, \
-         5.4). Milliseconds. Down time is the longest gap in the workload's own loop during the \
-         migration. Bytes: everything on the migration link, both directions, headers included. \
+         5.4). Milliseconds. Execution delay: how much longer the workload's work took than \
+         unmigrated after it resumed at the destination, as the thesis's tables count it (\"the \
+         additional execution time needed after migration\", the down time apart), then in \
+         brackets the whole delay from the request, preparation and down time included. \
+         Down time is the longest gap in the workload's own loop during the migration. Bytes: everything on the migration link, both directions, headers included. \
          A failed cell shows the step that failed; it is never left out. \"(prepared)\": the \
          destination rebuilt the process from a first dump before the freeze \
          (`ckpt-dump --prepare`, `ckpt-restore --prepared`), so its preparation includes that.\n"
@@ -254,10 +272,7 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
                 cell(&col(|r| r.postprocessing_ms), thesis.map(|t| t.post)),
                 cell(&col(|r| r.total_ms), thesis.map(|t| t.total)),
                 bytes,
-                cell(
-                    &col(|r| r.execution_delay_ms),
-                    thesis_delay(*kind, bandwidth, algorithm)
-                ),
+                delay_cell(&ok, thesis_delay(*kind, bandwidth, algorithm)),
                 verified,
                 ok.len(),
                 timeouts,

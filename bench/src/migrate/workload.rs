@@ -16,6 +16,8 @@ pub const UDP_PORT: u16 = 7777;
 const MAGIC: u64 = 0x504d_4154_5347_4d43;
 const HEADER: usize = 256;
 const GAP_SLOTS: u64 = 16384;
+/// Where the ring of the gaps' iteration counts starts, after the ring of the gaps.
+const GAP_ITERATIONS: usize = HEADER + 16 * GAP_SLOTS as usize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum WorkloadKind {
@@ -150,11 +152,13 @@ pub struct Stamps {
     pub message: String,
     /// Gaps longer than the workload's threshold, oldest first (the ring keeps the last 16384).
     pub gaps: Vec<(u64, u64)>,
+    /// The iteration count at the end of each gap of `gaps`.
+    pub gap_iterations: Vec<u64>,
 }
 
 impl Stamps {
     /// The iteration count alone, from the header: cheap enough to poll while the tools
-    /// work (the whole file, gap ring included, is 256 KiB).
+    /// work (the whole file, gap rings included, is 384 KiB).
     pub fn iterations(path: &Path) -> Result<u64> {
         use std::io::Read as _;
         let mut head = [0u8; 16];
@@ -182,6 +186,7 @@ impl Stamps {
         let ngaps = field(5);
         let first = ngaps.saturating_sub(GAP_SLOTS);
         let mut gaps = Vec::new();
+        let mut gap_iterations = Vec::new();
         for n in first..ngaps {
             let Ok(slot) = usize::try_from(n % GAP_SLOTS) else {
                 continue;
@@ -195,6 +200,7 @@ impl Stamps {
             };
             if let (Some(start), Some(end)) = (word(at), word(at + 8)) {
                 gaps.push((start, end));
+                gap_iterations.push(word(GAP_ITERATIONS + slot * 8).unwrap_or(0));
             }
         }
         let message = bytes
@@ -215,7 +221,16 @@ impl Stamps {
             },
             message,
             gaps,
+            gap_iterations,
         })
+    }
+
+    /// How many iterations the process had made when the gap ending at `end` (ns) ended.
+    pub fn iterations_at_gap_end(&self, end: u64) -> Option<u64> {
+        self.gaps
+            .iter()
+            .position(|&(_, e)| e == end)
+            .and_then(|i| self.gap_iterations.get(i).copied())
     }
 
     /// The longest gap inside `[from, to]` (ns), in ns; a gap reaching outside counts only
@@ -334,18 +349,23 @@ impl ClientStats {
     }
 }
 
+/// Where the kernel lists the CPUs online.
+const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
+
 /// Where a program of the testbed runs. Both hosts share this machine's CPUs; on two
 /// machines the destination's work could not take the CPU from the process being
-/// migrated. So the workload has the first CPU to itself as far as the destination goes:
-/// the destination's programs run on the other CPUs, and under `SCHED_IDLE` (on CPU time
-/// no normal task wants: the source's tools, which may run anywhere as they would on the
-/// source's other CPUs, come first). What the destination restores gets back the
-/// scheduling and the affinity it was dumped with.
+/// migrated, nor the source's work (once it resumed) from the migrated one. So the
+/// workload has the first CPU, and stays there at the destination (its affinity migrates
+/// with it); everything else runs on the other CPUs: the harness, the source's tools (as on
+/// a source host's second CPU; a dump still pins itself beside the thread it injects into,
+/// while the process is frozen) and the clients under the normal policy, the destination's
+/// programs under `SCHED_IDLE` (on CPU time no normal task wants). What the destination
+/// restores gets back the scheduling and the affinity it was dumped with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
     /// The workload: the first CPU.
     Workload,
-    /// The source's tools and the clients: anywhere, the normal policy.
+    /// The harness, the source's tools and the clients: the other CPUs, the normal policy.
     Source,
     /// The destination's programs: the other CPUs, `SCHED_IDLE`.
     Destination,
@@ -355,9 +375,15 @@ impl Placement {
     /// Applies the placement to the calling thread, for a child to inherit. On a machine
     /// of one CPU only the policy changes.
     pub fn apply(self) -> Result<()> {
-        let online = rustix::thread::sched_getaffinity(None).context("sched_getaffinity")?;
-        let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
-            .filter(|&c| online.is_set(c))
+        // The machine's CPUs, not this thread's: it may have been placed already.
+        let online = std::fs::read_to_string(CPUS_ONLINE)
+            .ok()
+            .and_then(|text| tracee::syscall_watch::parse_cpu_list(&text))
+            .with_context(|| format!("read {CPUS_ONLINE}"))?;
+        let cpus: Vec<usize> = online
+            .into_iter()
+            .filter_map(|c| usize::try_from(c).ok())
+            .filter(|&c| c < rustix::thread::CpuSet::MAX_CPU)
             .collect();
         let (first, rest) = match cpus.split_first() {
             Some((first, rest)) if !rest.is_empty() => (*first, rest),
@@ -365,13 +391,12 @@ impl Placement {
         };
         let mut set = rustix::thread::CpuSet::new();
         match self {
-            Placement::Source => return Ok(()),
-            Placement::Workload if !rest.is_empty() => set.set(first),
+            Placement::Workload => set.set(first),
+            Placement::Source => rest.iter().for_each(|&c| set.set(c)),
             Placement::Destination => {
                 tracee::taskinfo::idle_policy().context("SCHED_IDLE")?;
                 rest.iter().for_each(|&c| set.set(c));
             }
-            Placement::Workload => {}
         }
         if !rest.is_empty() {
             rustix::thread::sched_setaffinity(None, &set).context("sched_setaffinity")?;
@@ -423,6 +448,29 @@ mod tests {
         assert_eq!(stamps.longest_gap(0, 400), 200);
         assert_eq!(stamps.longest_gap(2000, 3000), 0);
         assert_eq!(stamps.resumed_at(280), Some(1500));
+    }
+
+    #[test]
+    fn each_gap_carries_the_iteration_count_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stamps");
+        let mut bytes = vec![0u8; super::GAP_ITERATIONS + 8 * super::GAP_SLOTS as usize];
+        let mut put = |at: usize, v: u64| bytes[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        put(0, super::MAGIC);
+        put(8, 5000);
+        put(40, 2);
+        put(super::HEADER, 100);
+        put(super::HEADER + 8, 900);
+        put(super::HEADER + 16, 1000);
+        put(super::HEADER + 24, 1700);
+        put(super::GAP_ITERATIONS, 40);
+        put(super::GAP_ITERATIONS + 8, 2100);
+        std::fs::write(&path, &bytes).unwrap();
+        let stamps = Stamps::read(&path).unwrap();
+        assert_eq!(stamps.gaps, vec![(100, 900), (1000, 1700)]);
+        assert_eq!(stamps.iterations_at_gap_end(1700), Some(2100));
+        assert_eq!(stamps.iterations_at_gap_end(900), Some(40));
+        assert_eq!(stamps.iterations_at_gap_end(1000), None);
     }
 
     #[test]
