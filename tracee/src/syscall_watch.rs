@@ -50,6 +50,8 @@ const ATTR_DISABLED: u64 = 1;
 const READ_WITH_TIMES: u64 = 1 | 2;
 /// The inode of the initial PID namespace (`PROC_PID_INIT_INO`).
 const INITIAL_PID_NS_INO: u64 = 0xEFFF_FFFC;
+/// The nice value of the process that closes the counters last.
+const CLOSER_NICE: libc::c_int = 19;
 /// At most this many threads are named in one per-CPU filter: the kernel takes a filter of
 /// up to a page, and the allowlist takes its share of that.
 const MAX_TIDS_PER_CPU_FILTER: usize = 96;
@@ -459,6 +461,10 @@ impl SyscallWatch {
                 // process closes must not live on in this copy.
                 // SAFETY: this grandchild owns nothing but what it keeps, and only exits.
                 unsafe { close_all_but(&keep) };
+                // The closing is in nobody's way at the lowest priority (the tracepoint's
+                // switching off runs long stretches of kernel code that do not yield).
+                // SAFETY: plain integers; best effort, the result does not matter.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CLOSER_NICE) };
                 // EOF once the parent closed its counters and its end of the pipe.
                 let mut byte = 0u8;
                 // SAFETY: one writable byte; `read_end` is open here.
