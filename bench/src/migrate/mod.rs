@@ -3,7 +3,9 @@
 //! measured its five algorithms, and written next to its figures.
 //!
 //! Source and destination are network namespaces joined by a veth pair shaped with `tc tbf`
-//! (`testbed`); the destination restores into a fresh PID namespace. Each workload stamps
+//! (`testbed`); the destination restores into a fresh PID namespace. Both share this
+//! machine's CPUs: the workload has the first, the destination and the harness the others
+//! (`workload::Placement`). Each workload stamps
 //! CLOCK_MONOTONIC every iteration (`workloads/mig.h`), so the down time is the longest gap in
 //! its own loop during the migration, wherever it ran, faults included; after the migration it
 //! checks its own memory. A cell whose tool step fails is recorded as failed with the error.
@@ -12,7 +14,8 @@
 //! preparation = t0 .. final freeze; down time = longest loop gap in t0 .. end;
 //! post-processing = resumed at the destination .. last page moved and source gone;
 //! total = t0 .. end. Execution delay = wall time from t0 to a point after the end, minus the
-//! time the same iterations took before the migration.
+//! time the same iterations took before the migration; and its part after the resume (resume
+//! .. end), which is what the thesis's Tables 5.2 and 5.4 hold.
 
 mod chart;
 mod downtime;
@@ -238,7 +241,7 @@ pub fn run(args: MigrateArgs) -> Result<()> {
         max_dirty_percent: args.max_dirty.min(100),
     };
     // The harness keeps off the workload's CPU; what it starts inherits that.
-    workload::Placement::Source.apply()?;
+    workload::Placement::Harness.apply()?;
     let mut runs = Vec::new();
     let started = Instant::now();
     let mut current_bw = None;

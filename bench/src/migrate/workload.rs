@@ -354,26 +354,25 @@ const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
 
 /// Where a program of the testbed runs. Both hosts share this machine's CPUs; on two
 /// machines the destination's work could not take the CPU from the process being
-/// migrated, nor the source's work (once it resumed) from the migrated one. So the
-/// workload has the first CPU, and stays there at the destination (its affinity migrates
-/// with it); everything else runs on the other CPUs: the harness, the source's tools (as on
-/// a source host's second CPU; a dump still pins itself beside the thread it injects into,
-/// while the process is frozen) and the clients under the normal policy, the destination's
-/// programs under `SCHED_IDLE` (on CPU time no normal task wants). What the destination
-/// restores gets back the scheduling and the affinity it was dumped with.
+/// migrated. So the workload has the first CPU, and keeps it at the destination (its
+/// affinity migrates with it); the destination's programs and the harness run on the
+/// other CPUs. The source's tools may run anywhere, as on the source host: they keep off
+/// the program's CPU themselves while it runs, and while it is frozen that CPU is theirs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
     /// The workload: the first CPU.
     Workload,
-    /// The harness, the source's tools and the clients: the other CPUs, the normal policy.
+    /// The harness: the other CPUs (what it starts inherits that, unless placed).
+    Harness,
+    /// The source's tools and the clients: any CPU.
     Source,
-    /// The destination's programs: the other CPUs, `SCHED_IDLE`.
+    /// The destination's programs: the other CPUs.
     Destination,
 }
 
 impl Placement {
     /// Applies the placement to the calling thread, for a child to inherit. On a machine
-    /// of one CPU only the policy changes.
+    /// of one CPU, nothing.
     pub fn apply(self) -> Result<()> {
         // The machine's CPUs, not this thread's: it may have been placed already.
         let online = std::fs::read_to_string(CPUS_ONLINE)
@@ -392,11 +391,8 @@ impl Placement {
         let mut set = rustix::thread::CpuSet::new();
         match self {
             Placement::Workload => set.set(first),
-            Placement::Source => rest.iter().for_each(|&c| set.set(c)),
-            Placement::Destination => {
-                tracee::taskinfo::idle_policy().context("SCHED_IDLE")?;
-                rest.iter().for_each(|&c| set.set(c));
-            }
+            Placement::Harness | Placement::Destination => rest.iter().for_each(|&c| set.set(c)),
+            Placement::Source => cpus.iter().for_each(|&c| set.set(c)),
         }
         if !rest.is_empty() {
             rustix::thread::sched_setaffinity(None, &set).context("sched_setaffinity")?;
