@@ -12,6 +12,34 @@ use crate::proc::{self, ProcError};
 use rustix::io::Errno;
 use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
 
+/// Where the kernel lists the CPUs that may ever be online, and those online now.
+pub const CPUS_POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+pub const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+/// Parses a kernel CPU list (`0-3,8,10-11`); `None` if it is not one.
+pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let first: usize = first.parse().ok()?;
+                let last: usize = last.parse().ok()?;
+                if last < first {
+                    return None;
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    Some(cpus)
+}
+
+/// The CPU list in the sysfs file `path` ([`CPUS_ONLINE`], [`CPUS_POSSIBLE`]).
+pub fn cpu_list(path: &str) -> Option<Vec<usize>> {
+    parse_cpu_list(&std::fs::read_to_string(path).ok()?)
+}
+
 /// Pinning failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -206,6 +234,15 @@ impl crate::ptrace::Tracee {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_prints_them() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0,2-4,7"), Some(vec![0, 2, 3, 4, 7]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
 
     #[test]
     fn the_idlest_cpu_is_the_one_that_idled_most_in_between() {

@@ -31,6 +31,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use crate::cpu::{cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
 use crate::Tid;
 
 /// `PERF_TYPE_TRACEPOINT`: `config` is a tracepoint id.
@@ -55,9 +56,7 @@ const CLOSER_NICE: libc::c_int = 19;
 /// At most this many threads are named in one per-CPU filter: the kernel takes a filter of
 /// up to a page, and the allowlist takes its share of that.
 const MAX_TIDS_PER_CPU_FILTER: usize = 96;
-/// Where the kernel lists the CPUs that may ever be online, and those online now.
-const CPUS_POSSIBLE: &str = "/sys/devices/system/cpu/possible";
-const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
+
 /// Where tracefs shows the tracepoint's id: mounted on its own, or under debugfs.
 const TRACEPOINT_ID_PATHS: [&str; 2] = [
     "/sys/kernel/tracing/events/raw_syscalls/sys_enter/id",
@@ -86,7 +85,7 @@ struct PerfEventAttr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CounterOn {
     Thread(Tid),
-    Cpu(u32),
+    Cpu(usize),
 }
 
 impl std::fmt::Display for CounterOn {
@@ -161,28 +160,6 @@ pub fn per_cpu_filter_expression(tids: &[Tid], allowed: &[u32]) -> String {
     format!("({threads}) && {}", filter_expression(allowed))
 }
 
-/// A CPU list as the kernel writes it in sysfs (`0-3,6,8-9`).
-pub fn parse_cpu_list(text: &str) -> Option<Vec<u32>> {
-    let mut cpus = Vec::new();
-    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((first, last)) => {
-                let (first, last): (u32, u32) = (first.parse().ok()?, last.parse().ok()?);
-                if last < first {
-                    return None;
-                }
-                cpus.extend(first..=last);
-            }
-            None => cpus.push(part.parse().ok()?),
-        }
-    }
-    Some(cpus)
-}
-
-fn cpu_list(path: &str) -> Option<Vec<u32>> {
-    parse_cpu_list(&std::fs::read_to_string(path).ok()?)
-}
-
 /// Whether thread ids here are the ones the kernel's tracepoints show (`common_pid`).
 fn in_initial_pid_namespace() -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -204,7 +181,7 @@ enum Counters {
     /// One counter per thread, in the order of `tids`.
     Threads(Vec<OwnedFd>),
     /// One counter per CPU of `cpus`, every CPU there may be, all online at the opening.
-    Cpus { cpus: Vec<u32>, fds: Vec<OwnedFd> },
+    Cpus { cpus: Vec<usize>, fds: Vec<OwnedFd> },
 }
 
 impl Counters {
@@ -624,15 +601,6 @@ mod tests {
             worker.thread().unpark();
             worker.join().expect("worker");
         }
-    }
-
-    #[test]
-    fn cpu_lists_read_as_the_kernel_writes_them() {
-        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
-        assert_eq!(parse_cpu_list("0,2-4,7"), Some(vec![0, 2, 3, 4, 7]));
-        assert_eq!(parse_cpu_list("3"), Some(vec![3]));
-        assert_eq!(parse_cpu_list("4-2"), None);
-        assert_eq!(parse_cpu_list("x"), None);
     }
 
     #[test]

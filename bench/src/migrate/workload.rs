@@ -349,9 +349,6 @@ impl ClientStats {
     }
 }
 
-/// Where the kernel lists the CPUs online.
-const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
-
 /// Where a program of the testbed runs. Both hosts share this machine's CPUs; on two
 /// machines the destination's work could not take the CPU from the process being
 /// migrated. So the workload has the first CPU, and keeps it at the destination (its
@@ -375,13 +372,10 @@ impl Placement {
     /// of one CPU, nothing.
     pub fn apply(self) -> Result<()> {
         // The machine's CPUs, not this thread's: it may have been placed already.
-        let online = std::fs::read_to_string(CPUS_ONLINE)
-            .ok()
-            .and_then(|text| tracee::syscall_watch::parse_cpu_list(&text))
-            .with_context(|| format!("read {CPUS_ONLINE}"))?;
+        let online = tracee::cpu::cpu_list(tracee::cpu::CPUS_ONLINE)
+            .with_context(|| format!("read {}", tracee::cpu::CPUS_ONLINE))?;
         let cpus: Vec<usize> = online
             .into_iter()
-            .filter_map(|c| usize::try_from(c).ok())
             .filter(|&c| c < rustix::thread::CpuSet::MAX_CPU)
             .collect();
         let (first, rest) = match cpus.split_first() {

@@ -17,27 +17,6 @@ const PR_GET_TIMERSLACK: u64 = 30;
 const PR_GET_MDWE: u64 = 66;
 /// `IOPRIO_PRIO_CLASS(prio)`: the class sits above 13 bits of level.
 const IOPRIO_CLASS_SHIFT: u32 = 13;
-/// Where the kernel lists the CPUs that are online, as ranges ("0-3,8").
-const ONLINE_CPUS: &str = "/sys/devices/system/cpu/online";
-
-/// Parses a kernel CPU list ("0-3,8,10-11"); `None` if it is not one.
-pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
-    let mut cpus = Vec::new();
-    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((first, last)) => {
-                let first: usize = first.parse().ok()?;
-                let last: usize = last.parse().ok()?;
-                if last < first {
-                    return None;
-                }
-                cpus.extend(first..=last);
-            }
-            None => cpus.push(part.parse().ok()?),
-        }
-    }
-    Some(cpus)
-}
 
 /// The affinity as 64-bit mask words, lowest CPUs first; empty if the thread may run on
 /// every CPU in `online` (then it is not restricted, and a restore on a larger machine must
@@ -64,11 +43,7 @@ pub fn affinity_words(cpus: &[usize], online: Option<&[usize]>) -> Vec<u64> {
 fn online_cpus() -> Option<&'static [usize]> {
     static ONLINE: std::sync::OnceLock<Option<Vec<usize>>> = std::sync::OnceLock::new();
     ONLINE
-        .get_or_init(|| {
-            std::fs::read_to_string(ONLINE_CPUS)
-                .ok()
-                .and_then(|text| parse_cpu_list(&text))
-        })
+        .get_or_init(|| tracee::cpu::cpu_list(tracee::cpu::CPUS_ONLINE))
         .as_deref()
 }
 
@@ -140,15 +115,6 @@ pub fn mdwe(leader: &mut Tracee) -> Result<Option<u32>, CollectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_lists_parse_as_the_kernel_prints_them() {
-        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
-        assert_eq!(parse_cpu_list("0,2-4,7"), Some(vec![0, 2, 3, 4, 7]));
-        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
-        assert_eq!(parse_cpu_list("3-1"), None);
-        assert_eq!(parse_cpu_list("x"), None);
-    }
 
     #[test]
     fn unrestricted_affinity_is_left_out() {
