@@ -188,7 +188,8 @@ pub fn write_markdown(path: &Path, runs: &[Run], repetitions: u32) -> Result<()>
          unmigrated after it resumed at the destination, as the thesis's tables count it (\"the \
          additional execution time needed after migration\", the down time apart), then in \
          brackets the whole delay from the request, preparation and down time included. \
-         Down time is the longest gap in the workload's own loop during the migration. Bytes: everything on the migration link, both directions, headers included. \
+         Down time is the longest gap in the workload's own loop during the migration. \
+         Bytes: everything on the migration link, both directions, headers included. \
          A failed cell shows the step that failed; it is never left out. \"(prepared)\": the \
          destination rebuilt the process from a first dump before the freeze \
          (`ckpt-dump --prepare`, `ckpt-restore --prepared`), so its preparation includes that.\n"
