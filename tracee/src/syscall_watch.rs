@@ -166,14 +166,35 @@ fn in_initial_pid_namespace() -> bool {
     std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INITIAL_PID_NS_INO)
 }
 
+/// The CPUs of `cpus` but `here`, as a set; `None` if there is no other.
+fn cpus_but(cpus: &[usize], here: usize) -> Option<rustix::thread::CpuSet> {
+    let mut set = rustix::thread::CpuSet::new();
+    let mut any = false;
+    for &cpu in cpus {
+        if cpu != here && cpu < rustix::thread::CpuSet::MAX_CPU {
+            set.set(cpu);
+            any = true;
+        }
+    }
+    any.then_some(set)
+}
+
 /// Counters on the watched threads: one per thread, or one per CPU for all of them.
 #[derive(Debug)]
 pub struct SyscallWatch {
     tids: Vec<Tid>,
     counters: Counters,
-    /// The write end of the pipe a closer process waits on (see
-    /// [`SyscallWatch::prepare_close`]).
-    closer: Option<OwnedFd>,
+    /// The closer process made ahead of time (see [`SyscallWatch::prepare_close`]).
+    closer: Option<Closer>,
+}
+
+/// A process that waits to close the last copies of the counters.
+#[derive(Debug)]
+struct Closer {
+    /// The write end of the pipe it waits on: closing it lets the closer go.
+    pipe: OwnedFd,
+    /// Its pid, if it could be learnt (it is our grandchild).
+    pid: Option<libc::pid_t>,
 }
 
 #[derive(Debug)]
@@ -424,6 +445,13 @@ impl SyscallWatch {
             return;
         }
         let [read_end, write_end] = pipe;
+        // The child tells us the grandchild's pid through this one.
+        let mut told = [0 as libc::c_int; 2];
+        // SAFETY: `told` is two writable ints.
+        if unsafe { libc::pipe2(told.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            told = [-1, -1];
+        }
+        let [told_read, told_write] = told;
         let mut keep = fds;
         keep.push(read_end);
         keep.sort_unstable();
@@ -433,7 +461,8 @@ impl SyscallWatch {
         let child = unsafe { libc::fork() };
         if child == 0 {
             // SAFETY: as above.
-            if unsafe { libc::fork() } == 0 {
+            let grandchild = unsafe { libc::fork() };
+            if grandchild == 0 {
                 // Only the counters and the pipe's read end stay open here: a socket this
                 // process closes must not live on in this copy.
                 // SAFETY: this grandchild owns nothing but what it keeps, and only exits.
@@ -450,19 +479,39 @@ impl SyscallWatch {
                     // SAFETY: these fds are this grandchild's own copies.
                     unsafe { libc::close(fd) };
                 }
+            } else if grandchild > 0 && told_write >= 0 {
+                // SAFETY: four readable bytes; `told_write` is open here (a short or
+                // failed write only leaves the pid unknown).
+                unsafe { libc::write(told_write, std::ptr::addr_of!(grandchild).cast(), 4) };
             }
             // SAFETY: leaves at once, running no destructor or atexit handler of the copy.
             unsafe { libc::_exit(0) };
         }
         // SAFETY: `read_end` is our copy of the pipe's read end, owned by nothing else.
         unsafe { libc::close(read_end) };
+        if told_write >= 0 {
+            // SAFETY: our copy of the pipe's write end, owned by nothing else.
+            unsafe { libc::close(told_write) };
+        }
+        let mut pid = None;
         if child > 0 {
             let mut status = 0;
             // SAFETY: `child` is our child; `status` is a writable int.
             unsafe { libc::waitpid(child, &mut status, 0) };
+            let mut grandchild: libc::pid_t = 0;
+            // SAFETY: four writable bytes; the child has exited, so the read does not block.
+            let n = unsafe { libc::read(told_read, std::ptr::addr_of_mut!(grandchild).cast(), 4) };
+            pid = (n == 4 && grandchild > 0).then_some(grandchild);
         }
-        // SAFETY: `write_end` is a new fd of ours, owned by nothing else.
-        self.closer = Some(unsafe { OwnedFd::from_raw_fd(write_end) });
+        if told_read >= 0 {
+            // SAFETY: our read end, owned by nothing else.
+            unsafe { libc::close(told_read) };
+        }
+        self.closer = Some(Closer {
+            // SAFETY: `write_end` is a new fd of ours, owned by nothing else.
+            pipe: unsafe { OwnedFd::from_raw_fd(write_end) },
+            pid,
+        });
     }
 
     /// Closes the counters without the caller waiting for it. The last counter on the
@@ -477,7 +526,34 @@ impl SyscallWatch {
         self.prepare_close();
         let closer = self.closer.take();
         drop(self);
-        drop(closer);
+        // EOF on its pipe: the closer closes the last copies and exits.
+        drop(closer.map(|c| c.pipe));
+    }
+
+    /// [`SyscallWatch::close_detached`], with the closer kept off the CPU this thread runs
+    /// on. For a caller that goes on in a hurry there: a woken process is queued on its
+    /// waker's CPU unless the scheduler finds another idle (it often does not look when
+    /// the machine was busy), and the closing is a long stretch of kernel code that
+    /// would run the moment the caller sleeps, before whatever woke it. Best effort: on
+    /// a single CPU, or with the closer's pid unknown, as `close_detached`.
+    pub fn close_detached_elsewhere(mut self) {
+        self.prepare_close();
+        if let Some(pid) = self.closer.as_ref().and_then(|c| c.pid) {
+            let online = cpu_list(CPUS_ONLINE).unwrap_or_default();
+            if let Some(elsewhere) = cpus_but(&online, rustix::thread::sched_getcpu()) {
+                // Best effort: a closer that stays where it is still closes.
+                let _ = rustix::thread::sched_setaffinity(
+                    rustix::process::Pid::from_raw(pid),
+                    &elsewhere,
+                );
+            }
+        }
+        self.close_detached();
+    }
+
+    /// The closer process made by [`SyscallWatch::prepare_close`], if its pid is known.
+    pub fn closer_pid(&self) -> Option<i32> {
+        self.closer.as_ref().and_then(|c| c.pid)
     }
 
     /// What each counter counted of the syscalls outside the allowlist since the watch was
@@ -517,6 +593,43 @@ impl SyscallWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpus_elsewhere_leave_out_only_this_one() {
+        let set = cpus_but(&[0, 1, 3], 1).expect("two others");
+        assert!(set.is_set(0) && set.is_set(3));
+        assert!(!set.is_set(1) && !set.is_set(2));
+        assert!(cpus_but(&[2], 2).is_none());
+        assert!(cpus_but(&[], 0).is_none());
+    }
+
+    #[test]
+    fn the_closer_waits_until_the_watch_closes_and_then_exits() {
+        let me = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()).expect("tid");
+        let Ok(mut watch) = SyscallWatch::open(&[me], &[]) else {
+            // No tracepoint here (no tracefs or no permission): nothing to close.
+            return;
+        };
+        watch.prepare_close();
+        let pid = watch.closer_pid().expect("the closer's pid is learnt");
+        let alive = |pid: i32| {
+            std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z ")
+        };
+        assert!(alive(pid), "the closer waits");
+        watch.close_detached_elsewhere();
+        // Closing the tracepoint's last counter waits for RCU grace periods: tens of ms.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the closer did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 
     #[test]
     fn the_filter_excludes_each_allowed_number_once() {
