@@ -65,6 +65,9 @@ pub const MAX_XFER: u64 = 4 << 20;
 /// missing run): neighbours are likely next, and one 16 KiB copy costs about one 4 KiB one.
 pub const FAULT_BLOCK: u64 = 16 << 10;
 
+/// The time slice the daemon asks for: the shortest the kernel grants.
+const FAULT_SLICE: Duration = Duration::from_micros(100);
+
 const LISTENER: u64 = 0;
 const RESTORE: u64 = 1;
 const FIRST_TASK: u64 = 2;
@@ -218,6 +221,11 @@ impl LazyDaemon {
             .map(CpuPin::to_cpu)
             .transpose()
             .map_err(DaemonError::Pin)?;
+        // A fault's thread waits while we are queued behind whatever holds the CPU: woken,
+        // we go first (see `short_slice`).
+        if let Err(error) = tracee::taskinfo::short_slice(FAULT_SLICE) {
+            tracing::debug!(%error, "serving faults at the default time slice");
+        }
         let epoll =
             epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|errno| DaemonError::Epoll {
                 op: "create",
@@ -233,6 +241,7 @@ impl LazyDaemon {
             next_key: FIRST_TASK,
             finished: false,
             hand_back: false,
+            finish_unlogged: false,
             background_rate: self.background_rate,
             background_delay: self.background_delay,
             background_quiet: self.background_quiet,
@@ -348,6 +357,8 @@ struct Server {
     finished: bool,
     /// Restore keeps watch: fork userfaultfds go back to it, and the final marker.
     hand_back: bool,
+    /// Restore finished, and that is not logged yet (see [`Server::log_finished`]).
+    finish_unlogged: bool,
     background_rate: Option<u64>,
     background_delay: Duration,
     background_quiet: Duration,
@@ -446,6 +457,9 @@ impl Server {
             self.retry_pending()?;
             let background_now =
                 self.finished && self.background_wait().is_none() && !self.background_paused();
+            if background_now {
+                self.log_finished();
+            }
             if self.remote {
                 if background_now {
                     self.fill_window()?;
@@ -456,6 +470,7 @@ impl Server {
                 self.background_step()?;
             }
         }
+        self.log_finished();
         self.stats.total = self.started.elapsed();
         for (_, task) in std::mem::take(&mut self.tasks) {
             self.forget(task);
@@ -471,6 +486,19 @@ impl Server {
             "every lazy page is in"
         );
         Ok(())
+    }
+
+    /// Says that restore finished, once: when the background transfer starts, not
+    /// before the first faults of the resumed tasks are asked for (a log line is tens of
+    /// microseconds that a faulting thread would wait).
+    fn log_finished(&mut self) {
+        if std::mem::take(&mut self.finish_unlogged) {
+            tracing::info!(
+                tasks = self.stats.tasks,
+                lazy_bytes = self.stats.lazy_bytes,
+                "restore finished, starting the background transfer"
+            );
+        }
     }
 
     fn accept(&mut self) -> Result<(), DaemonError> {
@@ -509,11 +537,8 @@ impl Server {
                 self.stats.until_finished = Some(self.started.elapsed());
                 // The tasks resume now: a remote source learns it from our next GET or CLOSE.
                 self.pages.restore_finished();
-                tracing::info!(
-                    tasks = self.stats.tasks,
-                    lazy_bytes = self.stats.lazy_bytes,
-                    "restore finished, starting the background transfer"
-                );
+                // Said once the faults that came with it are asked for (see `serve`).
+                self.finish_unlogged = true;
                 if !self.hand_back {
                     self.close_restore();
                 }
