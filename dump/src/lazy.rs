@@ -473,11 +473,13 @@ impl Source {
                 // The read that follows reports it.
                 Err(_) => return Ok(true),
             };
-            if ready.switch {
-                self.on_switch()?;
-            }
+            // A request first: the switch's word (RESUMED, most likely, with both ready
+            // after the resume) is heard on the next call.
             if ready.main {
                 return Ok(true);
+            }
+            if ready.switch {
+                self.on_switch()?;
             }
         }
         Ok(true)
@@ -505,10 +507,13 @@ impl Source {
             match frame.command {
                 Command::Get => {
                     let kind = get_kind(&frame);
+                    // Answered first: a just-resumed destination waits for it, not for
+                    // our bookkeeping (the tree is held frozen either way).
+                    let answered = self.answer_get(&mut stream, &frame);
                     if !self.resumed && kind != GetKind::BeforeResume {
                         self.destination_resumed(kind);
                     }
-                    if let Err(end) = self.answer_get(&mut stream, &frame) {
+                    if let Err(end) = answered {
                         return Ok(end);
                     }
                     // The source stays frozen, not killed, until the daemon closes: a
@@ -572,6 +577,10 @@ const PRESENT_BITS: u16 = {
     bits as u16
 };
 
+/// The time slice the serving thread asks for (see [`tracee::taskinfo::short_slice`]):
+/// the shortest the kernel grants.
+const SERVE_SLICE: Duration = Duration::from_micros(100);
+
 /// Serves the lazy pages of every process of the frozen `tree` (`lazy`: per process, the
 /// ranges [`lazy_ranges`] gives) until the destination has them all (see the module
 /// documentation for when the tree is resumed or killed).
@@ -622,6 +631,11 @@ fn serve_with(
     link: Option<SwitchLink>,
 ) -> Result<LazyOutcome, LazyError> {
     let pid = tree.root().pid();
+    // Each request is a fault or a chunk someone waits for, and the program's CPU may be
+    // busy (with the program itself, restored on this machine): woken, we go first.
+    if let Err(error) = tracee::taskinfo::short_slice(SERVE_SLICE) {
+        tracing::debug!(%error, "serving at the default time slice");
+    }
     let addr = listener
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());

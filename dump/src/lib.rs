@@ -91,6 +91,7 @@
 //! [`prepare`].
 #![forbid(unsafe_code)]
 
+mod aside;
 pub mod collect;
 mod direct;
 pub mod fault;

@@ -130,6 +130,7 @@ use images_format::{ImageKind, ImageWriter};
 use tracee::memory::{self, RemoteRange};
 use tracee::{Pid, RemoteAddr, SeizedTree, PAGE_SIZE};
 
+use crate::aside::Aside;
 use crate::collect::{self, refresh, TreeState};
 use crate::lazy::{self, SwitchLink};
 use crate::release;
@@ -228,7 +229,7 @@ struct Collected {
 /// state and the watch on the tree's syscalls since (see `collect::refresh`).
 struct Earlier<'a> {
     state: &'a TreeState,
-    watch: &'a refresh::Watch,
+    watch: &'a mut refresh::Watch,
 }
 
 /// Reads the frozen tree's state: lightly from `earlier` if the watch allows it (and what
@@ -240,7 +241,13 @@ fn read_state(
     earlier: Option<Earlier<'_>>,
 ) -> Result<(TreeState, bool), DumpError> {
     if let Some(earlier) = earlier {
-        let why = match refresh::verdict(earlier.watch, tree) {
+        let verdict = refresh::verdict(earlier.watch, tree);
+        // This freeze is the last the counts vouch for. Switching the tracepoint off now,
+        // while the frozen tree leaves its CPU idle, keeps that work out of the way of the
+        // destination's first faults (on a machine of few CPUs) and of the restored
+        // program's syscalls.
+        earlier.watch.stop_counting();
+        let why = match verdict {
             Ok(()) => match refresh::again(tree, earlier.state, earlier.watch)? {
                 refresh::Refreshed::State(state) => {
                     fault::check(opts.fault, FaultPoint::AfterInject)?;
@@ -396,49 +403,6 @@ impl S1Freeze {
             tracing::warn!(%error, "could not give back our scheduling policy");
         }
         Ok((held, Aside::from_cpu_of(pid)))
-    }
-}
-
-/// ckpt-dump kept off the CPU the program last ran on, until dropped. The injections pin
-/// ckpt-dump next to the thread they run in; once the tree is let go, ckpt-dump would
-/// otherwise go on there, reading `/proc` for milliseconds, while the program waits for
-/// its turn on that CPU: a gap as long as the freeze's, or longer.
-struct Aside {
-    previous: Option<rustix::thread::CpuSet>,
-}
-
-impl Aside {
-    fn from_cpu_of(pid: Pid) -> Aside {
-        let none = Aside { previous: None };
-        let Ok(stat) = tracee::proc::stat::read(pid) else {
-            return none;
-        };
-        let Ok(cpu) = usize::try_from(stat.processor) else {
-            return none;
-        };
-        let Ok(previous) = rustix::thread::sched_getaffinity(None) else {
-            return none;
-        };
-        let mut elsewhere = previous;
-        if cpu < rustix::thread::CpuSet::MAX_CPU {
-            elsewhere.unset(cpu);
-        }
-        if elsewhere.count() == 0 || rustix::thread::sched_setaffinity(None, &elsewhere).is_err() {
-            return none;
-        }
-        Aside {
-            previous: Some(previous),
-        }
-    }
-}
-
-impl Drop for Aside {
-    fn drop(&mut self) {
-        if let Some(previous) = &self.previous {
-            if let Err(errno) = rustix::thread::sched_setaffinity(None, previous) {
-                tracing::warn!(%errno, "could not take back our CPU affinity");
-            }
-        }
     }
 }
 
@@ -1103,12 +1067,9 @@ impl AfterSwitch {
             self.changed,
             &self.vanished,
         );
-        // Closing the last counter of the tracepoint waits for RCU grace periods (tens of
-        // milliseconds): never in the way of our exit, the end of the migration for whoever
-        // waits for it. (The updater closes it before anything else.)
-        if let Some(watch) = self.watch {
-            watch.close_detached();
-        }
+        // Its counters were closed at S2's freeze (`Watch::stop_counting`); the handles the
+        // light look read go now.
+        drop(self.watch);
         drop(self.state);
     }
 }
@@ -1173,6 +1134,10 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         return Err(PrepareError::Refused { what }.into());
     }
     let pid = Pid::from_raw(opts.pid).ok_or(DumpError::BadPid(opts.pid))?;
+    // From the start: opening the watch and reading the tree before S1 take a millisecond
+    // or more, which the program would wait out on its own CPU; and to the end (see
+    // `Aside`).
+    let _aside = Aside::from_cpu_of(pid);
     // Raised before each round's tree, dropped after it: signals wait until the tree is
     // let go. Not while waiting for the destination, when nothing is held.
     let shield = SignalShield::raise();
@@ -1242,12 +1207,9 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         watch.prepare_close();
     }
 
-    let ready = wait_ready(&listener, opts.lazy_connect_timeout, pid)?;
-    let mut switch_stream = ready.switch;
-    tracing::info!(hot_pages = ready.hot_pages, "the destination is ready");
-
     // The thread that brings -D up to date once the tree runs at the destination, made
-    // now: creating it after the delta would hold up the destination's first faults.
+    // now, while the destination builds: a thread still starting at S2 would run its start
+    // on the first CPU S2 leaves, in the way of the destination's first faults.
     let (to_updater, updates) = std::sync::mpsc::channel::<AfterSwitch>();
     let (served, serving) = std::sync::mpsc::channel::<()>();
     let (idled, idle) = std::sync::mpsc::channel();
@@ -1263,14 +1225,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
                 Err(error) => tracing::debug!(%error, "-D is updated at normal priority"),
             }
             // Nothing comes when S2 fails: the main thread then keeps it all.
-            if let Ok(mut work) = updates.recv() {
-                // The watch first: while its tracepoint is on, every syscall of every
-                // process on this machine takes the slow path (a getpid costs twice as
-                // much), and it has nothing left to watch. Its closer is made already: no
-                // fork here to hold up the serving of the first faults.
-                if let Some(watch) = work.watch.take() {
-                    watch.close_detached();
-                }
+            if let Ok(work) = updates.recv() {
                 // Not among the destination's first faults: writing -D keeps a CPU busy
                 // that the restored tree may wake on.
                 let _ = serving.recv_timeout(UPDATE_DELAY);
@@ -1285,10 +1240,14 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         }
     };
 
+    let ready = wait_ready(&listener, opts.lazy_connect_timeout, pid)?;
+    let mut switch_stream = ready.switch;
+    tracing::info!(hot_pages = ready.hot_pages, "the destination is ready");
+
     // S2: the delta. Any failure resumes the tree (dropped inside) and tells the
     // destination.
     let _shield = SignalShield::raise();
-    let earlier = watch.as_ref().map(|watch| Earlier {
+    let earlier = watch.as_mut().map(|watch| Earlier {
         state: &state,
         watch,
     });
@@ -1723,6 +1682,25 @@ int main(int argc, char **argv) {
             look[look.len() / 2],
             encode[encode.len() / 2]
         );
+        release::finish_tree(tree, FinalState::Running).expect("release");
+    }
+
+    #[test]
+    fn a_stopped_watch_vouches_for_nothing_but_the_light_look_still_reads() {
+        let (worker, _images_dir, opts) = lazy_dump_of(&[]);
+        let pid = worker.pid();
+        let (before, watch) = first_look(pid, &opts);
+        let mut watch = watch.expect("the worker qualifies for a light S2");
+        let mut tree = seize::freeze_tree(pid).expect("freeze again");
+        refresh::verdict(&watch, &tree).expect("nothing outside the allowlist yet");
+        watch.stop_counting();
+        let why = refresh::verdict(&watch, &tree).expect_err("a stopped watch");
+        assert!(why.contains("stopped"), "{why}");
+        // What the light look reads is held apart from the counters.
+        match refresh::again(&mut tree, &before, &watch).expect("light look") {
+            refresh::Refreshed::State(state) => assert_eq!(state.processes.len(), 1),
+            refresh::Refreshed::Stale(why) => panic!("stale: {why}"),
+        }
         release::finish_tree(tree, FinalState::Running).expect("release");
     }
 

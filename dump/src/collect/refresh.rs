@@ -151,7 +151,8 @@ pub struct Counters {
 /// The watch, set up at the end of the first look.
 #[derive(Debug)]
 pub struct Watch {
-    watch: SyscallWatch,
+    /// `None` once stopped ([`Watch::stop_counting`]).
+    watch: Option<SyscallWatch>,
     /// The counts when the first look ended: its own injected syscalls count.
     baseline: Counts,
     held: Held,
@@ -162,14 +163,27 @@ pub struct Watch {
 impl Watch {
     /// Ends the watch without waiting for the kernel to let go of the tracepoint (see
     /// [`SyscallWatch::close_detached`]).
-    pub fn close_detached(self) {
-        self.watch.close_detached();
+    pub fn close_detached(mut self) {
+        self.stop_counting();
     }
 
     /// Makes the closer of [`Watch::close_detached`] ahead of time (see
     /// [`SyscallWatch::prepare_close`]).
     pub fn prepare_close(&mut self) {
-        self.watch.prepare_close();
+        if let Some(watch) = self.watch.as_mut() {
+            watch.prepare_close();
+        }
+    }
+
+    /// Closes the counters (detached) and keeps the handles the light look reads: once the
+    /// last freeze's [`verdict`] is in, the counts vouch for nothing more, and the
+    /// tracepoint they keep on slows every syscall of the machine. A later [`verdict`]
+    /// rules the light look out.
+    pub fn stop_counting(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            // The tree is frozen: off our CPU, its closing finds one idle.
+            watch.close_detached_elsewhere();
+        }
     }
 }
 
@@ -310,7 +324,7 @@ impl Armed {
     pub fn ready(self, state: &TreeState) -> Result<Watch, String> {
         fit(state)?;
         Ok(Watch {
-            watch: self.watch,
+            watch: Some(self.watch),
             baseline: self.baseline,
             held: Held::take(state),
             threads: self.threads,
@@ -333,7 +347,12 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// outside the list, and the tree has the very threads it had. Read first thing after the
 /// freeze. `Err` says why not.
 pub fn verdict(watch: &Watch, tree: &SeizedTree) -> Result<(), String> {
-    let counts = watch.watch.counts().map_err(|e| error_chain(&e))?;
+    let counts = watch
+        .watch
+        .as_ref()
+        .ok_or("the syscall watch was stopped")?
+        .counts()
+        .map_err(|e| error_chain(&e))?;
     if counts != watch.baseline {
         let n = counts.since(&watch.baseline);
         return Err(format!(
