@@ -539,7 +539,11 @@ impl SyscallWatch {
     pub fn close_detached_elsewhere(mut self) {
         self.prepare_close();
         if let Some(pid) = self.closer.as_ref().and_then(|c| c.pid) {
-            let online = cpu_list(CPUS_ONLINE).unwrap_or_default();
+            // A per-CPU watch's CPUs are those online, as `counts` checks; no need to ask.
+            let online = match &self.counters {
+                Counters::Cpus { cpus, .. } => cpus.clone(),
+                Counters::Threads(_) => cpu_list(CPUS_ONLINE).unwrap_or_default(),
+            };
             if let Some(elsewhere) = cpus_but(&online, rustix::thread::sched_getcpu()) {
                 // Best effort: a closer that stays where it is still closes.
                 let _ = rustix::thread::sched_setaffinity(

@@ -293,6 +293,54 @@ impl Drop for Proc {
     }
 }
 
+/// When the last of some processes exited, taken as it happens: a thread waits on their
+/// pidfds, so the time is not that at which the harness, busy reading logs meanwhile,
+/// gets round to looking (it waits for restore's last log line, which a restore that
+/// stepped aside writes a millisecond or more after the tree resumed).
+pub struct ExitClock(std::thread::JoinHandle<Option<u64>>);
+
+impl ExitClock {
+    /// Watches `procs`, which must not be reaped yet (their pids are theirs until then).
+    pub fn start(procs: &[&Proc], timeout: Duration) -> ExitClock {
+        let fds: Vec<_> = procs
+            .iter()
+            .filter_map(|p| rustix::process::Pid::from_raw(p.child.id() as i32))
+            .filter_map(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            })
+            .collect();
+        let whole = fds.len() == procs.len();
+        ExitClock(std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut running = fds;
+            while !running.is_empty() {
+                let left = timeout.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return None;
+                }
+                let wait = rustix::time::Timespec::try_from(left).ok()?;
+                let mut polled: Vec<_> = running
+                    .iter()
+                    .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+                    .collect();
+                // EINTR or a timeout: look again.
+                let _ = rustix::event::poll(&mut polled, Some(&wait));
+                let exited: Vec<bool> = polled.iter().map(|p| !p.revents().is_empty()).collect();
+                drop(polled);
+                // One that exited stays readable: it is not polled again.
+                let mut exited = exited.into_iter();
+                running.retain(|_| !exited.next().unwrap_or(false));
+            }
+            whole.then(now_ns)
+        }))
+    }
+
+    /// When the last one exited; `None` if that was not seen.
+    pub fn when(self) -> Option<u64> {
+        self.0.join().ok().flatten()
+    }
+}
+
 /// The last lines of a tool's log, for error messages.
 pub fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -599,9 +647,10 @@ impl Migration<'_> {
                 &mut daemon,
                 self.step_timeout,
             )?;
+            let clock = ExitClock::start(&[&daemon, &server], self.step_timeout);
             self.start_restore(&mut restored)?;
             self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
-            Ok(daemon)
+            Ok((daemon, clock))
         });
         self.end_post_copy(result, restored, server)
     }
@@ -680,6 +729,10 @@ impl Migration<'_> {
             if let Some(daemon) = daemon.as_mut() {
                 wait_for_file(&dst.join("lazy-pages.socket"), daemon, self.step_timeout)?;
             }
+            let daemon = daemon.map(|daemon| {
+                let clock = ExitClock::start(&[&daemon, &server], self.step_timeout);
+                (daemon, clock)
+            });
             self.start_restore(&mut restored)?;
             let log = restored
                 .log
@@ -750,15 +803,15 @@ impl Migration<'_> {
     /// (or never come), resumes the source itself, given the time to before it is killed.
     fn end_post_copy(
         &mut self,
-        result: Result<Proc>,
+        result: Result<(Proc, ExitClock)>,
         restored: Restored,
         mut server: Proc,
     ) -> Result<Restored> {
         match result {
-            Ok(mut daemon) => {
+            Ok((mut daemon, clock)) => {
                 daemon.wait_ok(self.step_timeout)?;
                 server.wait_ok(self.step_timeout)?;
-                self.outcome.t_done = now_ns();
+                self.outcome.t_done = clock.when().unwrap_or_else(now_ns);
                 Ok(restored)
             }
             Err(e) => {
