@@ -1251,6 +1251,34 @@ fn wait_for_file(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> 
 mod tests {
     use super::*;
 
+    fn sleeper(secs: &str) -> Proc {
+        let child = Command::new("sleep")
+            .arg(secs)
+            .spawn()
+            .expect("spawn sleep");
+        Proc {
+            name: format!("sleep {secs}"),
+            child,
+            out: PathBuf::new(),
+            log: None,
+            go: None,
+            reaped: None,
+        }
+    }
+
+    #[test]
+    fn the_exit_clock_stops_when_the_last_one_exits() {
+        let start = now_ns();
+        let (mut short, mut long) = (sleeper("0.05"), sleeper("0.3"));
+        let clock = ExitClock::start(&[&short, &long], Duration::from_secs(10));
+        let when = clock.when().expect("both exits seen");
+        let after_ms = (when - start) as f64 / 1e6;
+        assert!((290.0..2000.0).contains(&after_ms), "{after_ms} ms");
+        // Seen, not reaped: the Procs still reap them.
+        assert!(short.wait_ok(Duration::from_secs(5)).is_ok());
+        assert!(long.wait_ok(Duration::from_secs(5)).is_ok());
+    }
+
     const THESIS: PrecopyOptions = PrecopyOptions {
         rounds: 6,
         max_dirty_percent: 30,
