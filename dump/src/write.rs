@@ -23,6 +23,19 @@ use images_format::{ImageDir, ImageError, ImageKind, ImageWriter, PagemapWriter,
 use tracee::{Pid, PAGE_SIZE};
 
 use crate::collect::{Ghost, ProcessState, TreeState};
+
+/// `tracing::info!`, but `debug!` when `$frozen`: an image set kept in memory is a prepared
+/// dump's S2, encoded while the program is frozen, where each log line is tens of
+/// microseconds of its down time (S2's own line, once the delta is sent, has the counts).
+macro_rules! info_unless_frozen {
+    ($frozen:expr, $($arg:tt)+) => {
+        if $frozen {
+            tracing::debug!($($arg)+)
+        } else {
+            tracing::info!($($arg)+)
+        }
+    };
+}
 use crate::direct::DirectFile;
 use crate::fault::{self, FaultPoint, InjectedFault};
 use crate::pages::{self, PlannedRun, StreamError};
@@ -516,7 +529,8 @@ fn write_pages(
     stats.pages_skipped_parent += streamed.parent;
     stats.pages_lazy += streamed.lazy;
     let bytes = streamed.written * PAGE_SIZE;
-    tracing::info!(
+    info_unless_frozen!(
+        images.memory.is_some(),
         %pid,
         pages = streamed.written,
         parent = streamed.parent,
@@ -857,7 +871,11 @@ fn images_into(
     let synced = images.created.len();
     images.write_all(ImageKind::Inventory, 0, &[inventory])?;
     images.sync_created(synced)?;
-    tracing::info!(pages = stats.pages_written, "images written");
+    info_unless_frozen!(
+        images.memory.is_some(),
+        pages = stats.pages_written,
+        "images written"
+    );
     Ok(images)
 }
 
