@@ -31,7 +31,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::cpu::{cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
+use crate::cpu::{cpu_list, parse_cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
 use crate::Tid;
 
 /// `PERF_TYPE_TRACEPOINT`: `config` is a tracepoint id.
@@ -166,6 +166,19 @@ fn in_initial_pid_namespace() -> bool {
     std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INITIAL_PID_NS_INO)
 }
 
+/// The CPUs online, from `held` (the sysfs list, open) if it reads, else by path.
+fn cpus_online(held: Option<&std::fs::File>) -> Option<Vec<usize>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 512];
+    let read = held.and_then(|file| file.read_at(&mut buf, 0).ok());
+    match read {
+        Some(n) if n > 0 && n < buf.len() => {
+            std::str::from_utf8(&buf[..n]).ok().and_then(parse_cpu_list)
+        }
+        _ => cpu_list(CPUS_ONLINE),
+    }
+}
+
 /// The CPUs of `cpus` but `here`, as a set; `None` if there is no other.
 fn cpus_but(cpus: &[usize], here: usize) -> Option<rustix::thread::CpuSet> {
     let mut set = rustix::thread::CpuSet::new();
@@ -201,8 +214,14 @@ struct Closer {
 enum Counters {
     /// One counter per thread, in the order of `tids`.
     Threads(Vec<OwnedFd>),
-    /// One counter per CPU of `cpus`, every CPU there may be, all online at the opening.
-    Cpus { cpus: Vec<usize>, fds: Vec<OwnedFd> },
+    /// One counter per CPU of `cpus`, every CPU there may be, all online at the opening;
+    /// `online`, the sysfs list of the CPUs online, held open: read again from its start
+    /// it shows the present, without a path lookup inside the freeze that reads it.
+    Cpus {
+        cpus: Vec<usize>,
+        fds: Vec<OwnedFd>,
+        online: Option<std::fs::File>,
+    },
 }
 
 impl Counters {
@@ -410,7 +429,11 @@ impl SyscallWatch {
         }
         Some(SyscallWatch {
             tids: tids.to_vec(),
-            counters: Counters::Cpus { cpus, fds },
+            counters: Counters::Cpus {
+                cpus,
+                fds,
+                online: std::fs::File::open(CPUS_ONLINE).ok(),
+            },
             closer: None,
         })
     }
@@ -572,7 +595,7 @@ impl SyscallWatch {
                 .map(|(&tid, fd)| read_counter::<1>(CounterOn::Thread(tid), fd).map(|[n]| n))
                 .collect::<Result<_, _>>()
                 .map(Counts),
-            Counters::Cpus { cpus, fds } => {
+            Counters::Cpus { cpus, fds, online } => {
                 let counts = cpus
                     .iter()
                     .zip(fds)
@@ -585,7 +608,7 @@ impl SyscallWatch {
                         Ok(n)
                     })
                     .collect::<Result<_, _>>()?;
-                if cpu_list(CPUS_ONLINE).as_ref() != Some(cpus) {
+                if cpus_online(online.as_ref()).as_ref() != Some(cpus) {
                     return Err(WatchError::CpusChanged);
                 }
                 Ok(Counts(counts))
@@ -597,6 +620,16 @@ impl SyscallWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_held_list_of_cpus_online_reads_as_the_path_does() {
+        let held = std::fs::File::open(CPUS_ONLINE).ok();
+        let by_path = cpu_list(CPUS_ONLINE);
+        assert_eq!(cpus_online(held.as_ref()), by_path);
+        // Read again from its start: the same, not the end of the file.
+        assert_eq!(cpus_online(held.as_ref()), by_path);
+        assert_eq!(cpus_online(None), by_path);
+    }
 
     #[test]
     fn the_cpus_elsewhere_leave_out_only_this_one() {
