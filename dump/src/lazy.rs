@@ -577,10 +577,6 @@ const PRESENT_BITS: u16 = {
     bits as u16
 };
 
-/// The time slice the serving thread asks for (see [`tracee::taskinfo::short_slice`]):
-/// the shortest the kernel grants.
-const SERVE_SLICE: Duration = Duration::from_micros(100);
-
 /// Serves the lazy pages of every process of the frozen `tree` (`lazy`: per process, the
 /// ranges [`lazy_ranges`] gives) until the destination has them all (see the module
 /// documentation for when the tree is resumed or killed).
@@ -633,7 +629,7 @@ fn serve_with(
     let pid = tree.root().pid();
     // Each request is a fault or a chunk someone waits for, and the program's CPU may be
     // busy (with the program itself, restored on this machine): woken, we go first.
-    if let Err(error) = tracee::taskinfo::short_slice(SERVE_SLICE) {
+    if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
         tracing::debug!(%error, "serving at the default time slice");
     }
     let addr = listener

@@ -1201,7 +1201,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         "prepared images written"
     );
     let prepared = read_images(&opts.images_dir, &names)?;
-    // While the destination builds: the closing of the watch after the switch then forks
+    // While the destination builds: the closing of the watch at S2's freeze then forks
     // nothing (see `SyscallWatch::prepare_close`).
     if let Some(watch) = watch.as_mut() {
         watch.prepare_close();

@@ -65,9 +65,6 @@ pub const MAX_XFER: u64 = 4 << 20;
 /// missing run): neighbours are likely next, and one 16 KiB copy costs about one 4 KiB one.
 pub const FAULT_BLOCK: u64 = 16 << 10;
 
-/// The time slice the daemon asks for: the shortest the kernel grants.
-const FAULT_SLICE: Duration = Duration::from_micros(100);
-
 const LISTENER: u64 = 0;
 const RESTORE: u64 = 1;
 const FIRST_TASK: u64 = 2;
@@ -223,7 +220,7 @@ impl LazyDaemon {
             .map_err(DaemonError::Pin)?;
         // A fault's thread waits while we are queued behind whatever holds the CPU: woken,
         // we go first (see `short_slice`).
-        if let Err(error) = tracee::taskinfo::short_slice(FAULT_SLICE) {
+        if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
             tracing::debug!(%error, "serving faults at the default time slice");
         }
         let epoll =
@@ -537,7 +534,7 @@ impl Server {
                 self.stats.until_finished = Some(self.started.elapsed());
                 // The tasks resume now: a remote source learns it from our next GET or CLOSE.
                 self.pages.restore_finished();
-                // Said once the faults that came with it are asked for (see `serve`).
+                // Said when the background transfer starts (see `log_finished`).
                 self.finish_unlogged = true;
                 if !self.hand_back {
                     self.close_restore();

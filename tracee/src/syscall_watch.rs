@@ -179,17 +179,9 @@ fn cpus_online(held: Option<&std::fs::File>) -> Option<Vec<usize>> {
     }
 }
 
-/// The CPUs of `cpus` but `here`, as a set; `None` if there is no other.
-fn cpus_but(cpus: &[usize], here: usize) -> Option<rustix::thread::CpuSet> {
-    let mut set = rustix::thread::CpuSet::new();
-    let mut any = false;
-    for &cpu in cpus {
-        if cpu != here && cpu < rustix::thread::CpuSet::MAX_CPU {
-            set.set(cpu);
-            any = true;
-        }
-    }
-    any.then_some(set)
+/// The CPUs of `cpus` but `here`.
+fn cpus_but(cpus: &[usize], here: usize) -> Vec<usize> {
+    cpus.iter().copied().filter(|&cpu| cpu != here).collect()
 }
 
 /// Counters on the watched threads: one per thread, or one per CPU for all of them.
@@ -567,12 +559,10 @@ impl SyscallWatch {
                 Counters::Cpus { cpus, .. } => cpus.clone(),
                 Counters::Threads(_) => cpu_list(CPUS_ONLINE).unwrap_or_default(),
             };
-            if let Some(elsewhere) = cpus_but(&online, rustix::thread::sched_getcpu()) {
+            let elsewhere = cpus_but(&online, rustix::thread::sched_getcpu());
+            if let (false, Some(closer)) = (elsewhere.is_empty(), Tid::from_raw(pid)) {
                 // Best effort: a closer that stays where it is still closes.
-                let _ = rustix::thread::sched_setaffinity(
-                    rustix::process::Pid::from_raw(pid),
-                    &elsewhere,
-                );
+                let _ = crate::taskinfo::set_affinity(closer, &elsewhere);
             }
         }
         self.close_detached();
@@ -633,11 +623,11 @@ mod tests {
 
     #[test]
     fn the_cpus_elsewhere_leave_out_only_this_one() {
-        let set = cpus_but(&[0, 1, 3], 1).expect("two others");
-        assert!(set.is_set(0) && set.is_set(3));
-        assert!(!set.is_set(1) && !set.is_set(2));
-        assert!(cpus_but(&[2], 2).is_none());
-        assert!(cpus_but(&[], 0).is_none());
+        let others = cpus_but(&[0, 1, 3], 1);
+        assert!(others.contains(&0) && others.contains(&3));
+        assert!(!others.contains(&1) && !others.contains(&2));
+        assert!(cpus_but(&[2], 2).is_empty());
+        assert!(cpus_but(&[], 0).is_empty());
     }
 
     #[test]

@@ -126,19 +126,23 @@ pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
     Ok(())
 }
 
+/// The calling thread.
+fn this_thread() -> Option<Tid> {
+    Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get())
+}
+
 /// Puts the calling thread under `SCHED_IDLE`: it runs only on CPU time no normal task
 /// wants, and never preempts one. For background work that must not delay anything,
 /// where nice 19 still lets a thread that slept long run before a waiting normal task.
 /// Returns the thread and what it had, for [`set_sched`] to give back from any thread
 /// once the work is what everything waits for (an idle thread may starve meanwhile).
 pub fn idle_policy() -> Result<Option<(Tid, Sched)>, TaskInfoError> {
-    let me = rustix::thread::gettid().as_raw_nonzero().get();
     let idle = Sched {
         policy: libc::SCHED_IDLE,
         priority: 0,
         nice: 19,
     };
-    let Some(me) = Tid::from_raw(me) else {
+    let Some(me) = this_thread() else {
         return Ok(None);
     };
     let before = sched(me)?;
@@ -159,6 +163,9 @@ struct SchedAttr {
     period: u64,
 }
 
+/// The shortest time slice the kernel grants ([`short_slice`]).
+pub const SHORTEST_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// The calling thread, under the normal policy at its nice value, asks for time slices of
 /// `slice` (`sched_setattr` with `sched_runtime`: EEVDF's custom slices, Linux 6.12 on;
 /// the kernel keeps it between 0.1 and 100 ms). Woken, a thread of a shorter slice than
@@ -168,7 +175,7 @@ struct SchedAttr {
 /// value. A later change of policy (`set_sched`, [`RealTime`]) drops it. Older kernels
 /// refuse nothing, they ignore it.
 pub fn short_slice(slice: std::time::Duration) -> Result<(), TaskInfoError> {
-    let Some(me) = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()) else {
+    let Some(me) = this_thread() else {
         return Ok(());
     };
     let attr = SchedAttr {
@@ -204,7 +211,7 @@ const FIFO_RESET_ON_FORK: i32 = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
 
 impl RealTime {
     pub fn raise() -> RealTime {
-        let previous = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get())
+        let previous = this_thread()
             .and_then(|me| sched(me).ok().map(|previous| (me, previous)))
             .filter(|(me, previous)| {
                 let urgent = Sched {
@@ -392,7 +399,7 @@ mod tests {
         std::thread::spawn(|| {
             let (_, tid) = me();
             let before = sched(tid).expect("sched");
-            short_slice(std::time::Duration::from_micros(100)).expect("sched_setattr");
+            short_slice(SHORTEST_SLICE).expect("sched_setattr");
             let after = sched(tid).expect("sched");
             assert_eq!((after.policy, after.nice), (before.policy, before.nice));
             let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/sched"))

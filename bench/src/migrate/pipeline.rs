@@ -216,6 +216,13 @@ impl Proc {
         text
     }
 
+    /// A pidfd on the tool, readable once it exits; `None` if none can be had (it was
+    /// reaped, or the kernel has no pidfds).
+    fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32)?;
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    }
+
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.reaped.is_none() {
             self.reaped = self
@@ -230,9 +237,7 @@ impl Proc {
     /// time (the final dump) is followed at once by the next step, as in a shell pipeline.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let start = Instant::now();
-        let pidfd = rustix::process::Pid::from_raw(self.child.id() as i32).and_then(|pid| {
-            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-        });
+        let pidfd = self.pidfd();
         loop {
             if let Some(status) = self.try_status()? {
                 return Ok(status);
@@ -302,13 +307,7 @@ pub struct ExitClock(std::thread::JoinHandle<Option<u64>>);
 impl ExitClock {
     /// Watches `procs`, which must not be reaped yet (their pids are theirs until then).
     pub fn start(procs: &[&Proc], timeout: Duration) -> ExitClock {
-        let fds: Vec<_> = procs
-            .iter()
-            .filter_map(|p| rustix::process::Pid::from_raw(p.child.id() as i32))
-            .filter_map(|pid| {
-                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-            })
-            .collect();
+        let fds: Vec<_> = procs.iter().filter_map(|p| p.pidfd()).collect();
         let whole = fds.len() == procs.len();
         ExitClock(std::thread::spawn(move || {
             let start = Instant::now();
@@ -328,8 +327,11 @@ impl ExitClock {
                 let exited: Vec<bool> = polled.iter().map(|p| !p.revents().is_empty()).collect();
                 drop(polled);
                 // One that exited stays readable: it is not polled again.
-                let mut exited = exited.into_iter();
-                running.retain(|_| !exited.next().unwrap_or(false));
+                running = running
+                    .into_iter()
+                    .zip(exited)
+                    .filter_map(|(fd, gone)| (!gone).then_some(fd))
+                    .collect();
             }
             whole.then(now_ns)
         }))

@@ -374,23 +374,19 @@ impl Placement {
         // The machine's CPUs, not this thread's: it may have been placed already.
         let online = tracee::cpu::cpu_list(tracee::cpu::CPUS_ONLINE)
             .with_context(|| format!("read {}", tracee::cpu::CPUS_ONLINE))?;
-        let cpus: Vec<usize> = online
-            .into_iter()
-            .filter(|&c| c < rustix::thread::CpuSet::MAX_CPU)
-            .collect();
-        let (first, rest) = match cpus.split_first() {
-            Some((first, rest)) if !rest.is_empty() => (*first, rest),
-            _ => (0, &[][..]),
+        let (first, rest) = match online.split_first() {
+            Some((first, rest)) if !rest.is_empty() => (std::slice::from_ref(first), rest),
+            _ => return Ok(()),
         };
-        let mut set = rustix::thread::CpuSet::new();
-        match self {
-            Placement::Workload => set.set(first),
-            Placement::Harness | Placement::Destination => rest.iter().for_each(|&c| set.set(c)),
-            Placement::Source => cpus.iter().for_each(|&c| set.set(c)),
-        }
+        let cpus = match self {
+            Placement::Workload => first,
+            Placement::Harness | Placement::Destination => rest,
+            Placement::Source => &online[..],
+        };
+        let me = tracee::Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get());
         // Where a cpuset leaves some of them out, the inherited affinity stays: the
         // placement only sharpens the measurement, it is no condition of it.
-        if !rest.is_empty() && rustix::thread::sched_setaffinity(None, &set).is_err() {
+        if me.is_none_or(|me| tracee::taskinfo::set_affinity(me, cpus).is_err()) {
             eprintln!("migrate: {self:?} not placed: the inherited affinity stays");
         }
         Ok(())

@@ -161,13 +161,7 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Ends the watch without waiting for the kernel to let go of the tracepoint (see
-    /// [`SyscallWatch::close_detached`]).
-    pub fn close_detached(mut self) {
-        self.stop_counting();
-    }
-
-    /// Makes the closer of [`Watch::close_detached`] ahead of time (see
+    /// Makes the closer of [`Watch::stop_counting`] ahead of time (see
     /// [`SyscallWatch::prepare_close`]).
     pub fn prepare_close(&mut self) {
         if let Some(watch) = self.watch.as_mut() {
