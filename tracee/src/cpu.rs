@@ -40,6 +40,32 @@ pub fn cpu_list(path: &str) -> Option<Vec<usize>> {
     parse_cpu_list(&std::fs::read_to_string(path).ok()?)
 }
 
+/// The CPUs of `cpus` but `here`.
+pub fn cpus_but(cpus: &[usize], here: usize) -> Vec<usize> {
+    cpus.iter().copied().filter(|&cpu| cpu != here).collect()
+}
+
+/// The CPUs online but the one the calling thread runs on; empty if it has none beside.
+pub fn online_elsewhere() -> Vec<usize> {
+    cpus_but(
+        &cpu_list(CPUS_ONLINE).unwrap_or_default(),
+        rustix::thread::sched_getcpu(),
+    )
+}
+
+/// Keeps the calling thread on `cpus` from now on (`sched_setaffinity`); CPUs this
+/// machine lacks are dropped. Nothing changes for an empty list.
+pub fn pin_to(cpus: &[usize]) -> Result<(), Errno> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let mut set = CpuSet::new();
+    for &cpu in cpus.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
+        set.set(cpu);
+    }
+    sched_setaffinity(None, &set)
+}
+
 /// Pinning failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -234,6 +260,15 @@ impl crate::ptrace::Tracee {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpus_elsewhere_leave_out_only_this_one() {
+        let others = cpus_but(&[0, 1, 3], 1);
+        assert!(others.contains(&0) && others.contains(&3));
+        assert!(!others.contains(&1) && !others.contains(&2));
+        assert!(cpus_but(&[2], 2).is_empty());
+        assert!(cpus_but(&[], 0).is_empty());
+    }
 
     #[test]
     fn cpu_lists_parse_as_the_kernel_prints_them() {

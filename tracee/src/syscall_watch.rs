@@ -179,11 +179,6 @@ fn cpus_online(held: Option<&std::fs::File>) -> Option<Vec<usize>> {
     }
 }
 
-/// The CPUs of `cpus` but `here`.
-fn cpus_but(cpus: &[usize], here: usize) -> Vec<usize> {
-    cpus.iter().copied().filter(|&cpu| cpu != here).collect()
-}
-
 /// Counters on the watched threads: one per thread, or one per CPU for all of them.
 #[derive(Debug)]
 pub struct SyscallWatch {
@@ -306,6 +301,162 @@ unsafe fn close_all_but(keep: &[libc::c_int]) {
     }
     // SAFETY: as above.
     unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 0) };
+}
+
+/// At most this many fds are kept by the closer ([`CloserFrame`]).
+const MAX_KEPT: usize = 1024;
+/// The stack of each of the closer's two clones.
+const CLOSER_STACK: usize = 64 * 1024;
+
+/// What the closer's two clones read, in memory they share with us: a mapping of its own,
+/// never given back (the closer may run on it for as long as it lives).
+#[repr(C)]
+struct CloserFrame {
+    keep: [libc::c_int; MAX_KEPT],
+    kept: usize,
+    read_end: libc::c_int,
+    /// The grandchild's stack, from its top down.
+    grandchild_stack: *mut libc::c_void,
+    /// Written by the child before it exits: the grandchild's pid, or -1.
+    grandchild: libc::pid_t,
+}
+
+/// Makes the closer: a child sharing our address space (`CLONE_VM | CLONE_VFORK`: we wait
+/// until it exits) that makes the grandchild (`CLONE_VM`), which keeps copies of the fds
+/// `keep` (sorted) and closes them once `read_end` reads EOF. The grandchild is an orphan
+/// once its parent exits, reaped by whoever reaps orphans. Returns its pid.
+fn spawn_closer(keep: &[libc::c_int], read_end: libc::c_int) -> Option<libc::pid_t> {
+    let frame_len = std::mem::size_of::<CloserFrame>().next_multiple_of(4096);
+    let len = frame_len + 2 * CLOSER_STACK;
+    // SAFETY: a new private anonymous mapping; no existing memory is touched.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let bytes = base.cast::<u8>();
+    let frame = base.cast::<CloserFrame>();
+    let mut kept = [-1; MAX_KEPT];
+    kept[..keep.len()].copy_from_slice(keep);
+    // SAFETY: the mapping's first `frame_len` bytes, page aligned, hold a frame.
+    unsafe {
+        frame.write(CloserFrame {
+            keep: kept,
+            kept: keep.len(),
+            read_end,
+            // Stacks grow down from their ends: the child's first, then the grandchild's.
+            grandchild_stack: bytes.wrapping_add(len).cast(),
+            grandchild: -1,
+        })
+    };
+    let child_stack = bytes
+        .wrapping_add(frame_len + CLOSER_STACK)
+        .cast::<libc::c_void>();
+    // Every signal blocked across the clones, which inherit the mask: a handler of ours
+    // run by a clone would run on memory we share.
+    let (all, mut before) = (sigset(libc::sigfillset), sigset(libc::sigemptyset));
+    // SAFETY: both sets are live locals.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before) };
+    // SAFETY: the child runs `closer_child` on its own stack in the mapping, touching
+    // only the frame and making syscalls; CLONE_VFORK holds us until it has exited.
+    let child = unsafe {
+        libc::clone(
+            closer_child,
+            child_stack,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            base,
+        )
+    };
+    // SAFETY: `before` is the mask read above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
+    if child <= 0 {
+        // SAFETY: nothing runs on the mapping: no clone was made.
+        unsafe { libc::munmap(base, len) };
+        return None;
+    }
+    let mut status = 0;
+    // SAFETY: `child` is our child; `status` is a writable int.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    // SAFETY: the child wrote it before it exited; the frame stays mapped.
+    let pid = unsafe { frame_field::<libc::pid_t>(base, GRANDCHILD).read_volatile() };
+    (pid > 0).then_some(pid)
+}
+
+const GRANDCHILD: usize = std::mem::offset_of!(CloserFrame, grandchild);
+const GRANDCHILD_STACK: usize = std::mem::offset_of!(CloserFrame, grandchild_stack);
+const KEEP: usize = std::mem::offset_of!(CloserFrame, keep);
+const KEPT: usize = std::mem::offset_of!(CloserFrame, kept);
+const READ_END: usize = std::mem::offset_of!(CloserFrame, read_end);
+
+/// The field at `offset` of the frame at `frame`.
+fn frame_field<T>(frame: *mut libc::c_void, offset: usize) -> *mut T {
+    frame.cast::<u8>().wrapping_add(offset).cast()
+}
+
+/// A signal set made by `init` (`sigfillset`, `sigemptyset`).
+fn sigset(init: unsafe extern "C" fn(*mut libc::sigset_t) -> libc::c_int) -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: `init` sets the set it is given, a live local.
+    unsafe { init(set.as_mut_ptr()) };
+    // SAFETY: zeroed, then set by `init`.
+    unsafe { set.assume_init() }
+}
+
+/// The closer's child: makes the grandchild, tells us its pid and exits.
+extern "C" fn closer_child(frame: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `frame` is the frame `spawn_closer` wrote before cloning us.
+    let stack = unsafe { frame_field::<*mut libc::c_void>(frame, GRANDCHILD_STACK).read() };
+    // SAFETY: the grandchild runs `closer_grandchild` on its own stack, the mapping's
+    // last part, which nothing else uses.
+    let pid = unsafe {
+        libc::clone(
+            closer_grandchild,
+            stack,
+            libc::CLONE_VM | libc::SIGCHLD,
+            frame,
+        )
+    };
+    // SAFETY: only this child writes the field, and the grandchild does not read it.
+    unsafe { frame_field::<libc::pid_t>(frame, GRANDCHILD).write_volatile(pid) };
+    0
+}
+
+/// The closer: keeps only the counters and the pipe's read end, waits for EOF on it,
+/// closes the counters and exits. Only syscalls, on memory made before it.
+extern "C" fn closer_grandchild(frame: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: the frame's fields below were written before the clones and are not written
+    // again.
+    let keep = unsafe { frame_field::<[libc::c_int; MAX_KEPT]>(frame, KEEP).read() };
+    // SAFETY: as above.
+    let kept = unsafe { frame_field::<usize>(frame, KEPT).read() };
+    // SAFETY: as above.
+    let read_end = unsafe { frame_field::<libc::c_int>(frame, READ_END).read() };
+    let keep = &keep[..kept.min(MAX_KEPT)];
+    // Only the counters and the pipe's read end stay open here: a socket this process
+    // closes must not live on in this copy.
+    // SAFETY: this process has a fd table of its own, and nothing here owns its fds.
+    unsafe { close_all_but(keep) };
+    // The closing is in nobody's way at the lowest priority (the tracepoint's switching
+    // off runs long stretches of kernel code that do not yield).
+    // SAFETY: plain integers; best effort, the result does not matter.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CLOSER_NICE) };
+    // EOF once the parent closed its counters and its end of the pipe.
+    let mut byte = 0u8;
+    // SAFETY: one writable byte; `read_end` is open here.
+    while unsafe { libc::read(read_end, std::ptr::addr_of_mut!(byte).cast(), 1) } > 0 {}
+    for &fd in keep {
+        // SAFETY: these fds are this process's own copies.
+        unsafe { libc::close(fd) };
+    }
+    0
 }
 
 /// Sets the filter of a counter opened disabled, then starts it: it counts only what
@@ -441,86 +592,43 @@ impl SyscallWatch {
     }
 
     /// Makes the process that will close the counters for us ([`SyscallWatch::close_detached`])
-    /// now, ahead of time: the `fork` takes our address space's lock for as long as it
-    /// copies it, which threads serving a destination should not wait for. Idempotent;
-    /// if it cannot be made, the closing makes it, or closes here.
+    /// now, ahead of time. Idempotent; if it cannot be made, the closing makes it, or
+    /// closes here.
+    ///
+    /// The closer shares our address space (`clone` with `CLONE_VM`, as `posix_spawn` makes
+    /// its child) instead of getting a copy of it: a `fork` would take our address space's
+    /// lock for as long as it copies it, and would leave every page of ours shared
+    /// copy-on-write with the closer for as long as it lives, so that each page we first
+    /// write afterwards faults and is copied, with a TLB shootdown to every CPU our other
+    /// threads run on (tens of microseconds each in a VM, measured inside a final freeze).
     pub fn prepare_close(&mut self) {
         if self.closer.is_some() {
             return;
         }
-        let fds: Vec<libc::c_int> = self
+        let mut keep: Vec<libc::c_int> = self
             .counters
             .fds()
             .iter()
             .map(|fd| fd.as_raw_fd())
             .collect();
+        if keep.len() >= MAX_KEPT {
+            return;
+        }
         let mut pipe = [0 as libc::c_int; 2];
         // SAFETY: `pipe` is two writable ints.
         if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
             return;
         }
         let [read_end, write_end] = pipe;
-        // The child tells us the grandchild's pid through this one.
-        let mut told = [0 as libc::c_int; 2];
-        // SAFETY: `told` is two writable ints.
-        if unsafe { libc::pipe2(told.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            told = [-1, -1];
-        }
-        let [told_read, told_write] = told;
-        let mut keep = fds;
         keep.push(read_end);
         keep.sort_unstable();
-        // SAFETY: the child and the grandchild call only async-signal-safe functions
-        // (fork, close, read, _exit) on memory made before the fork, so another thread
-        // of ours holding a lock at the fork cannot hurt them.
-        let child = unsafe { libc::fork() };
-        if child == 0 {
-            // SAFETY: as above.
-            let grandchild = unsafe { libc::fork() };
-            if grandchild == 0 {
-                // Only the counters and the pipe's read end stay open here: a socket this
-                // process closes must not live on in this copy.
-                // SAFETY: this grandchild owns nothing but what it keeps, and only exits.
-                unsafe { close_all_but(&keep) };
-                // The closing is in nobody's way at the lowest priority (the tracepoint's
-                // switching off runs long stretches of kernel code that do not yield).
-                // SAFETY: plain integers; best effort, the result does not matter.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CLOSER_NICE) };
-                // EOF once the parent closed its counters and its end of the pipe.
-                let mut byte = 0u8;
-                // SAFETY: one writable byte; `read_end` is open here.
-                while unsafe { libc::read(read_end, std::ptr::addr_of_mut!(byte).cast(), 1) } > 0 {}
-                for &fd in &keep {
-                    // SAFETY: these fds are this grandchild's own copies.
-                    unsafe { libc::close(fd) };
-                }
-            } else if grandchild > 0 && told_write >= 0 {
-                // SAFETY: four readable bytes; `told_write` is open here (a short or
-                // failed write only leaves the pid unknown).
-                unsafe { libc::write(told_write, std::ptr::addr_of!(grandchild).cast(), 4) };
-            }
-            // SAFETY: leaves at once, running no destructor or atexit handler of the copy.
-            unsafe { libc::_exit(0) };
-        }
+        let pid = spawn_closer(&keep, read_end);
         // SAFETY: `read_end` is our copy of the pipe's read end, owned by nothing else.
         unsafe { libc::close(read_end) };
-        if told_write >= 0 {
-            // SAFETY: our copy of the pipe's write end, owned by nothing else.
-            unsafe { libc::close(told_write) };
-        }
-        let mut pid = None;
-        if child > 0 {
-            let mut status = 0;
-            // SAFETY: `child` is our child; `status` is a writable int.
-            unsafe { libc::waitpid(child, &mut status, 0) };
-            let mut grandchild: libc::pid_t = 0;
-            // SAFETY: four writable bytes; the child has exited, so the read does not block.
-            let n = unsafe { libc::read(told_read, std::ptr::addr_of_mut!(grandchild).cast(), 4) };
-            pid = (n == 4 && grandchild > 0).then_some(grandchild);
-        }
-        if told_read >= 0 {
-            // SAFETY: our read end, owned by nothing else.
-            unsafe { libc::close(told_read) };
+        if pid.is_none() {
+            // SAFETY: our write end, owned by nothing else.
+            unsafe { libc::close(write_end) };
+            return;
         }
         self.closer = Some(Closer {
             // SAFETY: `write_end` is a new fd of ours, owned by nothing else.
@@ -545,21 +653,14 @@ impl SyscallWatch {
         drop(closer.map(|c| c.pipe));
     }
 
-    /// [`SyscallWatch::close_detached`], with the closer kept off the CPU this thread runs
-    /// on. For a caller that goes on in a hurry there: a woken process is queued on its
-    /// waker's CPU unless the scheduler finds another idle (it often does not look when
-    /// the machine was busy), and the closing is a long stretch of kernel code that
-    /// would run the moment the caller sleeps, before whatever woke it. Best effort: on
-    /// a single CPU, or with the closer's pid unknown, as `close_detached`.
+    /// [`SyscallWatch::close_detached`], with the closer moved off the CPU this thread
+    /// runs on, to the others online: for a caller that goes on in a hurry here, while the
+    /// closing runs its long stretch of kernel code that does not yield. Best effort: on a
+    /// single CPU, or with the closer's pid unknown, as `close_detached`.
     pub fn close_detached_elsewhere(mut self) {
         self.prepare_close();
         if let Some(pid) = self.closer.as_ref().and_then(|c| c.pid) {
-            // A per-CPU watch's CPUs are those online, as `counts` checks; no need to ask.
-            let online = match &self.counters {
-                Counters::Cpus { cpus, .. } => cpus.clone(),
-                Counters::Threads(_) => cpu_list(CPUS_ONLINE).unwrap_or_default(),
-            };
-            let elsewhere = cpus_but(&online, rustix::thread::sched_getcpu());
+            let elsewhere = crate::cpu::online_elsewhere();
             if let (false, Some(closer)) = (elsewhere.is_empty(), Tid::from_raw(pid)) {
                 // Best effort: a closer that stays where it is still closes.
                 let _ = crate::taskinfo::set_affinity(closer, &elsewhere);
@@ -622,15 +723,6 @@ mod tests {
     }
 
     #[test]
-    fn the_cpus_elsewhere_leave_out_only_this_one() {
-        let others = cpus_but(&[0, 1, 3], 1);
-        assert!(others.contains(&0) && others.contains(&3));
-        assert!(!others.contains(&1) && !others.contains(&2));
-        assert!(cpus_but(&[2], 2).is_empty());
-        assert!(cpus_but(&[], 0).is_empty());
-    }
-
-    #[test]
     fn the_closer_waits_until_the_watch_closes_and_then_exits() {
         let me = Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()).expect("tid");
         let Ok(mut watch) = SyscallWatch::open(&[me], &[]) else {
@@ -646,7 +738,25 @@ mod tests {
                     .contains(") Z ")
         };
         assert!(alive(pid), "the closer waits");
-        watch.close_detached_elsewhere();
+        // It shares our address space: no page of ours is copy-on-write with it.
+        let (ours, its) = (
+            crate::Pid::from_raw(i32::try_from(std::process::id()).expect("pid")).expect("pid"),
+            crate::Pid::from_raw(pid).expect("pid"),
+        );
+        assert_eq!(
+            crate::pidfd::kcmp(ours, its, crate::pidfd::KcmpType::Vm, 0, 0).expect("kcmp"),
+            std::cmp::Ordering::Equal
+        );
+        // And only the counters and its pipe of our fds.
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("its fds")
+            .count();
+        assert_eq!(
+            fds,
+            watch.counters.fds().len() + 1,
+            "the counters and the pipe"
+        );
+        watch.close_detached();
         // Closing the tracepoint's last counter waits for RCU grace periods: tens of ms.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while alive(pid) {
