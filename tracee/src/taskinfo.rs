@@ -178,11 +178,24 @@ pub fn short_slice(slice: std::time::Duration) -> Result<(), TaskInfoError> {
     let Some(me) = this_thread() else {
         return Ok(());
     };
+    normal_with_slice(me, sched(me)?.nice, 0, slice)
+}
+
+/// `SCHED_FLAG_RESET_ON_FORK` of `sched_attr.sched_flags`.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 1;
+
+/// The calling thread `me` under the normal policy at `nice`, with time slices of `slice`.
+fn normal_with_slice(
+    me: Tid,
+    nice: i32,
+    flags: u64,
+    slice: std::time::Duration,
+) -> Result<(), TaskInfoError> {
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
-        flags: 0,
-        nice: sched(me)?.nice,
+        flags,
+        nice,
         priority: 0,
         runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
         deadline: 0,
@@ -231,6 +244,28 @@ impl RealTime {
         match self.previous.take() {
             Some((me, previous)) => set_sched(me, &previous),
             None => Ok(()),
+        }
+    }
+
+    /// Back to the normal policy the thread had, with time slices of `slice`
+    /// ([`short_slice`]) in the same call: a thread that serves others once its spell is
+    /// over is never, even for an instant, at the default slice, and pays one system call
+    /// instead of three. A thread that was not under the normal policy gets its own back,
+    /// as [`RealTime::end`]; one that never left it gets the slice.
+    pub fn end_with_slice(&self, slice: std::time::Duration) -> Result<(), TaskInfoError> {
+        match self.previous.take() {
+            Some((me, previous))
+                if previous.policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_OTHER =>
+            {
+                let flags = if previous.policy & libc::SCHED_RESET_ON_FORK != 0 {
+                    SCHED_FLAG_RESET_ON_FORK
+                } else {
+                    0
+                };
+                normal_with_slice(me, previous.nice, flags, slice)
+            }
+            Some((me, previous)) => set_sched(me, &previous),
+            None => short_slice(slice),
         }
     }
 
@@ -402,17 +437,49 @@ mod tests {
             short_slice(SHORTEST_SLICE).expect("sched_setattr");
             let after = sched(tid).expect("sched");
             assert_eq!((after.policy, after.nice), (before.policy, before.nice));
-            let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/sched"))
-                .expect("read sched");
-            // Only kernels with EEVDF's custom slices (6.12 on) show it.
-            if let Some(line) = text.lines().find(|l| l.starts_with("se.slice")) {
-                let slice: u64 = line
-                    .rsplit(':')
-                    .next()
-                    .and_then(|v| v.trim().parse().ok())
-                    .expect("se.slice value");
-                assert_eq!(slice, 100_000, "{line}");
-            }
+            assert_slice(tid, 100_000);
+        })
+        .join()
+        .expect("thread");
+    }
+
+    /// The thread's `se.slice` in ns is `want` (only kernels with EEVDF's custom slices,
+    /// 6.12 on, show it).
+    fn assert_slice(tid: Tid, want: u64) {
+        let text =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/sched")).expect("read sched");
+        if let Some(line) = text.lines().find(|l| l.starts_with("se.slice")) {
+            let slice: u64 = line
+                .rsplit(':')
+                .next()
+                .and_then(|v| v.trim().parse().ok())
+                .expect("se.slice value");
+            assert_eq!(slice, want, "{line}");
+        }
+    }
+
+    #[test]
+    fn leaving_real_time_with_a_slice_gives_the_old_nice_value_and_the_slice() {
+        std::thread::spawn(|| {
+            let (_, tid) = me();
+            let before = Sched {
+                policy: libc::SCHED_OTHER,
+                priority: 0,
+                nice: 5,
+            };
+            set_sched(tid, &before).expect("nice 5");
+            let urgent = RealTime::raise();
+            let during = sched(tid).expect("sched");
+            // Root here; without the privilege the thread stays as it was.
+            let raised = during.policy & 0xff == libc::SCHED_FIFO;
+            urgent
+                .end_with_slice(SHORTEST_SLICE)
+                .expect("back to normal");
+            let after = sched(tid).expect("sched");
+            assert_eq!((after.policy & 0xff, after.nice), (libc::SCHED_OTHER, 5));
+            assert!(after.policy & libc::SCHED_RESET_ON_FORK == 0, "{after:?}");
+            assert!(raised || during == before, "{during:?}");
+            assert_slice(tid, 100_000);
         })
         .join()
         .expect("thread");
