@@ -238,24 +238,15 @@ fn read_state(
     tree: &mut SeizedTree,
     opts: &DumpOptions,
     vma_source: collect::VmaSource,
-    earlier: Option<Earlier<'_>>,
+    earlier: Option<(Earlier<'_>, Option<refresh::Reader>)>,
 ) -> Result<(TreeState, bool), DumpError> {
-    if let Some(earlier) = earlier {
-        let verdict = refresh::verdict(earlier.watch, tree);
-        // This freeze is the last the counts vouch for. Switching the tracepoint off now,
-        // while the frozen tree leaves its CPU idle, keeps that work out of the way of the
-        // destination's first faults (on a machine of few CPUs) and of the restored
-        // program's syscalls.
-        earlier.watch.stop_counting();
-        let why = match verdict {
-            Ok(()) => match refresh::again(tree, earlier.state, earlier.watch)? {
-                refresh::Refreshed::State(state) => {
-                    fault::check(opts.fault, FaultPoint::AfterInject)?;
-                    return Ok((state, true));
-                }
-                refresh::Refreshed::Stale(why) => why,
-            },
-            Err(why) => why,
+    if let Some((earlier, reader)) = earlier {
+        let why = match refresh::look_again(tree, earlier.state, earlier.watch, reader)? {
+            refresh::Refreshed::State(state) => {
+                fault::check(opts.fault, FaultPoint::AfterInject)?;
+                return Ok((state, true));
+            }
+            refresh::Refreshed::Stale(why) => why,
         };
         tracing::info!(%why, "S2 collects in full");
     }
@@ -269,6 +260,11 @@ fn freeze_and_collect(
     opts: &DumpOptions,
     earlier: Option<Earlier<'_>>,
 ) -> Result<Collected, DumpError> {
+    // Made while the tree runs: the thread that reads /proc beside us in the light look.
+    let earlier = earlier.map(|earlier| {
+        let reader = refresh::Reader::start(earlier.state, earlier.watch);
+        (earlier, reader)
+    });
     // smaps' page walk is done while the tree runs, and kept if the VMAs stay the same.
     let vma_source = tracee::proc::smaps::read(pid)
         .map(collect::VmaSource::SmapsIfUnchanged)
@@ -919,7 +915,16 @@ fn switch_round(
         prepared.get(name).map(Vec::as_slice)
     })
     .map_err(|source| PrepareError::SendDelta { pid, source })?;
-    drop(urgent);
+    // A lazy dump serves the destination's faults from now on: with short slices, as it
+    // leaves real time (see `lazy::serve_with`).
+    let normal = if opts.mode == DumpMode::Lazy {
+        urgent.end_with_slice(tracee::taskinfo::SHORTEST_SLICE)
+    } else {
+        urgent.end()
+    };
+    if let Err(error) = normal {
+        tracing::debug!(%error, "could not give back our scheduling policy");
+    }
     let wire_bytes = wire.n;
     let frozen_to_sent = micros(round.frozen_since);
     let send_us = micros(send_start);
@@ -1201,8 +1206,8 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         "prepared images written"
     );
     let prepared = read_images(&opts.images_dir, &names)?;
-    // While the destination builds: the closing of the watch at S2's freeze then forks
-    // nothing (see `SyscallWatch::prepare_close`).
+    // While the destination builds: the closing of the watch after the switch then makes
+    // no process (see `SyscallWatch::prepare_close`).
     if let Some(watch) = watch.as_mut() {
         watch.prepare_close();
     }
@@ -1299,11 +1304,14 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         watch,
         state,
     };
-    if let Err(unsent) = to_updater.send(work) {
-        tracing::warn!("-D is updated before the pages are served: its thread is gone");
-        unsent.0.run();
-    }
+    let update = move || {
+        if let Err(unsent) = to_updater.send(work) {
+            tracing::warn!("-D is updated here: its thread is gone");
+            unsent.0.run();
+        }
+    };
     if opts.mode != DumpMode::Lazy {
+        update();
         // No page to serve: the destination's word alone decides the source's end.
         let ended = await_destination(round.tree, switch_stream, opts);
         // Its write protection goes with it (or comes off the process running on here).
@@ -1315,6 +1323,9 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     let link = SwitchLink {
         switch: switch_stream,
         daemon: ready.daemon,
+        // Woken now, the thread would run before the daemon's first request on a machine
+        // of few CPUs (even under SCHED_IDLE), and it waits for the serving anyway.
+        after_first_faults: Some(Box::new(update)),
     };
     let outcome = lazy::serve_prepared(round.tree, listener, ranges, opts, link);
     join_updater(updater, served);
@@ -1609,11 +1620,22 @@ int main(int argc, char **argv) {
                 .map(|r| (r.pos, r.size))
         };
         let first_log = log_file(&before).expect("the log file is among the files");
-        for round in 0..3 {
+        for round in 0..4 {
             worker.wait_progress(log_file(&before).and_then(|l| l.1).unwrap_or(0));
+            // Every other round as S2 does it: with the reader made before the freeze
+            // reading /proc on another thread.
+            let reader = (round % 2 == 1)
+                .then(|| refresh::Reader::start(&before, &watch).expect("the reader is made"));
             let mut tree = seize::freeze_tree(pid).expect("freeze again");
-            refresh::verdict(&watch, &tree).unwrap_or_else(|why| panic!("round {round}: {why}"));
-            let light = match refresh::again(&mut tree, &before, &watch).expect("light look") {
+            let look = match reader {
+                Some(reader) => refresh::look_again(&mut tree, &before, &mut watch, Some(reader)),
+                None => {
+                    refresh::verdict(&watch, &tree)
+                        .unwrap_or_else(|why| panic!("round {round}: {why}"));
+                    refresh::again(&mut tree, &before, &watch)
+                }
+            };
+            let light = match look.expect("light look") {
                 refresh::Refreshed::State(state) => state,
                 refresh::Refreshed::Stale(why) => panic!("round {round}: stale: {why}"),
             };

@@ -736,7 +736,9 @@ pub fn images_of_running(
 
 /// [`images`] encoded in memory: no file is made (`opts.images_dir` must exist: errors
 /// name it); take them with [`WrittenImages::take_memory`]. Pages are read as for files.
-#[tracing::instrument(skip_all)]
+// S2's images, encoded inside its freeze: a span at the info level would cost it
+// microseconds to make.
+#[tracing::instrument(level = "debug", skip_all)]
 pub fn images_in_memory(
     state: &TreeState,
     opts: &DumpOptions,

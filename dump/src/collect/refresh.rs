@@ -55,6 +55,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::{mpsc, Arc};
 
 use images_format::pb::TaskCoreEntry;
 use images_format::vma::VmaStatus;
@@ -155,7 +156,7 @@ pub struct Watch {
     watch: Option<SyscallWatch>,
     /// The counts when the first look ended: its own injected syscalls count.
     baseline: Counts,
-    held: Held,
+    held: Arc<Held>,
     /// Every process's threads at the first look, in freeze order.
     threads: Vec<(Pid, Vec<Tid>)>,
 }
@@ -169,13 +170,15 @@ impl Watch {
         }
     }
 
-    /// Closes the counters (detached) and keeps the handles the light look reads: once the
-    /// last freeze's [`verdict`] is in, the counts vouch for nothing more, and the
-    /// tracepoint they keep on slows every syscall of the machine. A later [`verdict`]
-    /// rules the light look out.
+    /// Closes the counters (detached, the closer kept off our CPU: see
+    /// [`SyscallWatch::close_detached_elsewhere`]) and keeps the handles the light look
+    /// reads: once the last freeze's [`verdict`] is in, the counts vouch for nothing more,
+    /// and the tracepoint they keep on slows every syscall of the machine: by a third for a
+    /// `getpid` loop even with the counters stopped (`PERF_EVENT_IOC_DISABLE`) but open,
+    /// measured here, which a program restored on this machine would pay until they
+    /// close. A later [`verdict`] rules the light look out.
     pub fn stop_counting(&mut self) {
         if let Some(watch) = self.watch.take() {
-            // The tree is frozen: off our CPU, its closing finds one idle.
             watch.close_detached_elsewhere();
         }
     }
@@ -320,7 +323,7 @@ impl Armed {
         Ok(Watch {
             watch: Some(self.watch),
             baseline: self.baseline,
-            held: Held::take(state),
+            held: Arc::new(Held::take(state)),
             threads: self.threads,
         })
     }
@@ -450,19 +453,186 @@ pub fn again(
     before: &TreeState,
     watch: &Watch,
 ) -> Result<Refreshed, CollectError> {
-    self::tree(tree, before, &watch.held)
+    self::tree(tree, before, &watch.held, || {
+        unseized_all(before, &watch.held)
+    })
 }
 
-#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
-fn tree(tree: &mut SeizedTree, before: &TreeState, held: &Held) -> Result<Refreshed, CollectError> {
-    let mut processes = before.processes.clone();
-    for process in &mut processes {
-        if let Some(why) = process_again(tree, process, held)? {
-            return Ok(Refreshed::Stale(why));
+/// The final freeze's look at `tree`: the [`verdict`], the counters closed
+/// ([`Watch::stop_counting`]: this freeze is the last they vouch for, and a program
+/// restored here would pay for them on every syscall), then, if the verdict allows,
+/// [`again`], with what needs no ptrace read meanwhile by `reader` (if any) on another
+/// CPU, while this thread reads the registers and the files. `Stale` says why the light
+/// look was ruled out.
+pub fn look_again(
+    tree: &mut SeizedTree,
+    before: &TreeState,
+    watch: &mut Watch,
+    reader: Option<Reader>,
+) -> Result<Refreshed, CollectError> {
+    if let Some(reader) = &reader {
+        reader.go();
+    }
+    let verdict = verdict(watch, tree);
+    watch.stop_counting();
+    if let Err(why) = verdict {
+        return Ok(Refreshed::Stale(why));
+    }
+    let held = &watch.held;
+    self::tree(tree, before, held, || {
+        reader
+            .and_then(Reader::wait)
+            .unwrap_or_else(|| unseized_all(before, held))
+    })
+}
+
+/// A thread made before the final freeze, while the tree runs and making it costs the
+/// program nothing, that reads for [`look_again`] what needs no ptrace (maps, stat, page
+/// tables, limits) once the tree is frozen. It runs on a CPU other than its maker's: the
+/// one the frozen tree leaves idle, on a machine of two.
+pub struct Reader {
+    go: mpsc::Sender<()>,
+    done: mpsc::Receiver<UnseizedAll>,
+}
+
+impl Reader {
+    /// Makes the thread, for the tree whose first look gave `before`; `None` if it cannot
+    /// be made (the look then reads it all on the caller's thread).
+    pub fn start(before: &TreeState, watch: &Watch) -> Option<Reader> {
+        let shown: Vec<Shown> = before.processes.iter().map(Shown::of).collect();
+        let held = Arc::clone(&watch.held);
+        let elsewhere = tracee::cpu::online_elsewhere();
+        let (go, start) = mpsc::channel::<()>();
+        let (result, done) = mpsc::channel();
+        let (settled, ready) = mpsc::channel::<()>();
+        let made = std::thread::Builder::new()
+            .name("light-look".to_owned())
+            .spawn(move || {
+                // As its maker: ahead of every normal task while the tree is frozen. Raised
+                // first: moved onto the busy program's CPU at the normal policy, it would
+                // wait there for the program's time slice to end (milliseconds).
+                let _urgent = tracee::taskinfo::RealTime::raise();
+                if let Err(error) = tracee::cpu::pin_to(&elsewhere) {
+                    tracing::debug!(%error, "the light look's reader stays where it was made");
+                }
+                warm_up_allocator();
+                drop(settled);
+                if start.recv().is_err() {
+                    return;
+                }
+                let read = shown.iter().map(|s| unseized_again(s, &held)).collect();
+                let _ = result.send(read);
+            });
+        match made {
+            Ok(_) => {
+                // Settled on its CPU before the freeze: made here, it would otherwise first
+                // run on ours, once we sleep in the freeze, and then move.
+                let _ = ready.recv();
+                Some(Reader { go, done })
+            }
+            Err(error) => {
+                tracing::debug!(%error, "no thread for the light look's reads");
+                None
+            }
         }
     }
+
+    /// The tree is frozen: read.
+    fn go(&self) {
+        let _ = self.go.send(());
+    }
+
+    /// What was read; `None` if the thread is gone. Waited for awake a while: the reader
+    /// is about done when we get here, and a thread that sleeps is woken late on a
+    /// virtual machine, where waking an idle CPU takes tens of microseconds.
+    fn wait(self) -> Option<UnseizedAll> {
+        let awake_until = std::time::Instant::now() + SPIN_FOR_READER;
+        while std::time::Instant::now() < awake_until {
+            match self.done.try_recv() {
+                Ok(read) => return Some(read),
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+        self.done.recv().ok()
+    }
+}
+
+/// Makes the calling thread's allocator ready before the freeze: glibc gives a thread
+/// its own arena at its first allocation, an mmap of the process's address space made
+/// under the lock the other thread's page faults take.
+fn warm_up_allocator() {
+    let warm: Vec<Vec<u8>> = (0..16).map(|_| vec![1u8; 8192]).collect();
+    std::hint::black_box(&warm);
+}
+
+/// How long [`Reader::wait`] waits awake before it sleeps.
+const SPIN_FOR_READER: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// What [`unseized_again`] read of each process of the tree, in order.
+type UnseizedAll = Result<Vec<Result<Unseized, String>>, CollectError>;
+
+fn unseized_all(before: &TreeState, held: &Held) -> UnseizedAll {
+    before
+        .processes
+        .iter()
+        .map(|process| unseized_again(&Shown::of(process), held))
+        .collect()
+}
+
+/// What [`unseized_again`] compares with, of a process's first look.
+struct Shown {
+    pid: Pid,
+    maps: Vec<proc::maps::MapsEntry>,
+    scans: Vec<super::memory::VmaScan>,
+    guards: Vec<images_format::pb::VmaEntry>,
+}
+
+impl Shown {
+    fn of(process: &ProcessState) -> Shown {
+        Shown {
+            pid: process.pid,
+            maps: process.maps.clone(),
+            scans: process.scans.clone(),
+            guards: process
+                .mm
+                .vmas
+                .iter()
+                .filter(|v| VmaStatus::from_bits_retain(v.status).contains(VmaStatus::GUARD))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+// A span at the info level costs the frozen tree microseconds to make: debug only.
+#[tracing::instrument(level = "debug", skip_all, fields(pid = %tree.root().pid()))]
+fn tree(
+    tree: &mut SeizedTree,
+    before: &TreeState,
+    held: &Held,
+    unseized: impl FnOnce() -> UnseizedAll,
+) -> Result<Refreshed, CollectError> {
+    let mut seized = Vec::with_capacity(before.processes.len());
+    for process in &before.processes {
+        match seized_again(tree, process, held)? {
+            Ok(now) => seized.push(now),
+            Err(why) => return Ok(Refreshed::Stale(why)),
+        }
+    }
+    let mut processes = before.processes.clone();
     if let Err(why) = files::again::refresh(&mut processes, &held.files)? {
         return Ok(Refreshed::Stale(why));
+    }
+    let unseized = unseized()?;
+    for ((process, unseized), seized) in processes.iter_mut().zip(unseized).zip(seized) {
+        let unseized = match unseized {
+            Ok(unseized) => unseized,
+            Err(why) => return Ok(Refreshed::Stale(why)),
+        };
+        if let Err(why) = merge(process, unseized, seized) {
+            return Ok(Refreshed::Stale(why));
+        }
     }
     Ok(Refreshed::State(TreeState {
         processes,
@@ -472,13 +642,18 @@ fn tree(tree: &mut SeizedTree, before: &TreeState, held: &Held) -> Result<Refres
     }))
 }
 
-/// Brings `process` up to date but for its files; `Some(why)` if it cannot be.
-fn process_again(
-    tree: &mut SeizedTree,
-    process: &mut ProcessState,
-    held: &Held,
-) -> Result<Option<String>, CollectError> {
-    let pid = process.pid;
+/// What the light look reads of a process without ptrace.
+struct Unseized {
+    stat: proc::stat::Stat,
+    pages: Vec<super::PageRun>,
+    rlimits: images_format::pb::TaskRlimitsEntry,
+    oom_score_adj: Option<i32>,
+}
+
+/// Reads again what `/proc` and the page tables show of the process of `shown`; `Err(why)`
+/// inside if its VMAs or guard regions changed.
+fn unseized_again(shown: &Shown, held: &Held) -> Result<Result<Unseized, String>, CollectError> {
+    let pid = shown.pid;
     let maps = match held
         .read(Held::maps(pid))
         .and_then(|t| proc::maps::parse(&t).ok())
@@ -486,8 +661,8 @@ fn process_again(
         Some(maps) => maps,
         None => proc::maps::read(pid).map_err(proc_err(pid, "maps"))?,
     };
-    if maps != process.maps {
-        return Ok(Some(format!("pid {pid}: the VMAs changed")));
+    if maps != shown.maps {
+        return Ok(Err(format!("pid {pid}: the VMAs changed")));
     }
     let stat = match held
         .read(Held::stat(pid))
@@ -496,51 +671,9 @@ fn process_again(
         Some(stat) => stat,
         None => proc::stat::read(pid).map_err(proc_err(pid, "stat"))?,
     };
-    let Some(seized) = tree.process_mut(pid) else {
-        return Ok(Some(format!("pid {pid} is not in the tree")));
-    };
-    let Some(leader) = seized.leader_mut() else {
-        return Ok(Some(format!("pid {pid} has no threads")));
-    };
-    let super::SignalState {
-        stopped,
-        stop_signo,
-        leader_mask,
-        shared_pending,
-    } = super::signal_state(leader)?;
-    let mut earlier: HashMap<Tid, &threads::ThreadState> =
-        process.threads.iter().map(|t| (t.tid, t)).collect();
-    let mut now = Vec::with_capacity(process.threads.len());
-    for thread in seized.threads() {
-        let Some(before) = earlier.remove(&thread.tid()) else {
-            return Ok(Some(format!("tid {} is new", thread.tid())));
-        };
-        let slack = held
-            .read(Held::slack(thread.tid()))
-            .and_then(|t| t.trim().parse().ok());
-        match threads::refresh(thread, before, slack)? {
-            Some(state) => now.push(state),
-            None => {
-                return Ok(Some(format!(
-                    "tid {}: its timer slack cannot be read from outside",
-                    thread.tid()
-                )))
-            }
-        }
-    }
-    if !earlier.is_empty() {
-        return Ok(Some(format!("pid {pid} lost threads")));
-    }
-    let (pages, guards) = memory::rescan(pid, &process.scans)?;
-    let guards_before: Vec<_> = process
-        .mm
-        .vmas
-        .iter()
-        .filter(|v| VmaStatus::from_bits_retain(v.status).contains(VmaStatus::GUARD))
-        .cloned()
-        .collect();
-    if guards != guards_before {
-        return Ok(Some(format!("pid {pid}: the guard regions changed")));
+    let (pages, guards) = memory::rescan(pid, &shown.scans)?;
+    if guards != shown.guards {
+        return Ok(Err(format!("pid {pid}: the guard regions changed")));
     }
     let rlimits = match tracee::taskinfo::prlimits(pid) {
         Ok(limits) => super::rlimits_entry(limits),
@@ -550,9 +683,85 @@ fn process_again(
         Some(text) => text.trim().parse().ok(),
         None => read_i32_file(pid, "oom_score_adj"),
     };
+    Ok(Ok(Unseized {
+        stat,
+        pages,
+        rlimits,
+        oom_score_adj,
+    }))
+}
 
+/// What the light look reads of a process through ptrace.
+struct Seized {
+    signals: super::SignalState,
+    threads: Vec<threads::ThreadState>,
+}
+
+/// Reads again the signal state and the threads of `process` in the frozen `tree`;
+/// `Err(why)` inside if they cannot be followed.
+fn seized_again(
+    tree: &mut SeizedTree,
+    process: &ProcessState,
+    held: &Held,
+) -> Result<Result<Seized, String>, CollectError> {
+    let pid = process.pid;
+    let Some(seized) = tree.process_mut(pid) else {
+        return Ok(Err(format!("pid {pid} is not in the tree")));
+    };
+    let Some(leader) = seized.leader_mut() else {
+        return Ok(Err(format!("pid {pid} has no threads")));
+    };
+    let signals = super::signal_state(leader)?;
+    let mut earlier: HashMap<Tid, &threads::ThreadState> =
+        process.threads.iter().map(|t| (t.tid, t)).collect();
+    let mut now = Vec::with_capacity(process.threads.len());
+    for thread in seized.threads() {
+        let Some(before) = earlier.remove(&thread.tid()) else {
+            return Ok(Err(format!("tid {} is new", thread.tid())));
+        };
+        let slack = held
+            .read(Held::slack(thread.tid()))
+            .and_then(|t| t.trim().parse().ok());
+        match threads::refresh(thread, before, slack)? {
+            Some(state) => now.push(state),
+            None => {
+                return Ok(Err(format!(
+                    "tid {}: its timer slack cannot be read from outside",
+                    thread.tid()
+                )))
+            }
+        }
+    }
+    if !earlier.is_empty() {
+        return Ok(Err(format!("pid {pid} lost threads")));
+    }
+    Ok(Ok(Seized {
+        signals,
+        threads: now,
+    }))
+}
+
+/// Brings `process` up to date from what was read of it again; `Err(why)` if it cannot be.
+fn merge(process: &mut ProcessState, unseized: Unseized, seized: Seized) -> Result<(), String> {
+    let pid = process.pid;
+    let Unseized {
+        stat,
+        pages,
+        rlimits,
+        oom_score_adj,
+    } = unseized;
+    let Seized {
+        signals:
+            super::SignalState {
+                stopped,
+                stop_signo,
+                leader_mask,
+                shared_pending,
+            },
+        threads: mut now,
+    } = seized;
     let Some(old_tc) = process.threads.first().and_then(|t| t.core.tc.clone()) else {
-        return Ok(Some(format!("pid {pid} has no task core")));
+        return Err(format!("pid {pid} has no task core"));
     };
     let tc = TaskCoreEntry {
         task_state: if stopped { TASK_STOPPED } else { TASK_ALIVE },
@@ -581,7 +790,7 @@ fn process_again(
     process.threads = now;
     process.plan = crate::pages::plan(&pages, &[]);
     process.pages = pages;
-    Ok(None)
+    Ok(())
 }
 
 #[cfg(test)]
