@@ -307,6 +307,101 @@ struct Source {
     traffic: PageTraffic,
     /// A prepared dump's switch connection, until the destination runs or it ends.
     switch: Option<TcpStream>,
+    /// What waits until the first faults are served.
+    held: UntilQuiet,
+}
+
+/// Work held back while the destination's first faults are served: until the requests
+/// pause for [`QUIET`] after a first answer, [`HOLD_AT_MOST`] after the serving starts,
+/// or its end. A resumed program waits for each answer, on a machine of few CPUs behind
+/// any log line or thread wake-up of ours, and so does the daemon reading it when it
+/// shares our CPU.
+struct UntilQuiet {
+    /// The lines that would have been logged meanwhile, in order.
+    lines: Vec<HeldLine>,
+    /// The caller's work for then ([`SwitchLink::after_first_faults`]).
+    work: Option<Box<dyn FnOnce() + Send>>,
+    /// When the serving started.
+    since: Instant,
+    /// A page was answered.
+    answered: bool,
+    done: bool,
+}
+
+/// How long the requests must pause before held work is done ([`UntilQuiet`]): longer
+/// than the program's run between two faults while it starts.
+const QUIET: Duration = Duration::from_micros(500);
+
+/// How long after the serving starts held work waits at most ([`UntilQuiet`]).
+const HOLD_AT_MOST: Duration = Duration::from_millis(5);
+
+enum HeldLine {
+    Serving {
+        addr: String,
+        processes: usize,
+        pages: u64,
+    },
+    Resumed {
+        pid: Pid,
+        why: &'static str,
+    },
+}
+
+impl HeldLine {
+    fn log(&self) {
+        match self {
+            HeldLine::Serving {
+                addr,
+                processes,
+                pages,
+            } => tracing::info!(%addr, processes, pages, "serving lazy pages"),
+            HeldLine::Resumed { pid, why } => {
+                tracing::info!(%pid, why, "the destination runs; the source stays stopped");
+            }
+        }
+    }
+}
+
+impl UntilQuiet {
+    fn say(&mut self, line: HeldLine) {
+        if self.done {
+            line.log();
+        } else {
+            self.lines.push(line);
+        }
+    }
+
+    fn new() -> UntilQuiet {
+        UntilQuiet {
+            lines: Vec::new(),
+            work: None,
+            since: Instant::now(),
+            answered: false,
+            done: false,
+        }
+    }
+
+    fn answered(&mut self) {
+        self.answered = true;
+    }
+
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        for line in self.lines.drain(..) {
+            line.log();
+        }
+        if let Some(work) = self.work.take() {
+            work();
+        }
+    }
+}
+
+impl Drop for UntilQuiet {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Source {
@@ -355,9 +450,9 @@ impl Source {
     }
 
     /// The destination runs: the tree is stopped by signal too, never to run here again.
-    fn stop_for_good(&mut self, why: &str) {
+    fn stop_for_good(&mut self, why: &'static str) {
         self.resumed = true;
-        tracing::info!(pid = %self.pid, why, "the destination runs; the source stays stopped");
+        self.held.say(HeldLine::Resumed { pid: self.pid, why });
         let pids: Vec<Pid> = self
             .tree
             .iter()
@@ -458,6 +553,30 @@ impl Source {
         Ok(())
     }
 
+    /// Does the held work ([`UntilQuiet`]) once the first faults are served: when, after
+    /// an answer, neither a request nor a switch message comes within [`QUIET`], or none
+    /// comes until [`HOLD_AT_MOST`] after the serving started. Returns at once when one
+    /// comes first.
+    fn release_when_quiet(&mut self, stream: &TcpStream) {
+        if self.held.done {
+            return;
+        }
+        let left = (self.held.since + HOLD_AT_MOST).saturating_duration_since(Instant::now());
+        let wait = if self.held.answered {
+            QUIET.min(left)
+        } else {
+            left
+        };
+        if !wait.is_zero() {
+            let switch = self.switch.as_ref().map(AsFd::as_fd);
+            match wait_readable(stream.as_fd(), switch, wait) {
+                Ok(ready) if ready.main || ready.switch => return,
+                _ => {}
+            }
+        }
+        self.held.release();
+    }
+
     /// Waits for the daemon's next request while hearing the switch; `false` when the
     /// session was idle for `idle`.
     fn await_request(&mut self, stream: &TcpStream, idle: Duration) -> Result<bool, LazyError> {
@@ -491,6 +610,7 @@ impl Source {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(idle));
         loop {
+            self.release_when_quiet(&stream);
             if !self.await_request(&stream, idle)? {
                 return Ok(SessionEnd::Lost(
                     "no request within the idle time".to_owned(),
@@ -513,6 +633,7 @@ impl Source {
                     if !self.resumed && kind != GetKind::BeforeResume {
                         self.destination_resumed(kind);
                     }
+                    self.held.answered();
                     if let Err(end) = answered {
                         return Ok(end);
                     }
@@ -591,10 +712,12 @@ pub fn serve(
 
 /// What a prepared dump hands to [`serve_prepared`]: its switch connection, and the
 /// daemon's connection if one was accepted while waiting for the destination.
-#[derive(Debug)]
 pub struct SwitchLink {
     pub switch: TcpStream,
     pub daemon: Option<(TcpStream, IpAddr)>,
+    /// Run once the destination's first faults are served (see `UntilQuiet`), or serving
+    /// ends: work that must not wake a thread while they wait.
+    pub after_first_faults: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// [`serve`] for a prepared dump: the switch's RESUMED, FAILED or end are heard as well.
@@ -618,7 +741,8 @@ fn message_name(msg: &SwitchMessage) -> &'static str {
     }
 }
 
-#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+// No span: a prepared dump gets here at the switch, where making one costs the
+// destination's first fault tens of microseconds. The lines say which process.
 fn serve_with(
     tree: SeizedTree,
     listener: TcpListener,
@@ -628,9 +752,12 @@ fn serve_with(
 ) -> Result<LazyOutcome, LazyError> {
     let pid = tree.root().pid();
     // Each request is a fault or a chunk someone waits for, and the program's CPU may be
-    // busy (with the program itself, restored on this machine): woken, we go first.
-    if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
-        tracing::debug!(%error, "serving at the default time slice");
+    // busy (with the program itself, restored on this machine): woken, we go first. (A
+    // prepared dump took its short slice as it left real time after the delta.)
+    if link.is_none() {
+        if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
+            tracing::debug!(%error, "serving at the default time slice");
+        }
     }
     let addr = listener
         .local_addr()
@@ -659,6 +786,7 @@ fn serve_with(
         compressor: None,
         traffic: PageTraffic::default(),
         switch: None,
+        held: UntilQuiet::new(),
     };
     let mut pending = None;
     if let Some(link) = link {
@@ -666,9 +794,14 @@ fn serve_with(
         let _ = link.switch.set_read_timeout(Some(SWITCH_READ_TIMEOUT));
         source.switch = Some(link.switch);
         pending = link.daemon;
+        source.held.work = link.after_first_faults;
     }
-    tracing::info!(%addr, processes = source.processes.len(), pages = source.untaken_pages(),
-        "serving lazy pages");
+    let line = HeldLine::Serving {
+        addr: addr.clone(),
+        processes: source.processes.len(),
+        pages: source.untaken_pages(),
+    };
+    source.held.say(line);
     let mut peer: Option<IpAddr> = None;
     loop {
         let wait = if source.resumed {
@@ -830,6 +963,7 @@ mod tests {
             compressor: None,
             traffic: PageTraffic::default(),
             switch: Some(switch),
+            held: UntilQuiet::new(),
         };
         (source, restore)
     }
@@ -883,6 +1017,68 @@ mod tests {
                 switch: true
             }
         );
+    }
+
+    #[test]
+    fn held_work_waits_for_a_pause_in_the_requests_after_the_first_answer() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let (mut source, _restore) = source_with_switch();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, _) = listener.accept().expect("accept");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&runs);
+        source.held.work = Some(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        source.held.say(HeldLine::Resumed {
+            pid: source.pid,
+            why: "test",
+        });
+        source.held.answered();
+        // A request waiting: it goes first.
+        daemon.write_all(&[0]).expect("write");
+        source.release_when_quiet(&stream);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert_eq!(source.held.lines.len(), 1, "the line is still held");
+        let mut byte = [0u8; 1];
+        (&stream).read_exact(&mut byte).expect("read the request");
+        // Quiet: done, once.
+        source.release_when_quiet(&stream);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(source.held.lines.is_empty());
+        source.release_when_quiet(&stream);
+        drop(source);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn held_work_waits_for_a_first_request_only_so_long() {
+        let (mut source, _restore) = source_with_switch();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, _) = listener.accept().expect("accept");
+        source.held.say(HeldLine::Resumed {
+            pid: source.pid,
+            why: "test",
+        });
+        let start = Instant::now();
+        source.release_when_quiet(&stream);
+        assert!(start.elapsed() >= HOLD_AT_MOST - Duration::from_millis(1));
+        assert!(source.held.done && source.held.lines.is_empty());
+    }
+
+    #[test]
+    fn held_work_is_done_when_the_serving_ends_without_an_answer() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let (mut source, _restore) = source_with_switch();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&done);
+        source.held.work = Some(Box::new(move || flag.store(true, Ordering::SeqCst)));
+        drop(source);
+        assert!(done.load(Ordering::SeqCst));
     }
 
     #[test]
