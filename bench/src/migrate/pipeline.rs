@@ -713,7 +713,13 @@ impl Migration<'_> {
         // The dump first: its first round runs while the destination gets ready (the
         // restore and the daemon connect to it, and wait for it to listen).
         let dump = self.tools.dump.clone();
-        let mut server = self.tool(Side::Source, "ckpt-dump --prepare", &dump, &args)?;
+        let mut server = self.tool_placed(
+            Side::Source,
+            Some(super::workload::Placement::BesideWorkload),
+            "ckpt-dump --prepare",
+            &dump,
+            &args,
+        )?;
         let link = self.open_transfer(&dst);
         let daemon = link.and_then(|link| {
             self.restore_ready(&mut restored)?;
@@ -1023,6 +1029,18 @@ impl Migration<'_> {
     }
 
     fn tool(&mut self, side: Side, name: &str, program: &Path, args: &[&str]) -> Result<Proc> {
+        self.tool_placed(side, None, name, program, args)
+    }
+
+    /// [`Migration::tool`] on the CPUs of `placement` rather than its side's.
+    fn tool_placed(
+        &mut self,
+        side: Side,
+        placement: Option<super::workload::Placement>,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<Proc> {
         let mut cmd = Command::new(program);
         cmd.args(args);
         let log = self.dir.join(format!(
@@ -1030,10 +1048,26 @@ impl Migration<'_> {
             name.replace([' ', '-'], "_"),
             self.outcome.steps.len()
         ));
-        self.spawn(side, name, &cmd, log)
+        self.spawn_placed(side, placement, name, &cmd, log)
     }
 
     fn spawn(&mut self, side: Side, name: &str, cmd: &Command, out: PathBuf) -> Result<Proc> {
+        self.spawn_placed(side, None, name, cmd, out)
+    }
+
+    /// Spawns `cmd` on `side`, on the CPUs of `placement` (by default its side's).
+    fn spawn_placed(
+        &mut self,
+        side: Side,
+        placement: Option<super::workload::Placement>,
+        name: &str,
+        cmd: &Command,
+        out: PathBuf,
+    ) -> Result<Proc> {
+        let placement = placement.unwrap_or(match side {
+            Side::Destination => super::workload::Placement::Destination,
+            Side::Source | Side::Clients => super::workload::Placement::Source,
+        });
         let ns = self.bed.ns_path(side);
         let line = format!(
             "[{}] {} {}",
@@ -1045,10 +1079,6 @@ impl Migration<'_> {
                 .join(" ")
         );
         self.note(line);
-        let placement = match side {
-            Side::Destination => super::workload::Placement::Destination,
-            Side::Source | Side::Clients => super::workload::Placement::Source,
-        };
         let child = super::workload::spawn_in(&ns, cmd, &out, placement)
             .with_context(|| format!("spawn {name}"))?;
         Ok(Proc {

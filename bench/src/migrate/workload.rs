@@ -363,6 +363,12 @@ pub enum Placement {
     Harness,
     /// The source's tools and the clients: any CPU.
     Source,
+    /// A source tool that works beside the running program (a prepared dump): the other
+    /// CPUs, from its exec on. It keeps off the program's CPU itself once it runs, but its
+    /// exec and start (a millisecond) would otherwise take that CPU from the program
+    /// whenever the scheduler placed them there, a gap longer than the switch's. What it
+    /// runs on the program's CPU while the program is frozen it places there itself.
+    BesideWorkload,
     /// The destination's programs: the other CPUs.
     Destination,
 }
@@ -380,7 +386,7 @@ impl Placement {
         };
         let cpus = match self {
             Placement::Workload => first,
-            Placement::Harness | Placement::Destination => rest,
+            Placement::Harness | Placement::Destination | Placement::BesideWorkload => rest,
             Placement::Source => &online[..],
         };
         let me = tracee::Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get());
