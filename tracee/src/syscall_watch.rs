@@ -328,20 +328,16 @@ struct CloserFrame {
 fn spawn_closer(keep: &[libc::c_int], read_end: libc::c_int) -> Option<libc::pid_t> {
     let frame_len = std::mem::size_of::<CloserFrame>().next_multiple_of(4096);
     let len = frame_len + 2 * CLOSER_STACK;
-    // SAFETY: a new private anonymous mapping; no existing memory is touched.
+    // SAFETY: a new private mapping chosen by the kernel; no existing memory is touched.
     let base = unsafe {
-        libc::mmap(
+        rustix::mm::mmap_anonymous(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
         )
-    };
-    if base == libc::MAP_FAILED {
-        return None;
     }
+    .ok()?;
     let bytes = base.cast::<u8>();
     let frame = base.cast::<CloserFrame>();
     let mut kept = [-1; MAX_KEPT];
