@@ -1206,8 +1206,8 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         "prepared images written"
     );
     let prepared = read_images(&opts.images_dir, &names)?;
-    // While the destination builds: the closing of the watch after the switch then makes
-    // no process (see `SyscallWatch::prepare_close`).
+    // While the destination builds: the closing of the watch at S2's freeze then makes no
+    // process (see `SyscallWatch::prepare_close`).
     if let Some(watch) = watch.as_mut() {
         watch.prepare_close();
     }

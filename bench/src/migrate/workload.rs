@@ -354,7 +354,9 @@ impl ClientStats {
 /// migrated. So the workload has the first CPU, and keeps it at the destination (its
 /// affinity migrates with it); the destination's programs and the harness run on the
 /// other CPUs. The source's tools may run anywhere, as on the source host: they keep off
-/// the program's CPU themselves while it runs, and while it is frozen that CPU is theirs.
+/// the program's CPU themselves while it runs, and while it is frozen that CPU is theirs;
+/// but a prepared dump, which starts while the program runs on, starts on the others
+/// ([`Placement::BesideWorkload`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
     /// The workload: the first CPU.
