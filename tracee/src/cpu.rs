@@ -53,19 +53,6 @@ pub fn online_elsewhere() -> Vec<usize> {
     )
 }
 
-/// Keeps the calling thread on `cpus` from now on (`sched_setaffinity`); CPUs this
-/// machine lacks are dropped. Nothing changes for an empty list.
-pub fn pin_to(cpus: &[usize]) -> Result<(), Errno> {
-    if cpus.is_empty() {
-        return Ok(());
-    }
-    let mut set = CpuSet::new();
-    for &cpu in cpus.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
-        set.set(cpu);
-    }
-    sched_setaffinity(None, &set)
-}
-
 /// Pinning failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

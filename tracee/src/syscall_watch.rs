@@ -31,7 +31,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::cpu::{cpu_list, parse_cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
+use crate::cpu::{cpu_list, cpus_but, parse_cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
 use crate::Tid;
 
 /// `PERF_TYPE_TRACEPOINT`: `config` is a tracepoint id.
@@ -358,9 +358,13 @@ fn spawn_closer(keep: &[libc::c_int], read_end: libc::c_int) -> Option<libc::pid
         .cast::<libc::c_void>();
     // Every signal blocked across the clones, which inherit the mask: a handler of ours
     // run by a clone would run on memory we share.
-    let (all, mut before) = (sigset(libc::sigfillset), sigset(libc::sigemptyset));
-    // SAFETY: both sets are live locals.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before) };
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+    let mut before = SigSet::empty();
+    let blocked = pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut before),
+    );
     // SAFETY: the child runs `closer_child` on its own stack in the mapping, touching
     // only the frame and making syscalls; CLONE_VFORK holds us until it has exited.
     let child = unsafe {
@@ -371,8 +375,9 @@ fn spawn_closer(keep: &[libc::c_int], read_end: libc::c_int) -> Option<libc::pid
             base,
         )
     };
-    // SAFETY: `before` is the mask read above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
+    if blocked.is_ok() {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    }
     if child <= 0 {
         // SAFETY: nothing runs on the mapping: no clone was made.
         unsafe { libc::munmap(base, len) };
@@ -395,15 +400,6 @@ const READ_END: usize = std::mem::offset_of!(CloserFrame, read_end);
 /// The field at `offset` of the frame at `frame`.
 fn frame_field<T>(frame: *mut libc::c_void, offset: usize) -> *mut T {
     frame.cast::<u8>().wrapping_add(offset).cast()
-}
-
-/// A signal set made by `init` (`sigfillset`, `sigemptyset`).
-fn sigset(init: unsafe extern "C" fn(*mut libc::sigset_t) -> libc::c_int) -> libc::sigset_t {
-    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
-    // SAFETY: `init` sets the set it is given, a live local.
-    unsafe { init(set.as_mut_ptr()) };
-    // SAFETY: zeroed, then set by `init`.
-    unsafe { set.assume_init() }
 }
 
 /// The closer's child: makes the grandchild, tells us its pid and exits.
@@ -656,7 +652,13 @@ impl SyscallWatch {
     pub fn close_detached_elsewhere(mut self) {
         self.prepare_close();
         if let Some(pid) = self.closer.as_ref().and_then(|c| c.pid) {
-            let elsewhere = crate::cpu::online_elsewhere();
+            // A per-CPU watch's CPUs are those online, as `counts` checks: no need to ask
+            // sysfs inside the caller's freeze.
+            let online = match &self.counters {
+                Counters::Cpus { cpus, .. } => cpus.clone(),
+                Counters::Threads(_) => cpu_list(CPUS_ONLINE).unwrap_or_default(),
+            };
+            let elsewhere = cpus_but(&online, rustix::thread::sched_getcpu());
             if let (false, Some(closer)) = (elsewhere.is_empty(), Tid::from_raw(pid)) {
                 // Best effort: a closer that stays where it is still closes.
                 let _ = crate::taskinfo::set_affinity(closer, &elsewhere);

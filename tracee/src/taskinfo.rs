@@ -127,7 +127,7 @@ pub fn set_sched(tid: Tid, sched: &Sched) -> Result<(), TaskInfoError> {
 }
 
 /// The calling thread.
-fn this_thread() -> Option<Tid> {
+pub fn this_thread() -> Option<Tid> {
     Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get())
 }
 

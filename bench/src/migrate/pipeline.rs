@@ -935,6 +935,7 @@ impl Migration<'_> {
             .args(extra);
         let mut restore = self.spawn(
             Side::Destination,
+            None,
             "ckpt-restore (waiting for the images)",
             &cmd,
             self.dir
@@ -1048,15 +1049,11 @@ impl Migration<'_> {
             name.replace([' ', '-'], "_"),
             self.outcome.steps.len()
         ));
-        self.spawn_placed(side, placement, name, &cmd, log)
-    }
-
-    fn spawn(&mut self, side: Side, name: &str, cmd: &Command, out: PathBuf) -> Result<Proc> {
-        self.spawn_placed(side, None, name, cmd, out)
+        self.spawn(side, placement, name, &cmd, log)
     }
 
     /// Spawns `cmd` on `side`, on the CPUs of `placement` (by default its side's).
-    fn spawn_placed(
+    fn spawn(
         &mut self,
         side: Side,
         placement: Option<super::workload::Placement>,

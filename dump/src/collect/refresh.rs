@@ -512,7 +512,10 @@ impl Reader {
                 // first: moved onto the busy program's CPU at the normal policy, it would
                 // wait there for the program's time slice to end (milliseconds).
                 let _urgent = tracee::taskinfo::RealTime::raise();
-                if let Err(error) = tracee::cpu::pin_to(&elsewhere) {
+                let me = tracee::taskinfo::this_thread().filter(|_| !elsewhere.is_empty());
+                if let Some(Err(error)) =
+                    me.map(|me| tracee::taskinfo::set_affinity(me, &elsewhere))
+                {
                     tracing::debug!(%error, "the light look's reader stays where it was made");
                 }
                 warm_up_allocator();
