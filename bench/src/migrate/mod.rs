@@ -506,7 +506,7 @@ impl Cell<'_> {
                 &self.bed.ns_path(Side::Clients),
                 &workload::client_command(self.bin, &client_stats),
                 &self.dir.join("client.out"),
-                workload::Placement::Source,
+                workload::Placement::Anywhere,
             )?;
             Some(SourceGuard(child))
         } else {

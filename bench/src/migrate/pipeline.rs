@@ -713,13 +713,7 @@ impl Migration<'_> {
         // The dump first: its first round runs while the destination gets ready (the
         // restore and the daemon connect to it, and wait for it to listen).
         let dump = self.tools.dump.clone();
-        let mut server = self.tool_placed(
-            Side::Source,
-            Some(super::workload::Placement::BesideWorkload),
-            "ckpt-dump --prepare",
-            &dump,
-            &args,
-        )?;
+        let mut server = self.tool(Side::Source, "ckpt-dump --prepare", &dump, &args)?;
         let link = self.open_transfer(&dst);
         let daemon = link.and_then(|link| {
             self.restore_ready(&mut restored)?;
@@ -935,7 +929,6 @@ impl Migration<'_> {
             .args(extra);
         let mut restore = self.spawn(
             Side::Destination,
-            None,
             "ckpt-restore (waiting for the images)",
             &cmd,
             self.dir
@@ -1030,18 +1023,6 @@ impl Migration<'_> {
     }
 
     fn tool(&mut self, side: Side, name: &str, program: &Path, args: &[&str]) -> Result<Proc> {
-        self.tool_placed(side, None, name, program, args)
-    }
-
-    /// [`Migration::tool`] on the CPUs of `placement` rather than its side's.
-    fn tool_placed(
-        &mut self,
-        side: Side,
-        placement: Option<super::workload::Placement>,
-        name: &str,
-        program: &Path,
-        args: &[&str],
-    ) -> Result<Proc> {
         let mut cmd = Command::new(program);
         cmd.args(args);
         let log = self.dir.join(format!(
@@ -1049,22 +1030,16 @@ impl Migration<'_> {
             name.replace([' ', '-'], "_"),
             self.outcome.steps.len()
         ));
-        self.spawn(side, placement, name, &cmd, log)
+        self.spawn(side, name, &cmd, log)
     }
 
-    /// Spawns `cmd` on `side`, on the CPUs of `placement` (by default its side's).
-    fn spawn(
-        &mut self,
-        side: Side,
-        placement: Option<super::workload::Placement>,
-        name: &str,
-        cmd: &Command,
-        out: PathBuf,
-    ) -> Result<Proc> {
-        let placement = placement.unwrap_or(match side {
+    /// Spawns `cmd` on `side`, on that side's CPUs (see [`super::workload::Placement`]).
+    fn spawn(&mut self, side: Side, name: &str, cmd: &Command, out: PathBuf) -> Result<Proc> {
+        let placement = match side {
             Side::Destination => super::workload::Placement::Destination,
-            Side::Source | Side::Clients => super::workload::Placement::Source,
-        });
+            Side::Source => super::workload::Placement::Source,
+            Side::Clients => super::workload::Placement::Anywhere,
+        };
         let ns = self.bed.ns_path(side);
         let line = format!(
             "[{}] {} {}",

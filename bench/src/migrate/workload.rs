@@ -353,24 +353,20 @@ impl ClientStats {
 /// machines the destination's work could not take the CPU from the process being
 /// migrated. So the workload has the first CPU, and keeps it at the destination (its
 /// affinity migrates with it); the destination's programs and the harness run on the
-/// other CPUs. The source's tools may run anywhere, as on the source host: they keep off
-/// the program's CPU themselves while it runs, and while it is frozen that CPU is theirs;
-/// but a prepared dump, which starts while the program runs on, starts on the others
-/// ([`Placement::BesideWorkload`]).
+/// other CPUs. The source's tools start on the others too: every one of them starts while
+/// the program runs (a pre-copy round, the dump that freezes it), and an exec placed on the
+/// program's CPU took it from the program for 1.8 ms before the tool could move. What a
+/// tool runs on the program's CPU while the program is frozen it places there itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
     /// The workload: the first CPU.
     Workload,
     /// The harness: the other CPUs (what it starts inherits that, unless placed).
     Harness,
-    /// The source's tools and the clients: any CPU.
+    /// The source's tools: the other CPUs, from their exec on.
     Source,
-    /// A source tool that works beside the running program (a prepared dump): the other
-    /// CPUs, from its exec on. It keeps off the program's CPU itself once it runs, but its
-    /// exec and start (a millisecond) would otherwise take that CPU from the program
-    /// whenever the scheduler placed them there, a gap longer than the switch's. What it
-    /// runs on the program's CPU while the program is frozen it places there itself.
-    BesideWorkload,
+    /// The clients of the UDP server, in a namespace of their own: any CPU.
+    Anywhere,
     /// The destination's programs: the other CPUs.
     Destination,
 }
@@ -388,8 +384,8 @@ impl Placement {
         };
         let cpus = match self {
             Placement::Workload => first,
-            Placement::Harness | Placement::Destination | Placement::BesideWorkload => rest,
-            Placement::Source => &online[..],
+            Placement::Harness | Placement::Destination | Placement::Source => rest,
+            Placement::Anywhere => &online[..],
         };
         let me = tracee::Tid::from_raw(rustix::thread::gettid().as_raw_nonzero().get());
         // Where a cpuset leaves some of them out, the inherited affinity stays: the
