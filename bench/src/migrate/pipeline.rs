@@ -142,6 +142,8 @@ pub struct Outcome {
     pub t_freeze: u64,
     /// When it ran again at the destination.
     pub t_resumed: u64,
+    /// When the harness saw it run again: what `t_resumed` is if the stamps do not say.
+    pub resume_seen: Option<u64>,
     /// When nothing of it was left at the source.
     pub t_done: u64,
     /// Pages each pre-copy round sent, in order.
@@ -407,8 +409,28 @@ impl Migration<'_> {
         if result.is_err() {
             // Whatever froze it is gone now: let the source run on, as before.
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
+            return result;
         }
+        self.settle_times()?;
         result
+    }
+
+    /// When the process ran again, from its stamps, read only now that the tools are done:
+    /// the stamps file is 400 KB, and reading it (or the tools' logs) just after the resume
+    /// took the CPU from the lazy-pages daemon while the first faults waited (traced: 142
+    /// µs). A migration with nothing to move afterwards is done when the process runs.
+    fn settle_times(&mut self) -> Result<()> {
+        let seen = self
+            .outcome
+            .resume_seen
+            .ok_or_else(|| anyhow!("the harness never saw the process run again"))?;
+        self.outcome.t_resumed = Stamps::read(self.stamps)?
+            .resumed_at(self.outcome.t_freeze)
+            .unwrap_or(seen);
+        if self.outcome.t_done == 0 {
+            self.outcome.t_done = self.outcome.t_resumed;
+        }
+        Ok(())
     }
 
     /// Freeze, dump, transfer, restore.
@@ -438,8 +460,7 @@ impl Migration<'_> {
         let frozen = Stamps::iterations(self.stamps)?;
         self.transfer(link, &src, &dst)?;
         self.start_restore(&mut restored)?;
-        self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
-        self.outcome.t_done = self.outcome.t_resumed;
+        self.wait_resumed(frozen, &mut restored)?;
         Ok(restored)
     }
 
@@ -501,8 +522,7 @@ impl Migration<'_> {
         let frozen = Stamps::iterations(self.stamps)?;
         self.transfer(link, &src, &dst)?;
         self.start_restore(&mut restored)?;
-        self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
-        self.outcome.t_done = self.outcome.t_resumed;
+        self.wait_resumed(frozen, &mut restored)?;
         Ok(restored)
     }
 
@@ -651,7 +671,7 @@ impl Migration<'_> {
             )?;
             let clock = ExitClock::start(&[&daemon, &server], self.step_timeout);
             self.start_restore(&mut restored)?;
-            self.outcome.t_resumed = self.wait_resumed(frozen, &mut restored)?;
+            self.wait_resumed(frozen, &mut restored)?;
             Ok((daemon, clock))
         });
         self.end_post_copy(result, restored, server)
@@ -741,41 +761,33 @@ impl Migration<'_> {
                 .clone()
                 .ok_or_else(|| anyhow!("{} has no log", restored.name))?;
             wait_logged(&log, RESTORED, &mut restored, self.step_timeout)?;
-            // The dump logs the delta once it is sent, which may be after the destination
-            // took it and resumed: a busy CPU may hold the dump back.
-            let dump_log_path = src.join("dump.log");
-            wait_logged(
-                &dump_log_path,
-                downtime::DELTA_SENT,
-                &mut server,
-                self.step_timeout,
-            )?;
-            let dump_log = std::fs::read_to_string(&dump_log_path).unwrap_or_default();
-            let restore_log = std::fs::read_to_string(&log).unwrap_or_default();
-            let offset = self.outcome.clock_offset;
-            let switch = downtime::switch_marks(&dump_log, &restore_log, offset)
-                .ok_or_else(|| anyhow!("the dump did not log {:?}", downtime::DELTA_SENT))?;
-            self.outcome.t_freeze = switch.frozen;
-            self.outcome.marks.extend(switch.marks);
+            self.outcome.resume_seen = Some(now_ns());
             self.note("the process runs at the destination".to_string());
             if self.move_service {
                 self.bed.move_service_address()?;
             }
-            self.outcome.t_resumed = Stamps::read(self.stamps)?
-                .resumed_at(self.outcome.t_freeze)
-                .unwrap_or_else(now_ns);
             Ok(daemon)
         });
-        match result {
-            Ok(Some(daemon)) => self.end_post_copy(Ok(daemon), restored, server),
+        let restored = match result {
+            Ok(Some(daemon)) => self.end_post_copy(Ok(daemon), restored, server)?,
             Ok(None) => {
                 // Nothing left to move: the source ends once the destination runs.
                 server.wait_ok(self.step_timeout)?;
-                self.outcome.t_done = self.outcome.t_resumed;
-                Ok(restored)
+                restored
             }
-            Err(e) => self.end_post_copy(Err(e), restored, server),
-        }
+            Err(e) => return self.end_post_copy(Err(e), restored, server),
+        };
+        // The logs are read once the tools are done (see `Migration::settle_times`). The
+        // dump logs the delta once it is sent, which may be after the destination took it
+        // and resumed: a busy CPU may hold the dump back.
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+        let dump_log = read(&src.join("dump.log"));
+        let restore_log = restored.log.as_deref().map(read).unwrap_or_default();
+        let switch = downtime::switch_marks(&dump_log, &restore_log, self.outcome.clock_offset)
+            .ok_or_else(|| anyhow!("the dump did not log {:?}", downtime::DELTA_SENT))?;
+        self.outcome.t_freeze = switch.frozen;
+        self.outcome.marks.extend(switch.marks);
+        Ok(restored)
     }
 
     /// `ckpt-dump --lazy-pages` of the workload into `src`, serving its pages on `port`.
@@ -992,19 +1004,18 @@ impl Migration<'_> {
     }
 
     /// Waits until the stamps move again after `frozen` iterations: the destination runs.
-    fn wait_resumed(&mut self, frozen: u64, restored: &mut Restored) -> Result<u64> {
+    fn wait_resumed(&mut self, frozen: u64, restored: &mut Restored) -> Result<()> {
         let start = Instant::now();
         loop {
             // The header alone while polling: reading the whole file each time would take
             // CPU from the restore on this small machine.
             if Stamps::iterations(self.stamps)? > frozen {
+                self.outcome.resume_seen = Some(now_ns());
                 self.note("the process runs at the destination".to_string());
                 if self.move_service {
                     self.bed.move_service_address()?;
                 }
-                return Ok(Stamps::read(self.stamps)?
-                    .resumed_at(self.outcome.t_freeze)
-                    .unwrap_or_else(now_ns));
+                return Ok(());
             }
             if let Some(status) = restored.try_status()? {
                 bail!(
