@@ -99,7 +99,10 @@ impl std::fmt::Display for CounterOn {
 /// A watch could not be set up or read.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("syscall watch: the raw_syscalls:sys_enter tracepoint is not visible (no tracefs)")]
+    #[error(
+        "syscall watch: the raw_syscalls:sys_enter tracepoint is not visible (no tracefs \
+         mounted, and none of our own without CAP_SYS_ADMIN)"
+    )]
     NoTracepoint,
     #[error("syscall watch: {on}: open a perf counter")]
     Open {
@@ -741,6 +744,28 @@ impl SyscallWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As root, the tracepoint's id comes from a tracefs of our own, the one a mounted
+    /// tracefs shows, and the machine's mounts are as they were afterwards.
+    #[test]
+    fn a_tracefs_of_our_own_shows_the_id_and_leaves_no_mount() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: no tracefs of our own");
+            return;
+        }
+        let mounts = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let before = mounts();
+        let own = tracepoint_id_from_detached_tracefs().expect("a tracefs of our own");
+        assert_eq!(mounts(), before, "the machine's mounts changed");
+        let mounted = TRACEFS_MOUNTS
+            .iter()
+            .map(|mount| std::path::Path::new(mount).join(TRACEPOINT_ID_IN_TRACEFS))
+            .find_map(|path| std::fs::read_to_string(path).ok());
+        if let Some(mounted) = mounted {
+            assert_eq!(mounted.trim().parse::<u64>().expect("an id"), own);
+        }
+        assert_eq!(tracepoint_id().expect("the id"), own);
+    }
 
     #[test]
     fn the_held_list_of_cpus_online_reads_as_the_path_does() {
