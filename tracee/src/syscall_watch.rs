@@ -131,12 +131,17 @@ pub enum WatchError {
 /// The id of the `raw_syscalls:sys_enter` tracepoint: from tracefs where it is mounted,
 /// else from a tracefs of our own that no directory shows.
 pub fn tracepoint_id() -> Result<u64, WatchError> {
+    tracepoint_id_from_mounted_tracefs()
+        .or_else(tracepoint_id_from_detached_tracefs)
+        .ok_or(WatchError::NoTracepoint)
+}
+
+/// The tracepoint's id as a mounted tracefs shows it, if one is.
+fn tracepoint_id_from_mounted_tracefs() -> Option<u64> {
     TRACEFS_MOUNTS
         .iter()
         .map(|mount| std::path::Path::new(mount).join(TRACEPOINT_ID_IN_TRACEFS))
         .find_map(|path| std::fs::read_to_string(path).ok()?.trim().parse().ok())
-        .or_else(tracepoint_id_from_detached_tracefs)
-        .ok_or(WatchError::NoTracepoint)
 }
 
 /// A machine freshly booted mounts neither tracefs nor debugfs. `fsmount` gives a tracefs
@@ -757,12 +762,8 @@ mod tests {
         let before = mounts();
         let own = tracepoint_id_from_detached_tracefs().expect("a tracefs of our own");
         assert_eq!(mounts(), before, "the machine's mounts changed");
-        let mounted = TRACEFS_MOUNTS
-            .iter()
-            .map(|mount| std::path::Path::new(mount).join(TRACEPOINT_ID_IN_TRACEFS))
-            .find_map(|path| std::fs::read_to_string(path).ok());
-        if let Some(mounted) = mounted {
-            assert_eq!(mounted.trim().parse::<u64>().expect("an id"), own);
+        if let Some(mounted) = tracepoint_id_from_mounted_tracefs() {
+            assert_eq!(mounted, own);
         }
         assert_eq!(tracepoint_id().expect("the id"), own);
     }
