@@ -176,6 +176,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What a freeze allocates must not fault in fresh pages (see `tracee::heap`).
+    tracee::heap::keep_freed_memory();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

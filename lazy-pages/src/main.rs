@@ -76,6 +76,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What a freeze allocates must not fault in fresh pages (see `tracee::heap`).
+    tracee::heap::keep_freed_memory();
     let logs_to_file = cli.log_file.is_some();
     let logging = ckpt_cli::init_logging(&LogOptions::new(cli.verbosity, cli.log_file.as_deref()));
     match logging.map_err(anyhow::Error::from).and_then(|()| run(cli)) {

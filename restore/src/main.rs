@@ -135,6 +135,8 @@ fn wait_go() -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What a freeze allocates must not fault in fresh pages (see `tracee::heap`).
+    tracee::heap::keep_freed_memory();
     match run(&cli) {
         Ok(RestoreOutcome::Detached { .. }) => ExitCode::SUCCESS,
         Ok(RestoreOutcome::Exited { code, .. }) => {

@@ -102,6 +102,9 @@ pub enum PreparedError {
     Resumed(#[source] SwitchError),
 }
 
+/// Heap touched ahead of the switch: several times what it allocates for a small tree.
+const SWITCH_HEAP: usize = 512 << 10;
+
 /// Restores as `ckpt-restore --lazy-pages --prepared SOURCE` (see the module's docs).
 /// The calling thread runs the switch, from READY to the tree's resume, at the lowest
 /// real-time priority where it may (a build or the lazy-pages daemon would take the CPU
@@ -149,6 +152,8 @@ pub fn restore_prepared(
     let cores = decode_cores(&old);
     let mems = open_memories(&held);
     let mut spare = spare_buffers(&old);
+    // The switch's allocations then take no fault on a fresh page (see `tracee::heap`).
+    tracee::heap::warm(SWITCH_HEAP);
     tracing::info!(
         us = micros(started.elapsed()),
         "prepared tree held: ready for the switch"

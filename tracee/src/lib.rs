@@ -50,12 +50,14 @@
 //! | [`uffd`] | userfaultfd: lazy pages and async write-protect tracking |
 //! | [`vdso`] | the vDSO's symbols and ELF build-ids |
 //! | [`cpu`] | pinning the tracer next to its tracee |
+//! | [`heap`] | our own heap keeping what it frees, for the freezes' allocations |
 //! | [`kernel`] | [`KernelFeatures`], probed once |
 #![deny(unsafe_code)]
 
 pub mod cpu;
 pub mod dirty;
 mod freeze;
+pub mod heap;
 pub mod ids;
 pub mod inetdiag;
 pub mod inject;
