@@ -404,31 +404,44 @@ mod tests {
         let me = Pid::try_from(std::process::id()).expect("own pid");
         let runs = 4 * FIRST_VEC_LEN;
         let page = PAGE_SIZE as usize;
-        // Large enough to be a mapping of its own, whose pages are absent until touched.
-        let mut v = vec![0u8; (2 * runs + 1) * page];
-        let base = (v.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let off = usize::try_from(base - v.as_ptr() as u64).expect("fits");
-        let start = v[off..].as_mut_ptr().cast();
-        // SAFETY: only advice on pages this Vec owns (no huge pages, which would make the
-        // untouched neighbours present); no memory is read or written.
-        let advised = unsafe {
-            rustix::mm::madvise(start, 2 * runs * page, rustix::mm::Advice::LinuxNoHugepage)
-        };
-        advised.expect("madvise");
-        for run in 0..runs {
-            v[off + 2 * run * page] = 1;
+        let len = 2 * runs * page;
+        // A mapping of our own, whose pages are absent until touched (a Vec's may be
+        // memory our allocator touched before).
+        // SAFETY: a new private anonymous mapping chosen by the kernel; nothing else uses
+        // it, and it is unmapped below.
+        let start = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )
         }
+        .expect("mmap");
+        // SAFETY: advice on the mapping made above (no huge pages, which would make the
+        // untouched neighbours present); no memory is read or written.
+        unsafe { rustix::mm::madvise(start, len, rustix::mm::Advice::LinuxNoHugepage) }
+            .expect("madvise");
+        let base = start as u64;
+        // SAFETY: the mapping made above, `len` bytes, readable and writable, which
+        // nothing else holds while this slice lives.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(start.cast::<u8>(), len) };
+        for run in 0..runs {
+            bytes[2 * run * page] = 1;
+        }
+        std::hint::black_box(&bytes);
         let regions = Pagemap::open(me)
             .expect("open pagemap")
             .scan(&ScanRequest::present(
                 RemoteAddr(base),
-                RemoteAddr(base + 2 * runs as u64 * PAGE_SIZE),
+                RemoteAddr(base + len as u64),
             ))
             .expect("scan");
         let starts: Vec<u64> = regions.iter().map(|r| r.start.get()).collect();
         let expected: Vec<u64> = (0..runs as u64).map(|r| base + 2 * r * PAGE_SIZE).collect();
         assert_eq!(starts, expected);
-        std::hint::black_box(&v);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { rustix::mm::munmap(start, len) }.expect("munmap");
     }
 
     #[test]
