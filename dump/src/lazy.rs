@@ -321,6 +321,8 @@ struct UntilQuiet {
     lines: Vec<HeldLine>,
     /// The caller's work for then ([`SwitchLink::after_first_faults`]).
     work: Option<Box<dyn FnOnce() + Send>>,
+    /// The caller's work for the first answer ([`SwitchLink::after_first_answer`]).
+    first_answer: Option<Box<dyn FnOnce() + Send>>,
     /// When the serving started.
     since: Instant,
     /// A page was answered.
@@ -375,14 +377,19 @@ impl UntilQuiet {
         UntilQuiet {
             lines: Vec::new(),
             work: None,
+            first_answer: None,
             since: Instant::now(),
             answered: false,
             done: false,
         }
     }
 
-    fn answered(&mut self) {
+    /// A page was answered; `resumed`: the destination runs.
+    fn answered(&mut self, resumed: bool) {
         self.answered = true;
+        if let Some(work) = self.first_answer.take_if(|_| resumed) {
+            work();
+        }
     }
 
     fn release(&mut self) {
@@ -391,6 +398,9 @@ impl UntilQuiet {
         }
         for line in self.lines.drain(..) {
             line.log();
+        }
+        if let Some(work) = self.first_answer.take() {
+            work();
         }
         if let Some(work) = self.work.take() {
             work();
@@ -633,7 +643,7 @@ impl Source {
                     if !self.resumed && kind != GetKind::BeforeResume {
                         self.destination_resumed(kind);
                     }
-                    self.held.answered();
+                    self.held.answered(self.resumed);
                     if let Err(end) = answered {
                         return Ok(end);
                     }
@@ -718,6 +728,10 @@ pub struct SwitchLink {
     /// Run once the destination's first faults are served (see `UntilQuiet`), or serving
     /// ends: work that must not wake a thread while they wait.
     pub after_first_faults: Option<Box<dyn FnOnce() + Send>>,
+    /// Run once the first page is answered after the destination runs, or with the work
+    /// above if that comes first: work that must not delay the switch nor its first fault
+    /// but should not wait for the pause that the work above waits for.
+    pub after_first_answer: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// [`serve`] for a prepared dump: the switch's RESUMED, FAILED or end are heard as well.
@@ -751,14 +765,6 @@ fn serve_with(
     link: Option<SwitchLink>,
 ) -> Result<LazyOutcome, LazyError> {
     let pid = tree.root().pid();
-    // Each request is a fault or a chunk someone waits for, and the program's CPU may be
-    // busy (with the program itself, restored on this machine): woken, we go first. (A
-    // prepared dump took its short slice as it left real time after the delta.)
-    if link.is_none() {
-        if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
-            tracing::debug!(%error, "serving at the default time slice");
-        }
-    }
     let addr = listener
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());
@@ -795,6 +801,7 @@ fn serve_with(
         source.switch = Some(link.switch);
         pending = link.daemon;
         source.held.work = link.after_first_faults;
+        source.held.first_answer = link.after_first_answer;
     }
     let line = HeldLine::Serving {
         addr: addr.clone(),
@@ -803,6 +810,11 @@ fn serve_with(
     };
     source.held.say(line);
     let mut peer: Option<IpAddr> = None;
+    // Each request is a fault or a chunk someone waits for, and the program's CPU may be
+    // busy (with the program itself, restored on this machine): woken, we go first. Not
+    // before the loop: a prepared restore, at the same real-time priority, may still
+    // be switching on our CPU and must not wait for the setup above.
+    let _urgent = tracee::taskinfo::RealTime::serving_faults();
     loop {
         let wait = if source.resumed {
             opts.lazy_reconnect_window
@@ -1036,7 +1048,7 @@ mod tests {
             pid: source.pid,
             why: "test",
         });
-        source.held.answered();
+        source.held.answered(true);
         // A request waiting: it goes first.
         daemon.write_all(&[0]).expect("write");
         source.release_when_quiet(&stream);
@@ -1050,6 +1062,36 @@ mod tests {
         assert!(source.held.lines.is_empty());
         source.release_when_quiet(&stream);
         drop(source);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn first_answer_work_runs_at_the_first_answer_after_the_resume_or_at_the_release() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let counter = |runs: &Arc<AtomicUsize>| -> Box<dyn FnOnce() + Send> {
+            let runs = Arc::clone(runs);
+            Box::new(move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut held = UntilQuiet::new();
+        held.first_answer = Some(counter(&runs));
+        // Before the destination runs (a prefetch): not yet.
+        held.answered(false);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        held.answered(true);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "at the first answer");
+        assert!(!held.done, "the held work still waits for its pause");
+        held.answered(true);
+        held.release();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "once");
+        // No answer at all: with the held work.
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut held = UntilQuiet::new();
+        held.first_answer = Some(counter(&runs));
+        drop(held);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 

@@ -1085,8 +1085,8 @@ impl AfterSwitch {
             self.changed,
             &self.vanished,
         );
-        // Its counters were closed at S2's freeze (`Watch::stop_counting`); the handles the
-        // light look read go now.
+        // Its counters are closed (`Watch::take_counters`); the handles the light look read
+        // go now.
         drop(self.watch);
         drop(self.state);
     }
@@ -1123,16 +1123,19 @@ fn update_images_dir(
 }
 
 /// The end of a prepared dump that serves no pages: RESUMED ends the source as asked
-/// (killed, or left stopped); anything else (FAILED, the link closing) resumes it.
+/// (killed, or left stopped), once `resumed` has run; anything else (FAILED, the link
+/// closing) resumes it.
 fn await_destination(
     tree: SeizedTree,
     mut switch: TcpStream,
     opts: &DumpOptions,
+    resumed: impl FnOnce(),
 ) -> Result<(), DumpError> {
     let pid = tree.root().pid();
     let _ = switch.set_read_timeout(None);
     let why = match switch::read_message(&mut switch) {
         Ok(SwitchMessage::Resumed) => {
+            resumed();
             tracing::info!(%pid, "the destination runs");
             release::finish_tree(tree, opts.final_state)?;
             return Ok(());
@@ -1298,6 +1301,14 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         vanished,
         sent,
     } = switched;
+    // Closed once the destination runs and its first fault is answered: not in S2, where
+    // their close's IPIs slowed the reads (see `refresh::OpenCounters`).
+    let counters = watch.as_mut().and_then(refresh::Watch::take_counters);
+    let close_counters = move || {
+        if let Some(counters) = counters {
+            counters.close();
+        }
+    };
     // Where S2 kept S1's page images, S1's lazy pages are the ones to serve.
     let s1_lazy = held.as_ref().filter(|_| round.reused);
     let ranges = round
@@ -1329,7 +1340,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
     if opts.mode != DumpMode::Lazy {
         update();
         // No page to serve: the destination's word alone decides the source's end.
-        let ended = await_destination(round.tree, switch_stream, opts);
+        let ended = await_destination(round.tree, switch_stream, opts, close_counters);
         // Its write protection goes with it (or comes off the process running on here).
         drop(held);
         join_updater(updater, served);
@@ -1342,6 +1353,7 @@ pub(crate) fn prepared_dump(opts: &DumpOptions) -> Result<DumpStats, DumpError> 
         // Woken now, the thread would run before the daemon's first request on a machine
         // of few CPUs (even under SCHED_IDLE), and it waits for the serving anyway.
         after_first_faults: Some(Box::new(update)),
+        after_first_answer: Some(Box::new(close_counters)),
     };
     let outcome = lazy::serve_prepared(round.tree, listener, ranges, opts, link);
     join_updater(updater, served);
@@ -1644,7 +1656,7 @@ int main(int argc, char **argv) {
                 .then(|| refresh::Reader::start(&before, &watch).expect("the reader is made"));
             let mut tree = seize::freeze_tree(pid).expect("freeze again");
             let look = match reader {
-                Some(reader) => refresh::look_again(&mut tree, &before, &mut watch, Some(reader)),
+                Some(reader) => refresh::look_again(&mut tree, &before, &watch, Some(reader)),
                 None => {
                     refresh::verdict(&watch, &tree)
                         .unwrap_or_else(|why| panic!("round {round}: {why}"));

@@ -219,10 +219,8 @@ impl LazyDaemon {
             .transpose()
             .map_err(DaemonError::Pin)?;
         // A fault's thread waits while we are queued behind whatever holds the CPU: woken,
-        // we go first (see `short_slice`).
-        if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
-            tracing::debug!(%error, "serving faults at the default time slice");
-        }
+        // we go first.
+        let _urgent = tracee::taskinfo::RealTime::serving_faults();
         let epoll =
             epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|errno| DaemonError::Epoll {
                 op: "create",

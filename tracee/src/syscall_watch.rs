@@ -31,7 +31,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::cpu::{cpu_list, cpus_but, parse_cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
+use crate::cpu::{cpu_list, parse_cpu_list, CPUS_ONLINE, CPUS_POSSIBLE};
 use crate::Tid;
 
 /// `PERF_TYPE_TRACEPOINT`: `config` is a tracepoint id.
@@ -683,28 +683,6 @@ impl SyscallWatch {
         drop(self);
         // EOF on its pipe: the closer closes the last copies and exits.
         drop(closer.map(|c| c.pipe));
-    }
-
-    /// [`SyscallWatch::close_detached`], with the closer moved off the CPU this thread
-    /// runs on, to the others online: for a caller that goes on in a hurry here, while the
-    /// closing runs its long stretch of kernel code that does not yield. Best effort: on a
-    /// single CPU, or with the closer's pid unknown, as `close_detached`.
-    pub fn close_detached_elsewhere(mut self) {
-        self.prepare_close();
-        if let Some(pid) = self.closer.as_ref().and_then(|c| c.pid) {
-            // A per-CPU watch's CPUs are those online, as `counts` checks: no need to ask
-            // sysfs inside the caller's freeze.
-            let online = match &self.counters {
-                Counters::Cpus { cpus, .. } => cpus.clone(),
-                Counters::Threads(_) => cpu_list(CPUS_ONLINE).unwrap_or_default(),
-            };
-            let elsewhere = cpus_but(&online, rustix::thread::sched_getcpu());
-            if let (false, Some(closer)) = (elsewhere.is_empty(), Tid::from_raw(pid)) {
-                // Best effort: a closer that stays where it is still closes.
-                let _ = crate::taskinfo::set_affinity(closer, &elsewhere);
-            }
-        }
-        self.close_detached();
     }
 
     /// The closer process made by [`SyscallWatch::prepare_close`], if its pid is known.

@@ -170,17 +170,36 @@ impl Watch {
         }
     }
 
-    /// Closes the counters (detached, the closer kept off our CPU: see
-    /// [`SyscallWatch::close_detached_elsewhere`]) and keeps the handles the light look
-    /// reads: once the last freeze's [`verdict`] is in, the counts vouch for nothing more,
-    /// and the tracepoint they keep on slows every syscall of the machine: by a third for a
-    /// `getpid` loop even with the counters stopped (`PERF_EVENT_IOC_DISABLE`) but open,
-    /// measured here, which a program restored on this machine would pay until they
-    /// close. A later [`verdict`] rules the light look out.
+    /// Takes the counters out of the watch, for the caller to close when closing them
+    /// delays nothing ([`OpenCounters::close`]); the handles the light look reads stay.
+    /// A later [`verdict`] rules the light look out.
+    pub fn take_counters(&mut self) -> Option<OpenCounters> {
+        self.watch.take().map(OpenCounters)
+    }
+
+    /// [`Watch::take_counters`], closed at once.
     pub fn stop_counting(&mut self) {
-        if let Some(watch) = self.watch.take() {
-            watch.close_detached_elsewhere();
+        if let Some(counters) = self.take_counters() {
+            counters.close();
         }
+    }
+}
+
+/// A watch's counters, taken out of it once its last [`verdict`] is in: they vouch for
+/// nothing more, and the tracepoint they keep on slows every syscall of the machine (by a
+/// third for a `getpid` loop even with the counters stopped, `PERF_EVENT_IOC_DISABLE`, but
+/// open, measured here), which a program restored on this machine pays until they close.
+/// Closing the last of them unpatches the kernel's syscall entry: some ten IPIs to every
+/// other CPU, which took 150-190 µs from the final freeze's reads on a machine of two
+/// CPUs. So a prepared dump closes them once the destination's first fault is answered.
+#[derive(Debug)]
+pub struct OpenCounters(SyscallWatch);
+
+impl OpenCounters {
+    /// Closes the counters, detached (see [`SyscallWatch::close_detached`]): the process
+    /// that closes the last of them was made ahead of time on our CPUs, and runs there.
+    pub fn close(self) {
+        self.0.close_detached();
     }
 }
 
@@ -458,24 +477,21 @@ pub fn again(
     })
 }
 
-/// The final freeze's look at `tree`: the [`verdict`], the counters closed
-/// ([`Watch::stop_counting`]: this freeze is the last they vouch for, and a program
-/// restored here would pay for them on every syscall), then, if the verdict allows,
-/// [`again`], with what needs no ptrace read meanwhile by `reader` (if any) on another
+/// The final freeze's look at `tree`: the [`verdict`] (this freeze is the last the
+/// counters vouch for: the caller closes them, see [`OpenCounters`]), then, if the verdict
+/// allows, [`again`], with what needs no ptrace read meanwhile by `reader` (if any) on another
 /// CPU, while this thread reads the registers and the files. `Stale` says why the light
 /// look was ruled out.
 pub fn look_again(
     tree: &mut SeizedTree,
     before: &TreeState,
-    watch: &mut Watch,
+    watch: &Watch,
     reader: Option<Reader>,
 ) -> Result<Refreshed, CollectError> {
     if let Some(reader) = &reader {
         reader.go();
     }
-    let verdict = verdict(watch, tree);
-    watch.stop_counting();
-    if let Err(why) = verdict {
+    if let Err(why) = verdict(watch, tree) {
         return Ok(Refreshed::Stale(why));
     }
     let held = &watch.held;
