@@ -300,6 +300,11 @@ struct Source {
     all_taken_logged: bool,
     /// The destination runs: never resume the source again.
     resumed: bool,
+    /// When we learnt it.
+    resumed_at: Option<Instant>,
+    /// Real time from then on (see `RealTime::serving_faults`): not before, when a
+    /// prepared restore, at the same priority, may be switching on our CPU.
+    urgent: Option<tracee::taskinfo::RealTime>,
     buf: Vec<u8>,
     /// Made at the first GET flagged [`GET_ZSTD`]; `Err` once it could not be made.
     compressor: Option<Result<PageCompressor, ()>>,
@@ -333,6 +338,11 @@ struct UntilQuiet {
 /// How long the requests must pause before held work is done ([`UntilQuiet`]): longer
 /// than the program's run between two faults while it starts.
 const QUIET: Duration = Duration::from_micros(500);
+
+/// How long after the destination runs a first request may take before the first-answer
+/// work ([`SwitchLink::after_first_answer`]) is done without one: a resumed program that
+/// faults at once asks within some 100 µs here.
+const NO_FAULT_YET: Duration = Duration::from_micros(300);
 
 /// How long after the serving starts held work waits at most ([`UntilQuiet`]).
 const HOLD_AT_MOST: Duration = Duration::from_millis(5);
@@ -462,6 +472,8 @@ impl Source {
     /// The destination runs: the tree is stopped by signal too, never to run here again.
     fn stop_for_good(&mut self, why: &'static str) {
         self.resumed = true;
+        self.resumed_at = Some(Instant::now());
+        self.urgent = Some(tracee::taskinfo::RealTime::serving_faults());
         self.held.say(HeldLine::Resumed { pid: self.pid, why });
         let pids: Vec<Pid> = self
             .tree
@@ -570,6 +582,21 @@ impl Source {
     fn release_when_quiet(&mut self, stream: &TcpStream) {
         if self.held.done {
             return;
+        }
+        // A program that asks for no page soon after it resumes is not faulting: the
+        // first-answer work need not wait for an answer.
+        if let Some(resumed_at) = self.resumed_at.filter(|_| self.held.first_answer.is_some()) {
+            let left = (resumed_at + NO_FAULT_YET).saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                let switch = self.switch.as_ref().map(AsFd::as_fd);
+                match wait_readable(stream.as_fd(), switch, left) {
+                    Ok(ready) if ready.main || ready.switch => return,
+                    _ => {}
+                }
+            }
+            if let Some(work) = self.held.first_answer.take() {
+                work();
+            }
         }
         let left = (self.held.since + HOLD_AT_MOST).saturating_duration_since(Instant::now());
         let wait = if self.held.answered {
@@ -765,6 +792,15 @@ fn serve_with(
     link: Option<SwitchLink>,
 ) -> Result<LazyOutcome, LazyError> {
     let pid = tree.root().pid();
+    // Each request is a fault or a chunk someone waits for, and the program's CPU may be
+    // busy (with the program itself, restored on this machine): woken, we go first; at
+    // real time once the destination runs (see `Source::stop_for_good`). (A prepared
+    // dump took its short slice as it left real time after the delta.)
+    if link.is_none() {
+        if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
+            tracing::debug!(%error, "serving at the default time slice");
+        }
+    }
     let addr = listener
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());
@@ -787,6 +823,8 @@ fn serve_with(
         tree: Some(tree),
         processes,
         resumed: false,
+        resumed_at: None,
+        urgent: None,
         all_taken_logged: false,
         buf: vec![0u8; FRAME_LEN + PAGE_SIZE as usize],
         compressor: None,
@@ -810,11 +848,6 @@ fn serve_with(
     };
     source.held.say(line);
     let mut peer: Option<IpAddr> = None;
-    // Each request is a fault or a chunk someone waits for, and the program's CPU may be
-    // busy (with the program itself, restored on this machine): woken, we go first. Not
-    // before the loop: a prepared restore, at the same real-time priority, may still
-    // be switching on our CPU and must not wait for the setup above.
-    let _urgent = tracee::taskinfo::RealTime::serving_faults();
     loop {
         let wait = if source.resumed {
             opts.lazy_reconnect_window
@@ -971,6 +1004,8 @@ mod tests {
             processes: BTreeMap::new(),
             all_taken_logged: false,
             resumed: false,
+            resumed_at: None,
+            urgent: None,
             buf: Vec::new(),
             compressor: None,
             traffic: PageTraffic::default(),
@@ -1093,6 +1128,30 @@ mod tests {
         held.first_answer = Some(counter(&runs));
         drop(held);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn first_answer_work_waits_only_a_moment_for_a_first_request_after_the_resume() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let (mut source, _restore) = source_with_switch();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, _) = listener.accept().expect("accept");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&runs);
+        source.held.first_answer = Some(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        source.stop_for_good("test");
+        let start = Instant::now();
+        source.release_when_quiet(&stream);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "done without a request");
+        assert!(start.elapsed() >= NO_FAULT_YET - Duration::from_micros(50));
+        assert!(
+            source.urgent.is_some(),
+            "serving at real time once the destination runs"
+        );
     }
 
     #[test]

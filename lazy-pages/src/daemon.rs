@@ -219,8 +219,11 @@ impl LazyDaemon {
             .transpose()
             .map_err(DaemonError::Pin)?;
         // A fault's thread waits while we are queued behind whatever holds the CPU: woken,
-        // we go first.
-        let _urgent = tracee::taskinfo::RealTime::serving_faults();
+        // we go first (see `short_slice`); once the tasks run, at real time (see
+        // `Server::urgent`).
+        if let Err(error) = tracee::taskinfo::short_slice(tracee::taskinfo::SHORTEST_SLICE) {
+            tracing::debug!(%error, "serving faults at the default time slice");
+        }
         let epoll =
             epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|errno| DaemonError::Epoll {
                 op: "create",
@@ -251,6 +254,7 @@ impl LazyDaemon {
             remote: false,
             inflight: VecDeque::new(),
             pipeline: Pipeline::new(FAULT_BLOCK),
+            urgent: None,
         };
         if let Some(fd) = server.pages.remote_fd() {
             // Edge-triggered: each arrival of data wakes us, and an answer is read only
@@ -373,6 +377,10 @@ struct Server {
     /// Requests to the remote source not answered yet, oldest first (it answers in order).
     inflight: VecDeque<Request>,
     pipeline: Pipeline,
+    /// Real time from restore's end marker on (see `RealTime::serving_faults`): not
+    /// before, when a prepared restore, at the same priority, switches on this CPU and
+    /// must not wait for the tasks' registration here.
+    urgent: Option<tracee::taskinfo::RealTime>,
 }
 
 fn add(epoll: &OwnedFd, fd: impl AsFd, key: u64) -> Result<(), DaemonError> {
@@ -529,6 +537,7 @@ impl Server {
             Some(HandoffMessage::Finished) if self.finished => Ok(()),
             Some(HandoffMessage::Finished) => {
                 self.finished = true;
+                self.urgent = Some(tracee::taskinfo::RealTime::serving_faults());
                 self.stats.until_finished = Some(self.started.elapsed());
                 // The tasks resume now: a remote source learns it from our next GET or CLOSE.
                 self.pages.restore_finished();
