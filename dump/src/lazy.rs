@@ -1015,6 +1015,27 @@ mod tests {
         (source, restore)
     }
 
+    /// A connected pair of TCP streams: the daemon's end and ours.
+    fn daemon_link() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        (daemon, ours)
+    }
+
+    /// Work that counts its runs, and the count.
+    fn counted_work() -> (
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        Box<dyn FnOnce() + Send>,
+    ) {
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&runs);
+        let work = Box::new(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        (runs, work)
+    }
+
     #[test]
     fn the_switch_says_whether_the_destination_runs() {
         let (mut source, mut restore) = source_with_switch();
@@ -1068,17 +1089,11 @@ mod tests {
 
     #[test]
     fn held_work_waits_for_a_pause_in_the_requests_after_the_first_answer() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
         let (mut source, _restore) = source_with_switch();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (stream, _) = listener.accept().expect("accept");
-        let runs = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&runs);
-        source.held.work = Some(Box::new(move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-        }));
+        let (mut daemon, stream) = daemon_link();
+        let (runs, work) = counted_work();
+        source.held.work = Some(work);
         source.held.say(HeldLine::Resumed {
             pid: source.pid,
             why: "test",
@@ -1102,17 +1117,10 @@ mod tests {
 
     #[test]
     fn first_answer_work_runs_at_the_first_answer_after_the_resume_or_at_the_release() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let counter = |runs: &Arc<AtomicUsize>| -> Box<dyn FnOnce() + Send> {
-            let runs = Arc::clone(runs);
-            Box::new(move || {
-                runs.fetch_add(1, Ordering::SeqCst);
-            })
-        };
-        let runs = Arc::new(AtomicUsize::new(0));
+        use std::sync::atomic::Ordering;
+        let (runs, work) = counted_work();
         let mut held = UntilQuiet::new();
-        held.first_answer = Some(counter(&runs));
+        held.first_answer = Some(work);
         // Before the destination runs (a prefetch): not yet.
         held.answered(false);
         assert_eq!(runs.load(Ordering::SeqCst), 0);
@@ -1123,26 +1131,20 @@ mod tests {
         held.release();
         assert_eq!(runs.load(Ordering::SeqCst), 1, "once");
         // No answer at all: with the held work.
-        let runs = Arc::new(AtomicUsize::new(0));
+        let (runs, work) = counted_work();
         let mut held = UntilQuiet::new();
-        held.first_answer = Some(counter(&runs));
+        held.first_answer = Some(work);
         drop(held);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[test]
     fn first_answer_work_waits_only_a_moment_for_a_first_request_after_the_resume() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
         let (mut source, _restore) = source_with_switch();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let _daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (stream, _) = listener.accept().expect("accept");
-        let runs = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&runs);
-        source.held.first_answer = Some(Box::new(move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-        }));
+        let (_daemon, stream) = daemon_link();
+        let (runs, work) = counted_work();
+        source.held.first_answer = Some(work);
         source.stop_for_good("test");
         let start = Instant::now();
         source.release_when_quiet(&stream);
@@ -1157,9 +1159,7 @@ mod tests {
     #[test]
     fn held_work_waits_for_a_first_request_only_so_long() {
         let (mut source, _restore) = source_with_switch();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let _daemon = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (stream, _) = listener.accept().expect("accept");
+        let (_daemon, stream) = daemon_link();
         source.held.say(HeldLine::Resumed {
             pid: source.pid,
             why: "test",
