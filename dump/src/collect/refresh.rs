@@ -477,6 +477,13 @@ pub fn again(
     })
 }
 
+/// What [`look_again`] reads without ptrace, read of the running tree and dropped (see
+/// `prepare::rehearse`).
+pub fn rehearse(before: &TreeState, watch: &Watch) {
+    let mut processes = before.processes.clone();
+    let _ = files::again::refresh(&mut processes, &watch.held.files);
+}
+
 /// The final freeze's look at `tree`: the [`verdict`] (this freeze is the last the
 /// counters vouch for: the caller closes them, see [`OpenCounters`]), then, if the verdict
 /// allows, [`again`], with what needs no ptrace read meanwhile by `reader` (if any) on another
@@ -535,6 +542,10 @@ impl Reader {
                     tracing::debug!(%error, "the light look's reader stays where it was made");
                 }
                 warm_up_allocator();
+                // Its reads once over while the tree runs, for warm caches in the freeze.
+                for process in &shown {
+                    let _ = unseized_again(process, &held);
+                }
                 drop(settled);
                 if start.recv().is_err() {
                     return;
