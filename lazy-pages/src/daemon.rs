@@ -377,9 +377,11 @@ struct Server {
     /// Requests to the remote source not answered yet, oldest first (it answers in order).
     inflight: VecDeque<Request>,
     pipeline: Pipeline,
-    /// Real time from restore's end marker on (see `RealTime::serving_faults`): not
-    /// before, when a prepared restore, at the same priority, switches on this CPU and
-    /// must not wait for the tasks' registration here.
+    /// Real time from restore's end marker on (see `RealTime::serving_faults`), for pages
+    /// from a remote source: we then wait on the network, mostly asleep. Not for local
+    /// images, whose background copy runs flat out and would take the CPU from a program
+    /// that shares it. Not before the end marker either, when a prepared restore, at the
+    /// same priority, switches on this CPU and must not wait for the tasks' registration.
     urgent: Option<tracee::taskinfo::RealTime>,
 }
 
@@ -537,7 +539,9 @@ impl Server {
             Some(HandoffMessage::Finished) if self.finished => Ok(()),
             Some(HandoffMessage::Finished) => {
                 self.finished = true;
-                self.urgent = Some(tracee::taskinfo::RealTime::serving_faults());
+                if self.remote {
+                    self.urgent = Some(tracee::taskinfo::RealTime::serving_faults());
+                }
                 self.stats.until_finished = Some(self.started.elapsed());
                 // The tasks resume now: a remote source learns it from our next GET or CLOSE.
                 self.pages.restore_finished();
