@@ -302,8 +302,8 @@ struct Source {
     resumed: bool,
     /// When we learnt it.
     resumed_at: Option<Instant>,
-    /// Real time from then on (see `RealTime::serving_faults`): not before, when a
-    /// prepared restore, at the same priority, may be switching on our CPU.
+    /// Real time from then on (see `RealTime`; refused, we keep our short slices): not
+    /// before, when a prepared restore, at the same priority, may be switching on our CPU.
     urgent: Option<tracee::taskinfo::RealTime>,
     buf: Vec<u8>,
     /// Made at the first GET flagged [`GET_ZSTD`]; `Err` once it could not be made.
@@ -473,7 +473,7 @@ impl Source {
     fn stop_for_good(&mut self, why: &'static str) {
         self.resumed = true;
         self.resumed_at = Some(Instant::now());
-        self.urgent = Some(tracee::taskinfo::RealTime::serving_faults());
+        self.urgent = Some(tracee::taskinfo::RealTime::raise());
         self.held.say(HeldLine::Resumed { pid: self.pid, why });
         let pids: Vec<Pid> = self
             .tree

@@ -377,11 +377,12 @@ struct Server {
     /// Requests to the remote source not answered yet, oldest first (it answers in order).
     inflight: VecDeque<Request>,
     pipeline: Pipeline,
-    /// Real time from restore's end marker on (see `RealTime::serving_faults`), for pages
-    /// from a remote source: we then wait on the network, mostly asleep. Not for local
-    /// images, whose background copy runs flat out and would take the CPU from a program
-    /// that shares it. Not before the end marker either, when a prepared restore, at the
-    /// same priority, switches on this CPU and must not wait for the tasks' registration.
+    /// Real time from restore's end marker on (see `RealTime`; refused, we keep our short
+    /// slices), for pages from a remote source: we then wait on the network, mostly asleep.
+    /// Not for local images, whose background copy runs flat out and would take the CPU
+    /// from a program that shares it. Not before the end marker either, when a prepared
+    /// restore, at the same priority, switches on this CPU and must not wait for the tasks'
+    /// registration.
     urgent: Option<tracee::taskinfo::RealTime>,
 }
 
@@ -540,7 +541,7 @@ impl Server {
             Some(HandoffMessage::Finished) => {
                 self.finished = true;
                 if self.remote {
-                    self.urgent = Some(tracee::taskinfo::RealTime::serving_faults());
+                    self.urgent = Some(tracee::taskinfo::RealTime::raise());
                 }
                 self.stats.until_finished = Some(self.started.elapsed());
                 // The tasks resume now: a remote source learns it from our next GET or CLOSE.

@@ -212,8 +212,13 @@ fn normal_with_slice(
 /// The calling thread at the lowest real-time priority (`SCHED_FIFO` 1, reset on fork:
 /// children start with the normal policy) until [`RealTime::end`] or drop, then back to
 /// the policy it had. Above every normal task and below any real-time one, for the short
-/// spells the tools hold a process stopped. Best effort: without the privilege the thread
-/// keeps its policy.
+/// spells the tools hold a process stopped, and for the threads that answer a migrated
+/// program's page faults while it waits: there short slices ([`short_slice`]) do not
+/// suffice, as a woken thread that has had more than its share of the CPU lately (a fault
+/// server in a burst of faults) is not eligible under EEVDF, and waits out the running
+/// task's whole slice. Here the memory reclaimer (`kdamond`) ran 3 ms at a time so, a
+/// stall of the program each time. Best effort: without the privilege the thread keeps
+/// its policy.
 #[derive(Debug)]
 pub struct RealTime {
     previous: std::cell::Cell<Option<(Tid, Sched)>>,
@@ -237,31 +242,6 @@ impl RealTime {
         RealTime {
             previous: std::cell::Cell::new(previous),
         }
-    }
-
-    /// Whether the thread is at the real-time priority (the raise was allowed).
-    pub fn is_raised(&self) -> bool {
-        let previous = self.previous.take();
-        let raised = previous.is_some();
-        self.previous.set(previous);
-        raised
-    }
-
-    /// For a thread that answers page faults while a migrated program runs: the faulting
-    /// thread waits for it, and a busy task on its CPU must not come first. Real time
-    /// where it may ([`RealTime::raise`]); else the shortest slices ([`short_slice`]).
-    /// Slices alone do not suffice: a woken thread that has had more than its share of
-    /// the CPU lately (a fault server in a burst of faults) is not eligible under EEVDF,
-    /// and waits for the running task's whole slice. Here the memory reclaimer
-    /// (`kdamond`) ran 3 ms at a time so, a stall of the program each time.
-    pub fn serving_faults() -> RealTime {
-        let urgent = RealTime::raise();
-        if !urgent.is_raised() {
-            if let Err(error) = short_slice(SHORTEST_SLICE) {
-                tracing::debug!(%error, "serving faults at the default time slice");
-            }
-        }
-        urgent
     }
 
     /// Back to the policy the thread had.
