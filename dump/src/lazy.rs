@@ -224,9 +224,9 @@ fn accept_within(
         let ready = wait_readable(listener.as_fd(), switch, left.min(Duration::from_secs(1)))
             .map_err(AcceptEnd::Io)?;
         if ready.switch {
-            let resumed = source.resumed;
+            let resumed = source.is_resumed();
             source.on_switch().map_err(AcceptEnd::Switch)?;
-            if source.resumed && !resumed {
+            if source.is_resumed() && !resumed {
                 deadline = deadline.min(Instant::now() + window);
             }
         }
@@ -298,9 +298,7 @@ struct Source {
     /// Per `dst_id` (the image pid, the source pid): what may be served.
     processes: BTreeMap<u64, ProcessPages>,
     all_taken_logged: bool,
-    /// The destination runs: never resume the source again.
-    resumed: bool,
-    /// When we learnt it.
+    /// When we learnt that the destination runs: never resume the source again.
     resumed_at: Option<Instant>,
     /// Real time from then on (see `RealTime`; refused, we keep our short slices): not
     /// before, when a prepared restore, at the same priority, may be switching on our CPU.
@@ -425,6 +423,11 @@ impl Drop for UntilQuiet {
 }
 
 impl Source {
+    /// The destination runs: never resume the source again.
+    fn is_resumed(&self) -> bool {
+        self.resumed_at.is_some()
+    }
+
     fn untaken_pages(&self) -> u64 {
         self.processes.values().map(|p| p.untaken.pages()).sum()
     }
@@ -451,7 +454,7 @@ impl Source {
         };
         let why = match switch::read_message(stream) {
             Ok(SwitchMessage::Resumed) => {
-                if !self.resumed {
+                if !self.is_resumed() {
                     self.stop_for_good("the prepared restore reports the tree runs");
                 }
                 return Ok(());
@@ -462,7 +465,7 @@ impl Source {
             Err(err) => err.to_string(),
         };
         self.switch = None;
-        if self.resumed {
+        if self.is_resumed() {
             tracing::debug!(%why, "switch connection done");
             return Ok(());
         }
@@ -471,7 +474,6 @@ impl Source {
 
     /// The destination runs: the tree is stopped by signal too, never to run here again.
     fn stop_for_good(&mut self, why: &'static str) {
-        self.resumed = true;
         self.resumed_at = Some(Instant::now());
         self.urgent = Some(tracee::taskinfo::RealTime::raise());
         self.held.say(HeldLine::Resumed { pid: self.pid, why });
@@ -667,22 +669,22 @@ impl Source {
                     // Answered first: a just-resumed destination waits for it, not for
                     // our bookkeeping (the tree is held frozen either way).
                     let answered = self.answer_get(&mut stream, &frame);
-                    if !self.resumed && kind != GetKind::BeforeResume {
+                    if !self.is_resumed() && kind != GetKind::BeforeResume {
                         self.destination_resumed(kind);
                     }
-                    self.held.answered(self.resumed);
+                    self.held.answered(self.is_resumed());
                     if let Err(end) = answered {
                         return Ok(end);
                     }
                     // The source stays frozen, not killed, until the daemon closes: a
                     // page two threads faulted on at once may be asked for again.
-                    if self.resumed && !self.all_taken_logged && self.all_taken() {
+                    if self.is_resumed() && !self.all_taken_logged && self.all_taken() {
                         self.all_taken_logged = true;
                         tracing::info!(pid = %self.pid, "every lazy page has been taken");
                     }
                 }
                 Command::Close | Command::ForceClose => {
-                    if !self.resumed && frame.flags & GET_RESUMED != 0 {
+                    if !self.is_resumed() && frame.flags & GET_RESUMED != 0 {
                         self.destination_resumed(GetKind::Resumed);
                     }
                     let _ = stream.write_all(&0i32.to_le_bytes());
@@ -822,7 +824,6 @@ fn serve_with(
         pid,
         tree: Some(tree),
         processes,
-        resumed: false,
         resumed_at: None,
         urgent: None,
         all_taken_logged: false,
@@ -849,7 +850,7 @@ fn serve_with(
     source.held.say(line);
     let mut peer: Option<IpAddr> = None;
     loop {
-        let wait = if source.resumed {
+        let wait = if source.is_resumed() {
             opts.lazy_reconnect_window
         } else {
             opts.lazy_connect_timeout
@@ -876,7 +877,7 @@ fn serve_with(
                 peer = Some(ip);
                 stream
             }
-            Ok(None) if source.resumed => {
+            Ok(None) if source.is_resumed() => {
                 tracing::warn!(%pid, "the lazy-pages daemon did not come back: killing the source");
                 source.kill()?;
                 return Ok(LazyOutcome::LinkLost);
@@ -889,14 +890,14 @@ fn serve_with(
                     pid,
                 })
             }
-            Err(err) if source.resumed => {
+            Err(err) if source.is_resumed() => {
                 tracing::warn!(%pid, error = %err, "cannot wait for the daemon: killing the source");
                 source.kill()?;
                 return Ok(LazyOutcome::LinkLost);
             }
             Err(err) => return Err(err),
         };
-        let idle = if source.resumed {
+        let idle = if source.is_resumed() {
             opts.lazy_reconnect_window
         } else {
             opts.lazy_connect_timeout
@@ -904,7 +905,7 @@ fn serve_with(
         let end = source.session(stream, idle)?;
         source.traffic.log("lazy pages sent: raw vs wire bytes");
         match end {
-            SessionEnd::Closed if source.resumed || source.all_taken() => {
+            SessionEnd::Closed if source.is_resumed() || source.all_taken() => {
                 source.kill()?;
                 return Ok(if source.all_taken() {
                     LazyOutcome::AllTaken
@@ -918,7 +919,7 @@ fn serve_with(
                     why: "the daemon closed the session without asking for a page".to_owned(),
                 })
             }
-            SessionEnd::Lost(why) if !source.resumed => {
+            SessionEnd::Lost(why) if !source.is_resumed() => {
                 return Err(LazyError::EndedBeforeResume { pid, why })
             }
             SessionEnd::Lost(why) => {
@@ -1003,7 +1004,6 @@ mod tests {
             tree: None,
             processes: BTreeMap::new(),
             all_taken_logged: false,
-            resumed: false,
             resumed_at: None,
             urgent: None,
             buf: Vec::new(),
@@ -1041,7 +1041,7 @@ mod tests {
         let (mut source, mut restore) = source_with_switch();
         switch::write_message(&mut restore, &SwitchMessage::Resumed, false).expect("send");
         source.on_switch().expect("RESUMED is no error");
-        assert!(source.resumed);
+        assert!(source.is_resumed());
         // Once it runs, the switch ending is nothing to act on.
         drop(restore);
         source
@@ -1058,7 +1058,7 @@ mod tests {
             Err(LazyError::SwitchFailed { why, .. }) => assert!(why.contains("no memory")),
             other => panic!("FAILED before resume: {other:?}"),
         }
-        assert!(!source.resumed);
+        assert!(!source.is_resumed());
 
         let (mut source, restore) = source_with_switch();
         drop(restore);
