@@ -202,7 +202,29 @@ impl PairPin {
     /// Pins us and thread `tid` of `pid` to the CPU `tid` last ran on. Whoever reads the
     /// tracee's affinity meanwhile sees the pin: read it before.
     pub fn next_to(pid: Pid, tid: Tid) -> Result<PairPin, PinError> {
-        let ours = CpuPin::next_to(pid, tid)?;
+        PairPin::with(CpuPin::next_to(pid, tid)?, tid)
+    }
+
+    /// Pins us to the CPU we run on, and the stopped thread `tid` of `pid` there too
+    /// (where it may not run, as [`PairPin::next_to`]). Nothing that runs moves: moving
+    /// ourselves next to the tracee waits for the migration, and then behind whatever
+    /// took the CPU the frozen tracee left idle (0.66 ms measured, behind the dump's own
+    /// reader thread). Whoever reads the tracee's affinity meanwhile sees the pin.
+    pub fn tracee_here(pid: Pid, tid: Tid) -> Result<PairPin, PinError> {
+        let here = u32::try_from(rustix::thread::sched_getcpu()).unwrap_or(u32::MAX);
+        let target = rustix::process::Pid::from_raw(tid.as_raw());
+        let allowed = usize::try_from(here).is_ok_and(|idx| {
+            idx < CpuSet::MAX_CPU
+                && sched_getaffinity(target).is_ok_and(|previous| previous.is_set(idx))
+        });
+        if !allowed {
+            return PairPin::next_to(pid, tid);
+        }
+        PairPin::with(CpuPin::to_cpu(here)?, tid)
+    }
+
+    /// `ours`, and thread `tid` pinned to its CPU if it may run there and elsewhere too.
+    fn with(ours: CpuPin, tid: Tid) -> Result<PairPin, PinError> {
         let cpu = ours.cpu();
         let target = rustix::process::Pid::from_raw(tid.as_raw());
         let previous =
@@ -287,6 +309,35 @@ mod tests {
             let times = IdleTimes::now().expect("idle times");
             assert!(times.0.iter().any(|(cpu, _)| *cpu == 0));
         }
+    }
+
+    #[test]
+    fn a_tracee_pinned_here_shares_our_cpu_until_the_pin_goes() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let raw = i32::try_from(child.id()).expect("pid fits");
+        let pid = Pid::from_raw(raw).expect("pid");
+        let target = rustix::process::Pid::from_raw(raw).expect("pid");
+        let ours_before = sched_getaffinity(None).expect("affinity");
+        let theirs_before = sched_getaffinity(Some(target)).expect("affinity");
+        {
+            let pin = PairPin::tracee_here(pid, pid.leader()).expect("pin");
+            let ours = sched_getaffinity(None).expect("affinity");
+            assert_eq!(ours.count(), 1);
+            if theirs_before.count() > 1 {
+                assert_eq!(sched_getaffinity(Some(target)).expect("affinity"), ours);
+                assert_eq!(pin.tracee_previous.as_ref(), Some(&theirs_before));
+            }
+        }
+        assert_eq!(sched_getaffinity(None).expect("affinity"), ours_before);
+        assert_eq!(
+            sched_getaffinity(Some(target)).expect("affinity"),
+            theirs_before
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

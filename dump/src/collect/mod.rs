@@ -13,6 +13,7 @@ mod files;
 mod inject;
 mod kobj;
 mod memory;
+mod reader;
 pub mod refresh;
 pub mod shmem;
 mod signals;
@@ -40,6 +41,8 @@ use crate::DumpOptions;
 
 pub use files::{FilesState, Ghost, PipeData};
 pub use memory::{MemoryState, PageRun, VmaScan, VmaSource};
+use reader::ProcReads;
+pub use reader::TreeReader;
 pub use threads::{SeccompTable, ThreadState};
 
 const PR_GET_DUMPABLE: u64 = 3;
@@ -68,6 +71,8 @@ pub enum CollectError {
     /// The thread reading /proc ahead stopped before it got to this process (it panicked).
     #[error("dump: pid {pid}: the /proc reader thread ended early")]
     ReaderGone { pid: Pid },
+    #[error("dump: start the /proc reader thread")]
+    ReaderThread { source: std::io::Error },
     #[error("dump: pid {pid}: read /proc {what}")]
     Proc {
         pid: Pid,
@@ -331,29 +336,6 @@ pub(crate) fn rlimits_entry(mut limits: Vec<proc::limits::Limit>) -> TaskRlimits
     }
 }
 
-/// What is read of a process without ptrace, by the reader thread of [`tree`], while the
-/// tracer injects: nothing the injections do shows in it.
-struct ProcReads {
-    memory: MemoryState,
-    rlimits: TaskRlimitsEntry,
-    oom_score_adj: Option<i32>,
-    /// ckpt-dump's namespaces (the same for every process) and the process's.
-    own_ns: kobj::NsKeys,
-    ns: kobj::NsKeys,
-}
-
-impl ProcReads {
-    fn read(pid: Pid, vmas: VmaSource, own_ns: kobj::NsKeys) -> Result<ProcReads, CollectError> {
-        Ok(ProcReads {
-            ns: kobj::ns_keys(&pid.to_string()),
-            memory: memory::collect(pid, vmas)?,
-            rlimits: rlimits(pid)?,
-            oom_score_adj: read_i32_file(pid, "oom_score_adj"),
-            own_ns,
-        })
-    }
-}
-
 /// Process-wide values only the process itself can tell, read through its leader.
 #[derive(Default, Clone)]
 struct LeaderValues {
@@ -484,19 +466,44 @@ fn pin_next_to(pid: Pid, tid: Tid) -> Option<tracee::cpu::PairPin> {
         .ok()
 }
 
+/// Pins the stopped thread to ckpt-dump's CPU, and ckpt-dump there: the same saving as
+/// [`pin_next_to`] without moving ckpt-dump, which would wait behind whatever took the CPU
+/// the frozen tree left idle (the reader thread of [`tree`] above all).
+fn pin_here(pid: Pid, tid: Tid) -> Option<tracee::cpu::PairPin> {
+    tracee::cpu::PairPin::tracee_here(pid, tid)
+        .map_err(|err| tracing::debug!(%tid, error = %err, "not pinned with the thread"))
+        .ok()
+}
+
 /// Reads only the address space of the frozen process `pid`: its VMAs and the pages to save
 /// (what a pre-dump needs).
 pub fn memory(pid: Pid) -> Result<MemoryState, CollectError> {
     memory::collect(pid, VmaSource::MapsOnly)
 }
 
+/// Asks the CPU for its xsave layout now, while nothing waits for it, rather than in a
+/// freeze (CPUID traps to the hypervisor in a virtual machine).
+pub fn learn_xsave_layout() {
+    threads::learn_xsave_layout();
+}
+
 /// Reads the whole state of every process of the frozen `tree`, parents first; `root_vmas`
 /// says where the root's VMA list comes from (the others read smaps).
-#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
 pub fn tree(
     tree: &mut SeizedTree,
     opts: &DumpOptions,
     root_vmas: VmaSource,
+) -> Result<TreeState, CollectError> {
+    tree_read_by(tree, opts, root_vmas, TreeReader::start()?)
+}
+
+/// [`tree`], with what needs no ptrace read by `reader`, made before the freeze.
+#[tracing::instrument(skip_all, fields(pid = %tree.root().pid()))]
+pub fn tree_read_by(
+    tree: &mut SeizedTree,
+    opts: &DumpOptions,
+    root_vmas: VmaSource,
+    reader: TreeReader,
 ) -> Result<TreeState, CollectError> {
     let root = tree.root().pid();
     let pids: Vec<Pid> = tree.processes().map(|p| p.pid()).collect();
@@ -516,42 +523,23 @@ pub fn tree(
             (*pid, vmas)
         })
         .collect();
-    // What needs no ptrace (the address space above all) is read by a second thread, in
-    // tree order, while this one (the tracer) checks the files and injects: on two CPUs the
-    // two halves overlap. The injections leave no trace in what it reads (their buffers are
-    // on the threads' stacks, or a page the memory collection leaves out).
-    let processes = std::thread::scope(|scope| {
-        let (sender, reads) = std::sync::mpsc::channel();
-        scope.spawn(move || {
-            let own_ns = kobj::ns_keys("self");
-            for (pid, vmas) in order {
-                // A closed channel means the tracer gave up: stop reading.
-                if sender.send(ProcReads::read(pid, vmas, own_ns)).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut tables = TreeTables::default();
-        // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
-        let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
-        files::check_pipe_peers(&ends, &opts.external)?;
-        let mut processes = Vec::with_capacity(parents.len());
-        for (pid, parent) in &parents {
-            let Some(process) = tree.process_mut(*pid) else {
-                // Keeps the reader's answers in step with the processes.
-                let _ = reads.recv();
-                continue;
-            };
-            let late = || {
-                reads
-                    .recv()
-                    .map_err(|_| CollectError::ReaderGone { pid: *pid })?
-            };
-            processes.push(collect_one(process, *parent, late, &mut tables, opts)?);
-        }
-        Ok::<_, CollectError>((processes, tables))
-    });
-    let (mut processes, mut tables) = processes?;
+    // The injections leave no trace in what the reader reads (their buffers are on the
+    // threads' stacks, or a page the memory collection leaves out).
+    reader.read(order);
+    let mut tables = TreeTables::default();
+    // Refuse what cannot be saved anywhere in the tree before spending time on the rest.
+    let ends = files::precheck_all(&mut tables.files, &pids, opts.shell_job)?;
+    files::check_pipe_peers(&ends, &opts.external)?;
+    let mut processes = Vec::with_capacity(parents.len());
+    for (pid, parent) in &parents {
+        let Some(process) = tree.process_mut(*pid) else {
+            // Keeps the reader's answers in step with the processes.
+            let _ = reader.next(*pid);
+            continue;
+        };
+        let late = || reader.next(*pid);
+        processes.push(collect_one(process, *parent, late, &mut tables, opts)?);
+    }
     let (zombies, cow_shared_bytes) = tree_wide(&mut processes, &mut tables, tree.zombies(), opts)?;
     tracing::info!(
         processes = processes.len(),
@@ -811,7 +799,7 @@ fn frozen_one(
         comm: &stat.comm,
     };
     let injected = if inject {
-        let leader_pin = leader_tid.and_then(|tid| pin_next_to(pid, tid));
+        let leader_pin = leader_tid.and_then(|tid| pin_here(pid, tid));
         if let Some(leader) = tree.leader_mut() {
             point_at_vdso_syscall(leader, &auxv, vdso_insn);
         }
@@ -823,7 +811,7 @@ fn frozen_one(
             for thread in tree.threads_mut() {
                 let tid = thread.tid();
                 let _pin = (Some(tid) != leader_tid)
-                    .then(|| pin_next_to(pid, tid))
+                    .then(|| pin_here(pid, tid))
                     .flatten();
                 let known = (Some(tid) == leader_tid).then_some(known);
                 threads.push(threads::collect(
@@ -1177,7 +1165,7 @@ pub struct ReadAhead {
 /// read frozen. Whatever changes between these reads and the freeze, [`after_release`]
 /// finds changed by reading them again (see [`Settled::moved`]).
 pub fn read_ahead(root: Pid) -> ReadAhead {
-    threads::learn_xsave_layout();
+    learn_xsave_layout();
     let mut ahead = ReadAhead::default();
     let mut pids = vec![root];
     while let Some(pid) = pids.pop() {
