@@ -205,22 +205,38 @@ impl PairPin {
         PairPin::with(CpuPin::next_to(pid, tid)?, tid)
     }
 
-    /// Pins us to the CPU we run on, and the stopped thread `tid` of `pid` there too
-    /// (where it may not run, as [`PairPin::next_to`]). Nothing that runs moves: moving
-    /// ourselves next to the tracee waits for the migration, and then behind whatever
-    /// took the CPU the frozen tracee left idle (0.66 ms measured, behind the dump's own
-    /// reader thread). Whoever reads the tracee's affinity meanwhile sees the pin.
+    /// Pins us to the CPU we run on, and the stopped thread `tid` of `pid` there too, even
+    /// where its own affinity leaves that CPU out (it gets its affinity back with the pin,
+    /// before it runs its own code again). Nothing that runs moves: moving ourselves next
+    /// to the tracee waits for the migration, and then behind whatever took the CPU the
+    /// frozen tracee left idle (0.66 ms measured, behind the dump's own reader thread).
+    /// Where the tracee may not come (a cpuset), as [`PairPin::next_to`]. Whoever reads
+    /// the tracee's affinity meanwhile sees the pin: read it before.
     pub fn tracee_here(pid: Pid, tid: Tid) -> Result<PairPin, PinError> {
         let here = u32::try_from(rustix::thread::sched_getcpu()).unwrap_or(u32::MAX);
+        let ours = CpuPin::to_cpu(here)?;
         let target = rustix::process::Pid::from_raw(tid.as_raw());
-        let allowed = usize::try_from(here).is_ok_and(|idx| {
-            idx < CpuSet::MAX_CPU
-                && sched_getaffinity(target).is_ok_and(|previous| previous.is_set(idx))
-        });
-        if !allowed {
+        let previous =
+            sched_getaffinity(target).map_err(|errno| PinError::Affinity { cpu: here, errno })?;
+        let idx = usize::try_from(here).map_err(|_| PinError::CpuRange { cpu: here })?;
+        let mut one = CpuSet::new();
+        one.set(idx);
+        if previous == one {
+            return Ok(PairPin {
+                tid,
+                tracee_previous: None,
+                _ours: ours,
+            });
+        }
+        if sched_setaffinity(target, &one).is_err() {
+            drop(ours);
             return PairPin::next_to(pid, tid);
         }
-        PairPin::with(CpuPin::to_cpu(here)?, tid)
+        Ok(PairPin {
+            tid,
+            tracee_previous: Some(previous),
+            _ours: ours,
+        })
     }
 
     /// `ours`, and thread `tid` pinned to its CPU if it may run there and elsewhere too.
@@ -326,8 +342,8 @@ mod tests {
             let pin = PairPin::tracee_here(pid, pid.leader()).expect("pin");
             let ours = sched_getaffinity(None).expect("affinity");
             assert_eq!(ours.count(), 1);
-            if theirs_before.count() > 1 {
-                assert_eq!(sched_getaffinity(Some(target)).expect("affinity"), ours);
+            assert_eq!(sched_getaffinity(Some(target)).expect("affinity"), ours);
+            if theirs_before != ours {
                 assert_eq!(pin.tracee_previous.as_ref(), Some(&theirs_before));
             }
         }
@@ -336,6 +352,37 @@ mod tests {
             sched_getaffinity(Some(target)).expect("affinity"),
             theirs_before
         );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_tracee_kept_off_our_cpu_comes_to_it_for_the_pin_only() {
+        let online = cpu_list(CPUS_ONLINE).unwrap_or_default();
+        if online.len() < 2 {
+            return;
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let raw = i32::try_from(child.id()).expect("pid fits");
+        let pid = Pid::from_raw(raw).expect("pid");
+        let target = rustix::process::Pid::from_raw(raw).expect("pid");
+        // Pinned first, so that our CPU stays the one the child is kept off.
+        let here = u32::try_from(rustix::thread::sched_getcpu()).expect("cpu fits");
+        let _outer = CpuPin::to_cpu(here).expect("pin");
+        let elsewhere = cpus_but(&online, here as usize);
+        let mut off = CpuSet::new();
+        off.set(elsewhere[0]);
+        sched_setaffinity(Some(target), &off).expect("keep the child off our cpu");
+        {
+            let _pin = PairPin::tracee_here(pid, pid.leader()).expect("pin");
+            let theirs = sched_getaffinity(Some(target)).expect("affinity");
+            assert_eq!(theirs.count(), 1);
+            assert!(theirs.is_set(here as usize), "the tracee came to our cpu");
+        }
+        assert_eq!(sched_getaffinity(Some(target)).expect("affinity"), off);
         let _ = child.kill();
         let _ = child.wait();
     }
