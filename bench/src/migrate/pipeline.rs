@@ -1004,7 +1004,12 @@ impl Migration<'_> {
     }
 
     /// Waits until the stamps move again after `frozen` iterations: the destination runs.
+    /// Polled under `SCHED_IDLE`: the restore it waits for runs on the harness's CPUs, and
+    /// a poll that woke at the normal policy took the CPU from it every 200 µs (traced,
+    /// in the middle of a total copy's restore). When the process resumed is read from its
+    /// stamps afterwards, not from when the poll saw it.
     fn wait_resumed(&mut self, frozen: u64, restored: &mut Restored) -> Result<()> {
+        let _idle = IdleWhile::now();
         let start = Instant::now();
         loop {
             // The header alone while polling: reading the whole file each time would take
@@ -1072,6 +1077,24 @@ impl Migration<'_> {
             go: None,
             reaped: None,
         })
+    }
+}
+
+/// The calling thread under `SCHED_IDLE` until dropped (best effort: where it may not,
+/// it keeps its policy).
+struct IdleWhile(Option<(tracee::Tid, tracee::taskinfo::Sched)>);
+
+impl IdleWhile {
+    fn now() -> IdleWhile {
+        IdleWhile(tracee::taskinfo::idle_policy().ok().flatten())
+    }
+}
+
+impl Drop for IdleWhile {
+    fn drop(&mut self) {
+        if let Some((tid, before)) = &self.0 {
+            let _ = tracee::taskinfo::set_sched(*tid, before);
+        }
     }
 }
 
@@ -1215,9 +1238,11 @@ fn wait_logged(path: &Path, needle: &str, proc: &mut Proc, timeout: Duration) ->
 /// Waits until `path` exists and is not empty.
 /// Polled finely once they may be there (the process is frozen meanwhile, and a stat costs
 /// little), coarsely before: freezing and collecting take milliseconds, and polling then
-/// would take CPU from the freeze on this small machine.
+/// would take CPU from the freeze on this small machine. Under `SCHED_IDLE`, as
+/// [`Migration::wait_resumed`]: the dump that writes them runs on the harness's CPUs.
 fn wait_for_images(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> {
     const COARSE_FOR: Duration = Duration::from_millis(2);
+    let _idle = IdleWhile::now();
     let start = Instant::now();
     loop {
         if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
