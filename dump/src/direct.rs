@@ -15,8 +15,12 @@ use tracee::PAGE_SIZE;
 
 /// Writes of at least this size go straight from the caller's buffer.
 const DIRECT_MIN: usize = 256 << 10;
-/// Staging buffer size.
+/// Staging buffer size, at most.
 const STAGING: usize = 4 << 20;
+/// The staging buffer's first size: it doubles as the image grows, up to [`STAGING`]. A
+/// small process's pages fit in it; a whole [`STAGING`] up front was a 4 MiB zeroed
+/// allocation inside the freeze, which the allocator clears where it reuses memory.
+const FIRST_STAGING: usize = 64 << 10;
 const ALIGN: usize = PAGE_SIZE as usize;
 
 /// A page-aligned byte buffer (a `Vec` with room to start at an aligned address).
@@ -43,6 +47,13 @@ impl AlignedBuf {
 
     fn filled(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
+    }
+
+    /// Moves what is staged into a buffer of `capacity`.
+    fn grow(&mut self, capacity: usize) {
+        let mut bigger = AlignedBuf::new(capacity);
+        bigger.push(self.filled());
+        *self = bigger;
     }
 
     fn push(&mut self, data: &[u8]) -> usize {
@@ -79,7 +90,7 @@ impl DirectFile {
             file,
             direct,
             offset: 0,
-            staging: AlignedBuf::new(STAGING),
+            staging: AlignedBuf::new(0),
         }
     }
 
@@ -131,8 +142,13 @@ impl Write for DirectFile {
             self.write_out(data)?;
             return Ok(data.len());
         }
+        let capacity = self.staging.capacity();
+        if self.staging.len == capacity && capacity < STAGING {
+            self.staging
+                .grow((capacity * 2).clamp(FIRST_STAGING, STAGING));
+        }
         let n = self.staging.push(data);
-        if self.staging.len == self.staging.capacity() {
+        if self.staging.len == self.staging.capacity() && self.staging.capacity() == STAGING {
             self.flush_staging()?;
         }
         Ok(n)
@@ -165,6 +181,25 @@ mod tests {
         }
         out.write_all(&small).unwrap();
         expected.extend_from_slice(&small);
+        drop(out.into_file().unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn small_writes_past_every_staging_size_land_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pages");
+        let mut out = DirectFile::new(File::create(&path).unwrap());
+        let mut expected = Vec::new();
+        // Through each doubling of the staging buffer and past its largest size, with
+        // writes that do not divide it.
+        let mut i = 0u32;
+        while expected.len() < STAGING + STAGING / 2 {
+            let chunk: Vec<u8> = (0..4096 + 24).map(|b| (b as u32 ^ i) as u8).collect();
+            out.write_all(&chunk).unwrap();
+            expected.extend_from_slice(&chunk);
+            i += 1;
+        }
         drop(out.into_file().unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), expected);
     }

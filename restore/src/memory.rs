@@ -808,7 +808,15 @@ fn fill_pages_with(
     let started = Instant::now();
     let mem = RemoteMem::open(pid).map_err(mem_err(pid, "open /proc/PID/mem"))?;
     let mut files: HashMap<&std::path::Path, File> = HashMap::new();
-    let mut buf = vec![0u8; FILL_CHUNK];
+    // No larger than the largest run: a whole chunk is a zeroed allocation the allocator
+    // clears where it reuses memory (8 MiB cleared to fill 16 pages took 0.6 ms).
+    let largest = sources.iter().map(|s| s.len).max().unwrap_or(0);
+    let mut buf = vec![
+        0u8;
+        usize::try_from(largest)
+            .unwrap_or(FILL_CHUNK)
+            .min(FILL_CHUNK)
+    ];
     let mut pages = 0;
     for src in sources {
         let file = match files.get(src.file.as_path()) {
