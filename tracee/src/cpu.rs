@@ -327,15 +327,39 @@ mod tests {
         }
     }
 
+    /// A `sleep` child to pin, killed and reaped when dropped.
+    struct Sleeper {
+        child: std::process::Child,
+        pid: Pid,
+        target: rustix::process::Pid,
+    }
+
+    impl Sleeper {
+        fn start() -> Sleeper {
+            let child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep");
+            let raw = i32::try_from(child.id()).expect("pid fits");
+            Sleeper {
+                child,
+                pid: Pid::from_raw(raw).expect("pid"),
+                target: rustix::process::Pid::from_raw(raw).expect("pid"),
+            }
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     #[test]
     fn a_tracee_pinned_here_shares_our_cpu_until_the_pin_goes() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let raw = i32::try_from(child.id()).expect("pid fits");
-        let pid = Pid::from_raw(raw).expect("pid");
-        let target = rustix::process::Pid::from_raw(raw).expect("pid");
+        let child = Sleeper::start();
+        let (pid, target) = (child.pid, child.target);
         let ours_before = sched_getaffinity(None).expect("affinity");
         let theirs_before = sched_getaffinity(Some(target)).expect("affinity");
         {
@@ -352,8 +376,6 @@ mod tests {
             sched_getaffinity(Some(target)).expect("affinity"),
             theirs_before
         );
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     #[test]
@@ -362,13 +384,8 @@ mod tests {
         if online.len() < 2 {
             return;
         }
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let raw = i32::try_from(child.id()).expect("pid fits");
-        let pid = Pid::from_raw(raw).expect("pid");
-        let target = rustix::process::Pid::from_raw(raw).expect("pid");
+        let child = Sleeper::start();
+        let (pid, target) = (child.pid, child.target);
         // Pinned first, so that our CPU stays the one the child is kept off.
         let here = u32::try_from(rustix::thread::sched_getcpu()).expect("cpu fits");
         let _outer = CpuPin::to_cpu(here).expect("pin");
@@ -383,8 +400,6 @@ mod tests {
             assert!(theirs.is_set(here as usize), "the tracee came to our cpu");
         }
         assert_eq!(sched_getaffinity(Some(target)).expect("affinity"), off);
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     #[test]
