@@ -1755,7 +1755,10 @@ int main(int argc, char **argv) {
         let mut watch = watch.expect("the worker qualifies for a light S2");
         let mut tree = seize::freeze_tree(pid).expect("freeze again");
         refresh::verdict(&watch, &tree).expect("nothing outside the allowlist yet");
-        watch.stop_counting();
+        watch
+            .take_counters()
+            .expect("the counters are open")
+            .close();
         let why = refresh::verdict(&watch, &tree).expect_err("a stopped watch");
         assert!(why.contains("stopped"), "{why}");
         // What the light look reads is held apart from the counters.

@@ -152,7 +152,7 @@ pub struct Counters {
 /// The watch, set up at the end of the first look.
 #[derive(Debug)]
 pub struct Watch {
-    /// `None` once stopped ([`Watch::stop_counting`]).
+    /// `None` once taken out ([`Watch::take_counters`]).
     watch: Option<SyscallWatch>,
     /// The counts when the first look ended: its own injected syscalls count.
     baseline: Counts,
@@ -162,7 +162,7 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Makes the closer of [`Watch::stop_counting`] ahead of time (see
+    /// Makes the closer of [`OpenCounters::close`] ahead of time (see
     /// [`SyscallWatch::prepare_close`]).
     pub fn prepare_close(&mut self) {
         if let Some(watch) = self.watch.as_mut() {
@@ -175,13 +175,6 @@ impl Watch {
     /// A later [`verdict`] rules the light look out.
     pub fn take_counters(&mut self) -> Option<OpenCounters> {
         self.watch.take().map(OpenCounters)
-    }
-
-    /// [`Watch::take_counters`], closed at once.
-    pub fn stop_counting(&mut self) {
-        if let Some(counters) = self.take_counters() {
-            counters.close();
-        }
     }
 }
 
