@@ -534,7 +534,10 @@ impl Reader {
                 {
                     tracing::debug!(%error, "the light look's reader stays where it was made");
                 }
-                warm_up_allocator();
+                // glibc gives a thread its own arena at its first allocation, an mmap of
+                // the process's address space made under the lock the other thread's page
+                // faults take: made, and its pages touched, before the freeze.
+                tracee::heap::warm(READER_HEAP);
                 // Its reads once over while the tree runs, for warm caches in the freeze.
                 for process in &shown {
                     let _ = unseized_again(process, &held);
@@ -581,13 +584,9 @@ impl Reader {
     }
 }
 
-/// Makes the calling thread's allocator ready before the freeze: glibc gives a thread
-/// its own arena at its first allocation, an mmap of the process's address space made
-/// under the lock the other thread's page faults take.
-fn warm_up_allocator() {
-    let warm: Vec<Vec<u8>> = (0..16).map(|_| vec![1u8; 8192]).collect();
-    std::hint::black_box(&warm);
-}
+/// Heap the reader touches before the freeze: what the 16 blocks of 8 KiB it touched
+/// before the tools kept freed memory came to.
+const READER_HEAP: usize = 128 << 10;
 
 /// How long [`Reader::wait`] waits awake before it sleeps.
 const SPIN_FOR_READER: std::time::Duration = std::time::Duration::from_micros(300);
