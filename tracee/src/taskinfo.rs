@@ -216,9 +216,9 @@ fn normal_with_slice(
 /// program's page faults while it waits: there short slices ([`short_slice`]) do not
 /// suffice, as a woken thread that has had more than its share of the CPU lately (a fault
 /// server in a burst of faults) is not eligible under EEVDF, and waits out the running
-/// task's whole slice. Here the memory reclaimer (`kdamond`) ran 3 ms at a time so, a
-/// stall of the program each time. Best effort: without the privilege the thread keeps
-/// its policy.
+/// task's whole slice: the memory reclaimer (`kdamond`) ran 3 ms at a time on the fault
+/// servers' CPU, and the program stalled that long each time. Best effort: without the
+/// privilege the thread keeps its policy.
 #[derive(Debug)]
 pub struct RealTime {
     previous: std::cell::Cell<Option<(Tid, Sched)>>,
