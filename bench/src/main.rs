@@ -12,6 +12,7 @@
 mod migrate;
 mod precopy;
 mod tree;
+mod wake;
 
 use std::io::IoSliceMut;
 use std::path::PathBuf;
@@ -72,6 +73,8 @@ enum Cmd {
     Migrate(migrate::MigrateArgs),
     /// State collection time of a tree of 100 processes with 100 descriptors each.
     Tree(tree::TreeArgs),
+    /// Wake-up latency of a thread on an idle CPU: CPUs that halt, and CPUs that poll.
+    Wake(wake::WakeArgs),
 }
 
 /// One measured dump + restore cycle.
@@ -96,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         } => dump_restore(&sizes, threads, warm_runs, json),
         Cmd::Migrate(args) => migrate::run(args),
         Cmd::Tree(args) => tree::run(args),
+        Cmd::Wake(args) => wake::run(args),
         Cmd::Precopy {
             mib,
             batch,

@@ -1,9 +1,14 @@
 //! What every ckpt binary does around its one library call: read CRIU's `-v` spellings,
-//! install the log subscriber behind `-v`/`-o`, and report a failure once.
+//! install the log subscriber behind `-v`/`-o`, keep idle CPUs polling while it works
+//! ([`IdlePoll`]), and report a failure once.
 //!
 //! Only binaries use this crate: libraries log through `tracing` and never install a
 //! subscriber.
 #![forbid(unsafe_code)]
+
+mod idle;
+
+pub use idle::{latency_limit_us, IdlePoll};
 
 use std::fmt;
 use std::fs::File;

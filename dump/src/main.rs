@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ckpt_cli::{LogOptions, LogScope, Verbosity};
+use ckpt_cli::{IdlePoll, LogOptions, LogScope, Verbosity};
 use ckpt_dump::{DumpMode, DumpOptions, FaultPoint, FinalState};
 use clap::Parser;
 
@@ -111,6 +111,12 @@ struct Cli {
         default_value_t = 30
     )]
     lazy_reconnect_window: u64,
+    /// Let idle CPUs halt while this runs. By default the tool asks the kernel for a CPU
+    /// wake-up latency of 0 (`/dev/cpu_dma_latency`) for as long as it runs: idle CPUs
+    /// then poll, and no wake-up of a freeze or of an answered page fault waits for a
+    /// halted CPU (in a virtual machine, up to milliseconds).
+    #[arg(long = "no-idle-poll")]
+    no_idle_poll: bool,
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -120,6 +126,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         scope: LogScope::Crates(&["ckpt_dump", "tracee", "images_format", "ckpt_page_server"]),
         ..LogOptions::new(cli.verbosity, cli.log_file.as_deref())
     })?;
+    let _idle = IdlePoll::hold_if(!cli.no_idle_poll);
     let final_state = if cli.leave_running {
         FinalState::Running
     } else if cli.leave_stopped {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use ckpt_cli::{LogOptions, Verbosity};
+use ckpt_cli::{IdlePoll, LogOptions, Verbosity};
 use std::time::{Duration, Instant};
 
 use ckpt_lazy_pages::{DaemonError, DaemonOptions, LazyDaemon, SourceError};
@@ -72,6 +72,12 @@ struct Cli {
     /// time)
     #[arg(long = "connect-wait", value_name = "MS", default_value_t = 0)]
     connect_wait: u64,
+    /// Let idle CPUs halt while this runs. By default the tool asks the kernel for a CPU
+    /// wake-up latency of 0 (`/dev/cpu_dma_latency`) for as long as it runs: idle CPUs
+    /// then poll, and no wake-up of a freeze or of an answered page fault waits for a
+    /// halted CPU (in a virtual machine, up to milliseconds).
+    #[arg(long = "no-idle-poll")]
+    no_idle_poll: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.daemon {
         nix::unistd::daemon(true, cli.log_file.is_none()).context("lazy-pages: daemonize")?;
     }
+    let _idle = IdlePoll::hold_if(!cli.no_idle_poll);
     if let Some(path) = &cli.pidfile {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("lazy-pages: write pid file {}", path.display()))?;

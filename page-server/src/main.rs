@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ckpt_cli::{LogOptions, Verbosity};
+use ckpt_cli::{IdlePoll, LogOptions, Verbosity};
 use ckpt_page_server::daemon;
 use ckpt_page_server::{PageServer, ReceiveMode, ServerOptions};
 use clap::Parser;
@@ -53,6 +53,12 @@ struct Cli {
     /// Receive with read/write instead of splice.
     #[arg(long)]
     no_splice: bool,
+    /// Let idle CPUs halt while this runs. By default the tool asks the kernel for a CPU
+    /// wake-up latency of 0 (`/dev/cpu_dma_latency`) for as long as it runs: idle CPUs
+    /// then poll, and no wake-up of a freeze or of an answered page fault waits for a
+    /// halted CPU (in a virtual machine, up to milliseconds).
+    #[arg(long = "no-idle-poll")]
+    no_idle_poll: bool,
     /// Set by --daemon on the background copy (see `daemon::LISTENER_ON_STDIN`).
     #[arg(long = "listener-on-stdin", hide = true)]
     listener_on_stdin: bool,
@@ -87,6 +93,8 @@ fn run(cli: Cli) -> Result<()> {
     if let (Some(path), false) = (&cli.pidfile, cli.listener_on_stdin) {
         daemon::write_pidfile(path, std::process::id())?;
     }
+    // Here, in the copy that serves, after --daemon's parent returned.
+    let _idle = IdlePoll::hold_if(!cli.no_idle_poll);
     let opts = ServerOptions {
         images_dir: cli.images_dir.clone(),
         prev_images_dir: cli.prev_images_dir.clone(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use ckpt_cli::{LogOptions, LogScope, Verbosity};
+use ckpt_cli::{IdlePoll, LogOptions, LogScope, Verbosity};
 use ckpt_restore::{restore, FillMethod, RestoreOptions, RestoreOutcome};
 use clap::Parser;
 
@@ -73,6 +73,12 @@ struct Cli {
         hide = true
     )]
     fill_method: String,
+    /// Let idle CPUs halt while this runs. By default the tool asks the kernel for a CPU
+    /// wake-up latency of 0 (`/dev/cpu_dma_latency`) for as long as it runs: idle CPUs
+    /// then poll, and no wake-up of a freeze or of an answered page fault waits for a
+    /// halted CPU (in a virtual machine, up to milliseconds).
+    #[arg(long = "no-idle-poll")]
+    no_idle_poll: bool,
 }
 
 fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
@@ -82,6 +88,8 @@ fn run(cli: &Cli) -> anyhow::Result<RestoreOutcome> {
         scope: LogScope::Crates(&["ckpt_restore", "tracee", "images_format"]),
         ..LogOptions::new(cli.verbosity, cli.log_file.as_deref())
     })?;
+    // Before the wait for the go: asking wakes every idle CPU.
+    let _idle = IdlePoll::hold_if(!cli.no_idle_poll);
     let fill = match cli.fill_method.as_str() {
         "preadv" => FillMethod::Preadv,
         "writev" => FillMethod::Writev,

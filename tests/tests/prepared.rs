@@ -14,6 +14,7 @@ use std::time::Duration;
 use ckpt_tests::{start_remote_lazy_pages, LazySource, Workload};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
 
 /// Copies the prepared images as an orchestrator would send them to the destination (the
 /// `parent` link pointing where the source's does).
@@ -101,6 +102,10 @@ fn prepared_migration(
             format!("dump: {}\n{}", source.stderr(), source.log())
         });
     assert_ne!(root, w.pid(), "the copy kept the source's host pid");
+    assert!(
+        !holds_latency_request(root),
+        "the copy has the restore's CPU latency request open"
+    );
     // Some time at the destination, writing, before the check.
     for &signal in check {
         std::thread::sleep(Duration::from_millis(100));
@@ -133,6 +138,15 @@ fn prepared_migration(
         other => panic!("the source ended with {other:?}, not SIGKILL"),
     }
     restore_log
+}
+
+/// Whether `pid` has `/dev/cpu_dma_latency` open. The tools hold a request there while they
+/// run (`ckpt_cli::IdlePoll`); the process a restore makes must not keep it alive.
+fn holds_latency_request(pid: Pid) -> bool {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("list the copy's fds");
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|to| to == Path::new("/dev/cpu_dma_latency"))
+    })
 }
 
 /// Threads rewrite pages as fast as they can, the mappings never change: the destination

@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-pub use pipeline::Algorithm;
+pub use pipeline::{now_ns, Algorithm};
 use pipeline::{Migration, PrecopyOptions, Tools};
 use testbed::{Side, Testbed};
 pub use workload::WorkloadKind;
