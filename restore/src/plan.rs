@@ -239,6 +239,11 @@ pub struct ThreadPlan {
     /// Registers with the syscall restart already resolved and `orig_rax = -1`.
     pub regs: Regs,
     pub restart: RestartFixup,
+    /// For a thread stopped in a syscall that is restarted unless a signal handler runs
+    /// first ([`RestartFixup::Rewound`]), its registers as dumped: loaded into a thread
+    /// that will be let go from a stop in signal delivery, they leave that choice to the
+    /// kernel, as for the original (see `resume::regs_for`).
+    pub as_dumped: Option<Regs>,
     pub fpregs: pb::UserX86FpregsEntry,
     pub clear_tid_addr: u64,
     pub sigmask: u64,
@@ -983,11 +988,12 @@ fn plan_thread(p: &ProcessImages, tid: u32, core: &pb::CoreEntry) -> Result<Thre
         nice: tcore.sched_nice.unwrap_or(0),
     });
     let seccomp = seccomp_chain(p, tid, tcore)?;
-    let (regs, restart) = thread_regs(gpregs);
+    let (regs, restart, as_dumped) = thread_regs(gpregs);
     Ok(ThreadPlan {
         tid: i32::try_from(tid).unwrap_or(i32::MAX),
         regs,
         restart,
+        as_dumped,
         fpregs,
         clear_tid_addr: ti.clear_tid_addr,
         sigmask,
@@ -1043,9 +1049,10 @@ fn seccomp_chain(
 
 /// The image's general registers in the kernel's layout, with the syscall the thread
 /// was stopped in resolved the way the kernel's signal-return path would have done
-/// (see [`Regs::fix_syscall_restart`]): the restored thread starts in user mode.
-pub fn thread_regs(r: &pb::UserX86RegsEntry) -> (Regs, RestartFixup) {
-    let mut regs = Regs {
+/// (see [`Regs::fix_syscall_restart`]): the restored thread starts in user mode. And for
+/// a call rewound so, the registers as dumped ([`ThreadPlan::as_dumped`]).
+pub fn thread_regs(r: &pb::UserX86RegsEntry) -> (Regs, RestartFixup, Option<Regs>) {
+    let dumped = Regs {
         r15: r.r15,
         r14: r.r14,
         r13: r.r13,
@@ -1074,8 +1081,10 @@ pub fn thread_regs(r: &pb::UserX86RegsEntry) -> (Regs, RestartFixup) {
         fs: r.fs,
         gs: r.gs,
     };
+    let mut regs = dumped;
     let fixup = regs.fix_syscall_restart();
-    (regs, fixup)
+    let as_dumped = (fixup == RestartFixup::Rewound).then_some(dumped);
+    (regs, fixup, as_dumped)
 }
 
 /// Decides which private, now read-only VMAs were writable once, and so accounted

@@ -641,9 +641,10 @@ fn apply(
             let tracee =
                 thread_at(leader, others, j).ok_or(PreparedError::NoThread { tid: t.tid })?;
             let mut now = t.clone();
-            let (regs, restart) = plan::thread_regs(&update.gpregs);
+            let (regs, restart, as_dumped) = plan::thread_regs(&update.gpregs);
             now.regs = regs;
             now.restart = restart;
+            now.as_dumped = as_dumped;
             now.fpregs = update.fpregs.clone();
             now.sigmask = update.sigmask(j == 0);
             if injected {

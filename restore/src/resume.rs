@@ -79,6 +79,22 @@ fn layout_for(xcr0: u64) -> xsave::XsaveLayout {
     layout
 }
 
+/// The general registers to load into `t` for `plan`. A thread dumped inside a syscall
+/// that restarts unless a signal handler runs first (`sigsuspend`, `pause`, an absolute
+/// sleep...) gets its registers as dumped when it will be let go from a stop in signal
+/// delivery, where the kernel then restarts the call, or lets a handler run and returns
+/// `EINTR` (or restarts after it, under `SA_RESTART`), as it would have for the original.
+/// Rewound beforehand, the call would be re-issued even after a handler that a signal
+/// sent just after the restore ran first: a `sigsuspend` would then wait for a second
+/// signal. Our tracees' stops are all in signal delivery (injections end in the
+/// single-step's trap), but the rewound registers stay for any other.
+fn regs_for<'a>(t: &Tracee, plan: &'a ThreadPlan) -> &'a tracee::Regs {
+    match &plan.as_dumped {
+        Some(dumped) if t.stopped_in_signal_delivery() => dumped,
+        _ => &plan.regs,
+    }
+}
+
 /// Loads every register and the signal mask into the stopped thread.
 pub fn load_registers(t: &mut Tracee, plan: &ThreadPlan) -> Result<(), ResumeError> {
     load_registers_kept(t, plan).map(drop)
@@ -94,7 +110,7 @@ pub fn load_registers_kept(t: &mut Tracee, plan: &ThreadPlan) -> Result<Xsave, R
         step: "setting the xsave area",
         source,
     })?;
-    t.set_regs(&plan.regs)
+    t.set_regs(regs_for(t, plan))
         .map_err(|source| ResumeError::Ptrace {
             tid,
             step: "setting registers",
@@ -133,13 +149,13 @@ pub fn load_changed_registers(
             source,
         })?;
     }
-    if now.regs != before.regs {
-        t.set_regs(&now.regs)
-            .map_err(|source| ResumeError::Ptrace {
-                tid,
-                step: "setting registers",
-                source,
-            })?;
+    let regs = regs_for(t, now);
+    if regs != regs_for(t, before) {
+        t.set_regs(regs).map_err(|source| ResumeError::Ptrace {
+            tid,
+            step: "setting registers",
+            source,
+        })?;
     }
     if now.sigmask != before.sigmask {
         t.set_sigmask(SigSet(now.sigmask))

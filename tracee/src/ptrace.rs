@@ -406,6 +406,18 @@ impl Tracee {
         matches!(self.state, StopState::Stopped { .. })
     }
 
+    /// Whether the thread is stopped inside the kernel's signal delivery: in a
+    /// signal-delivery-stop (our tracees never take syscall-stops: there is no
+    /// `PTRACE_SYSCALL` here), or in the `PTRACE_EVENT_STOP` of a group-stop or of
+    /// [`Tracee::interrupt`]. Let go from there, the thread passes the kernel's
+    /// syscall-restart step on its way back to user space, with the registers it has then.
+    pub fn stopped_in_signal_delivery(&self) -> bool {
+        match self.state {
+            StopState::Stopped { event, .. } => event == 0 || event == PTRACE_EVENT_STOP,
+            StopState::Running => false,
+        }
+    }
+
     /// The thread was in a group-stop (job control: SIGSTOP, SIGTSTP...) when
     /// [`Tracee::interrupt`] stopped it; it returns to it on detach. Stays true
     /// across later injections.
