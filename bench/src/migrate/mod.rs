@@ -9,6 +9,8 @@
 //! CLOCK_MONOTONIC every iteration (`workloads/mig.h`), so the down time is the longest gap in
 //! its own loop during the migration, wherever it ran, faults included; after the migration it
 //! checks its own memory. A cell whose tool step fails is recorded as failed with the error.
+//! The tools ask that idle CPUs poll while they run (`ckpt_cli::IdlePoll`), as they do outside
+//! the benchmark; the harness asks nothing of the kind, and between runs idle CPUs halt.
 //!
 //! Periods, as the thesis defines them (Fig. 2.1), from the request (t0):
 //! preparation = t0 .. final freeze; down time = longest loop gap in t0 .. end;
