@@ -2,9 +2,10 @@
 //!
 //! In a virtual machine an idle CPU halts, which hands it back to the hypervisor, and a
 //! wake-up sent to it waits until the host runs that CPU again. On this project's test
-//! machines that wait was 15 µs at the median and up to 5 ms: a migrated program asleep
-//! in a page fault that the lazy-pages daemon had already answered slept on for 5 ms,
-//! because its CPU had halted. A freeze or a switch is a string of such wake-ups.
+//! machines a migrated program asleep in a page fault ran again 15 µs after the
+//! lazy-pages daemon answered it at the median, and up to 5 ms after, because its CPU had
+//! halted (`ckpt-bench wake` measures such wake-ups). A freeze or a switch is a string of
+//! them.
 //!
 //! A PM QoS request for a CPU wake-up latency of 0 makes the idle loop poll (the
 //! `POLL` idle state), so a wake-up is seen at once. The request is the kernel's
