@@ -14,7 +14,7 @@
 //! is why each tool asks when it starts, before any freeze.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 
 const DEVICE: &str = "/dev/cpu_dma_latency";
 
@@ -54,17 +54,18 @@ impl IdlePoll {
     }
 }
 
-/// The wake-up latency in force, in µs: the smallest of all requests (the kernel's
-/// default when there is none).
-pub fn latency_limit_us() -> std::io::Result<i32> {
-    let mut value = [0u8; 4];
-    File::open(DEVICE)?.read_exact(&mut value)?;
-    Ok(i32::from_ne_bytes(value))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+
+    /// The wake-up latency in force, in µs: the smallest of all requests (the kernel's
+    /// default when there is none).
+    fn latency_limit_us() -> std::io::Result<i32> {
+        let mut value = [0u8; 4];
+        File::open(DEVICE)?.read_exact(&mut value)?;
+        Ok(i32::from_ne_bytes(value))
+    }
 
     #[test]
     fn a_hold_sets_the_limit_to_zero() {

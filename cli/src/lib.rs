@@ -8,7 +8,7 @@
 
 mod idle;
 
-pub use idle::{latency_limit_us, IdlePoll};
+pub use idle::IdlePoll;
 
 use std::fmt;
 use std::fs::File;
