@@ -386,6 +386,20 @@ impl Workload {
     }
 
     /// True while /proc shows the process and it is neither a zombie nor gone.
+    /// Waits up to 10 s until the process is in `state` (as /proc shows it), else fails
+    /// saying that it does not `what`.
+    pub fn wait_state(&self, state: char, what: &str) {
+        let start = Instant::now();
+        while proc_state(self.pid) != Some(state) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the workload does not {what}{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn is_alive(&self) -> bool {
         proc_state(self.pid).is_some_and(|s| s != 'Z' && s != 'X')
     }
@@ -533,6 +547,12 @@ impl Workload {
     pub fn finish(&mut self) -> String {
         kill(self.pid, Signal::SIGUSR2)
             .unwrap_or_else(|e| panic!("SIGUSR2 to {}: {e}{}", self.pid, self.logs()));
+        self.wait_verdict(RESULT_TIMEOUT)
+    }
+
+    /// Waits up to `timeout` for the verdict the process gives once it got SIGUSR2, and
+    /// reaps it; returns the verdict text.
+    pub fn wait_verdict(&mut self, timeout: Duration) -> String {
         let start = Instant::now();
         loop {
             if let Ok(text) = fs::read_to_string(&self.result) {
@@ -556,9 +576,10 @@ impl Workload {
                 );
             }
             assert!(
-                start.elapsed() < RESULT_TIMEOUT,
-                "no verdict from {} after {RESULT_TIMEOUT:?}{}",
+                start.elapsed() < timeout,
+                "no verdict from {} after {timeout:?} (state {:?}){}",
                 self.name,
+                proc_state(self.pid),
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(10));

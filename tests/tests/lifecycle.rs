@@ -150,14 +150,7 @@ fn restore_leaves_the_images_unchanged() {
 fn stopped_process_comes_back_stopped() {
     let mut w = Workload::start("signals", &[]);
     kill(w.pid(), Signal::SIGSTOP).expect("SIGSTOP");
-    let start = std::time::Instant::now();
-    while proc_state(w.pid()) != Some('T') {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the workload does not stop"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    w.wait_state('T', "stop");
     let images = w.dump(&[]);
     w.restore(&images);
     std::thread::sleep(Duration::from_millis(100));

@@ -1,9 +1,9 @@
 //! Process-wide state: rlimits, cwd and umask, credentials and capabilities, seccomp, and
 //! threads blocked in system calls when they were dumped.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ckpt_tests::{proc_state, round_trip, Workload};
+use ckpt_tests::{round_trip, Workload};
 use nix::sys::signal::{kill, Signal};
 
 #[test]
@@ -72,37 +72,14 @@ fn a_signal_sent_before_a_restored_sigsuspend_runs_again_interrupts_it() {
     let mut w = Workload::start("sleeper", &["--mode", "pause"]);
     w.wait_blocked_in(SYS_RT_SIGSUSPEND);
     kill(w.pid(), Signal::SIGSTOP).expect("SIGSTOP");
-    wait_state(&w, 'T', "stop before the dump");
+    w.wait_state('T', "stop before the dump");
     let images = w.dump(&[]);
     w.restore(&images);
-    wait_state(&w, 'T', "come back stopped");
+    w.wait_state('T', "come back stopped");
     kill(w.pid(), Signal::SIGUSR2).expect("SIGUSR2");
     kill(w.pid(), Signal::SIGCONT).expect("SIGCONT");
-    let start = Instant::now();
-    while w.result_text().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the restored sigsuspend did not end on the signal sent while it was stopped \
-             (state {:?}){}",
-            proc_state(w.pid()),
-            w.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(w.result_text().as_deref(), Some("PASS"), "{}", w.logs());
-    w.wait_exit(Duration::from_secs(10));
-}
-
-fn wait_state(w: &Workload, state: char, what: &str) {
-    let start = Instant::now();
-    while proc_state(w.pid()) != Some(state) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the workload does not {what}{}",
-            w.logs()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let verdict = w.wait_verdict(Duration::from_secs(10));
+    assert_eq!(verdict, "PASS", "{}", w.logs());
 }
 
 #[test]
