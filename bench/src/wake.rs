@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ckpt_cli::IdlePoll;
-use nix::sched::{sched_setaffinity, CpuSet};
-use nix::unistd::Pid;
+use tracee::CpuPin;
 
 use crate::migrate::now_ns;
 
@@ -30,10 +29,10 @@ pub struct WakeArgs {
     pause_us: u64,
     /// CPU of the sleeping thread.
     #[arg(long, default_value_t = 0)]
-    sleeper_cpu: usize,
+    sleeper_cpu: u32,
     /// CPU of the waking thread.
     #[arg(long, default_value_t = 1)]
-    waker_cpu: usize,
+    waker_cpu: u32,
 }
 
 /// Latencies of one setting, in µs, sorted.
@@ -89,17 +88,11 @@ pub fn run(args: WakeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pin(cpu: usize) -> anyhow::Result<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
-    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pin to CPU {cpu}"))
-}
-
 fn measure(args: &WakeArgs) -> anyhow::Result<Latencies> {
     let (mut waker, mut sleeper) = UnixStream::pair().context("socketpair")?;
     let (cpu, wakes) = (args.sleeper_cpu, args.wakes);
     let sleeping = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
-        pin(cpu)?;
+        let _pin = CpuPin::to_cpu(cpu).with_context(|| format!("pin to CPU {cpu}"))?;
         let mut late = Vec::with_capacity(wakes);
         let mut sent = [0u8; 8];
         for _ in 0..wakes {
@@ -110,7 +103,8 @@ fn measure(args: &WakeArgs) -> anyhow::Result<Latencies> {
         }
         Ok(late)
     });
-    pin(args.waker_cpu)?;
+    let waker_cpu = args.waker_cpu;
+    let _pin = CpuPin::to_cpu(waker_cpu).with_context(|| format!("pin to CPU {waker_cpu}"))?;
     let mut answer = [0u8; 1];
     for _ in 0..wakes {
         std::thread::sleep(Duration::from_micros(args.pause_us));
